@@ -1,0 +1,166 @@
+"""Quantization configuration: what to quantize, to how many bits, with which method.
+
+``QuantConfig`` is frozen and validated on construction. It round-trips through the
+``quantization_config`` dict stored in a checkpoint's ``config.json`` (``to_dict`` / ``from_dict``),
+which carries ``quant_method: "llmquant"`` and the ``format_version`` of the packed layout
+(see :mod:`llmquant.formats.packing`).
+
+Module patterns (``skip`` and the keys of ``overrides``) match a module's qualified name
+(``model.layers.3.mlp.down_proj``):
+
+* ``"re:<regex>"`` matches when the regex matches the whole name (``re.fullmatch``);
+* anything else is a shell-style glob (``fnmatch``) that must match either the whole name or a
+  dotted suffix of it, so ``"lm_head"`` and ``"*.down_proj"`` and ``"mlp.down_proj"`` all work.
+
+``overrides`` maps a pattern to the fields that differ for the modules it matches (``bits``,
+``group_size``, ``sym``), or to ``"skip"`` to keep those modules in float. The first matching
+override wins, in the order given; ``skip`` is checked before the overrides.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from llmquant.formats.packing import SUPPORTED_BITS
+
+FORMAT_VERSION = 1
+QUANT_METHOD = "llmquant"
+METHODS = ("rtn", "gptq")
+GROUP_SIZES = (-1, 32, 64, 128)
+_OVERRIDE_FIELDS = ("bits", "group_size", "sym")
+
+
+class QuantConfigError(ValueError):
+    """A quantization config (given by a user or read from a checkpoint) is invalid."""
+
+
+@dataclass(frozen=True)
+class LayerQuant:
+    """The resolved scheme for one linear layer."""
+
+    bits: int
+    group_size: int
+    sym: bool
+
+    def __post_init__(self) -> None:
+        _check_scheme(self.bits, self.group_size, self.sym, where="layer")
+
+
+def _check_scheme(bits: Any, group_size: Any, sym: Any, where: str) -> None:
+    if bits not in SUPPORTED_BITS or isinstance(bits, bool):
+        raise QuantConfigError(f"{where}: bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+    if group_size not in GROUP_SIZES or isinstance(group_size, bool):
+        raise QuantConfigError(f"{where}: group_size must be one of {GROUP_SIZES}, got {group_size!r}")
+    if not isinstance(sym, bool):
+        raise QuantConfigError(f"{where}: sym must be a bool, got {sym!r}")
+
+
+def match_pattern(pattern: str, name: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    if fnmatch.fnmatchcase(name, pattern):
+        return True
+    parts = name.split(".")
+    return any(fnmatch.fnmatchcase(".".join(parts[i:]), pattern) for i in range(1, len(parts)))
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    method: str = "rtn"
+    #: GPTQ: quantize columns in order of decreasing Hessian diagonal
+    act_order: bool = False
+    #: GPTQ with act_order: fix each group's scale before the permuted pass, so groups stay in
+    #: input order and no permutation is stored
+    static_groups: bool = False
+    #: modules kept in float (patterns, see module docstring)
+    skip: tuple[str, ...] = ("lm_head",)
+    #: per-module differences from the defaults, pattern -> {"bits", "group_size", "sym"} or "skip"
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    # GPTQ knobs
+    damp_percent: float = 0.01
+    block_size: int = 128
+    true_sequential: bool = True
+    #: quantize the output layer too (it is skipped by default)
+    quantize_lm_head: bool = False
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        _check_scheme(self.bits, self.group_size, self.sym, where="QuantConfig")
+        if self.method not in METHODS:
+            raise QuantConfigError(f"QuantConfig: unknown method {self.method!r}; known: {METHODS}")
+        if self.format_version != FORMAT_VERSION:
+            raise QuantConfigError(
+                f"QuantConfig: unsupported format_version {self.format_version!r}; "
+                f"this llmquant reads version {FORMAT_VERSION}"
+            )
+        if self.static_groups and not self.act_order:
+            raise QuantConfigError("QuantConfig: static_groups only makes sense with act_order=True")
+        if not 0 <= self.damp_percent < 1:
+            raise QuantConfigError(f"QuantConfig: damp_percent must be in [0, 1), got {self.damp_percent}")
+        if self.block_size <= 0:
+            raise QuantConfigError(f"QuantConfig: block_size must be positive, got {self.block_size}")
+        if isinstance(self.skip, str):
+            raise QuantConfigError("QuantConfig: skip must be a sequence of patterns, not one string")
+        object.__setattr__(self, "skip", tuple(self.skip))
+        clean: dict[str, Any] = {}
+        for pattern, ov in dict(self.overrides).items():
+            if ov == "skip" or ov is None:
+                clean[pattern] = "skip"
+                continue
+            if not isinstance(ov, Mapping):
+                raise QuantConfigError(f"override {pattern!r}: expected a dict or 'skip', got {ov!r}")
+            unknown = set(ov) - set(_OVERRIDE_FIELDS)
+            if unknown:
+                raise QuantConfigError(
+                    f"override {pattern!r}: unknown fields {sorted(unknown)}; allowed: {_OVERRIDE_FIELDS}"
+                )
+            merged = {f: ov.get(f, getattr(self, f)) for f in _OVERRIDE_FIELDS}
+            _check_scheme(merged["bits"], merged["group_size"], merged["sym"], where=f"override {pattern!r}")
+            clean[pattern] = dict(ov)
+        object.__setattr__(self, "overrides", clean)
+
+    # --- resolution -------------------------------------------------------------------------
+    def resolve(self, name: str) -> LayerQuant | None:
+        """The scheme for the linear layer ``name``, or ``None`` if it stays in float."""
+        is_head = match_pattern("lm_head", name)
+        for pattern in self.skip:
+            if match_pattern(pattern, name) and not (is_head and self.quantize_lm_head):
+                return None
+        for pattern, ov in self.overrides.items():
+            if match_pattern(pattern, name):
+                if ov == "skip":
+                    return None
+                return LayerQuant(**{f: ov.get(f, getattr(self, f)) for f in _OVERRIDE_FIELDS})
+        return LayerQuant(self.bits, self.group_size, self.sym)
+
+    def replace(self, **changes: Any) -> "QuantConfig":
+        return dataclasses.replace(self, **changes)
+
+    # --- serialization ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["skip"] = list(self.skip)
+        d["overrides"] = {k: (v if v == "skip" else dict(v)) for k, v in self.overrides.items()}
+        return {"quant_method": QUANT_METHOD, **d}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "QuantConfig":
+        d = dict(d)
+        method = d.pop("quant_method", QUANT_METHOD)
+        if method != QUANT_METHOD:
+            raise QuantConfigError(f"quant_method {method!r} is not {QUANT_METHOD!r}")
+        if "format_version" not in d:
+            raise QuantConfigError("quantization_config has no format_version")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise QuantConfigError(f"quantization_config has unknown fields {unknown}")
+        if "skip" in d:
+            d["skip"] = tuple(d["skip"])
+        return cls(**d)

@@ -1,0 +1,162 @@
+"""The llmquant packed weight format, version 1 (normative).
+
+This docstring is the specification of how a quantized linear layer is stored on disk in a
+checkpoint whose ``config.json`` carries ``quantization_config.quant_method == "llmquant"`` and
+``format_version == 1``. Golden tests in ``tests/formats/test_packing.py`` pin every example below.
+
+Shape letters: N = out_features, K = in_features, G = group size (G = K when ``group_size == -1``,
+i.e. one group per output channel), NG = ceil(K / G) groups per row, b = bits (2, 3, 4 or 8).
+
+Tensors of a quantized ``nn.Linear`` named ``<prefix>``
+-------------------------------------------------------
+==================  ======  =====================  ===================================================
+name                dtype   shape                  meaning
+==================  ======  =====================  ===================================================
+<prefix>.qweight    int32   [N, ceil(K / 32) * b]  codes q in [0, 2**b - 1], packed along K (below)
+<prefix>.scales     fp16    [N, NG]                one scale per (output row, group)
+<prefix>.zeros      uint8   [N, NG]                zero point per group; asymmetric layers only
+<prefix>.perm       int32   [K]                    act-order layers only: stored column j holds
+                                                   input column perm[j]
+<prefix>.bias       float   [N]                    unchanged from the float layer, if it has one
+==================  ======  =====================  ===================================================
+
+Bit order
+---------
+Each row of codes (one output channel, K codes in stored column order) is cut into blocks of 32
+codes; the last block is padded with code 0. Block j occupies the b words
+``qweight[n, j*b : (j+1)*b]``, read as one little-endian bit stream of 32*b bits: code i of the block
+occupies bits ``[i*b, (i+1)*b)`` of the stream, and bit t of the stream is bit ``t % 32`` of word
+``t // 32``. Words are stored as int32 (two's complement) with the same bits.
+
+Worked example, b = 4, codes q = [1, 2, 3, 4, 5, 6, 7, 8] (first 8 of a block):
+word 0 = 0x87654321 (code 0 in the lowest nibble). As an int32 that is -2023406815.
+For b = 2, 32 codes fill 2 words, 16 per word; for b = 8, 4 per word (code 0 in the lowest byte).
+For b = 3, 32 codes fill 3 words and codes 10 and 21 straddle a word boundary: code 10 has its
+lowest two bits in bits 30..31 of word 0 and its top bit in bit 0 of word 1.
+
+Groups
+------
+Group g covers stored columns ``[g*G, min((g+1)*G, K))``. K need not be a multiple of G: the last
+group is then shorter ("ragged"), and NG = ceil(K / G). This is how models with a hidden size of 576
+(SmolLM2-135M) are stored with G = 128.
+
+Dequantization
+--------------
+For stored column k of row n, with g = k // G:
+
+    W_stored[n, k] = (q[n, k] - z[n, g]) * s[n, g]        computed in float32
+
+where ``z = zeros`` for asymmetric layers and ``z = 2**(b-1)`` (an implicit constant, no tensor) for
+symmetric ones. The layer computes ``y = x[..., perm] @ W_stored.T + bias``; without ``perm`` the
+stored order is the input order. Act-order (GPTQ's descending-Hessian-diagonal column order) is
+stored *permuted*, so its groups stay contiguous and the kernel reads them exactly like a plain
+layer; the only extra work at run time is one gather of the activations.
+
+How scales and zero points are chosen is up to the quantizer (round-to-nearest, GPTQ, ...); the
+format only fixes how they are read back.
+"""
+from __future__ import annotations
+
+import torch
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+BLOCK = 32  # codes per packing block; a block of b-bit codes fills exactly b int32 words
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+
+
+def packed_words(k: int, bits: int) -> int:
+    """Number of int32 words one row of ``k`` codes occupies."""
+    _check_bits(bits)
+    return -(-k // BLOCK) * bits
+
+
+def num_groups(k: int, group_size: int) -> int:
+    g = k if group_size == -1 else group_size
+    return -(-k // g)
+
+
+def pack_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes ``q`` [N, K] (values in [0, 2**bits - 1]) into int32 [N, ceil(K/32)*bits]."""
+    _check_bits(bits)
+    if q.dim() != 2:
+        raise ValueError(f"pack_rows expects codes of shape [N, K], got {tuple(q.shape)}")
+    n, k = q.shape
+    q = q.to(torch.int64)
+    if q.numel() and (int(q.min()) < 0 or int(q.max()) > (1 << bits) - 1):
+        raise ValueError(f"codes out of range for {bits}-bit packing: [{int(q.min())}, {int(q.max())}]")
+    nblk = -(-k // BLOCK)
+    padded = torch.zeros(n, nblk * BLOCK, dtype=torch.int64, device=q.device)
+    padded[:, :k] = q
+    blocks = padded.view(n, nblk, BLOCK)
+    words = torch.zeros(n, nblk, bits, dtype=torch.int64, device=q.device)
+    for i in range(BLOCK):
+        off = i * bits
+        w, s = divmod(off, 32)
+        v = blocks[:, :, i]
+        words[:, :, w] |= (v << s) & 0xFFFFFFFF
+        if s + bits > 32:  # the code straddles into the next word (only for 3-bit)
+            words[:, :, w + 1] |= v >> (32 - s)
+    words = words.view(n, nblk * bits)
+    # reinterpret the low 32 bits as int32 (two's complement)
+    words = torch.where(words >= (1 << 31), words - (1 << 32), words)
+    return words.to(torch.int32).contiguous()
+
+
+def unpack_rows(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """Inverse of :func:`pack_rows`: int32 [N, ceil(K/32)*bits] -> uint8 codes [N, K]."""
+    _check_bits(bits)
+    if packed.dim() != 2 or packed.dtype != torch.int32:
+        raise ValueError(f"unpack_rows expects int32 [N, W], got {packed.dtype} {tuple(packed.shape)}")
+    n, nw = packed.shape
+    if nw != packed_words(k, bits):
+        raise ValueError(f"packed row has {nw} words, expected {packed_words(k, bits)} for K={k}, bits={bits}")
+    nblk = nw // bits
+    words = packed.to(torch.int64) & 0xFFFFFFFF
+    words = words.view(n, nblk, bits)
+    mask = (1 << bits) - 1
+    if 32 % bits == 0:
+        per = 32 // bits
+        shifts = torch.arange(per, device=packed.device, dtype=torch.int64) * bits
+        codes = (words.unsqueeze(-1) >> shifts) & mask  # [n, nblk, bits, per]
+        codes = codes.reshape(n, nblk * BLOCK)
+    else:
+        cols = []
+        for i in range(BLOCK):
+            off = i * bits
+            w, s = divmod(off, 32)
+            v = words[:, :, w] >> s
+            if s + bits > 32:
+                v = v | (words[:, :, w + 1] << (32 - s))
+            cols.append(v & mask)
+        codes = torch.stack(cols, dim=-1).reshape(n, nblk * BLOCK)
+    return codes[:, :k].to(torch.uint8).contiguous()
+
+
+def group_index(k: int, group_size: int, device=None) -> torch.Tensor:
+    """Group of each stored column: int64 [K]."""
+    g = k if group_size == -1 else group_size
+    return torch.arange(k, device=device) // g
+
+
+def dequantize_packed(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    *,
+    bits: int,
+    group_size: int,
+    in_features: int,
+) -> torch.Tensor:
+    """Dequantize to float32 W_stored [N, K] (stored column order; apply ``perm`` to x, not here)."""
+    codes = unpack_rows(qweight, bits, in_features).to(torch.float32)
+    gidx = group_index(in_features, group_size, device=qweight.device)
+    s = scales.to(torch.float32)[:, gidx]
+    if zeros is None:
+        z = float(1 << (bits - 1))
+    else:
+        z = zeros.to(torch.float32)[:, gidx]
+    return (codes - z) * s

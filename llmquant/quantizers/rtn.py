@@ -1,0 +1,64 @@
+"""Round-to-nearest (RTN) quantization of one weight matrix, and the packing of any quantizer's
+codes into the stored format."""
+from __future__ import annotations
+
+import torch
+
+from llmquant.config import LayerQuant
+from llmquant.formats.packing import num_groups, pack_rows
+from llmquant.kernels.registry import PackedWeight
+from llmquant.quantizers.grid import qparams, quantize_codes
+
+
+def group_qparams(w: torch.Tensor, scheme: LayerQuant) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and zero points of ``w`` [N, K] per (row, group): float32 [N, NG] each.
+
+    A ragged last group is padded with zeros, which leaves its range unchanged because every grid
+    includes 0.
+    """
+    n, k = w.shape
+    g = k if scheme.group_size == -1 else scheme.group_size
+    ng = num_groups(k, scheme.group_size)
+    padded = torch.zeros(n, ng * g, dtype=torch.float32, device=w.device)
+    padded[:, :k] = w.to(torch.float32)
+    scale, zero = qparams(padded.view(n * ng, g), scheme.bits, scheme.sym)
+    return scale.view(n, ng), zero.view(n, ng)
+
+
+def expand_groups(t: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
+    """[N, NG] per-group values -> [N, K] per-column values."""
+    g = k if group_size == -1 else group_size
+    return t.repeat_interleave(g, dim=1)[:, :k]
+
+
+def make_packed(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    scheme: LayerQuant,
+    perm: torch.Tensor | None = None,
+) -> PackedWeight:
+    """Store integer codes [N, K] (stored column order) with float32 scale/zero [N, NG]."""
+    n, k = codes.shape
+    return PackedWeight(
+        qweight=pack_rows(codes.to(torch.int64), scheme.bits),
+        scales=scale.to(torch.float16).contiguous(),
+        zeros=None if scheme.sym else zero.to(torch.uint8).contiguous(),
+        perm=None if perm is None else perm.to(torch.int32).contiguous(),
+        bits=scheme.bits,
+        group_size=scheme.group_size,
+        in_features=k,
+        out_features=n,
+    )
+
+
+def quantize_weight_rtn(w: torch.Tensor, scheme: LayerQuant) -> PackedWeight:
+    """Round every weight of ``w`` [N, K] to the nearest point of its group's grid."""
+    if w.dim() != 2:
+        raise ValueError(f"expected a weight of shape [N, K], got {tuple(w.shape)}")
+    if not torch.isfinite(w).all():
+        raise ValueError("weight has non-finite values (NaN or inf); refusing to quantize")
+    n, k = w.shape
+    scale, zero = group_qparams(w, scheme)
+    codes = quantize_codes(w, expand_groups(scale, k, scheme.group_size), expand_groups(zero, k, scheme.group_size), scheme.bits)
+    return make_packed(codes, scale, zero, scheme)
