@@ -1,1 +1,1 @@
-
+"""Evaluation of compressed models: perplexity and KL divergence with a recorded protocol."""

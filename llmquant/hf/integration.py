@@ -1,5 +1,198 @@
-"""transformers integration (filled in below)."""
+"""transformers integration: the ``llmquant`` quantization method for ``from_pretrained``.
+
+``import llmquant`` calls :func:`register` once, which adds :class:`LlmQuantConfig` and
+:class:`LlmQuantHfQuantizer` to transformers' quantizer registries. Then:
+
+* ``AutoModelForCausalLM.from_pretrained(ckpt)`` on an llmquant checkpoint swaps the quantized linear
+  layers for :class:`~llmquant.modules.quant_linear.QuantLinear` on the meta device *before* any weight
+  is read, checks every quantized tensor's presence, shape and dtype in the safetensors headers, loads
+  the packed tensors as they are (no float weight is built), then checks their values.
+* ``from_pretrained(name, quantization_config=LlmQuantConfig(bits=4, group_size=128))`` loads the float
+  model and quantizes it before returning (RTN, or GPTQ with the config's calibration settings), so the
+  peak memory is that of the float model.
+
+Tested against transformers >=5.20,<5.24 (the range pinned in pyproject.toml): these hooks move.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import torch
+from transformers.quantizers import HfQuantizer
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+)
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from llmquant.config import QUANT_METHOD, QuantConfig
+from llmquant.modules.quant_linear import QuantLinear
+
+logger = logging.getLogger(__name__)
+
+_QUANT_FIELDS = {f.name for f in dataclasses.fields(QuantConfig)}
+#: settings for quantizing on the fly with GPTQ; used while loading, not stored in the checkpoint
+_CALIBRATION_FIELDS = ("calibration", "nsamples", "seqlen", "seed", "tokenizer")
 
 
-def attach_quantization_config(model, config):
-    model.config.quantization_config = config.to_dict()
+class LlmQuantConfig(QuantizationConfigMixin):
+    """transformers-facing wrapper of :class:`~llmquant.config.QuantConfig`.
+
+    Takes the same fields (``bits``, ``group_size``, ``sym``, ``method``, ``act_order``, ``skip``,
+    ``overrides``, ...). For ``method="gptq"`` on the fly, ``calibration`` (``"builtin"``, a text file, or
+    ``"hf:<dataset>"``), ``nsamples``, ``seqlen``, ``seed`` and ``tokenizer`` (a name or path; defaults to
+    the model's) say what to calibrate on.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.pop("quant_method", None)
+        calib = {k: kwargs.pop(k) for k in _CALIBRATION_FIELDS if k in kwargs}
+        unknown = set(kwargs) - _QUANT_FIELDS
+        if unknown:
+            raise TypeError(f"LlmQuantConfig: unknown arguments {sorted(unknown)}")
+        self.quant_method = QUANT_METHOD
+        self.quant = QuantConfig(**{k: tuple(v) if k == "skip" else v for k, v in kwargs.items()})
+        self.calibration = calib
+
+    @classmethod
+    def from_quant_config(cls, config: QuantConfig) -> "LlmQuantConfig":
+        return cls.from_dict(config.to_dict())
+
+    @classmethod
+    def from_dict(cls, config_dict, return_unused_kwargs=False, **kwargs):
+        config = cls(**QuantConfig.from_dict(config_dict).to_dict())
+        return (config, kwargs) if return_unused_kwargs else config
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.quant.to_dict()
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        return self.to_dict()
+
+    def __iter__(self):
+        yield from self.to_dict().items()
+
+    def __getattr__(self, name: str) -> Any:
+        # bits, group_size, ... read through to the frozen QuantConfig
+        quant = self.__dict__.get("quant")
+        if quant is not None and name in _QUANT_FIELDS:
+            return getattr(quant, name)
+        raise AttributeError(name)
+
+
+def _has_perm(config: QuantConfig) -> bool:
+    return config.method == "gptq" and config.act_order and not config.static_groups
+
+
+def swap_in_quant_linears(model: torch.nn.Module, config: QuantConfig, bias_dtype: torch.dtype) -> int:
+    """Replace each linear layer that ``config`` quantizes by an empty QuantLinear (on the meta device)."""
+    from llmquant.quantizers.model import linear_weight, plan, set_submodule, untie_if_quantizing_head
+
+    untie_if_quantizing_head(model, config)
+    todo = plan(model, config)
+    for name, mod, scheme in todo:
+        n, k = linear_weight(mod).shape
+        with torch.device("meta"):
+            q = QuantLinear(
+                k,
+                n,
+                scheme,
+                bias=getattr(mod, "bias", None) is not None,
+                has_perm=_has_perm(config),
+                bias_dtype=bias_dtype,
+            )
+        set_submodule(model, name, q)
+    return len(todo)
+
+
+class LlmQuantHfQuantizer(HfQuantizer):
+    requires_calibration = False
+
+    def __init__(self, quantization_config: QuantizationConfigMixin, **kwargs: Any) -> None:
+        if isinstance(quantization_config, dict):
+            quantization_config = LlmQuantConfig.from_dict(quantization_config)
+        super().__init__(quantization_config, **kwargs)
+
+    @property
+    def quant(self) -> QuantConfig:
+        return self.quantization_config.quant
+
+    def validate_environment(self, device_map=None, **kwargs: Any) -> None:
+        if isinstance(device_map, dict) and "disk" in set(device_map.values()):
+            raise ValueError("llmquant checkpoints cannot be offloaded to disk")
+
+    def _process_model_before_weight_loading(self, model, **kwargs: Any):
+        if not self.pre_quantized:
+            return model
+        dtype = kwargs.get("dtype") or torch.get_default_dtype()
+        n = swap_in_quant_linears(model, self.quant, bias_dtype=dtype)
+        if n == 0:
+            raise ValueError("the llmquant quantization_config quantizes no linear layer of this model")
+        files = kwargs.get("checkpoint_files") or []
+        files = [f for f in files if str(f).endswith(".safetensors")]
+        if not files:
+            raise ValueError("llmquant checkpoints are stored as safetensors; no .safetensors file was found")
+        from llmquant.checkpoint import verify_quantized_tensors
+
+        verify_quantized_tensors(model, files)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs: Any):
+        if self.pre_quantized:
+            from llmquant.checkpoint import validate_loaded
+
+            n = validate_loaded(model)
+            logger.info("loaded %d llmquant layers", n)
+            return model
+        from llmquant.quantizers.model import quantize
+
+        calibration = None
+        if self.quant.method == "gptq":
+            calibration = _calibration_for(model, self.quantization_config.calibration)
+        quantize(model, self.quant, calibration=calibration)
+        return model
+
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+
+def _calibration_for(model, opts: dict[str, Any]):
+    from transformers import AutoTokenizer
+
+    from llmquant.calibration import calibration_batches
+
+    tok_name = opts.get("tokenizer") or model.name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(tok_name) if isinstance(tok_name, str) else tok_name
+    return calibration_batches(
+        tokenizer,
+        source=opts.get("calibration", "builtin"),
+        nsamples=opts.get("nsamples", 128),
+        seqlen=opts.get("seqlen", 512),
+        seed=opts.get("seed", 0),
+    )
+
+
+def attach_quantization_config(model, config: QuantConfig) -> None:
+    """Mark an in-memory quantized model so that ``save_pretrained`` writes an llmquant checkpoint."""
+    hf_config = LlmQuantConfig.from_quant_config(config)
+    model.config.quantization_config = hf_config
+    if hasattr(model, "save_pretrained"):
+        model.hf_quantizer = LlmQuantHfQuantizer(hf_config, pre_quantized=True)
+        model.is_quantized = True
+        model.quantization_method = QUANT_METHOD
+
+
+def register() -> None:
+    """Add the llmquant method to transformers' registries (idempotent)."""
+    AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD] = LlmQuantConfig
+    AUTO_QUANTIZER_MAPPING[QUANT_METHOD] = LlmQuantHfQuantizer

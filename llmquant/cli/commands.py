@@ -1,0 +1,365 @@
+"""Sub-commands of the ``llmquant`` CLI: each ``add_*`` declares one, each ``run_*`` carries it out."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+DEMO_CONTEXT = 512
+DEMO_MAX_TOKENS = 16384
+
+
+# --- quantize -------------------------------------------------------------------------------------
+def _parse_override(text: str) -> tuple[str, object]:
+    """``PATTERN=bits:3,group_size:64,sym:false`` or ``PATTERN=skip``."""
+    pattern, sep, spec = text.partition("=")
+    if not sep or not pattern:
+        raise argparse.ArgumentTypeError(f"override {text!r}: expected PATTERN=bits:N[,group_size:G][,sym:B] or PATTERN=skip")
+    if spec == "skip":
+        return pattern, "skip"
+    out: dict[str, object] = {}
+    for item in spec.split(","):
+        key, _, val = item.partition(":")
+        if key in ("bits", "group_size"):
+            try:
+                out[key] = int(val)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"override {text!r}: {key} must be an integer") from None
+        elif key == "sym":
+            if val.lower() not in ("true", "false"):
+                raise argparse.ArgumentTypeError(f"override {text!r}: sym must be true or false")
+            out[key] = val.lower() == "true"
+        else:
+            raise argparse.ArgumentTypeError(f"override {text!r}: unknown field {key!r}")
+    return pattern, out
+
+
+def add_scheme_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("quantization scheme")
+    g.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
+    g.add_argument("--group-size", type=int, default=128, choices=(-1, 32, 64, 128), help="-1: per channel")
+    g.add_argument("--asym", action="store_true", help="asymmetric (zero point per group); default symmetric")
+    g.add_argument("--method", default="rtn", choices=("rtn", "gptq"))
+    g.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
+    g.add_argument("--static-groups", action="store_true", help="GPTQ act-order with groups fixed up front")
+    g.add_argument("--skip", action="append", default=None, metavar="PATTERN",
+                   help="module pattern to keep in float (repeatable; default: lm_head)")
+    g.add_argument("--override", action="append", type=_parse_override, default=[], metavar="PATTERN=SPEC",
+                   help="per-module scheme, e.g. 'mlp.down_proj=bits:8' or 're:.*layers\\.0\\..*=skip'")
+    g.add_argument("--quantize-lm-head", action="store_true", help="quantize the output layer too")
+    c = p.add_argument_group("calibration (GPTQ)")
+    c.add_argument("--calibration", default="builtin", help="'builtin', a text file, or hf:<dataset>")
+    c.add_argument("--nsamples", type=int, default=128)
+    c.add_argument("--seqlen", type=int, default=512)
+    c.add_argument("--seed", type=int, default=0)
+
+
+def config_from_args(args: argparse.Namespace):
+    from llmquant.config import QuantConfig
+
+    return QuantConfig(
+        bits=args.bits,
+        group_size=args.group_size,
+        sym=not args.asym,
+        method=args.method,
+        act_order=args.act_order,
+        static_groups=args.static_groups,
+        skip=tuple(args.skip) if args.skip is not None else ("lm_head",),
+        overrides=dict(args.override),
+        quantize_lm_head=args.quantize_lm_head,
+    )
+
+
+def quantize_model(args: argparse.Namespace, model, tokenizer) -> dict:
+    import llmquant
+
+    config = config_from_args(args)
+    calibration = None
+    if config.method == "gptq":
+        from llmquant.calibration import calibration_batches
+
+        calibration = calibration_batches(
+            tokenizer, source=args.calibration, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed
+        )
+    return llmquant.quantize(model, config, calibration=calibration)
+
+
+def add_quantize(sub) -> None:
+    p = sub.add_parser("quantize", help="quantize a model and save a checkpoint")
+    p.add_argument("model", help="built-in name (gemma3-270m, smollm2-135m), folder or hub id")
+    p.add_argument("out", help="output checkpoint folder")
+    add_scheme_args(p)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=run_quantize)
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    import llmquant
+    from llmquant.models import load_model
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    config_from_args(args)  # validate before the slow load
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(args.model)
+    summary = quantize_model(args, model, tokenizer)
+    llmquant.save_quantized(model, out, tokenizer, overwrite=args.overwrite)
+    info = checkpoint_info(out)
+    print(format_info(info))
+    print(f"\nquantized {summary['layers']} layers with {summary['method']} in {summary['seconds']:.1f} s "
+          f"(total {time.perf_counter() - t0:.1f} s); saved to {out}")
+    return 0
+
+
+# --- eval -----------------------------------------------------------------------------------------
+def _add_protocol_args(p: argparse.ArgumentParser, default_max_tokens: int | None) -> None:
+    p.add_argument("--corpus", help="WikiText-2 raw test file (default: $LLMQUANT_WIKITEXT2 or ../shared/data)")
+    p.add_argument("--context", type=int, default=512)
+    p.add_argument("--stride", type=int, default=None, help="default: = context (non-overlapping)")
+    bos = p.add_mutually_exclusive_group()
+    bos.add_argument("--bos", dest="bos", action="store_true", default=None, help="prepend BOS to each window")
+    bos.add_argument("--no-bos", dest="bos", action="store_false", help="never prepend BOS")
+    p.add_argument("--max-tokens", type=int, default=default_max_tokens, help="score only the first N corpus tokens")
+    p.add_argument("--json", help="write the result here")
+
+
+def _bos(args, name: str, tokenizer) -> bool:
+    from llmquant.models import bos_for_raw_text
+
+    return bos_for_raw_text(name, tokenizer) if args.bos is None else args.bos
+
+
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity and KL divergence on WikiText-2")
+    esub = p.add_subparsers(dest="eval_command", required=True)
+    pp = esub.add_parser("ppl", help="perplexity of one or more models")
+    pp.add_argument("models", nargs="+")
+    _add_protocol_args(pp, None)
+    pp.set_defaults(func=run_eval_ppl)
+    pc = esub.add_parser("compare", help="KL divergence and top-1 agreement of QUANT against BASE")
+    pc.add_argument("base")
+    pc.add_argument("quant")
+    _add_protocol_args(pc, 16384)
+    pc.set_defaults(func=run_eval_compare)
+
+
+def run_eval_ppl(args: argparse.Namespace) -> int:
+    from llmquant.evals.perplexity import format_table, perplexity, write_json
+    from llmquant.models import load_model
+
+    rows = []
+    for name in args.models:
+        model, tok = load_model(name)
+        rows.append(perplexity(model, tok, corpus=args.corpus, context=args.context, stride=args.stride,
+                               bos=_bos(args, name, tok), max_tokens=args.max_tokens, label=name))
+        del model
+    print(format_table(rows, PPL_COLUMNS))
+    print(protocol_line(rows[0]))
+    if args.json:
+        write_json(args.json, rows)
+    return 0
+
+
+def run_eval_compare(args: argparse.Namespace) -> int:
+    from llmquant.evals.compare import compare
+    from llmquant.evals.perplexity import format_table, write_json
+    from llmquant.models import load_model
+
+    base, tok = load_model(args.base)
+    quant, qtok = load_model(args.quant)
+    if tok.get_vocab() != qtok.get_vocab():
+        raise ValueError("BASE and QUANT have different tokenizers")
+    r = compare(base, quant, tok, corpus=args.corpus, context=args.context, stride=args.stride,
+                bos=_bos(args, args.base, tok), max_tokens=args.max_tokens, label=args.quant)
+    print(format_table([r], [("model", "model"), ("KL mean (nats)", "kl_mean"), ("top-1 agree", "top1_agreement"),
+                             ("ppl base", "ppl_base"), ("ppl quant", "ppl_quant"), ("tokens", "tokens_scored")]))
+    print(protocol_line(r))
+    if args.json:
+        write_json(args.json, r)
+    return 0
+
+
+PPL_COLUMNS = [("model", "model"), ("ppl", "ppl"), ("tokens scored", "tokens_scored"),
+               ("tok/s", "tokens_per_s"), ("wall s", "wall_s")]
+
+
+def protocol_line(result: dict) -> str:
+    p = result["protocol"]
+    return (f"protocol: {Path(p['corpus']).name} sha256={p['corpus_sha256'][:12]}…, context={p['context']}, "
+            f"stride={p['stride']}, bos={p['bos']}, first {p['max_tokens'] or 'all'} corpus tokens, "
+            f"{result['tokens_scored']} tokens scored")
+
+
+# --- info -----------------------------------------------------------------------------------------
+def checkpoint_info(path: str | Path) -> dict:
+    """Per-layer schemes and sizes of a checkpoint, read from config.json and safetensors headers only."""
+    from llmquant.checkpoint import checkpoint_headers
+    from llmquant.config import QuantConfig
+
+    path = Path(path)
+    cfg = json.loads((path / "config.json").read_text())
+    qc = cfg.get("quantization_config")
+    if qc is None:
+        raise ValueError(f"{path} is not a quantized checkpoint (config.json has no quantization_config)")
+    config = QuantConfig.from_dict(qc)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors files in {path}")
+    header = checkpoint_headers(files)
+    itemsize = {"I32": 4, "U8": 1, "F16": 2, "BF16": 2, "F32": 4, "I64": 8, "I8": 1}
+    layers = []
+    for key in sorted(header):
+        if not key.endswith(".qweight"):
+            continue
+        prefix = key[: -len(".qweight")]
+        n = header[key]["shape"][0]
+        k = len_perm = None
+        scheme = config.resolve(prefix)
+        if scheme is None:
+            raise ValueError(f"{prefix} is stored quantized but the config keeps it in float")
+        words = header[key]["shape"][1]
+        kmax = words // scheme.bits * 32
+        ng = header[f"{prefix}.scales"]["shape"][1]
+        g = kmax if scheme.group_size == -1 else scheme.group_size
+        k = kmax if scheme.group_size == -1 else min(kmax, ng * g)
+        if f"{prefix}.perm" in header:
+            len_perm = header[f"{prefix}.perm"]["shape"][0]
+            k = len_perm
+        nbytes = sum(
+            itemsize[header[f"{prefix}.{t}"]["dtype"]] * _numel(header[f"{prefix}.{t}"]["shape"])
+            for t in ("qweight", "scales", "zeros", "perm")
+            if f"{prefix}.{t}" in header
+        )
+        layers.append({"name": prefix, "bits": scheme.bits, "group_size": scheme.group_size, "sym": scheme.sym,
+                       "act_order": len_perm is not None, "N": n, "K_max": k, "bytes": nbytes})
+    float_bytes = sum(itemsize.get(v["dtype"], 4) * _numel(v["shape"]) for k_, v in header.items()
+                      if not any(k_.startswith(lay["name"] + ".") and not k_.endswith(".bias") for lay in layers))
+    qbytes = sum(lay["bytes"] for lay in layers)
+    return {
+        "path": str(path),
+        "quantization_config": qc,
+        "layers": layers,
+        "linear_bytes": qbytes,
+        "linear_fp16_bytes_approx": sum(2 * lay["N"] * lay["K_max"] for lay in layers),
+        "float_tensor_bytes": float_bytes,
+        "disk_bytes": sum(f.stat().st_size for f in files),
+    }
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def format_info(info: dict) -> str:
+    lines = [f"{'layer':60s} {'bits':>4s} {'group':>5s} {'sym':>5s} {'actord':>6s} {'N x K':>13s} {'KiB':>9s}"]
+    for lay in info["layers"]:
+        lines.append(f"{lay['name']:60s} {lay['bits']:4d} {lay['group_size']:5d} {str(lay['sym']):>5s} "
+                     f"{str(lay['act_order']):>6s} {str(lay['N']) + 'x' + str(lay['K_max']):>13s} {lay['bytes'] / 1024:9.1f}")
+    fp16 = info["linear_fp16_bytes_approx"]
+    lines.append("")
+    lines.append(f"quantized linear layers: {len(info['layers'])}, {info['linear_bytes'] / 2**20:.2f} MiB "
+                 f"({info['linear_bytes'] / fp16:.3f}x of fp16 {fp16 / 2**20:.2f} MiB)")
+    lines.append(f"other tensors (embeddings, norms, float layers): {info['float_tensor_bytes'] / 2**20:.2f} MiB")
+    lines.append(f"safetensors on disk: {info['disk_bytes'] / 2**20:.2f} MiB")
+    return "\n".join(lines)
+
+
+def add_info(sub) -> None:
+    p = sub.add_parser("info", help="per-layer schemes and sizes of a quantized checkpoint")
+    p.add_argument("ckpt")
+    p.add_argument("--json")
+    p.set_defaults(func=run_info)
+
+
+def run_info(args: argparse.Namespace) -> int:
+    info = checkpoint_info(args.ckpt)
+    print(format_info(info))
+    if args.json:
+        from llmquant.evals.perplexity import write_json
+
+        write_json(args.json, info)
+    return 0
+
+
+# --- export-gptq ----------------------------------------------------------------------------------
+def add_export_gptq(sub) -> None:
+    p = sub.add_parser("export-gptq", help="write a checkpoint in the standard GPTQ layout (vLLM's gptq method)")
+    p.add_argument("ckpt")
+    p.add_argument("out")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=run_export_gptq)
+
+
+def run_export_gptq(args: argparse.Namespace) -> int:
+    from llmquant.formats.gptq_export import export_gptq_checkpoint
+
+    out = export_gptq_checkpoint(args.ckpt, args.out, overwrite=args.overwrite)
+    print(f"wrote GPTQ-layout checkpoint to {out}")
+    return 0
+
+
+# --- demo -----------------------------------------------------------------------------------------
+def add_demo(sub) -> None:
+    from llmquant.models import DEFAULT_MODEL
+
+    p = sub.add_parser("demo", help="quantize the default model to INT4 and compare its perplexity with float")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--out", default="llmquant-demo", help="folder for the checkpoint and results.json")
+    add_scheme_args(p)
+    _add_protocol_args(p, DEMO_MAX_TOKENS)
+    p.set_defaults(func=run_demo)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    import llmquant
+    from llmquant.evals.perplexity import format_table, perplexity, write_json
+    from llmquant.models import load_model
+
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    model, tok = load_model(args.model)
+    bos = _bos(args, args.model, tok)
+    proto = dict(corpus=args.corpus, context=args.context, stride=args.stride, bos=bos, max_tokens=args.max_tokens)
+    base = perplexity(model, tok, label=f"{args.model} float", **proto)
+    summary = quantize_model(args, model, tok)
+    llmquant.save_quantized(model, out / "checkpoint", tok, overwrite=True)
+    del model
+    qmodel, _ = load_model(str(out / "checkpoint"))  # score what was saved, not what is in memory
+    label = f"{args.model} int{args.bits} g{args.group_size} {args.method}{' asym' if args.asym else ''}"
+    q = perplexity(qmodel, tok, label=label, **proto)
+    info = checkpoint_info(out / "checkpoint")
+    q["linear_bytes"] = info["linear_bytes"]
+    q["quantize_seconds"] = summary["seconds"]
+    for r in (base, q):
+        r["ppl_increase_pct"] = 100 * (r["ppl"] / base["ppl"] - 1)
+    print()
+    print(format_table([base, q], PPL_COLUMNS[:2] + [("Δ ppl %", "ppl_increase_pct")] + PPL_COLUMNS[2:]))
+    print(protocol_line(base))
+    print(f"linear layers: {info['linear_bytes'] / 2**20:.1f} MiB quantized vs "
+          f"{info['linear_fp16_bytes_approx'] / 2**20:.1f} MiB fp16; total {time.perf_counter() - t0:.0f} s")
+    write_json(out / "results.json", {"float": base, "quantized": q, "checkpoint": str(out / "checkpoint")})
+    print(f"results: {out / 'results.json'}; checkpoint: {out / 'checkpoint'}")
+    return 0
+
+
+# --- serve ----------------------------------------------------------------------------------------
+def add_serve(sub) -> None:
+    try:
+        from llmquant.serving.cli import add_serve_parser
+    except ImportError as e:  # the serving extra is not installed
+        p = sub.add_parser("serve", help="OpenAI-compatible server (needs: pip install 'llmquant[serve]')")
+        p.set_defaults(func=lambda args, e=e: _missing_serve(e))
+        return
+    add_serve_parser(sub)
+
+
+def _missing_serve(e: ImportError) -> int:
+    raise ModuleNotFoundError(f"llmquant serve needs the serving extra: pip install 'llmquant[serve]' ({e})")

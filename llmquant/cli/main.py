@@ -1,0 +1,48 @@
+"""The ``llmquant`` command line.
+
+    llmquant demo [--model gemma3-270m]                  quantize to INT4 and compare perplexity
+    llmquant quantize MODEL OUT --bits 4 --group-size 128 [--method gptq] ...
+    llmquant eval ppl MODEL [--context 512 --stride 512 --max-tokens N --json FILE]
+    llmquant eval compare BASE QUANT [--json FILE]
+    llmquant info CKPT [--json FILE]
+    llmquant export-gptq CKPT OUT
+    llmquant serve MODEL_OR_CKPT [--host 127.0.0.1 --port 8000]
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from llmquant.cli import commands
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llmquant", description="Make LLMs small and fast.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = p.add_subparsers(dest="command", required=True)
+    commands.add_quantize(sub)
+    commands.add_eval(sub)
+    commands.add_info(sub)
+    commands.add_export_gptq(sub)
+    commands.add_demo(sub)
+    commands.add_serve(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError) as e:
+        # user errors: one clear line, no traceback (use -v to see the log)
+        print(f"llmquant {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""The CLI end to end on a tiny float checkpoint (a real tokenizer, random weights)."""
+import json
+
+import pytest
+
+from llmquant.cli.main import main
+
+
+def test_quantize_info_eval_export(float_ckpt, tmp_path, capsys):
+    q = tmp_path / "q4"
+    assert main(["quantize", str(float_ckpt), str(q), "--bits", "4", "--group-size", "32",
+                 "--override", "down_proj=bits:8"]) == 0
+    out = capsys.readouterr().out
+    assert "model.layers.1.mlp.down_proj" in out and "quantized linear layers: 14" in out
+
+    assert main(["info", str(q), "--json", str(tmp_path / "info.json")]) == 0
+    info = json.loads((tmp_path / "info.json").read_text())
+    bits = {lay["name"]: lay["bits"] for lay in info["layers"]}
+    assert bits["model.layers.0.mlp.down_proj"] == 8 and bits["model.layers.0.self_attn.q_proj"] == 4
+
+    res = tmp_path / "ppl.json"
+    assert main(["eval", "ppl", str(float_ckpt), str(q), "--context", "64", "--max-tokens", "192",
+                 "--json", str(res)]) == 0
+    rows = json.loads(res.read_text())
+    assert [r["tokens_scored"] for r in rows] == [189, 189]  # no BOS for a non-Gemma model: 3 windows x 63
+    assert "protocol: wiki.test.raw" in capsys.readouterr().out
+
+    assert main(["eval", "compare", str(float_ckpt), str(q), "--context", "64", "--max-tokens", "128",
+                 "--json", str(tmp_path / "cmp.json")]) == 0
+    cmp = json.loads((tmp_path / "cmp.json").read_text())
+    assert 0 < cmp["kl_mean"] < 1 and 0 < cmp["top1_agreement"] <= 1
+
+    g = tmp_path / "q4-g32-gptq-layout"
+    q2 = tmp_path / "q4-uniform"
+    assert main(["quantize", str(float_ckpt), str(q2), "--bits", "4", "--group-size", "32"]) == 0
+    assert main(["export-gptq", str(q2), str(g)]) == 0
+    assert json.loads((g / "config.json").read_text())["quantization_config"]["quant_method"] == "gptq"
+
+
+def test_user_errors_are_one_line(float_ckpt, tmp_path, capsys):
+    out = tmp_path / "x"
+    out.mkdir()
+    (out / "f").write_text("keep")
+    assert main(["quantize", str(float_ckpt), str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert main(["info", str(float_ckpt)]) == 2
+    assert "not a quantized checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["quantize", str(float_ckpt), str(tmp_path / "y"), "--override", "nonsense"])

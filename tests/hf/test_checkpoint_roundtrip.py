@@ -1,0 +1,140 @@
+"""quantize -> save -> from_pretrained -> same logits; quantize-on-load; bad checkpoints fail loudly."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+import llmquant
+from llmquant import CheckpointError, LlmQuantConfig, QuantConfig, QuantLinear
+from llmquant.cli.commands import checkpoint_info
+
+from ..conftest import build_tiny_llama
+
+IDS = torch.tensor([[1, 345, 2001, 77, 9000, 12, 4242, 31337]])
+
+
+def _quantized_ckpt(tmp_path, tokenizer, config, **build):
+    model = build_tiny_llama(**build)
+    llmquant.quantize(model, config, progress=False)
+    with torch.no_grad():
+        logits = model(IDS).logits
+    path = tmp_path / "q"
+    llmquant.save_quantized(model, path, tokenizer, dtype=None)
+    return path, logits
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        QuantConfig(bits=4, group_size=64),  # K=96 for q/k/v/o/gate/up: ragged last group
+        QuantConfig(bits=3, group_size=32, sym=False),
+        QuantConfig(bits=8, group_size=-1, quantize_lm_head=True),  # tied head is untied and quantized
+        QuantConfig(bits=2, group_size=128, overrides={"down_proj": {"bits": 8}, "q_proj": "skip"}),
+    ],
+    ids=["int4-g64-ragged", "int3-asym", "int8-head", "mixed"],
+)
+def test_save_reload_identical_logits(tmp_path, tokenizer, config):
+    path, logits = _quantized_ckpt(tmp_path, tokenizer, config, hidden=96, inter=160, bias=True)
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["quantization_config"] == config.to_dict()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    quantized = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    expected = {n for n, m in build_tiny_llama(hidden=96, inter=160).named_modules()
+                if isinstance(m, torch.nn.Linear) and config.resolve(n) is not None}
+    assert quantized == expected
+    for name in quantized:
+        assert model.get_submodule(name).scheme == config.resolve(name)
+    with torch.no_grad():
+        again = model(IDS).logits
+    torch.testing.assert_close(again, logits, rtol=1e-5, atol=1e-5)
+
+
+def test_footprint_int4_g128(tmp_path, tokenizer):
+    path, _ = _quantized_ckpt(tmp_path, tokenizer, QuantConfig(bits=4, group_size=128), hidden=256, inter=512)
+    info = checkpoint_info(path)
+    ratio = info["linear_bytes"] / info["linear_fp16_bytes_approx"]
+    assert ratio <= 0.3, ratio
+    assert all(lay["K_max"] in (256, 512) for lay in info["layers"])
+
+
+def test_quantize_while_loading_matches_in_memory(float_ckpt):
+    cfg = LlmQuantConfig(bits=4, group_size=32, sym=False)
+    model = AutoModelForCausalLM.from_pretrained(float_ckpt, dtype=torch.float32, quantization_config=cfg)
+    assert isinstance(model.model.layers[0].mlp.down_proj, QuantLinear)
+    ref = AutoModelForCausalLM.from_pretrained(float_ckpt, dtype=torch.float32)
+    llmquant.quantize(ref, cfg.quant, progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, ref(IDS).logits, rtol=1e-5, atol=1e-5)
+    # and what it saves loads back the same
+    out = float_ckpt.parent / "onload"
+    model.save_pretrained(out)
+    again = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(again(IDS).logits, ref(IDS).logits, rtol=1e-5, atol=1e-5)
+
+
+# --- bad checkpoints ---------------------------------------------------------------------------
+LAYER = "model.layers.1.mlp.down_proj"
+
+
+def _edit_tensors(path, fn):
+    f = path / "model.safetensors"
+    tensors = load_file(f)
+    fn(tensors)
+    save_file(tensors, f, metadata={"format": "pt"})
+
+
+def _edit_config(path, fn):
+    f = path / "config.json"
+    cfg = json.loads(f.read_text())
+    fn(cfg["quantization_config"])
+    f.write_text(json.dumps(cfg))
+
+
+def _nan_scales(t):
+    t[f"{LAYER}.scales"][0, 0] = float("nan")
+
+
+def _bad_zero(t):
+    t[f"{LAYER}.zeros"][3, 0] = 99
+
+
+CASES = {
+    "missing": (lambda p: _edit_tensors(p, lambda t: t.pop(f"{LAYER}.scales")), rf"{LAYER}\.scales: missing"),
+    "wrong-shape": (lambda p: _edit_tensors(p, lambda t: t.update({f"{LAYER}.qweight": t[f"{LAYER}.qweight"][:, :-1].contiguous()})),
+                    rf"{LAYER}\.qweight: shape"),
+    "wrong-dtype": (lambda p: _edit_tensors(p, lambda t: t.update({f"{LAYER}.scales": t[f"{LAYER}.scales"].float()})),
+                    rf"{LAYER}\.scales: dtype F32"),
+    "nan-scales": (lambda p: _edit_tensors(p, _nan_scales), rf"{LAYER}\.scales: 1 non-finite"),
+    "zero-out-of-range": (lambda p: _edit_tensors(p, _bad_zero), rf"{LAYER}\.zeros: value 99 out of range"),
+    "float-weight-instead": (lambda p: _edit_tensors(p, lambda t: t.update({f"{LAYER}.weight": torch.zeros(96, 160)})),
+                             rf"{LAYER}\.weight: a float weight"),
+    "truncated": (lambda p: (p / "model.safetensors").write_bytes((p / "model.safetensors").read_bytes()[:-1000]),
+                  "truncated"),
+    "unknown-bits": (lambda p: _edit_config(p, lambda q: q.update(bits=5)), "bits must be one of"),
+    "unknown-version": (lambda p: _edit_config(p, lambda q: q.update(format_version=9)), "unsupported format_version 9"),
+    "unknown-field": (lambda p: _edit_config(p, lambda q: q.update(bogus=1)), "unknown fields"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_checkpoint_raises(tmp_path, tokenizer, case):
+    path, _ = _quantized_ckpt(tmp_path, tokenizer, QuantConfig(bits=4, group_size=32, sym=False), hidden=96, inter=160)
+    corrupt, msg = CASES[case]
+    corrupt(path)
+    with pytest.raises((CheckpointError, ValueError), match=msg):
+        AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def test_save_refuses_nonempty_and_unquantized(tmp_path, tokenizer):
+    model = build_tiny_llama()
+    with pytest.raises(ValueError, match="no quantization_config"):
+        llmquant.save_quantized(model, tmp_path / "x")
+    llmquant.quantize(model, QuantConfig(), progress=False)
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError):
+        llmquant.save_quantized(model, tmp_path / "x")
+    assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
