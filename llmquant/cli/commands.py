@@ -10,7 +10,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 DEMO_CONTEXT = 512
-DEMO_MAX_TOKENS = 16384
+DEMO_MAX_TOKENS = 8192
 
 
 # --- quantize -------------------------------------------------------------------------------------

@@ -1,0 +1,65 @@
+import pytest
+import torch
+
+from llmquant.config import LayerQuant
+from llmquant.formats.packing import dequantize_packed
+from llmquant.modules.quant_linear import CheckpointError, QuantLinear
+from llmquant.quantizers.rtn import quantize_weight_rtn
+
+
+def _layer(n=48, k=80, scheme=LayerQuant(4, 32, False), perm=False, bias=True):
+    torch.manual_seed(0)
+    w = torch.randn(n, k)
+    p = quantize_weight_rtn(w, scheme)
+    if perm:
+        p.perm = torch.randperm(k).to(torch.int32)
+    b = torch.randn(n) if bias else None
+    return QuantLinear.from_packed(p, b), p, b
+
+
+@pytest.mark.parametrize("perm", [False, True])
+@pytest.mark.parametrize("shape", [(5,), (2, 3), (1, 1, 4)])
+def test_forward_is_dequant_matmul(perm, shape):
+    mod, p, b = _layer(perm=perm)
+    x = torch.randn(*shape, 80)
+    w = dequantize_packed(p.qweight, p.scales, p.zeros, bits=4, group_size=32, in_features=80)
+    xs = x[..., p.perm.long()] if perm else x
+    torch.testing.assert_close(mod(x), xs @ w.T + b, rtol=1e-5, atol=1e-5)
+    assert mod(x).shape == (*shape, 48)
+
+
+def test_wrong_input_width():
+    mod, _, _ = _layer()
+    with pytest.raises(ValueError, match="expected K=80"):
+        mod(torch.randn(2, 81))
+
+
+def test_state_dict_holds_only_packed_tensors():
+    mod, _, _ = _layer(perm=True)
+    mod(torch.randn(1, 80))  # builds kernel state, which must not be saved
+    assert set(mod.state_dict()) == {"qweight", "scales", "zeros", "perm", "bias"}
+    sym, _, _ = _layer(scheme=LayerQuant(4, 32, True), bias=False)
+    assert set(sym.state_dict()) == {"qweight", "scales"}
+
+
+def test_validate_catches_bad_values():
+    mod, _, _ = _layer(perm=True)
+    mod.validate("m")
+    mod.perm[3] = mod.perm[4]
+    with pytest.raises(CheckpointError, match="m.perm: not a permutation"):
+        mod.validate("m")
+    mod, _, _ = _layer()
+    mod.scales[0, 0] = float("inf")
+    with pytest.raises(CheckpointError, match="m.scales: 1 non-finite"):
+        mod.validate("m")
+
+
+def test_load_state_dict_refreshes_kernel_state():
+    a, _, _ = _layer()
+    torch.manual_seed(1)
+    b = QuantLinear.from_packed(quantize_weight_rtn(torch.randn(48, 80), LayerQuant(4, 32, False)), torch.zeros(48))
+    x = torch.randn(3, 80)
+    ya = a(x)
+    a.load_state_dict(b.state_dict())
+    torch.testing.assert_close(a(x), b(x))
+    assert not torch.allclose(ya, a(x))
