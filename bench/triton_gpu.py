@@ -1,0 +1,421 @@
+"""Check and time the Triton W4A16 kernel (kernels/triton_w4a16.py) on a CUDA GPU, in one run.
+
+    python bench/triton_gpu.py --json out.json            # about 4 minutes, under --budget-s
+    TRITON_INTERPRET=1 python bench/triton_gpu.py --dry-run --json dry.json   # CPU, tiny shapes
+
+Phases, each inside its share of ``--budget-s`` (what does not fit is listed as skipped):
+
+1. ceilings: device-to-device copy bandwidth (bytes read + written), the memory-bound ceiling;
+2. correctness against ``dequant_matmul_ref`` over a shape grid (M in 1, 2, 3, 7, 16, 33, 128;
+   N, K on and off tile boundaries; sym/asym; G = 32, 64, 128, one group, ragged; act-order;
+   fp16, bf16, fp32; both unpack variants; forced split-K), with the tolerances of STYLE.md:
+   fp32 assert_close(rtol=1e-5, atol=1e-5 * max|ref|), fp16 / bf16 relative mean abs error below
+   1e-3 / 1e-2 (against the fp32 reference on the same inputs); plus torch.compile and CUDA-graph
+   capture of the custom op;
+3. speed against ``torch.nn.functional.linear`` in fp16 (cuBLAS) on the same shapes: M in 1, 4,
+   16, 64, 256 times the Llama-7B projections (4096x4096, 11008x4096, 4096x11008) and every linear
+   shape of the two default models (SmolLM2-135M, Gemma-3-270M); 4-bit, symmetric, G = 128,
+   fp16 activations. Medians of ``triton.testing.do_bench`` ("eager": one launch at a time, L2
+   flushed, Python launch cost included) and ``do_bench_cudagraph`` ("graph": launches replayed
+   from a CUDA graph: kernel time); each timed call reads the next of several weight copies that
+   together exceed 3x the L2, so weights come from HBM as in a real model;
+4. config sweep: a few alternatives to ``pick_config`` for decode and prefill shapes, graph time.
+
+Prints a table last, writes everything (machine, versions, protocol, rows) to ``--json``.
+"""
+import argparse
+import functools
+import itertools
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+import types
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+log = logging.getLogger("triton_gpu")
+
+
+def _import_llmquant_from_checkout() -> None:
+    """Import llmquant's kernel modules from this checkout without running ``llmquant/__init__``
+    (it registers with transformers, which this script does not need and whose version on a GPU
+    image may differ from the pin). ``llmquant.kernels`` maps to ``kernels/`` as in pyproject."""
+    pkg = types.ModuleType("llmquant")
+    pkg.__path__ = [str(ROOT / "llmquant"), str(ROOT)]
+    sys.modules["llmquant"] = pkg
+
+
+_import_llmquant_from_checkout()
+
+from llmquant.config import LayerQuant  # noqa: E402
+from llmquant.kernels.reference import dequant_matmul_ref  # noqa: E402
+from llmquant.kernels.triton_w4a16 import (  # noqa: E402
+    TritonConfig,
+    dequant_gemm,
+    pick_config,
+    prepare_weight,
+    sm_count,
+)
+from llmquant.quantizers.rtn import quantize_weight_rtn  # noqa: E402
+
+# (name, N, K)
+LLAMA_SHAPES = [("llama7b.qkvo", 4096, 4096), ("llama7b.gate_up", 11008, 4096), ("llama7b.down", 4096, 11008)]
+MODEL_SHAPES = [
+    ("smollm2.q_o", 576, 576), ("smollm2.k_v", 192, 576), ("smollm2.gate_up", 1536, 576),
+    ("smollm2.down", 576, 1536),
+    ("gemma3.q", 1024, 640), ("gemma3.k_v", 256, 640), ("gemma3.o", 640, 1024), ("gemma3.gate_up", 2048, 640),
+    ("gemma3.down", 640, 2048),
+]  # fmt: skip
+BENCH_MS = [1, 4, 16, 64, 256]
+CHECK_MS = [1, 2, 3, 7, 16, 33, 128]
+CHECK_SHAPES = [(64, 256), (100, 200), (33, 576), (48, 40), (4096, 4096), (1536, 576)]
+GROUPS = [32, 64, 128, -1]
+
+
+class Budget:
+    def __init__(self, total_s: float):
+        self.t0 = time.perf_counter()
+        self.total = total_s
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def left_until(self, fraction: float) -> bool:
+        """True while the run is inside the first ``fraction`` of the budget."""
+        return self.elapsed() < fraction * self.total
+
+
+def make_weight(n, k, *, bits=4, group_size=128, sym=True, act_order=False, seed=0, device="cuda"):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    if not sym:
+        w = w + 0.7 * torch.rand(n, 1, generator=g)
+    pw = quantize_weight_rtn(w.to(device), LayerQuant(bits, group_size, sym))  # on the GPU: seconds saved
+    if act_order:
+        pw.perm = torch.randperm(k, generator=g).to(torch.int32).to(device)
+    return pw
+
+
+def error_of(y: torch.Tensor, ref32: torch.Tensor, dtype: torch.dtype) -> tuple[float, bool, str]:
+    """(error, ok, metric) with STYLE.md's tolerances."""
+    if not torch.isfinite(y).all():
+        return float("nan"), False, "finite"
+    if dtype == torch.float32:
+        atol = 1e-5 * max(1.0, float(ref32.abs().max()))
+        excess = float(((y - ref32).abs() - (atol + 1e-5 * ref32.abs())).max())
+        return float((y - ref32).abs().max()), excess <= 0, f"max abs (atol {atol:.1e}, rtol 1e-5)"
+    rel = float((y.float() - ref32).abs().mean() / ref32.abs().mean().clamp(min=1e-12))
+    tol = 1e-3 if dtype == torch.float16 else 1e-2
+    return rel, rel < tol, f"rel mean abs < {tol:g}"
+
+
+def correctness(device, budget, dry, share):
+    rows = []
+    dtypes = [torch.float32, torch.float16] if dry else [torch.float16, torch.bfloat16, torch.float32]
+    shapes = CHECK_SHAPES[:4] if dry else CHECK_SHAPES
+    cases = []
+    for i, (m, (n, k)) in enumerate(itertools.product(CHECK_MS, shapes)):
+        dtype = dtypes[i % len(dtypes)]
+        if dtype == torch.float32 and (n, k) == (4096, 4096):
+            dtype = torch.float16  # fp32 programs compile slowly (FMA path); keep them to small shapes
+        cfg = None
+        if i % 7 == 3:
+            cfg = TritonConfig(16, 32, 64, split_k=3)
+        elif i % 7 == 5:
+            cfg = TritonConfig(32, 64, 32, unpack="gather")
+        cases.append(dict(m=m, n=n, k=k, g=GROUPS[(i // 2 + i) % 4], sym=i % 3 != 0, act=i % 5 in (1, 3),
+                          dtype=dtype, cfg=cfg))  # fmt: skip
+    for c in cases:
+        if not budget.left_until(share):
+            rows.append({**_jsonable(c), "status": "skipped (budget)"})
+            continue
+        row = _jsonable(c)
+        try:
+            w = make_weight(c["n"], c["k"], group_size=c["g"], sym=c["sym"], act_order=c["act"], device=device)
+            x = torch.randn(c["m"], c["k"], device=device).to(c["dtype"])
+            bias = torch.randn(c["n"], device=device).to(c["dtype"])
+            t = time.perf_counter()
+            y = dequant_gemm(x, prepare_weight(w), bias, c["cfg"])
+            _sync(device)
+            row["first_call_s"] = round(time.perf_counter() - t, 3)
+            ref = dequant_matmul_ref(x.float(), w, bias.float())
+            err, ok, metric = error_of(y, ref, c["dtype"])
+            row.update(error=err, metric=metric, status="ok" if ok else "FAIL")
+        except Exception as e:  # report and go on: one broken config must not hide the others
+            log.exception("correctness case %s", row)
+            row.update(status=f"ERROR {type(e).__name__}: {str(e)[:300]}")
+        rows.append(row)
+    return rows
+
+
+def compile_and_graph_checks(device, dry):
+    """torch.compile through the custom op's fake implementation, and CUDA-graph capture."""
+    out = {}
+    st = prepare_weight(make_weight(256, 512, group_size=64, sym=False, act_order=True, device=device))
+    dtype = torch.float32 if dry else torch.float16
+    x = torch.randn(3, 512, device=device, dtype=dtype)
+    ref = dequant_gemm(x, st)
+    try:
+        backend = "aot_eager" if dry else "inductor"
+        f = torch.compile(lambda t: dequant_gemm(t, st) * 2, backend=backend, fullgraph=True)
+        y = f(x)
+        out["torch_compile"] = {"backend": backend, "ok": bool(torch.allclose(y, ref * 2, rtol=1e-3, atol=1e-3))}
+    except Exception as e:
+        log.exception("torch.compile check")
+        out["torch_compile"] = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+    if device == "cuda":
+        try:
+            g = torch.cuda.CUDAGraph()
+            xs = x.clone()
+            dequant_gemm(xs, st)  # warm up (compile) outside the capture
+            torch.cuda.synchronize()
+            with torch.cuda.graph(g):
+                yg = dequant_gemm(xs, st)
+            xs.copy_(x * 0.5)
+            g.replay()
+            torch.cuda.synchronize()
+            out["cuda_graph"] = {"ok": bool(torch.allclose(yg, dequant_gemm(x * 0.5, st), rtol=1e-3, atol=1e-3))}
+        except Exception as e:
+            log.exception("CUDA graph check")
+            out["cuda_graph"] = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+    return out
+
+
+def copy_bandwidth(device) -> float | None:
+    if device != "cuda":
+        return None
+    import triton.testing
+
+    a = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    ms = triton.testing.do_bench(lambda: b.copy_(a), return_mode="median")
+    return 2 * a.numel() / (ms * 1e-3) / 1e9
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn, device, graph: bool) -> float | None:
+    if device != "cuda":  # dry run: wall clock, no graphs
+        if graph:
+            return None
+        fn()
+        ts = []
+        for _ in range(3):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        return sorted(ts)[1] * 1e3
+    import triton.testing
+
+    fn()  # compile and load outside any graph capture
+    torch.cuda.synchronize()
+    if graph:
+        return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
+    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+
+def _copies(bytes_each: int, device) -> int:
+    if device != "cuda":
+        return 1
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
+    return max(2, min(64, math.ceil(3 * l2 / bytes_each)))
+
+
+@functools.lru_cache(maxsize=4)
+def _bench_weight(n, k, device):
+    return prepare_weight(make_weight(n, k, group_size=128, sym=True, device=device))
+
+
+def bench_one(name, n, k, m, device, cfg=None, with_torch=True, graph_only=False):
+    row = {"shape": name, "M": m, "N": n, "K": k}
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    st0 = _bench_weight(n, k, device)
+    wbytes = sum(t.numel() * t.element_size() for t in (st0.qweight_t, st0.scales_t))
+    states = [st0] + [
+        replace(st0, qweight_t=st0.qweight_t.clone(), scales_t=st0.scales_t.clone())
+        for _ in range(_copies(wbytes, device) - 1)
+    ]
+    x = torch.randn(m, k, device=device, dtype=dtype)
+    io_bytes = (m * k + m * n) * x.element_size()
+    cyc = itertools.cycle(states)
+    fn = lambda: dequant_gemm(x, next(cyc), None, cfg)  # noqa: E731
+    row["cfg"] = (cfg or pick_config(m, n, k, 128, sm_count(device, 0 if device == "cuda" else None))).to_list()
+    row["weight_copies"] = len(states)
+    if not graph_only:
+        row["triton_eager_ms"] = time_ms(fn, device, graph=False)
+    row["triton_graph_ms"] = time_ms(fn, device, graph=True)
+    t_ms = row["triton_graph_ms"] or row.get("triton_eager_ms")
+    if t_ms:
+        row["triton_GBps"] = (wbytes + io_bytes) / (t_ms * 1e-3) / 1e9
+        row["triton_TFLOPs"] = 2 * m * n * k / (t_ms * 1e-3) / 1e12
+    if with_torch:
+        w16 = torch.randn(n, k, device=device, dtype=dtype)
+        ws = [w16] + [w16.clone() for _ in range(_copies(w16.numel() * w16.element_size(), device) - 1)]
+        cyc16 = itertools.cycle(ws)
+        f16 = lambda: F.linear(x, next(cyc16))  # noqa: E731
+        row["torch_eager_ms"] = time_ms(f16, device, graph=False)
+        row["torch_graph_ms"] = time_ms(f16, device, graph=True)
+        tt = row["torch_graph_ms"] or row["torch_eager_ms"]
+        if tt and t_ms:
+            row["speedup_vs_fp16"] = tt / t_ms
+            row["torch_GBps"] = (n * k * 2 + io_bytes) / (tt * 1e-3) / 1e9
+    return row
+
+
+def bench(device, budget, dry, share):
+    shapes = [("tiny", 96, 160), ("tiny2", 64, 576)] if dry else LLAMA_SHAPES + MODEL_SHAPES
+    ms = [1, 4, 16] if dry else BENCH_MS
+    rows = []
+    for (name, n, k), m in itertools.product(shapes, ms):
+        if not budget.left_until(share):
+            rows.append({"shape": name, "M": m, "N": n, "K": k, "status": "skipped (budget)"})
+            continue
+        try:
+            rows.append({**bench_one(name, n, k, m, device), "status": "ok"})
+        except Exception as e:
+            log.exception("bench %s M=%d", name, m)
+            rows.append({"shape": name, "M": m, "N": n, "K": k, "status": f"ERROR {type(e).__name__}: {str(e)[:300]}"})
+    return rows
+
+
+def sweep_candidates(m, n, k, sms):
+    auto = pick_config(m, n, k, 128, sms)
+    cands = {"auto": auto, "auto+gather": replace(auto, unpack="gather")}
+    if m <= 16:
+        for s in (1, 2, 4, 8, 16):
+            cands[f"split{s}"] = replace(auto, split_k=s)
+        cands["bn32"] = replace(auto, block_n=32)
+        cands["bn128"] = replace(auto, block_n=128)
+        cands["bk64"] = replace(auto, block_k=64)
+        cands["warps2"] = replace(auto, num_warps=2)
+    else:
+        cands["64x128"] = TritonConfig(64, 128, 64, num_warps=4, num_stages=4)
+        cands["128x128"] = TritonConfig(128, 128, 64, num_warps=8, num_stages=3)
+        cands["128x256"] = TritonConfig(128, 256, 64, num_warps=8, num_stages=3)
+        cands["128x128xk128"] = TritonConfig(128, 128, 128, num_warps=8, num_stages=3)
+        cands["128x128s4"] = TritonConfig(128, 128, 64, num_warps=8, num_stages=4)
+    return cands
+
+
+def sweep(device, budget, dry, share):
+    if dry:
+        jobs = [("tiny", 96, 160, 1)]
+    else:
+        jobs = [("llama7b.qkvo", 4096, 4096, 1), ("llama7b.gate_up", 11008, 4096, 1), ("llama7b.qkvo", 4096, 4096, 16),
+                ("smollm2.gate_up", 1536, 576, 1), ("llama7b.qkvo", 4096, 4096, 256),
+                ("llama7b.gate_up", 11008, 4096, 256)]  # fmt: skip
+    sms = sm_count(device, 0 if device == "cuda" else None)
+    rows = []
+    for name, n, k, m in jobs:
+        for label, cfg in sweep_candidates(m, n, k, sms).items():
+            if not budget.left_until(share):
+                rows.append({"shape": name, "M": m, "variant": label, "status": "skipped (budget)"})
+                continue
+            try:
+                r = bench_one(name, n, k, m, device, cfg=cfg, with_torch=False, graph_only=device == "cuda")
+                rows.append({**r, "variant": label, "status": "ok"})
+            except Exception as e:
+                log.exception("sweep %s M=%d %s", name, m, label)
+                rows.append({"shape": name, "M": m, "variant": label, "cfg": cfg.to_list(),
+                             "status": f"ERROR {type(e).__name__}: {str(e)[:200]}"})  # fmt: skip
+    return rows
+
+
+def _jsonable(c):
+    return {k: (str(v) if isinstance(v, torch.dtype) else (v.to_list() if isinstance(v, TritonConfig) else v))
+            for k, v in c.items()}  # fmt: skip
+
+
+def machine_info(device):
+    import triton
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
+            "cuda": torch.version.cuda, "host": platform.node(), "cpus": os.cpu_count(), "device": device}  # fmt: skip
+    if device == "cuda":
+        p = torch.cuda.get_device_properties(0)
+        info.update(gpu=p.name, sms=p.multi_processor_count, capability=f"{p.major}.{p.minor}",
+                    memory_GiB=round(p.total_memory / 2**30, 1), l2_MiB=getattr(p, "L2_cache_size", 0) / 2**20)  # fmt: skip
+    return info
+
+
+def _fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def print_tables(result):
+    c = result["correctness"]
+    fails = [r for r in c if r["status"] not in ("ok",) and not r["status"].startswith("skipped")]
+    print(f"\ncorrectness: {sum(r['status'] == 'ok' for r in c)} ok, {len(fails)} failed, "
+          f"{sum(r['status'].startswith('skipped') for r in c)} skipped of {len(c)}")  # fmt: skip
+    for r in fails[:10]:
+        print("  FAIL", {k: r.get(k) for k in ("m", "n", "k", "g", "sym", "act", "dtype", "cfg", "error", "status")})
+    print("checks:", json.dumps(result["checks"]))
+    print(f"copy bandwidth: {_fmt(result['copy_GBps'], '.0f')} GB/s (read + write)")
+    print("\nspeed (4-bit sym G=128, fp16 activations; median ms; graph = CUDA-graph replay)")
+    print(f"{'shape':17s} {'M':>4s} {'N':>6s} {'K':>6s} {'tri eager':>9s} {'tri graph':>9s} {'fp16 eager':>10s} "
+          f"{'fp16 graph':>10s} {'speedup':>7s} {'tri GB/s':>8s} {'of copy':>7s}  cfg")  # fmt: skip
+    copy_bw = result["copy_GBps"]
+    for r in result["bench"]:
+        if r["status"] != "ok":
+            print(f"{r['shape']:17s} {r['M']:>4d} {r['N']:>6d} {r['K']:>6d}  {r['status']}")
+            continue
+        print(f"{r['shape']:17s} {r['M']:>4d} {r['N']:>6d} {r['K']:>6d} {_fmt(r.get('triton_eager_ms'), '9.4f')} "
+              f"{_fmt(r.get('triton_graph_ms'), '9.4f')} {_fmt(r.get('torch_eager_ms'), '10.4f')} "
+              f"{_fmt(r.get('torch_graph_ms'), '10.4f')} {_fmt(r.get('speedup_vs_fp16'), '7.2f')} "
+              f"{_fmt(r.get('triton_GBps'), '8.0f')} "
+              f"{_fmt(r['triton_GBps'] / copy_bw if copy_bw and r.get('triton_GBps') else None, '7.0%')}  {r['cfg']}")  # fmt: skip
+    print("\nsweep (graph median ms; best per shape marked *)")
+    by = {}
+    for r in result["sweep"]:
+        by.setdefault((r["shape"], r["M"]), []).append(r)
+    for (shape, m), rs in by.items():
+        ok = [r for r in rs if r["status"] == "ok"]
+        best = min(ok, key=lambda r: r["triton_graph_ms"] or r["triton_eager_ms"]) if ok else None
+        cells = []
+        for r in rs:
+            t = (r.get("triton_graph_ms") or r.get("triton_eager_ms")) if r["status"] == "ok" else None
+            cells.append(f"{r['variant']}={_fmt(t, '.4f')}{'*' if r is best else ''}"
+                         if r["status"] == "ok" or r["status"].startswith("skipped") else f"{r['variant']}=ERR")  # fmt: skip
+        print(f"{shape} M={m}: " + "  ".join(cells))
+    print(f"\ntotal {result['elapsed_s']:.0f} s")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", required=True, help="write all results here")
+    ap.add_argument("--budget-s", type=float, default=240.0, help="stop starting new work after this")
+    ap.add_argument("--dry-run", action="store_true", help="CPU with TRITON_INTERPRET=1, tiny shapes")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    device = "cpu" if args.dry_run else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        ap.error("no CUDA device (use --dry-run with TRITON_INTERPRET=1 on a CPU)")
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        ap.error("--dry-run needs TRITON_INTERPRET=1 in the environment")
+    budget = Budget(args.budget_s)
+    result = {"machine": machine_info(device), "protocol": __doc__}
+    result["copy_GBps"] = copy_bandwidth(device)
+    result["correctness"] = correctness(device, budget, args.dry_run, share=0.35)
+    result["checks"] = compile_and_graph_checks(device, args.dry_run)
+    result["bench"] = bench(device, budget, args.dry_run, share=0.75)
+    result["sweep"] = sweep(device, budget, args.dry_run, share=1.0)
+    result["elapsed_s"] = budget.elapsed()
+    Path(args.json).write_text(json.dumps(result, indent=1, default=str))
+    print_tables(result)
+    bad = [r for r in result["correctness"] if r["status"] not in ("ok",) and not r["status"].startswith("skipped")]
+    return 1 if bad or not all(v.get("ok") for v in result["checks"].values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
