@@ -146,7 +146,9 @@ class QuantConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["skip"] = list(self.skip)
-        d["overrides"] = {k: (v if v == "skip" else dict(v)) for k, v in self.overrides.items()}
+        # a list of [pattern, spec] pairs: the first match wins, and JSON writers that sort object
+        # keys (transformers' save_pretrained does) would otherwise change which one that is
+        d["overrides"] = [[k, v if v == "skip" else dict(v)] for k, v in self.overrides.items()]
         return {"quant_method": QUANT_METHOD, **d}
 
     @classmethod
@@ -163,4 +165,9 @@ class QuantConfig:
             raise QuantConfigError(f"quantization_config has unknown fields {unknown}")
         if "skip" in d:
             d["skip"] = tuple(d["skip"])
+        ov = d.get("overrides")
+        if isinstance(ov, list):
+            if not all(isinstance(pair, (list, tuple)) and len(pair) == 2 for pair in ov):
+                raise QuantConfigError("quantization_config overrides must be a list of [pattern, spec] pairs")
+            d["overrides"] = dict((str(k), v) for k, v in ov)
         return cls(**d)

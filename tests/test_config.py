@@ -69,3 +69,14 @@ def test_from_dict_rejects_unknown():
     d.pop("format_version")
     with pytest.raises(QuantConfigError, match="no format_version"):
         QuantConfig.from_dict(d)
+
+
+def test_override_order_survives_sorted_json():
+    import json
+
+    c = QuantConfig(overrides={"model.layers.1.self_attn.o_proj": "skip", "*.o_proj": {"bits": 8}})
+    text = json.dumps(c.to_dict(), sort_keys=True)  # what save_pretrained writes
+    back = QuantConfig.from_dict(json.loads(text))
+    assert back == c
+    assert back.resolve("model.layers.1.self_attn.o_proj") is None
+    assert back.resolve("model.layers.2.self_attn.o_proj") == LayerQuant(8, 128, True)
