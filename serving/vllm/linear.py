@@ -1,0 +1,239 @@
+"""``LlmQuantLinearMethod``: one quantized vLLM linear layer (plain, fused, sharded, or the LM head).
+
+Lifecycle (vLLM's): ``create_weights`` declares the checkpoint tensors with vLLM's parameter classes
+(the table in :mod:`llmquant.serving.vllm`), vLLM's loaders fill them, ``process_weights_after_loading``
+checks their values and lets the kernel registry prepare a kernel, and ``apply`` runs it.
+
+Shapes on one rank: N = rows this rank computes (the sum of the fused parts' rows), K = in_features
+this rank sees, G = group size, NG = ceil(K / G), S = number of fused parts, b = bits.
+
+``perm`` (act-order only) is [K] for a plain layer and [S, K] for a fused one: each part (q, k, v, or
+gate, up) keeps its own row, because the checkpoint stores one permutation per part. When the rows
+agree (GPTQ's permutation depends only on the layer input, which the parts share) the layer runs as
+one kernel call; when they differ, each part runs as its own call and the outputs are concatenated.
+Not supported: an act-order layer that the checkpoint itself stores fused (one ``gate_up_proj`` with
+one ``perm``, as Phi-3 does); vLLM's loader cuts such tensors by output rows, which ``perm`` has not.
+"""
+from __future__ import annotations
+
+import logging
+from fractions import Fraction
+from typing import Any
+
+import torch
+from vllm.model_executor.layers.linear import LinearMethodBase
+from vllm.model_executor.parameter import (
+    BasevLLMParameter,
+    ChannelQuantScaleParameter,
+    GroupQuantScaleParameter,
+    PackedvLLMParameter,
+)
+
+from llmquant.config import LayerQuant
+from llmquant.formats.packing import BLOCK, dequantize_packed, num_groups, packed_words
+from llmquant.kernels.registry import PackedWeight, select_kernel
+
+# a child of vLLM's "vllm" logger, which vLLM gives a handler: the kernel choice shows in vLLM's log
+logger = logging.getLogger("vllm.llmquant")
+
+_QKV_INDEX = {"q": 0, "k": 1, "v": 2}
+
+
+class PermParameter(BasevLLMParameter):
+    """``perm`` of a (possibly fused) layer: int32 [K], or [S, K] with one row per fused part.
+
+    Filled with -1 so that a part whose ``perm`` never arrived fails the check after loading. K is
+    never sharded (act-order layers are refused for row-parallel ranks), so every loader copies whole
+    rows.
+    """
+
+    def _load_row(self, loaded_weight: torch.Tensor, shard_id: Any) -> None:
+        if self.data.dim() == 1:
+            self._assert_and_load(loaded_weight)
+            return
+        idx = _QKV_INDEX[shard_id] if isinstance(shard_id, str) else int(shard_id)
+        row = self.data[idx]
+        if row.shape != loaded_weight.shape:
+            raise ValueError(f"perm of part {shard_id}: shape {tuple(loaded_weight.shape)}, expected {tuple(row.shape)}")
+        row.copy_(loaded_weight)
+
+    def load_column_parallel_weight(self, loaded_weight: torch.Tensor) -> None:
+        self._assert_and_load(loaded_weight)
+
+    def load_row_parallel_weight(self, loaded_weight: torch.Tensor) -> None:
+        self._assert_and_load(loaded_weight)
+
+    def load_merged_column_weight(self, loaded_weight: torch.Tensor, **kwargs: Any) -> None:
+        self._load_row(loaded_weight, kwargs["shard_id"])
+
+    def load_qkv_weight(self, loaded_weight: torch.Tensor, **kwargs: Any) -> None:
+        self._load_row(loaded_weight, kwargs["shard_id"])
+
+
+def check_partition(
+    prefix: str, scheme: LayerQuant, *, k_part: int, k_full: int, has_perm: bool
+) -> None:
+    """Refuse a row-parallel cut of K that does not fall on packing blocks and whole groups."""
+    if k_part == k_full:
+        return
+    ranks = k_full // k_part
+    problems = []
+    if k_part % BLOCK:
+        problems.append(f"K per rank ({k_part}) is not a multiple of {BLOCK}, the packing block")
+    if scheme.group_size != -1 and k_part % scheme.group_size:
+        problems.append(f"K per rank ({k_part}) is not a multiple of the group size {scheme.group_size}")
+    if has_perm:
+        problems.append("act-order layers (perm) need the whole input on every rank")
+    if problems:
+        raise ValueError(
+            f"llmquant: cannot split {prefix or 'a layer'} (K={k_full}) by input across {ranks} "
+            f"tensor-parallel ranks: " + "; ".join(problems) + ". Use a smaller tensor-parallel size."
+        )
+
+
+class LlmQuantLinearMethod(LinearMethodBase):
+    def __init__(self, quant_config: Any, scheme: LayerQuant) -> None:
+        self.quant_config = quant_config  # LlmQuantVllmConfig
+        self.scheme = scheme
+
+    # --- declare -----------------------------------------------------------------------------------
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs: Any,
+    ) -> None:
+        s = self.scheme
+        n, k = sum(output_partition_sizes), input_size_per_partition
+        has_perm = self.quant_config.has_perm
+        check_partition(getattr(layer, "prefix", ""), s, k_part=k, k_full=input_size, has_perm=has_perm)
+        loader = extra_weight_attrs["weight_loader"]
+
+        # qweight: int32 [N, ceil(K/32)*b], packed along K
+        layer.register_parameter(
+            "qweight",
+            PackedvLLMParameter(
+                data=torch.empty(n, packed_words(k, s.bits), dtype=torch.int32),
+                output_dim=0,
+                input_dim=1,
+                packed_dim=1,
+                packed_factor=Fraction(BLOCK, s.bits),
+                weight_loader=loader,
+            ),
+        )
+
+        # scales / zeros: [N, NG]; one group per row (G = -1) is one column that every rank keeps
+        def group_param(dtype: torch.dtype) -> BasevLLMParameter:
+            if s.group_size == -1:
+                return ChannelQuantScaleParameter(
+                    data=torch.empty(n, 1, dtype=dtype), output_dim=0, weight_loader=loader
+                )
+            return GroupQuantScaleParameter(
+                data=torch.empty(n, num_groups(k, s.group_size), dtype=dtype),
+                output_dim=0,
+                input_dim=1,
+                weight_loader=loader,
+            )
+
+        layer.register_parameter("scales", group_param(torch.float16))
+        layer.register_parameter("zeros", None if s.sym else group_param(torch.uint8))
+        if has_perm:
+            shape = (k,) if len(output_partition_sizes) == 1 else (len(output_partition_sizes), k)
+            perm = PermParameter(data=torch.full(shape, -1, dtype=torch.int32), weight_loader=loader)
+            layer.register_parameter("perm", perm)
+        else:
+            layer.register_parameter("perm", None)
+        layer.llmquant_part_sizes = list(output_partition_sizes)
+        layer.llmquant_in_features = k
+        layer.llmquant_params_dtype = params_dtype
+
+    # --- after loading -----------------------------------------------------------------------------
+    def _packed_parts(self, layer: torch.nn.Module) -> list[PackedWeight]:
+        """The layer as one PackedWeight, or one per fused part when their perms differ."""
+        s = self.scheme
+        k = layer.llmquant_in_features
+        sizes = layer.llmquant_part_sizes
+        qweight, scales = layer.qweight.data, layer.scales.data
+        zeros = None if layer.zeros is None else layer.zeros.data
+        if layer.perm is None:
+            rows = [None]
+        else:  # one row per fused part
+            rows = list(layer.perm.data.view(-1, k))
+        if all(r is None or torch.equal(r, rows[0]) for r in rows):
+            cuts = [(0, sum(sizes), rows[0])]
+        else:
+            starts = [sum(sizes[:i]) for i in range(len(sizes))]
+            cuts = [(a, a + m, r) for a, m, r in zip(starts, sizes, rows)]
+        return [
+            PackedWeight(
+                qweight=qweight[a:b],
+                scales=scales[a:b],
+                zeros=None if zeros is None else zeros[a:b],
+                perm=r,
+                bits=s.bits,
+                group_size=s.group_size,
+                in_features=k,
+                out_features=b - a,
+            )
+            for a, b, r in cuts
+        ]
+
+    def _check_values(self, layer: torch.nn.Module) -> None:
+        where = getattr(layer, "prefix", "") or "llmquant layer"
+        if not torch.isfinite(layer.scales.data).all():
+            raise ValueError(f"{where}.scales: non-finite values (NaN or inf) in the checkpoint")
+        if layer.zeros is not None and int(layer.zeros.data.max()) > (1 << self.scheme.bits) - 1:
+            raise ValueError(
+                f"{where}.zeros: value {int(layer.zeros.data.max())} out of range for {self.scheme.bits}-bit codes"
+            )
+        if layer.perm is not None:
+            k = layer.llmquant_in_features
+            ident = torch.arange(k, dtype=torch.long, device=layer.perm.device)
+            for i, row in enumerate(layer.perm.data.view(-1, k)):
+                if not torch.equal(torch.sort(row.long()).values, ident):
+                    part = "" if layer.perm.dim() == 1 else f" (fused part {i})"
+                    raise ValueError(f"{where}.perm{part}: not a permutation of 0..{k - 1}, or missing")
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        self._check_values(layer)
+        dtype = layer.llmquant_params_dtype
+        runs = []
+        for w in self._packed_parts(layer):
+            kernel = select_kernel(w.spec(dtype))
+            runs.append((kernel, kernel.prepare(w)))
+            if kernel.name not in self.quant_config.kernels_logged:
+                self.quant_config.kernels_logged.add(kernel.name)
+                logger.info("llmquant: vLLM layers run the %r kernel (first: %s)", kernel.name, w.spec(dtype))
+        layer.llmquant_runs = runs
+
+    # --- run -----------------------------------------------------------------------------------------
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        runs = layer.llmquant_runs
+        if len(runs) == 1:
+            kernel, state = runs[0]
+            return kernel.apply(state, x, bias)
+        y = torch.cat([kernel.apply(state, x, None) for kernel, state in runs], dim=-1)
+        return y if bias is None else y + bias
+
+    # --- vLLM extras -------------------------------------------------------------------------------
+    def dequantize_weight(self, layer: torch.nn.Module) -> torch.Tensor:
+        """The float weight [N, K] in input column order (for vLLM's online re-quantization)."""
+        out = []
+        for w in self._packed_parts(layer):
+            wf = dequantize_packed(
+                w.qweight, w.scales, w.zeros, bits=w.bits, group_size=w.group_size, in_features=w.in_features
+            )
+            if w.perm is not None:  # stored column j holds input column perm[j]
+                wf = torch.empty_like(wf).index_copy_(1, w.perm.long(), wf)
+            out.append(wf)
+        return torch.cat(out, dim=0).to(layer.llmquant_params_dtype)
+
+    def tie_weights(self, layer: torch.nn.Module, embed_tokens: torch.nn.Module):
+        raise ValueError(
+            "llmquant: the LM head is quantized but the model config ties it to the input embedding; "
+            "a quantized checkpoint must have tie_word_embeddings=false (llmquant.quantize unties it)"
+        )

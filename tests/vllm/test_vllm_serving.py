@@ -1,0 +1,195 @@
+"""End-to-end tier of the vLLM plugin: real checkpoints through vLLM's engine and server.
+
+A tiny random Llama (hidden 128, head_dim 32: the smallest head vLLM's CPU attention runs) with the
+real SmolLM2 tokenizer is quantized with ``llmquant.quantize`` and saved with
+``llmquant.save_quantized``; the same weights, dequantized to float32, are saved as a plain float
+checkpoint. vLLM serving the llmquant checkpoint through the plugin must produce the greedy tokens
+of vLLM serving the float one (and log-probabilities within 1e-3: both compute in float32; only
+the GEMM's summation order differs). Checkpoints:
+
+* ``mixed``: RTN with per-layer overrides (3-bit down_proj, one asymmetric o_proj, one o_proj kept
+  in float) and a quantized LM head;
+* ``actorder``: GPTQ with act-order (``perm`` on every layer), 4-bit asymmetric, 2-bit down_proj;
+* ``gptq4``: RTN 4-bit symmetric, also exported with ``llmquant.formats.gptq_export`` and loaded by
+  vLLM's built-in ``gptq`` method (CPU kernel: 4-bit symmetric, bf16/fp16 activations only), which
+  must agree with the plugin serving the source checkpoint in bf16.
+
+The engine runs in a child process (``vllm_greedy.py``, all models in one process); the server test
+starts ``vllm.entrypoints.openai.api_server`` through :func:`llmquant.serving.vllm_backend.run`.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+try:
+    import vllm.entrypoints.openai.api_server  # noqa: F401
+except ImportError as e:
+    pytest.skip(f"vLLM is not importable ({e}); run in the venv made by .ci/vllm-setup.sh", allow_module_level=True)
+
+import llmquant
+from llmquant import QuantConfig
+from llmquant.formats.gptq_export import export_gptq_checkpoint
+
+from .helpers import dequantized_float_copy, run_greedy
+
+pytestmark = pytest.mark.vllm
+
+PROMPTS = ["Hello, my name is", "The capital of France is", "def fibonacci(n):"]
+MAX_TOKENS = 8
+
+CONFIGS = {
+    "mixed": QuantConfig(
+        bits=4, group_size=32, quantize_lm_head=True,
+        # patterns that do not overlap: config.json is written with sorted keys, so the order of
+        # the overrides does not survive a save
+        overrides={"model.layers.0.self_attn.o_proj": {"sym": False}, "model.layers.1.self_attn.o_proj": "skip",
+                   "*.down_proj": {"bits": 3, "group_size": 64}},
+    ),
+    "actorder": QuantConfig(method="gptq", bits=4, group_size=32, sym=False, act_order=True,
+                            overrides={"*.down_proj": {"bits": 2}}),
+    "gptq4": QuantConfig(bits=4, group_size=32, sym=True),
+}
+
+
+def tiny_llama(tokenizer, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        initializer_range=0.2,  # spread-out logits: greedy ties would make token comparisons meaningless
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    model.config.architectures = ["LlamaForCausalLM"]
+    return model
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, tokenizer) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("vllm_ckpts")
+    g = torch.Generator().manual_seed(0)
+    calibration = [torch.randint(0, len(tokenizer), (1, 64), generator=g) for _ in range(4)]
+    paths = {}
+    for i, (name, config) in enumerate(CONFIGS.items()):
+        model = tiny_llama(tokenizer, seed=i)
+        float_model = copy.deepcopy(model)
+        llmquant.quantize(model, config, calibration=calibration if config.method == "gptq" else None,
+                          progress=False)
+        paths[name] = llmquant.save_quantized(model, root / name, tokenizer)
+        if name == "gptq4":  # compared with its GPTQ export instead
+            continue
+        dequantized_float_copy(float_model, model, config).save_pretrained(root / f"{name}-float")
+        tokenizer.save_pretrained(root / f"{name}-float")
+        paths[f"{name}-float"] = root / f"{name}-float"
+    paths["gptq4-export"] = export_gptq_checkpoint(paths["gptq4"], root / "gptq4-export")
+    return paths
+
+
+@pytest.fixture(scope="module")
+def greedy(checkpoints, tmp_path_factory) -> dict[str, dict]:
+    """Greedy generations of every checkpoint, keyed like ``checkpoints`` (``@bf16``: in bfloat16)."""
+    runs = {n: {"path": str(checkpoints[n]), "dtype": "float32"}
+            for n in ("mixed", "mixed-float", "actorder", "actorder-float")}
+    runs["gptq4@bf16"] = {"path": str(checkpoints["gptq4"]), "dtype": "bfloat16"}
+    runs["gptq4-export@bf16"] = {"path": str(checkpoints["gptq4-export"]), "dtype": "bfloat16",
+                                 "quantization": "gptq"}
+    return run_greedy(runs, PROMPTS, MAX_TOKENS, tmp_path_factory.mktemp("vllm_greedy"))
+
+
+@pytest.mark.parametrize("name", ["mixed", "actorder"])
+def test_plugin_generates_the_greedy_tokens_of_the_dequantized_float_model(greedy, name):
+    q, f = greedy[name], greedy[f"{name}-float"]
+    assert q["token_ids"] == f["token_ids"]
+    for lq, lf in zip(q["logprobs"], f["logprobs"]):
+        torch.testing.assert_close(torch.tensor(lq), torch.tensor(lf), rtol=0, atol=1e-3)
+    # a random model still has to say something different for different prompts
+    assert len({tuple(t) for t in q["token_ids"]}) == len(PROMPTS)
+
+
+def test_gptq_export_loads_in_vllms_gptq_method(greedy):
+    ours, theirs = greedy["gptq4@bf16"], greedy["gptq4-export@bf16"]
+    # bf16 activations and two different kernels: the first tokens (before a divergence can compound)
+    # must agree exactly, their log-probabilities within 0.25 (bf16 keeps 8 bits of a logit of ~10:
+    # steps of 0.06, and the two kernels round at different places)
+    assert [t[:4] for t in theirs["token_ids"]] == [t[:4] for t in ours["token_ids"]]
+    for lq, lf in zip(ours["logprobs"], theirs["logprobs"]):
+        torch.testing.assert_close(torch.tensor(lq[:4]), torch.tensor(lf[:4]), rtol=0, atol=0.25)
+
+
+# --- the server, through llmquant's vLLM backend --------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict, key: str | None) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, {}
+
+
+def test_vllm_backend_serves_the_checkpoint_with_the_plugin(checkpoints, greedy, tmp_path):
+    port, key = _free_port(), "test-key"
+    args = argparse.Namespace(model=str(checkpoints["mixed"]), host="127.0.0.1", port=port, api_key=key,
+                              served_model_name="tiny", max_model_len=128, dtype="float32", max_batch=4)
+    code = (
+        "import argparse, sys\n"
+        "from llmquant.serving.vllm_backend import run\n"
+        f"sys.exit(run(argparse.Namespace(**{vars(args)!r})))\n"
+    )
+    log = (tmp_path / "server.log").open("w")
+    env = os.environ | {"LLMQUANT_VLLM_PYTHON": sys.executable, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-5000:]
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            assert time.monotonic() < deadline, "vLLM server not up after 300 s"
+            time.sleep(2)
+        body = {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0,
+                "ignore_eos": True}
+        status, _ = _post(f"{base}/v1/completions", body, key=None)
+        assert status == 401
+        status, out = _post(f"{base}/v1/completions", body, key=key)
+        assert status == 200
+        assert out["choices"][0]["text"] == greedy["mixed"]["texts"][0]
+    finally:
+        proc.send_signal(signal.SIGINT)  # run() forwards it to vLLM
+        try:
+            rc = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the session this test started
+            rc = proc.wait()
+        log.close()
+    assert rc in (0, -signal.SIGINT, 128 + signal.SIGINT), (tmp_path / "server.log").read_text()[-3000:]
