@@ -1,0 +1,188 @@
+"""Calibration token sequences for data-aware quantizers (GPTQ).
+
+``calibration_batches(tokenizer, source, nsamples, seqlen, seed)`` returns ``nsamples`` int64 tensors of
+shape [1, seqlen], cut at random positions out of one long token stream. Sources:
+
+* ``"builtin"`` (default): the English prose of the Python documentation's topic pages, which ships
+  with every Python as ``pydoc_data.topics`` (about 0.5 MB of text in Python 3.11, ~100k tokens for
+  typical tokenizers): nothing to download or commit, and deliberately *not* WikiText-2, which is the
+  evaluation set. Its content follows the Python version, so calibration sequences are reproducible for
+  a given Python minor version.
+* a path: a text file (``.jsonl`` files: one JSON object per line, its ``"text"`` field), or a directory
+  whose ``*.txt``, ``*.md`` and ``*.jsonl`` files are read in name order.
+* ``"hf:<dataset>[:<config>][:<split>]"``: a Hugging Face dataset's ``"text"`` column (split ``train``
+  unless given), through the ``datasets`` library; needs it installed and network (or cache) access.
+
+Documents are tokenized separately without special tokens and joined with a blank line. If the
+tokenizer normally starts a sequence with BOS (or ``bos=True`` is passed), every calibration sequence
+starts with BOS followed by ``seqlen - 1`` tokens of the stream, so the model sees what it sees at
+inference. Windows do not
+overlap when the stream holds at least ``nsamples`` of them; otherwise they are drawn at random start
+positions (overlapping) and this is logged.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any
+from collections.abc import Iterable
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
+
+
+def builtin_documents() -> list[str]:
+    """The built-in calibration text: the topic pages of Python's own documentation."""
+    from pydoc_data.topics import topics
+
+    return [topics[k] for k in sorted(topics)]
+
+
+def _read_file(path: Path) -> list[str]:
+    if path.suffix == ".jsonl":
+        docs = []
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+                    raise ValueError(f"{path}:{lineno}: expected an object with a string field 'text'")
+                docs.append(rec["text"])
+        return docs
+    return [path.read_text(encoding="utf-8")]
+
+
+def _path_documents(path: Path) -> list[str]:
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _TEXT_SUFFIXES)
+        if not files:
+            raise ValueError(f"calibration directory {path} has no {'/'.join(_TEXT_SUFFIXES)} files")
+        return [d for p in files for d in _read_file(p)]
+    return _read_file(path)
+
+
+def _hf_documents(spec: str) -> list[str]:
+    parts = spec.split(":")
+    name = parts[0]
+    config = parts[1] if len(parts) > 1 and parts[1] else None
+    split = parts[2] if len(parts) > 2 and parts[2] else "train"
+    if not name:
+        raise ValueError("calibration source 'hf:' needs a dataset name: 'hf:<dataset>[:<config>][:<split>]'")
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(
+            f"calibration source 'hf:{spec}' needs the `datasets` package (pip install datasets) and network "
+            "access; use source='builtin' or a local text file instead"
+        ) from None
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # offline, unknown dataset, bad split: all mean the same to the caller
+        raise ValueError(
+            f"calibration source 'hf:{spec}': could not load dataset {name!r} (config {config!r}, split {split!r}): "
+            f"{type(e).__name__}: {e}. Without network access use source='builtin' or a local text file"
+        ) from e
+    if "text" not in ds.column_names:
+        raise ValueError(f"calibration source 'hf:{spec}': dataset has no 'text' column (columns: {ds.column_names})")
+    return [t for t in ds["text"] if t and t.strip()]
+
+
+def load_documents(source: str | os.PathLike) -> list[str]:
+    """The documents of a calibration ``source`` (see the module docstring)."""
+    if isinstance(source, str) and source == "builtin":
+        docs = builtin_documents()
+    elif isinstance(source, str) and source.startswith("hf:"):
+        docs = _hf_documents(source[3:])
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise ValueError(
+                f"calibration source {str(source)!r} is not 'builtin', 'hf:<dataset>' or an existing path"
+            )
+        docs = _path_documents(path)
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise ValueError(f"calibration source {str(source)!r} has no text")
+    return docs
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _leading_bos(tokenizer: Any) -> int | None:
+    """The BOS id if the tokenizer starts sequences with it by default, else None."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = list(tokenizer("a")["input_ids"])
+    return bos if ids[:1] == [bos] else None
+
+
+def token_stream(tokenizer: Any, documents: Iterable[str]) -> list[int]:
+    sep = _encode(tokenizer, "\n\n")
+    stream: list[int] = []
+    for doc in documents:
+        if stream:
+            stream.extend(sep)
+        stream.extend(_encode(tokenizer, doc))
+    return stream
+
+
+def calibration_batches(
+    tokenizer: Any,
+    source: str | os.PathLike = "builtin",
+    nsamples: int = 128,
+    seqlen: int = 512,
+    seed: int = 0,
+    bos: bool | None = None,
+) -> list[torch.Tensor]:
+    """``nsamples`` token sequences, each int64 [1, seqlen], from ``source`` (see the module docstring).
+
+    ``tokenizer``: a transformers tokenizer (anything callable as ``tokenizer(text,
+    add_special_tokens=False)["input_ids"]`` with an optional ``bos_token_id``).
+    ``bos``: start every sequence with the BOS token; ``None`` (default) does what the tokenizer does
+    by default (see also :func:`llmquant.models.bos_for_raw_text`).
+    """
+    if nsamples <= 0:
+        raise ValueError(f"nsamples must be positive, got {nsamples}")
+    if seqlen < 2:
+        raise ValueError(f"seqlen must be at least 2, got {seqlen}")
+    stream = token_stream(tokenizer, load_documents(source))
+    if bos is None:
+        bos_id = _leading_bos(tokenizer)
+    elif bos:
+        bos_id = getattr(tokenizer, "bos_token_id", None)
+        if bos_id is None:
+            raise ValueError("bos=True but the tokenizer has no bos_token_id")
+    else:
+        bos_id = None
+    body = seqlen - 1 if bos_id is not None else seqlen
+    if len(stream) < body:
+        raise ValueError(
+            f"calibration source {str(source)!r} has {len(stream)} tokens, fewer than one sequence of "
+            f"seqlen={seqlen}"
+        )
+    rng = random.Random(seed)
+    n_windows = len(stream) // body
+    if n_windows >= nsamples:
+        offset = rng.randrange(len(stream) - n_windows * body + 1)
+        starts = [offset + j * body for j in rng.sample(range(n_windows), nsamples)]
+    else:
+        logger.info(
+            "calibration source %r has %d tokens, room for %d disjoint sequences of %d; drawing %d overlapping ones",
+            str(source), len(stream), n_windows, seqlen, nsamples,
+        )
+        starts = [rng.randrange(len(stream) - body + 1) for _ in range(nsamples)]
+    prefix = [bos_id] if bos_id is not None else []
+    return [torch.tensor([prefix + stream[s:s + body]], dtype=torch.int64) for s in starts]

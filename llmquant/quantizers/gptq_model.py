@@ -1,0 +1,370 @@
+"""Sequential GPTQ over a whole transformers model.
+
+Works on any causal LM whose decoder blocks sit in one ``nn.ModuleList`` (Llama, Mistral, Qwen2,
+Gemma3, GPT-2, OPT, ...), without a per-architecture copy of the loop (the block machinery is in
+:mod:`llmquant.quantizers.blocks`):
+
+1. **Capture** the hidden states entering the first block and the arguments the model gives each
+   block (:func:`~llmquant.quantizers.blocks.capture`).
+2. **Per block**, in order: forward pre-hooks accumulate the Hessians of the block's linear layers
+   (layers that read the very same tensor, like q/k/v, share one), GPTQ quantizes them, and the block
+   is run once more, now quantized, to produce the inputs of the next block; then its layers are
+   replaced by :class:`~llmquant.modules.quant_linear.QuantLinear`. With ``true_sequential`` this is
+   done stage by stage (q/k/v, then o, then gate/up, then down), so that each stage's Hessian sees
+   the outputs of the stages already quantized.
+3. **Output layer** (``quantize_lm_head``): the final norm is applied to the last block's outputs and
+   the head is quantized like any other layer.
+
+What keeps it fast: a Hessian pass stops the block's forward as soon as the last input it needs has
+been seen; the layers already quantized are float stand-ins holding the dequantized weight
+(:class:`_FakeQuantLinear`), so codes are not unpacked on every call; and a sub-module that can no
+longer change (the attention once q/k/v/o are quantized) is replayed from its recorded outputs in the
+later passes over the block instead of being recomputed. Only one block's activations (inputs and
+outputs of all calibration sequences) and Hessians are alive at a time.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from llmquant.config import LayerQuant, QuantConfig
+from llmquant.quantizers.blocks import (
+    BlockRunner,
+    Probe,
+    StopForward,
+    UnsupportedModelError,
+    capture,
+    find_layer_stack,
+    make_chunks,
+    probe_block,
+    sequential_stages,
+    settled_children,
+)
+from llmquant.quantizers.gptq import GPTQ
+from llmquant.quantizers.model import (
+    find_linear_layers,
+    is_linear,
+    plan,
+    set_submodule,
+    to_quant_linear,
+    untie_if_quantizing_head,
+)
+
+__all__ = ["FINAL_NORM_NAMES", "UnsupportedModelError", "quantize_gptq"]
+
+logger = logging.getLogger(__name__)
+
+#: names of the final norm on the module that holds the layer stack
+FINAL_NORM_NAMES = ("norm", "final_layer_norm", "ln_f", "final_norm", "norm_f")
+#: optional projection after the final norm (OPT-350m style)
+FINAL_PROJ_NAMES = ("project_out",)
+
+#: default calibration tokens per forward chunk (whole sequences are kept together)
+CHUNK_TOKENS = 4096
+
+
+def _final_modules(model: nn.Module, stack_name: str) -> tuple[nn.Module | None, nn.Module | None]:
+    """The final norm (and optional projection) applied between the stack and the output layer."""
+    parent_name = stack_name.rpartition(".")[0]
+    parent = model.get_submodule(parent_name) if parent_name else model
+    found = [n for n in FINAL_NORM_NAMES if hasattr(parent, n)]
+    if not found:
+        raise UnsupportedModelError(
+            f"GPTQ quantize_lm_head: no final norm found on {parent_name or 'the model'} "
+            f"({type(parent).__name__}); looked for attributes {FINAL_NORM_NAMES}"
+        )
+    # an attribute that is None (OPT-350m has no final norm) means identity
+    norm = getattr(parent, found[0])
+    proj = next((getattr(parent, n) for n in FINAL_PROJ_NAMES if getattr(parent, n, None) is not None), None)
+    return norm, proj
+
+
+def _output_layer(model: nn.Module) -> tuple[str, nn.Module] | None:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        head = getattr(model, "lm_head", None)
+    if head is None or not is_linear(head):
+        return None
+    for name, mod in model.named_modules():
+        if mod is head:
+            return name, head
+    return None
+
+
+# --- one block ------------------------------------------------------------------------------------
+STAGES = ("capture", "hessian", "gptq", "forward", "lm_head")
+
+
+@dataclass
+class _Timer:
+    """Wall seconds per stage: capture (embedding pass), hessian (block passes with Hessian hooks),
+    gptq (the solver and packing), forward (quantized block outputs), lm_head."""
+
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+
+    def add(self, stage: str, t0: float) -> float:
+        t = time.perf_counter()
+        self.seconds[stage] += t - t0
+        return t
+
+
+def _hessian_pass(
+    runner: BlockRunner,
+    members: list[str],
+    linears: dict[str, nn.Module],
+    probe: Probe,
+    prefix: str,
+    inputs: list[torch.Tensor],
+) -> dict[str, GPTQ]:
+    """Accumulate the Hessians of ``members``; layers that read the same tensor share one Hessian."""
+    gptq = {rel: GPTQ(linears[rel], name=f"{prefix}.{rel}") for rel in members}
+    owner: dict[int, str] = {}
+    for rel in sorted(members, key=probe.order.__getitem__):
+        owner.setdefault(probe.source[rel], rel)
+    need = set(owner.values())
+    seen: set[str] = set()
+
+    def hook(rel):
+        def pre(mod, args):
+            gptq[rel].add_batch(args[0])
+            seen.add(rel)
+            if seen == need:
+                raise StopForward  # the rest of the block's forward is not needed
+
+        return pre
+
+    handles = [linears[rel].register_forward_pre_hook(hook(rel)) for rel in need]
+    try:
+        for j, x in enumerate(inputs):
+            seen.clear()
+            runner.run_until_stopped(x, j)
+    finally:
+        for h in handles:
+            h.remove()
+    for rel in members:
+        src = owner[probe.source[rel]]
+        if src != rel:
+            gptq[rel].adopt_hessian(gptq[src])
+    return gptq
+
+
+class _FakeQuantLinear(nn.Module):
+    """Stand-in for a layer GPTQ has just quantized, while the rest of its block is calibrated.
+
+    It holds the dequantized weight (input column order) in the activation dtype and computes
+    ``F.linear(x, Q, bias)``, without unpacking the codes on every call. For float32 activations that is
+    what the reference kernel computes; for bf16/fp16 activations it is a low-precision matmul, like the
+    fused kernels. At the end of the block it is replaced by the real QuantLinear.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = weight.to(dtype)
+        self.bias = None if bias is None else bias.detach().to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
+
+
+def _quantize_block(
+    runner: BlockRunner,
+    prefix: str,
+    config: QuantConfig,
+    inputs: list[torch.Tensor],
+    probes: dict,
+    timer: _Timer,
+) -> tuple[dict[str, dict], dict]:
+    """GPTQ every planned linear layer of one block, stage by stage. The quantized layers are left in
+    the block as fake-quantized float stand-ins; returns (stats, {rel: (float module, PackedWeight)})."""
+    layer = runner.layer
+    linears = dict(find_linear_layers(layer))
+    schemes: dict[str, LayerQuant] = {}
+    for rel in linears:
+        s = config.resolve(f"{prefix}.{rel}")
+        if s is not None:
+            schemes[rel] = s
+    if not schemes:
+        return {}, {}
+    key = (type(layer), tuple(sorted(linears)))
+    if key not in probes:
+        t0 = time.perf_counter()
+        probes[key] = probe_block(runner, linears, inputs[0])
+        timer.add("hessian", t0)
+    probe = probes[key]
+    stats: dict[str, dict] = {}
+    done: dict[str, tuple[nn.Module, Any]] = {}
+    pending = set(schemes)
+    for stage in sequential_stages(linears, probe, config.true_sequential):
+        members = [rel for rel in stage if rel in schemes]
+        if not members:
+            continue
+        t0 = time.perf_counter()
+        gptq = _hessian_pass(runner, members, linears, probe, prefix, inputs)
+        t0 = timer.add("hessian", t0)
+        for rel in members:
+            packed, st = gptq[rel].quantize(
+                schemes[rel],
+                block_size=config.block_size,
+                damp_percent=config.damp_percent,
+                act_order=config.act_order,
+                static_groups=config.static_groups,
+            )
+            mod = linears[rel]
+            stand_in = _FakeQuantLinear(gptq[rel].quantized_weight, getattr(mod, "bias", None), inputs[0].dtype)
+            set_submodule(layer, rel, stand_in)
+            done[rel] = (mod, packed)
+            pending.discard(rel)
+            s = schemes[rel]
+            stats[f"{prefix}.{rel}"] = {"bits": s.bits, "group_size": s.group_size, "sym": s.sym, **st}
+            del gptq[rel]
+        if pending:  # more passes over this block follow: replay what can no longer change
+            for name in settled_children(layer, linears, probe, pending):
+                runner.freeze(name)
+        timer.add("gptq", t0)
+    return stats, done
+
+
+# --- the driver -----------------------------------------------------------------------------------
+@torch.no_grad()
+def quantize_gptq(
+    model: nn.Module,
+    config: QuantConfig,
+    calibration: Iterable[torch.Tensor],
+    progress: bool = True,
+    *,
+    chunk_tokens: int = CHUNK_TOKENS,
+) -> dict:
+    """Quantize ``model`` in place with GPTQ, block by block; returns a summary dict.
+
+    ``calibration``: token id tensors [1, T] or [B, T] (see :func:`llmquant.calibration.calibration_batches`).
+    ``chunk_tokens``: calibration tokens per forward call (whole sequences; at least one sequence).
+
+    The summary holds ``layers`` (number of quantized linear layers), ``seconds``, ``stages`` (seconds
+    per stage: capture, hessian, gptq, forward, lm_head), ``modules`` (per linear layer: the relative
+    output error ``||WX - QX||^2 / ||WX||^2`` on the calibration inputs, dampening, seconds, scheme),
+    ``blocks`` (per decoder block: seconds, mean and max relative error) and ``unquantized`` (layers the
+    config asked for that the driver did not reach; they stay in float and a warning is logged).
+
+    Runs under ``torch.no_grad`` rather than ``inference_mode``: the new QuantLinear buffers must stay
+    ordinary tensors so that the model can later load state dicts in place.
+    """
+    t_start = time.perf_counter()
+    timer = _Timer()
+    stack_name, layers = find_layer_stack(model)
+    untie_if_quantizing_head(model, config)
+    head = _output_layer(model)
+    head_scheme = config.resolve(head[0]) if head is not None else None
+    if head_scheme is not None:
+        norm, proj = _final_modules(model, stack_name)  # fail before the long part, not after it
+
+    # What the config asks for but the sequential pass does not reach (e.g. OPT's project_in).
+    reached = {f"{stack_name}." + n for n, _ in find_linear_layers(layers)}
+    if head is not None:
+        reached.add(head[0])
+    unreached = [name for name, _, _ in plan(model, config) if name not in reached]
+    if unreached:
+        logger.warning("GPTQ: %d linear layers outside the decoder stack are kept in float: %s", len(unreached), unreached)
+
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        t0 = time.perf_counter()
+        chunks = make_chunks(calibration, chunk_tokens, device)
+        cap = capture(model, layers, chunks)
+        timer.add("capture", t0)
+        n_seq = sum(c.ids.shape[0] for c in chunks)
+        n_tok = sum(c.ids.numel() for c in chunks)
+        logger.info(
+            "GPTQ: %d calibration sequences (%d tokens) in %d chunks; %d blocks in %s",
+            n_seq, n_tok, len(chunks), len(layers), stack_name,
+        )
+
+        inputs = cap.inputs
+        modules: dict[str, dict] = {}
+        blocks: list[dict] = []
+        probes: dict = {}
+        bar = tqdm(range(len(layers)), desc="GPTQ", unit="block", disable=not progress)
+        for i in bar:
+            t_block = time.perf_counter()
+            layer = layers[i]
+            runner = BlockRunner(layer, cap.calls_of(i), chunks)
+            try:
+                stats, done = _quantize_block(runner, f"{stack_name}.{i}", config, inputs, probes, timer)
+                t0 = time.perf_counter()
+                inputs = [runner.run(x, j) for j, x in enumerate(inputs)]
+            finally:
+                runner.close()
+            for rel, (mod, packed) in done.items():
+                set_submodule(layer, rel, to_quant_linear(mod, packed))
+            del done
+            timer.add("forward", t0)
+            modules.update(stats)
+            errs = [s["rel_err"] for s in stats.values()]
+            blocks.append({
+                "index": i,
+                "seconds": time.perf_counter() - t_block,
+                "mean_rel_err": sum(errs) / len(errs) if errs else None,
+                "max_rel_err": max(errs) if errs else None,
+            })
+            if errs:
+                bar.set_postfix(max_rel_err=f"{max(errs):.2e}")
+        bar.close()
+        del cap
+
+        if head is not None and head_scheme is not None:
+            t0 = time.perf_counter()
+            name, mod = head
+            g = GPTQ(mod, name=name)
+            for x in inputs:
+                h = x if norm is None else norm(x)
+                if proj is not None:
+                    h = proj(h)
+                g.add_batch(h)
+            del inputs
+            packed, st = g.quantize(
+                head_scheme,
+                block_size=config.block_size,
+                damp_percent=config.damp_percent,
+                act_order=config.act_order,
+                static_groups=config.static_groups,
+            )
+            del g
+            set_submodule(model, name, to_quant_linear(mod, packed))
+            s = head_scheme
+            modules[name] = {"bits": s.bits, "group_size": s.group_size, "sym": s.sym, **st}
+            timer.add("lm_head", t0)
+    finally:
+        model.train(was_training)
+
+    summary = {
+        "method": "gptq",
+        "layers": len(modules),
+        "seconds": time.perf_counter() - t_start,
+        "stages": dict(timer.seconds),
+        "calibration": {"sequences": n_seq, "tokens": n_tok},
+        "modules": modules,
+        "blocks": blocks,
+        "unquantized": unreached,
+    }
+    _log_summary(summary)
+    return summary
+
+
+def _log_summary(summary: dict) -> None:
+    logger.info("GPTQ summary: %d layers in %.1f s (%s)", summary["layers"], summary["seconds"],
+                ", ".join(f"{k} {v:.1f} s" for k, v in summary["stages"].items()))
+    for b in summary["blocks"]:
+        if b["mean_rel_err"] is not None:
+            logger.info("  block %3d: %6.1f s  rel. output error mean %.3e max %.3e",
+                        b["index"], b["seconds"], b["mean_rel_err"], b["max_rel_err"])
+    for name, m in summary["modules"].items():
+        logger.debug("  %s: rel_err %.3e damp %.3g %.2f s", name, m["rel_err"], m["damp_percent"], m["seconds"])
