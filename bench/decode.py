@@ -1,0 +1,153 @@
+"""End-to-end CPU speed of the default models, float vs INT4 (the native CPU kernel).
+
+For each model, activation dtype and batch size it measures, on the same random prompt:
+
+* prefill tokens/s: one forward pass over a [B, P] prompt (B * P tokens / seconds, median of runs);
+* decode tokens/s: a greedy loop of T steps with the KV cache after that prefill
+  (B * T tokens / seconds).
+
+The INT4 model is ``llmquant.quantize(model, QuantConfig(bits=4, group_size=128,
+quantize_lm_head=True))`` (RTN, symmetric, the head quantized too); every linear layer then runs on
+the kernel the registry picks (printed; "cpu" is the native kernel). The fraction of greedy tokens
+that agree with the float model's is printed as a sanity check (not a quality metric).
+
+    python bench/decode.py --quick
+    python bench/decode.py --models gemma3-270m,smollm2-135m --batch 1,8 --json out/decode.json
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from llmquant import QuantConfig, QuantLinear, quantize
+from llmquant.kernels import cpu_native
+from llmquant.models import load_model
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@torch.inference_mode()
+def prefill(model, ids: torch.Tensor):
+    out = model(input_ids=ids, use_cache=True)
+    return out.logits[:, -1], out.past_key_values
+
+
+@torch.inference_mode()
+def greedy(model, ids: torch.Tensor, steps: int) -> tuple[torch.Tensor, float]:
+    """Tokens [B, steps] and the seconds the decode steps took (prefill excluded)."""
+    logits, cache = prefill(model, ids)
+    tok = logits.argmax(-1, keepdim=True)
+    out = [tok]
+    t0 = time.perf_counter()
+    for _ in range(steps - 1):
+        o = model(input_ids=tok, past_key_values=cache, use_cache=True)
+        cache = o.past_key_values
+        tok = o.logits[:, -1].argmax(-1, keepdim=True)
+        out.append(tok)
+    return torch.cat(out, dim=1), time.perf_counter() - t0
+
+
+def measure(model, batch: int, prompt_len: int, steps: int, reps: int, vocab: int) -> dict:
+    g = torch.Generator().manual_seed(batch * 1000 + prompt_len)
+    ids = torch.randint(100, min(vocab, 30000), (batch, prompt_len), generator=g)
+    prefill(model, ids[:, :8])  # warm-up
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        prefill(model, ids)
+        times.append(time.perf_counter() - t0)
+    t_pre = statistics.median(times)
+    tokens, t_dec = greedy(model, ids, steps)
+    return {
+        "prefill_tok_s": batch * prompt_len / t_pre,
+        "decode_tok_s": batch * (steps - 1) / t_dec,
+        "prefill_s": t_pre,
+        "decode_s": t_dec,
+        "tokens": tokens,
+    }
+
+
+def cast_activations(model, dtype: torch.dtype):
+    """model.to(dtype), except the quantized layers' stored tensors (fp16 scales must stay fp16)."""
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear):
+            continue
+        for name, p in mod.named_parameters(recurse=False):
+            if p.is_floating_point():
+                p.data = p.data.to(dtype)
+        for name, b in mod.named_buffers(recurse=False):
+            if b.is_floating_point():
+                setattr(mod, name, b.to(dtype))
+    return model
+
+
+def kernels_used(model) -> dict:
+    counts = collections.Counter()
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear):
+            for kernel, _ in mod._kernel_cache.values():
+                counts[kernel.name] += 1
+    return dict(counts)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="gemma3-270m,smollm2-135m")
+    ap.add_argument("--dtypes", default="fp32,bf16", help="activation (and float model) dtypes")
+    ap.add_argument("--batch", default="1,8")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=32, help="greedy decode steps")
+    ap.add_argument("--reps", type=int, default=3, help="prefill repetitions (median)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--quick", action="store_true", help="smollm2-135m, fp32, batch 1, short prompt")
+    ap.add_argument("--json", metavar="FILE")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.models, args.dtypes, args.batch, args.prompt_len, args.steps, args.reps = "smollm2-135m", "fp32", "1", 64, 16, 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    native, why = cpu_native.load()
+    print(f"# threads {torch.get_num_threads()}, CPU kernels: {native.detected_isa if native else 'unavailable: ' + why}, "
+          f"torch {torch.__version__}, load average {os.getloadavg()[0]:.2f}")  # fmt: skip
+    print(f"# prompt {args.prompt_len} tokens, {args.steps} greedy steps; tokens/s")
+    print(f"{'model':14s} {'dtype':5s} {'B':>3s} {'float prefill':>14s} {'int4 prefill':>13s} {'x':>5s} "
+          f"{'float decode':>13s} {'int4 decode':>12s} {'x':>5s} {'agree':>6s}  kernels")  # fmt: skip
+    results = []
+    for name in args.models.split(","):
+        base, _ = load_model(name, dtype=torch.float32)
+        qmodel = copy.deepcopy(base)
+        quantize(qmodel, QuantConfig(bits=4, group_size=128, quantize_lm_head=True), progress=False)
+        vocab = base.config.vocab_size
+        for dname in args.dtypes.split(","):
+            dt = DTYPES[dname]
+            fm, qm = base.to(dt), cast_activations(qmodel, dt)
+            for b in (int(v) for v in args.batch.split(",")):
+                f = measure(fm, b, args.prompt_len, args.steps, args.reps, vocab)
+                q = measure(qm, b, args.prompt_len, args.steps, args.reps, vocab)
+                agree = (f.pop("tokens") == q.pop("tokens")).float().mean().item()
+                used = kernels_used(qm)
+                results.append({"model": name, "dtype": dname, "batch": b, "float": f, "int4": q, "agree": agree,
+                                "kernels": used})  # fmt: skip
+                print(f"{name:14s} {dname:5s} {b:3d} {f['prefill_tok_s']:14.1f} {q['prefill_tok_s']:13.1f} "
+                      f"{q['prefill_tok_s'] / f['prefill_tok_s']:5.2f} {f['decode_tok_s']:13.1f} {q['decode_tok_s']:12.1f} "
+                      f"{q['decode_tok_s'] / f['decode_tok_s']:5.2f} {agree:6.2f}  {used}", flush=True)  # fmt: skip
+        del base, qmodel, fm, qm
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        meta = {"threads": torch.get_num_threads(), "isa": native.detected_isa if native else None,
+                "torch": torch.__version__, "prompt_len": args.prompt_len, "steps": args.steps}  # fmt: skip
+        with open(args.json, "w") as fh:
+            json.dump({"meta": meta, "results": results}, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

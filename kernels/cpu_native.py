@@ -1,0 +1,142 @@
+"""Finds and loads the native CPU kernel library (``kernels/csrc``, built by ``setup.py``) with ctypes.
+
+The library is a plain shared object with a C ABI (no torch or Python headers); ctypes releases the
+GIL for the duration of each call. :func:`load` runs once per process: when the library is missing
+(no C compiler at install time), was built for another ABI version, or cannot be loaded, it logs one
+warning and every caller gets ``None`` with the reason, so the kernel registry falls back to the
+reference kernel.
+
+Instruction sets, best first: ``avx512_bf16`` > ``avx512`` > ``avx2`` > ``scalar``. The library
+picks the best one the CPU supports; ``LLMQUANT_CPU_ISA=<name>`` caps it (tests, benchmarks, or a
+CPU whose AVX-512 is slower than its AVX2).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.machinery
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+ABI_VERSION = 1  # must match LQ_ABI_VERSION in kernels/csrc/lq_api.c
+ISA_NAMES = ("scalar", "avx2", "avx512", "avx512_bf16")
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+_STEM = "_lqcpu"
+
+_vp, _i32, _i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+
+
+def library_path() -> Path | None:
+    """Where the built library is, or None."""
+    here = Path(__file__).resolve().parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        p = here / f"{_STEM}{suffix}"
+        if p.is_file():
+            return p
+    return None
+
+
+class NativeError(RuntimeError):
+    """The native library failed for a reason other than invalid arguments (out of memory)."""
+
+
+class Weights(ctypes.Structure):
+    """``lq_weights`` in kernels/csrc/lq_api.c: one layer in the run-time layout. It holds raw
+    pointers: whoever keeps it must keep the tensors alive (``CpuLayout`` does)."""
+
+    _fields_ = [
+        ("q", ctypes.c_void_p),
+        ("s", ctypes.c_void_p),
+        ("z", ctypes.c_void_p),
+        ("N", ctypes.c_int64),
+        ("K", ctypes.c_int64),
+        ("G", ctypes.c_int64),
+        ("bits", ctypes.c_int32),
+        ("zc", ctypes.c_int32),
+    ]
+
+
+FLAG_F32_VIA_BF16 = 1  # LQ_FLAG_F32_VIA_BF16
+
+
+class Native:
+    """Typed wrappers around the exported functions."""
+
+    def __init__(self, lib: ctypes.CDLL, path: Path) -> None:
+        self.path = path
+        self._lib = lib
+        lib.lq_detect_isa.restype = _i32
+        lib.lq_detect_isa.argtypes = []
+        lib.lq_isa_name.restype = ctypes.c_char_p
+        lib.lq_isa_name.argtypes = [_i32]
+        lib.lq_last_error.restype = ctypes.c_char_p
+        lib.lq_last_error.argtypes = []
+        # w, x, x dtype, M, bias, y, threads, isa, flags
+        lib.lq_linear.restype = _i32
+        lib.lq_linear.argtypes = [ctypes.POINTER(Weights), _vp, _i32, _i64, _vp, _vp, _i32, _i32, _i32]
+        # w, out dtype, out, isa
+        lib.lq_dequantize.restype = _i32
+        lib.lq_dequantize.argtypes = [ctypes.POINTER(Weights), _i32, _vp, _i32]
+        self.detected_isa = ISA_NAMES[lib.lq_detect_isa()]
+
+    def _check(self, rc: int, what: str) -> None:
+        if rc == 0:
+            return
+        msg = self._lib.lq_last_error().decode(errors="replace")
+        if rc == -1:
+            raise ValueError(f"{what}: {msg}")
+        raise NativeError(f"{what} failed ({rc}): {msg}")
+
+    def linear(self, w: Weights, x, bias, y, threads: int, isa: int, flags: int = 0) -> None:
+        """y[M, N] = x[M, K] @ W.T + bias: contiguous CPU tensors, already checked; bias fp32 or None."""
+        rc = self._lib.lq_linear(
+            ctypes.byref(w), x.data_ptr(), DTYPE_CODES[x.dtype], x.shape[0],
+            None if bias is None else bias.data_ptr(), y.data_ptr(), threads, isa, flags,
+        )  # fmt: skip
+        self._check(rc, "llmquant CPU kernel")
+
+    def dequantize(self, w: Weights, out, isa: int) -> None:
+        """out[N, K] (fp32 or bf16) = the weight, as the given ISA's dequantization computes it."""
+        self._check(self._lib.lq_dequantize(ctypes.byref(w), DTYPE_CODES[out.dtype], out.data_ptr(), isa), "llmquant CPU dequantize")
+
+
+def isa_index(name: str) -> int:
+    if name not in ISA_NAMES:
+        raise ValueError(f"unknown CPU instruction set {name!r}; expected one of {ISA_NAMES}")
+    return ISA_NAMES.index(name)
+
+
+def requested_isa() -> int:
+    """The cap from LLMQUANT_CPU_ISA, or -1 (the best the CPU has)."""
+    v = os.environ.get("LLMQUANT_CPU_ISA", "").strip()
+    return isa_index(v) if v else -1
+
+
+@functools.cache
+def load() -> tuple[Native | None, str]:
+    """The library, or None and why not (logged once)."""
+    path = library_path()
+    if path is None:
+        why = (
+            "the native CPU kernel library was not built (no C compiler when llmquant was installed?); "
+            "reinstall with a C compiler to build it"
+        )
+    else:
+        try:
+            lib = ctypes.CDLL(str(path))
+            version = lib.lq_abi_version()
+        except (OSError, AttributeError) as e:
+            why = f"cannot load the native CPU kernel library {path}: {e}"
+        else:
+            if version == ABI_VERSION:
+                native = Native(lib, path)
+                logger.info("llmquant CPU kernels: %s (%s)", native.detected_isa, path)
+                return native, ""
+            why = f"{path} has ABI version {version}, this llmquant expects {ABI_VERSION}: rebuild it"
+    logger.warning("%s; quantized layers on the CPU fall back to the (slow) reference kernel", why)
+    return None, why

@@ -1,0 +1,277 @@
+/* The exported C ABI (loaded with ctypes by llmquant/kernels/cpu_native.py).
+ *
+ *   lq_abi_version()            bumped whenever an exported signature, struct or the layout changes
+ *   lq_detect_isa()             best instruction set this CPU and OS support (LQ_ISA_*)
+ *   lq_isa_name(isa)            "scalar", "avx2", "avx512", "avx512_bf16"
+ *   lq_linear(w, x, ...)        y = x @ W.T + bias, see below
+ *   lq_dequantize(w, ...)       W in natural column order (tests and debugging)
+ *   lq_last_error()             the calling thread's message for its last failed call
+ *
+ * A layer is described once by an lq_weights struct (Python keeps one per layer, so a call
+ * marshals few arguments). Every function checks its scalar arguments and returns LQ_EINVAL with a
+ * message naming the sizes; buffer sizes are the caller's promise (the Python wrapper checks them). */
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "lq_cpu.h"
+
+#if LQ_X86
+#include <cpuid.h>
+#endif
+
+#define LQ_ABI_VERSION 1
+
+/* the least work (multiply-adds) worth a thread: below it, waking one costs more than it saves */
+#define LQ_MIN_WORK (1 << 18)
+
+/* flags of lq_linear */
+#define LQ_FLAG_F32_VIA_BF16 1 /* fp32 x may be rounded to bf16 for the GEMM (torch's "medium" precision) */
+
+/* One quantized layer in the run-time layout (mirrored by a ctypes.Structure in cpu_native.py). */
+typedef struct {
+    const uint8_t *q;  /* tiles */
+    const uint16_t *s; /* fp16 scales [ntiles][NG][4] */
+    const uint8_t *z;  /* uint8 zero points [ntiles][NG][4], NULL when symmetric */
+    int64_t N, K, G;   /* G = -1: one group per row */
+    int32_t bits;      /* layout code width: 4 or 8 */
+    int32_t zc;        /* implicit zero point of a symmetric layer */
+} lq_weights;
+
+static __thread char last_error[512];
+
+LQ_API const char *lq_last_error(void) { return last_error; }
+
+LQ_API int lq_abi_version(void) { return LQ_ABI_VERSION; }
+
+#if LQ_X86
+static uint64_t xgetbv0(void) {
+    uint32_t eax, edx;
+    __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
+    return ((uint64_t)edx << 32) | eax;
+}
+#endif
+
+/* cpuid traps to the hypervisor in a VM (microseconds): detect once */
+static int detect_isa_uncached(void) {
+#if LQ_X86
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return LQ_ISA_SCALAR;
+    const int fma = (c >> 12) & 1, osxsave = (c >> 27) & 1, avx = (c >> 28) & 1, f16c = (c >> 29) & 1;
+    if (!(fma && osxsave && avx && f16c)) return LQ_ISA_SCALAR;
+    const uint64_t xcr0 = xgetbv0();
+    if ((xcr0 & 0x6) != 0x6) return LQ_ISA_SCALAR; /* OS does not save ymm state */
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return LQ_ISA_SCALAR;
+    const int avx2 = (b >> 5) & 1, f = (b >> 16) & 1, bw = (b >> 30) & 1, vl = (b >> 31) & 1;
+    if (!avx2) return LQ_ISA_SCALAR;
+    if (!(f && bw && vl) || (xcr0 & 0xe6) != 0xe6) return LQ_ISA_AVX2; /* no AVX-512, or no zmm state */
+    unsigned a1 = 0, b1, c1, d1;
+    if (a >= 1) __get_cpuid_count(7, 1, &a1, &b1, &c1, &d1);
+    return ((a1 >> 5) & 1) ? LQ_ISA_AVX512_BF16 : LQ_ISA_AVX512;
+#else
+    return LQ_ISA_SCALAR;
+#endif
+}
+
+LQ_API int lq_detect_isa(void) {
+    static _Atomic int cached = -1;
+    int isa = atomic_load_explicit(&cached, memory_order_relaxed);
+    if (isa < 0) {
+        isa = detect_isa_uncached();
+        atomic_store_explicit(&cached, isa, memory_order_relaxed);
+    }
+    return isa;
+}
+
+static const lq_kernels *kernels_for(int isa) {
+#if LQ_X86
+    switch (isa) {
+    case LQ_ISA_AVX512_BF16: return &lq_kernels_avx512_bf16;
+    case LQ_ISA_AVX512: return &lq_kernels_avx512;
+    case LQ_ISA_AVX2: return &lq_kernels_avx2;
+    default: break;
+    }
+#endif
+    (void)isa;
+    return &lq_kernels_scalar;
+}
+
+LQ_API const char *lq_isa_name(int isa) {
+    if (isa < LQ_ISA_SCALAR || isa > LQ_ISA_AVX512_BF16) return "unknown";
+#if !LQ_X86
+    if (isa != LQ_ISA_SCALAR) return "unknown";
+#endif
+    return kernels_for(isa)->name;
+}
+
+static int fail(const char *msg) {
+    snprintf(last_error, sizeof last_error, "%s", msg);
+    return LQ_EINVAL;
+}
+
+/* Fill a layout from the exported arguments; isa < 0 means "best available". */
+static int setup(lq_layout *L, const lq_kernels **kern, const lq_weights *w, int isa) {
+    char msg[256];
+    if (!w) return fail("the weights struct must not be NULL");
+    const int bits = w->bits, zc = w->zc;
+    const int64_t N = w->N, K = w->K, G = w->G;
+    if (bits != 4 && bits != 8) {
+        snprintf(msg, sizeof msg, "layout bits must be 4 or 8, got %d", bits);
+        return fail(msg);
+    }
+    if (N < 1 || K < 1) {
+        snprintf(msg, sizeof msg, "N=%lld and K=%lld must both be >= 1", (long long)N, (long long)K);
+        return fail(msg);
+    }
+    if (G != -1 && G < 1) {
+        snprintf(msg, sizeof msg, "group size G=%lld must be -1 or >= 1", (long long)G);
+        return fail(msg);
+    }
+    if (zc < 0 || zc > 255) {
+        snprintf(msg, sizeof msg, "implicit zero point %d is out of [0, 255]", zc);
+        return fail(msg);
+    }
+    if (!w->q || !w->s) return fail("qweight and scales must not be NULL");
+    L->q = w->q;
+    L->s = w->s;
+    L->z = w->z;
+    L->N = N;
+    L->K = K;
+    L->Kp = (K + LQ_BLK - 1) / LQ_BLK * LQ_BLK;
+    L->G = (G == -1 || G > K) ? K : G;
+    L->NG = (K + L->G - 1) / L->G;
+    L->ntiles = (N + LQ_TILE - 1) / LQ_TILE;
+    L->bits = bits;
+    L->zc = zc;
+    const int best = lq_detect_isa();
+    if (isa < 0 || isa > best) isa = best;
+    /* the vector kernels switch groups at block (32-column) boundaries only */
+    if (L->G % LQ_BLK != 0 && L->NG > 1) isa = LQ_ISA_SCALAR;
+    *kern = kernels_for(isa);
+    return LQ_OK;
+}
+
+typedef struct {
+    const lq_problem *p;
+    const void *x;
+    int x_dtype;
+    void *xp;
+    _Atomic int status;
+} lq_job;
+
+static void prep_part(void *arg, int part, int nparts) {
+    lq_job *j = (lq_job *)arg;
+    const int64_t M = j->p->M;
+    lq_prepare_x(j->x, j->x_dtype, M * part / nparts, M * (part + 1) / nparts, j->p->L.K, j->p->L.Kp, j->p->mode,
+                 j->xp, j->p->ldx);
+}
+
+static void run_part(void *arg, int part, int nparts) {
+    lq_job *j = (lq_job *)arg;
+    const int64_t nt = j->p->L.ntiles;
+    const int rc = lq_run_tiles(j->p, nt * part / nparts, nt * (part + 1) / nparts);
+    if (rc != LQ_OK) atomic_store(&j->status, rc);
+}
+
+/* y[M][N] = x[M][K] @ W.T + bias.
+ * x: fp32 or bf16 (x_dtype LQ_F32 / LQ_BF16), row-major, already gathered by the act-order perm.
+ * bias: fp32 [N] or NULL. y: same dtype as x. nthreads: most threads to use (the calling thread is
+ * one of them); small problems use fewer. isa: cap (LQ_ISA_*), -1 for the best available.
+ * Accumulation is fp32. fp32 x uses exactly dequantized fp32 weights (the reference's); bf16 x on
+ * AVX512-BF16 CPUs uses the weights rounded once to bf16 (vdpbf16ps: twice the multiply rate),
+ * except an 8-bit layer with M <= 4, and so does fp32 x when flags has LQ_FLAG_F32_VIA_BF16 (x is
+ * then rounded to bf16 too). Elsewhere bf16 x is widened to fp32 and computed exactly. */
+LQ_API int lq_linear(const lq_weights *w, const void *x, int x_dtype, int64_t M, const float *bias, void *y,
+                     int nthreads, int isa, int flags) {
+    char msg[256];
+    lq_problem p;
+    memset(&p, 0, sizeof p);
+    const int rc = setup(&p.L, &p.kern, w, isa);
+    if (rc != LQ_OK) return rc;
+    if (x_dtype != LQ_F32 && x_dtype != LQ_BF16) {
+        snprintf(msg, sizeof msg, "x dtype code %d is neither fp32 (0) nor bf16 (1)", x_dtype);
+        return fail(msg);
+    }
+    if (M < 0) {
+        snprintf(msg, sizeof msg, "M=%lld must be >= 0", (long long)M);
+        return fail(msg);
+    }
+    if (M == 0) return LQ_OK;
+    if (!x || !y) return fail("x and y must not be NULL");
+    p.M = M;
+    /* bf16 math (weights rounded to bf16, vdpbf16ps) for bf16 x where the CPU has it, except that
+     * the bf16 GEMV reads 4-bit layouts only (8-bit ones then take the exact fp32 GEMV) */
+    const int want_bf16 = (x_dtype == LQ_BF16 || (flags & LQ_FLAG_F32_VIA_BF16)) && p.kern->micro_bf16;
+    const int gemv = M <= LQ_GEMV_MAX_M_BF16;
+    p.mode = want_bf16 && (!gemv || (p.kern->gemv_tile_bf16 && p.L.bits == 4)) ? LQ_BF16 : LQ_F32;
+    p.bias = bias;
+    p.y = y;
+    p.y_dtype = x_dtype;
+    /* one extra cache line per row: row strides that are multiples of 4 KiB alias in L1 */
+    p.ldx = p.L.Kp + (p.mode == LQ_BF16 ? 32 : 16);
+    const size_t xbytes = (size_t)M * (size_t)p.ldx * (p.mode == LQ_BF16 ? 2 : 4);
+    void *xp = NULL;
+    if (posix_memalign(&xp, 64, (xbytes + 63) & ~(size_t)63) != 0) {
+        snprintf(last_error, sizeof last_error, "out of memory allocating %zu bytes for x", xbytes);
+        return LQ_ENOMEM;
+    }
+    p.xp = xp;
+    lq_job job = {&p, x, x_dtype, xp, LQ_OK};
+    if (nthreads < 1) nthreads = 1;
+    /* preparing x is O(M K): worth threads only when it is large */
+    const int64_t prep_parts = M * p.L.K >= (1 << 18) ? (nthreads < M ? nthreads : M) : 1;
+    lq_parallel((int)prep_parts, prep_part, &job);
+    /* a thread's share must be worth waking it for: at least LQ_MIN_WORK multiply-adds */
+    int64_t parts = (M * p.L.N * p.L.Kp) / LQ_MIN_WORK;
+    if (parts > nthreads) parts = nthreads;
+    if (parts > p.L.ntiles) parts = p.L.ntiles;
+    if (parts < 1) parts = 1;
+    lq_parallel((int)parts, run_part, &job);
+    free(xp);
+    if (atomic_load(&job.status) != LQ_OK) {
+        snprintf(last_error, sizeof last_error, "out of memory for GEMM buffers");
+        return LQ_ENOMEM;
+    }
+    return LQ_OK;
+}
+
+/* out[N][K] = the dequantized weight in natural column order, fp32 (out_dtype LQ_F32) or bf16
+ * (LQ_BF16, the bf16 kernels' rounding), computed by the given ISA's dequantization kernel. */
+LQ_API int lq_dequantize(const lq_weights *w, int out_dtype, void *out, int isa) {
+    lq_layout L;
+    const lq_kernels *kern;
+    const int rc = setup(&L, &kern, w, isa);
+    if (rc != LQ_OK) return rc;
+    if (!out) return fail("out must not be NULL");
+    if (out_dtype == LQ_BF16 && !kern->dequant_bf16) kern = &lq_kernels_scalar;
+    const size_t esize = out_dtype == LQ_BF16 ? 2 : 4;
+    void *buf = NULL;
+    if (posix_memalign(&buf, 64, LQ_TILE * (size_t)L.Kp * esize) != 0) {
+        snprintf(last_error, sizeof last_error, "out of memory");
+        return LQ_ENOMEM;
+    }
+    const int64_t N = L.N, K = L.K;
+    for (int64_t t = 0; t < L.ntiles; t++) {
+        for (int64_t k0 = 0; k0 < L.Kp; k0 += LQ_SB) {
+            const int64_t kc = L.Kp - k0 < LQ_SB ? L.Kp - k0 : LQ_SB;
+            if (out_dtype == LQ_BF16)
+                kern->dequant_bf16(&L, t, 1, k0, kc, (uint16_t *)buf + k0, L.Kp);
+            else
+                kern->dequant_f32(&L, t, 1, k0, kc, (float *)buf + k0, L.Kp);
+        }
+        for (int r = 0; r < LQ_TILE && t * LQ_TILE + r < N; r++) {
+            const int64_t n = t * LQ_TILE + r;
+            for (int64_t k = 0; k < K; k++) {
+                if (out_dtype == LQ_BF16) {
+                    ((uint16_t *)out)[n * K + k] = ((uint16_t *)buf)[r * L.Kp + k];
+                } else {
+                    const int64_t pos = (k / LQ_BLK) * LQ_BLK + lq_xr_pos((int)(k % LQ_BLK));
+                    ((float *)out)[n * K + k] = ((float *)buf)[r * L.Kp + pos];
+                }
+            }
+        }
+    }
+    free(buf);
+    return LQ_OK;
+}

@@ -1,0 +1,190 @@
+/* llmquant CPU dequant-GEMM: the shared internal header.
+ *
+ * The library is a plain C shared object (no Python or torch headers); Python loads it with ctypes
+ * (llmquant/kernels/cpu_native.py). Only the functions marked LQ_API are exported.
+ *
+ * Shape letters: M tokens (rows of x), N out_features, K in_features, G group size, NG groups.
+ *
+ * Run-time layout (derived from the checkpoint's packed format at load; never written to disk)
+ * -------------------------------------------------------------------------------------------
+ * Rows are grouped in tiles of LQ_TILE = 4 output channels (N is padded to a multiple of 4 with
+ * all-zero rows); K is padded to Kp = ceil(K / 32) * 32 with code 0 (the kernel pads x with zeros,
+ * so padded columns contribute nothing). Each tile is one contiguous run of bytes:
+ *
+ *   for each full superblock sb of 128 columns:  for each row r of the tile:  SB bytes
+ *   then the tail (Kp % 128 = 0, 32, 64 or 96 columns): for each row r:  tail bytes
+ *
+ * 4-bit codes (also used for 2- and 3-bit layers, whose codes fit in a nibble):
+ *   superblock, 64 bytes = 32 little-endian uint16 "words": nibble s (bits 4s..4s+3) of word w
+ *     holds column base + 32*s + w. A word is 4 columns 32 apart, so one 16-bit shift plus one
+ *     16-entry table lookup (vpermw) yields 32 consecutive columns (the bf16 path); read as 16
+ *     uint32 lanes, nibble j of lane l holds column base + 32*(j%4) + 2*l + (j/4), i.e. the even
+ *     columns of block j%4 for j < 4 and the odd ones for j >= 4 (the fp32 path, vpermps).
+ *   tail, 16 bytes per 32-column block: byte b holds column pb + 2b (low nibble) and pb + 2b + 1
+ *     (high nibble).
+ * 8-bit codes:
+ *   superblock, 128 bytes = 4 blocks of 32 columns; block bytes 0..15 hold the even columns
+ *     (pb + 2i), bytes 16..31 the odd columns (pb + 2i + 1). The tail uses the same 32-byte blocks.
+ *
+ * The fp32 kernels therefore read x in "xr order": inside every block of 32 columns, the 16 even
+ * columns first, then the 16 odd ones. The bf16 kernels read x in natural order.
+ *
+ * Scales: fp16 [ntiles][NG][4]; zero points (asymmetric only): uint8 [ntiles][NG][4]; a symmetric
+ * layer uses the implicit zero zc = 2**(bits-1) of its original bit width.
+ * Dequantization is exactly the format's: w = (q - z) * s in fp32 (one rounding, like the reference).
+ */
+#ifndef LQ_CPU_H
+#define LQ_CPU_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#if defined(_WIN32)
+#define LQ_API __declspec(dllexport)
+#else
+#define LQ_API __attribute__((visibility("default")))
+#endif
+
+/* LQ_PORTABLE_ONLY builds the scalar kernels alone (setup.py retries with it when the compiler
+ * rejects the x86 vector code, e.g. one too old for AVX512-BF16) */
+#if (defined(__x86_64__) || defined(_M_X64)) && !defined(LQ_PORTABLE_ONLY)
+#define LQ_X86 1
+#else
+#define LQ_X86 0
+#endif
+
+#define LQ_TILE 4   /* output rows per tile */
+#define LQ_SB 128   /* columns per superblock */
+#define LQ_BLK 32   /* columns per block (the padding unit of K) */
+#define LQ_MR 6     /* rows of x per GEMM micro-kernel call */
+/* M up to this runs the GEMV kernel (weights dequantized in registers, in passes of 4 rows of x
+ * over an L1-resident tile) rather than the GEMM (dequantized into a buffer once, then a
+ * register-blocked micro-kernel). Measured crossover on Zen 4: about 32 in fp32, 4 in bf16. */
+#ifndef LQ_GEMV_MAX_M_F32
+#define LQ_GEMV_MAX_M_F32 32
+#endif
+#define LQ_GEMV_MAX_M_BF16 4
+
+enum { LQ_ISA_SCALAR = 0, LQ_ISA_AVX2 = 1, LQ_ISA_AVX512 = 2, LQ_ISA_AVX512_BF16 = 3 };
+enum { LQ_F32 = 0, LQ_BF16 = 1 };
+enum { LQ_OK = 0, LQ_EINVAL = -1, LQ_ENOMEM = -2 };
+
+typedef struct {
+    const uint8_t *q;  /* tiles, see above */
+    const uint16_t *s; /* fp16 scales [ntiles][NG][4] */
+    const uint8_t *z;  /* uint8 zero points [ntiles][NG][4], or NULL (symmetric) */
+    int64_t N, K, Kp, G, NG, ntiles;
+    int bits; /* code width of the layout: 4 or 8 */
+    int zc;   /* implicit zero point of a symmetric layer */
+} lq_layout;
+
+static inline int64_t lq_row_sb_bytes(const lq_layout *L) { return LQ_SB * L->bits / 8; }
+static inline int64_t lq_nsb(const lq_layout *L) { return L->Kp / LQ_SB; }
+static inline int64_t lq_tail(const lq_layout *L) { return L->Kp % LQ_SB; }
+static inline int64_t lq_tile_bytes(const lq_layout *L) { return LQ_TILE * L->Kp * L->bits / 8; }
+static inline const uint8_t *lq_tile(const lq_layout *L, int64_t t) { return L->q + t * lq_tile_bytes(L); }
+/* bytes of row r of superblock sb inside tile t */
+static inline const uint8_t *lq_sb_row(const lq_layout *L, int64_t t, int64_t sb, int r) {
+    return lq_tile(L, t) + (sb * LQ_TILE + r) * lq_row_sb_bytes(L);
+}
+/* bytes of row r of the tail of tile t (block p of the tail is at + p * 32 * bits / 8) */
+static inline const uint8_t *lq_tail_row(const lq_layout *L, int64_t t, int r) {
+    return lq_tile(L, t) + lq_nsb(L) * LQ_TILE * lq_row_sb_bytes(L) + r * lq_tail(L) * L->bits / 8;
+}
+
+/* Which group a block of 32 columns belongs to, walked left to right. Valid when G % 32 == 0 or
+ * NG == 1 (a block never straddles groups); the vector kernels require that, the scalar ones don't
+ * use it. Columns past K (padding) stay in the last group. */
+typedef struct {
+    int64_t g, end, G, NG;
+} lq_gcur;
+
+static inline lq_gcur lq_gcur_at(const lq_layout *L, int64_t k) {
+    lq_gcur c;
+    c.G = L->G;
+    c.NG = L->NG;
+    c.g = k / L->G;
+    if (c.g > L->NG - 1) c.g = L->NG - 1;
+    c.end = (c.g == L->NG - 1) ? INT64_MAX : (c.g + 1) * L->G;
+    return c;
+}
+/* advance to column k (k >= the previous one); returns 1 when the group changed */
+static inline int lq_gcur_step(lq_gcur *c, int64_t k) {
+    if (k < c->end) return 0;
+    while (k >= c->end) {
+        c->g++;
+        c->end = (c->g == c->NG - 1) ? INT64_MAX : c->end + c->G;
+    }
+    return 1;
+}
+
+/* The per-ISA building blocks. Kernels only compute dot products; the driver (lq_driver.c) adds
+ * the bias, converts and stores. A NULL entry means "not available at this ISA".
+ *   gemv_tile:   out[i][r] = sum_k x[i][k] * W[4t + r][k] for i < mm (<= 4); x fp32 in xr order.
+ *   dequant_*:   rows of tiles [t0, t0 + ntl), columns [k0, k0 + kc) (k0 % 128 == 0, kc % 32 == 0)
+ *                -> buf[row * ldb + (k - k0)], fp32 in xr order or bf16 (RNE) in natural order.
+ *   micro_*:     out[i][r] = sum_{k < kc} A[i][k] * B[r][k] for i < mr (<= LQ_MR), r < 4.
+ *   gemv_tile_bf16: as gemv_tile, with x bf16 in natural order and the weights rounded to bf16
+ *                (the bf16 GEMM's weights); 4-bit layouts only. */
+typedef struct {
+    const char *name;
+    void (*gemv_tile)(const lq_layout *L, int64_t t, const float *x, int64_t ldx, int mm, float out[4][4]);
+    void (*dequant_f32)(const lq_layout *L, int64_t t0, int64_t ntl, int64_t k0, int64_t kc, float *buf,
+                        int64_t ldb);
+    void (*dequant_bf16)(const lq_layout *L, int64_t t0, int64_t ntl, int64_t k0, int64_t kc, uint16_t *buf,
+                         int64_t ldb);
+    void (*micro_f32)(const float *A, int64_t lda, const float *B, int64_t ldb, int64_t kc, int mr,
+                      float out[LQ_MR][4]);
+    void (*micro_bf16)(const uint16_t *A, int64_t lda, const uint16_t *B, int64_t ldb, int64_t kc, int mr,
+                       float out[LQ_MR][4]);
+    void (*gemv_tile_bf16)(const lq_layout *L, int64_t t, const uint16_t *x, int64_t ldx, int mm, float out[4][4]);
+} lq_kernels;
+
+extern const lq_kernels lq_kernels_scalar;
+#if LQ_X86
+extern const lq_kernels lq_kernels_avx2;
+extern const lq_kernels lq_kernels_avx512;
+extern const lq_kernels lq_kernels_avx512_bf16;
+/* the fp32 AVX-512 blocks, shared by the AVX-512 BF16 table */
+void lq_gemv_tile_avx512(const lq_layout *L, int64_t t, const float *x, int64_t ldx, int mm, float out[4][4]);
+void lq_dequant_f32_avx512(const lq_layout *L, int64_t t0, int64_t ntl, int64_t k0, int64_t kc, float *buf,
+                           int64_t ldb);
+void lq_micro_f32_avx512(const float *A, int64_t lda, const float *B, int64_t ldb, int64_t kc, int mr,
+                         float out[LQ_MR][4]);
+#endif
+
+/* One call of the library: a prepared x and where the result goes. */
+typedef struct {
+    lq_layout L;
+    const lq_kernels *kern;
+    int64_t M;
+    int mode;        /* LQ_F32: xp is fp32 [M][Kp] in xr order; LQ_BF16: bf16 [M][Kp] natural */
+    const void *xp;
+    int64_t ldx;       /* row stride of xp, in elements (>= Kp) */
+    const float *bias; /* [N] or NULL */
+    void *y;           /* [M][N] */
+    int y_dtype;
+} lq_problem;
+
+/* lq_driver.c */
+int lq_run_tiles(const lq_problem *p, int64_t t_begin, int64_t t_end); /* LQ_OK or LQ_ENOMEM */
+void lq_prepare_x(const void *x, int x_dtype, int64_t m_begin, int64_t m_end, int64_t K, int64_t Kp, int mode,
+                  void *xp, int64_t ldx);
+
+/* lq_pool.c: run fn(arg, part, nparts) for part in [0, nparts) on up to nparts threads (the caller
+ * runs part 0). Returns when every part is done. */
+typedef void (*lq_task_fn)(void *arg, int part, int nparts);
+void lq_parallel(int nparts, lq_task_fn fn, void *arg);
+
+/* lq_scalar.c: conversions shared by every ISA */
+float lq_f16_to_f32(uint16_t h);
+uint16_t lq_f32_to_bf16(float f);
+static inline float lq_bf16_to_f32(uint16_t b) {
+    union { uint32_t u; float f; } v;
+    v.u = (uint32_t)b << 16;
+    return v.f;
+}
+/* position of column i (0..31) of a block in xr order */
+static inline int lq_xr_pos(int i) { return (i & 1) * 16 + (i >> 1); }
+
+#endif

@@ -1,0 +1,151 @@
+/* The ISA-independent part of a call: preparing x, and the GEMV / GEMM loop nests that call the
+ * per-ISA building blocks (lq_kernels). One call of lq_run_tiles computes every row of x against
+ * the output rows of tiles [t_begin, t_end); threads split N by tiles. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "lq_cpu.h"
+
+/* GEMM blocking: a block of LQ_NCB output rows is dequantized LQ_KC columns at a time into a buffer
+ * that stays in L2 (32 rows x 1024 fp32 or 2048 bf16 = 128 KiB), then every block of LQ_MR rows
+ * of x is multiplied against it, 4 output rows at a time. */
+#ifndef LQ_NCB
+#define LQ_NCB 32
+#endif
+#ifndef LQ_KC_F32
+#define LQ_KC_F32 1024
+#endif
+#ifndef LQ_KC_BF16
+#define LQ_KC_BF16 2048
+#endif
+
+static void *lq_alloc(size_t bytes) {
+    void *p = NULL;
+    bytes = (bytes + 63) & ~(size_t)63;
+    if (posix_memalign(&p, 64, bytes ? bytes : 64) != 0) return NULL;
+    return p;
+}
+
+void lq_prepare_x(const void *x, int x_dtype, int64_t m_begin, int64_t m_end, int64_t K, int64_t Kp, int mode,
+                  void *xp, int64_t ldx) {
+    for (int64_t m = m_begin; m < m_end; m++) {
+        if (mode == LQ_BF16) {
+            uint16_t *dst = (uint16_t *)xp + m * ldx;
+            if (x_dtype == LQ_BF16) {
+                memcpy(dst, (const uint16_t *)x + m * K, (size_t)K * 2);
+            } else {
+                const float *src = (const float *)x + m * K;
+                for (int64_t k = 0; k < K; k++) dst[k] = lq_f32_to_bf16(src[k]);
+            }
+            memset(dst + K, 0, (size_t)(Kp - K) * 2);
+        } else {
+            float *dst = (float *)xp + m * ldx;
+            for (int64_t kb = 0; kb < Kp; kb += LQ_BLK) {
+                for (int i = 0; i < LQ_BLK; i++) {
+                    const int64_t k = kb + i;
+                    float v = 0.f;
+                    if (k < K)
+                        v = x_dtype == LQ_BF16 ? lq_bf16_to_f32(((const uint16_t *)x)[m * K + k])
+                                               : ((const float *)x)[m * K + k];
+                    dst[kb + lq_xr_pos(i)] = v;
+                }
+            }
+        }
+    }
+}
+
+/* y[m][n0 + r] = c[r] + bias[n0 + r] for r < nn (clipped to N). Branch-free, so that the compiler
+ * vectorizes it: a GEMM stores M x N results. */
+static void store_rows(const lq_problem *p, int64_t m, int64_t n0, int64_t nn, const float *c) {
+    const int64_t N = p->L.N;
+    if (nn > N - n0) nn = N - n0;
+    const float *b = p->bias ? p->bias + n0 : NULL;
+    if (p->y_dtype == LQ_BF16) {
+        uint16_t *y = (uint16_t *)p->y + m * N + n0;
+        for (int64_t r = 0; r < nn; r++) {
+            union { float f; uint32_t u; } v;
+            v.f = c[r] + (b ? b[r] : 0.f);
+            const uint32_t rounded = (v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16; /* nearest even */
+            const uint32_t quiet_nan = (v.u >> 16) | 0x40u;
+            y[r] = (uint16_t)((v.u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
+        }
+    } else {
+        float *y = (float *)p->y + m * N + n0;
+        if (b)
+            for (int64_t r = 0; r < nn; r++) y[r] = c[r] + b[r];
+        else
+            for (int64_t r = 0; r < nn; r++) y[r] = c[r];
+    }
+}
+
+static void run_gemv(const lq_problem *p, int64_t t_begin, int64_t t_end) {
+    const lq_layout *L = &p->L;
+    float out[4][4];
+    for (int64_t t = t_begin; t < t_end; t++)
+        for (int64_t m0 = 0; m0 < p->M; m0 += 4) {
+            const int mm = p->M - m0 < 4 ? (int)(p->M - m0) : 4;
+            if (p->mode == LQ_BF16)
+                p->kern->gemv_tile_bf16(L, t, (const uint16_t *)p->xp + m0 * p->ldx, p->ldx, mm, out);
+            else
+                p->kern->gemv_tile(L, t, (const float *)p->xp + m0 * p->ldx, p->ldx, mm, out);
+            for (int i = 0; i < mm; i++) store_rows(p, m0 + i, t * LQ_TILE, LQ_TILE, out[i]);
+        }
+}
+
+static int run_gemm(const lq_problem *p, int64_t t_begin, int64_t t_end) {
+    const lq_layout *L = &p->L;
+    const int64_t M = p->M, Kp = L->Kp;
+    const int bf16 = p->mode == LQ_BF16;
+    const int64_t KC = bf16 ? LQ_KC_BF16 : LQ_KC_F32;
+    /* row strides an odd number of cache lines past a multiple of 4 KiB: rows that alias in L1 evict each other */
+    const int64_t ldb = (KC < Kp ? KC : Kp) + (bf16 ? 32 : 16);
+    void *buf = lq_alloc((size_t)LQ_NCB * ldb * (bf16 ? 2 : 4));
+    float *cblk = (float *)lq_alloc((size_t)M * LQ_NCB * sizeof(float));
+    if (!buf || !cblk) {
+        free(buf);
+        free(cblk);
+        return LQ_ENOMEM;
+    }
+    float out[LQ_MR][4];
+    for (int64_t tb = t_begin; tb < t_end; tb += LQ_NCB / LQ_TILE) {
+        const int64_t ntl = t_end - tb < LQ_NCB / LQ_TILE ? t_end - tb : LQ_NCB / LQ_TILE;
+        for (int64_t k0 = 0; k0 < Kp; k0 += KC) {
+            const int64_t kc = Kp - k0 < KC ? Kp - k0 : KC;
+            if (bf16)
+                p->kern->dequant_bf16(L, tb, ntl, k0, kc, (uint16_t *)buf, ldb);
+            else
+                p->kern->dequant_f32(L, tb, ntl, k0, kc, (float *)buf, ldb);
+            /* rows of x in nmb near-equal blocks of at most LQ_MR (M = 8 runs as 4 + 4, not 6 + 2) */
+            const int64_t nmb = (M + LQ_MR - 1) / LQ_MR;
+            for (int64_t b = 0; b < nmb; b++) {
+                const int64_t m0 = M * b / nmb;
+                const int mr = (int)(M * (b + 1) / nmb - m0);
+                for (int64_t j = 0; j < ntl; j++) {
+                    if (bf16)
+                        p->kern->micro_bf16((const uint16_t *)p->xp + m0 * p->ldx + k0, p->ldx,
+                                            (const uint16_t *)buf + j * LQ_TILE * ldb, ldb, kc, mr, out);
+                    else
+                        p->kern->micro_f32((const float *)p->xp + m0 * p->ldx + k0, p->ldx,
+                                           (const float *)buf + j * LQ_TILE * ldb, ldb, kc, mr, out);
+                    for (int i = 0; i < mr; i++) {
+                        float *c = cblk + (m0 + i) * LQ_NCB + j * LQ_TILE;
+                        for (int r = 0; r < LQ_TILE; r++) c[r] = (k0 == 0 ? 0.f : c[r]) + out[i][r];
+                    }
+                }
+            }
+        }
+        for (int64_t m = 0; m < M; m++) store_rows(p, m, tb * LQ_TILE, ntl * LQ_TILE, cblk + m * LQ_NCB);
+    }
+    free(buf);
+    free(cblk);
+    return LQ_OK;
+}
+
+int lq_run_tiles(const lq_problem *p, int64_t t_begin, int64_t t_end) {
+    if (t_begin >= t_end) return LQ_OK;
+    if (p->M <= (p->mode == LQ_BF16 ? LQ_GEMV_MAX_M_BF16 : LQ_GEMV_MAX_M_F32)) {
+        run_gemv(p, t_begin, t_end);
+        return LQ_OK;
+    }
+    return run_gemm(p, t_begin, t_end);
+}

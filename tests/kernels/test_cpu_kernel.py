@@ -1,0 +1,310 @@
+"""The native CPU kernel (``llmquant.kernels.cpu``) against ``dequant_matmul_ref``.
+
+Every instruction set this CPU has is tested (scalar, avx2, avx512, avx512_bf16, capped with the
+kernel's ``isa`` argument), so a machine with AVX-512 also checks the fallbacks.
+
+Tolerances (STYLE.md): fp32 outputs ``assert_close(rtol=1e-5, atol=1e-5 * max|ref|)`` (the kernel
+dequantizes exactly like the reference; only the order of the fp32 sums differs); bf16 outputs:
+relative mean absolute error ``mean|y - ref| / mean|ref|`` below 1e-2, with ``ref`` computed in
+fp32 from the same bf16 input; where the CPU has AVX512-BF16 (bf16 weights, vdpbf16ps), also
+against the product with the bf16-rounded weights, ``rtol=2**-8`` (one bf16 rounding of the
+output). Dequantization and repacking are checked for exact equality.
+"""
+import concurrent.futures
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llmquant.formats.packing import dequantize_packed, pack_rows
+from llmquant.kernels import cpu_native, dequant_matmul_ref
+from llmquant.kernels.cpu import cpu_dequantize, cpu_linear, cpu_qlinear
+from llmquant.kernels.cpu_layout import CpuLayout, repack
+from llmquant.kernels.registry import PackedWeight
+
+NATIVE, WHY = cpu_native.load()
+needs_native = pytest.mark.skipif(NATIVE is None, reason=f"native CPU library unavailable: {WHY}")
+ISAS = cpu_native.ISA_NAMES[: cpu_native.ISA_NAMES.index(NATIVE.detected_isa) + 1] if NATIVE else ()
+
+MS = (1, 2, 3, 7, 16, 33, 128)
+
+# (bits, group_size, sym, act_order, N, K): each layer straddles some boundary of the layout or
+# of the kernels' blocking: tiles of 4 rows (N % 4), GEMM blocks of 32 rows, superblocks of 128
+# columns with a 32/64/96-column tail, K padded to 32, ragged last groups, several 1024/2048-column
+# GEMM chunks, groups that switch inside a superblock (32, 64).
+LAYERS = [
+    (4, 128, True, False, 64, 640),
+    (4, 128, False, True, 13, 576),  # ragged last group (576 = 4.5 * 128), act-order, asym
+    (4, 32, True, False, 70, 160),
+    (4, 64, False, False, 36, 100),  # K padded to 128, ragged group
+    (4, -1, True, False, 8, 2080),  # several GEMM column chunks + a tail
+    (8, 128, False, False, 40, 300),
+    (8, 32, True, True, 20, 128),
+    (3, 128, False, False, 24, 256),
+    (3, 64, True, False, 5, 96),
+    (2, 32, False, True, 12, 192),
+    (2, -1, True, False, 33, 70),
+]
+
+
+def make_packed(bits, group_size, sym, act_order, n, k, seed=0) -> PackedWeight:
+    """Random codes, scales and zero points in the stored format (any group size, even ones
+    QuantConfig does not offer)."""
+    g = torch.Generator().manual_seed(seed)
+    ng = -(-k // (k if group_size == -1 else group_size))
+    codes = torch.randint(0, 1 << bits, (n, k), generator=g)
+    scales = (torch.rand(n, ng, generator=g) * 0.02 + 0.001).to(torch.float16)
+    zeros = None if sym else torch.randint(0, 1 << bits, (n, ng), generator=g).to(torch.uint8)
+    perm = torch.randperm(k, generator=g).to(torch.int32) if act_order else None
+    return PackedWeight(pack_rows(codes, bits), scales, zeros, perm, bits, group_size, k, n)
+
+
+@pytest.fixture(scope="module")
+def layers():
+    out = []
+    for i, spec in enumerate(LAYERS):
+        w = make_packed(*spec, seed=i)
+        out.append((spec, w, repack(w), torch.randn(spec[4], generator=torch.Generator().manual_seed(i))))
+    return out
+
+
+def check_fp32(y, ref):
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * max(1.0, ref.abs().max().item()))
+
+
+def rel_mean_abs_err(y, ref):
+    return ((y.float() - ref).abs().mean() / ref.abs().mean().clamp_min(1e-30)).item()
+
+
+def test_library_builds_and_loads():
+    assert NATIVE is not None, WHY
+    assert NATIVE.detected_isa in cpu_native.ISA_NAMES
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ISAS)
+def test_dequantize_is_exact(layers, isa):
+    """The layout round-trips: every ISA's dequantization equals the format's, bit for bit."""
+    for spec, w, lay, _ in layers:
+        ref = dequantize_packed(w.qweight, w.scales, w.zeros, bits=w.bits, group_size=w.group_size, in_features=w.in_features)
+        assert torch.equal(cpu_dequantize(lay, torch.float32, isa=isa), ref), spec
+        assert torch.equal(cpu_dequantize(lay, torch.bfloat16, isa=isa), ref.to(torch.bfloat16)), spec
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m", MS)
+def test_fp32_matches_reference(layers, isa, m):
+    for spec, w, lay, bias in layers:
+        x = torch.randn(m, w.in_features)
+        for b in (None, bias):
+            check_fp32(cpu_linear(x, lay, b, isa=isa), dequant_matmul_ref(x, w, b))
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m", MS)
+def test_bf16_matches_reference(layers, isa, m):
+    for spec, w, lay, bias in layers:
+        x = torch.randn(m, w.in_features).to(torch.bfloat16)
+        y = cpu_linear(x, lay, bias.to(torch.bfloat16), isa=isa)
+        assert y.dtype == torch.bfloat16 and y.shape == (m, w.out_features)
+        ref = dequant_matmul_ref(x.float(), w, bias.to(torch.bfloat16).float())
+        assert rel_mean_abs_err(y, ref) < 1e-2, (spec, rel_mean_abs_err(y, ref))
+
+
+@needs_native
+@pytest.mark.skipif(NATIVE is None or NATIVE.detected_isa != "avx512_bf16", reason="needs AVX512-BF16")
+@pytest.mark.parametrize("m", [1, 3, 33])
+def test_bf16_math_uses_bf16_rounded_weights(layers, m):
+    """The vdpbf16ps paths (4-bit GEMV, every GEMM) multiply by the weights rounded once to bf16
+    (cpu_dequantize(..., bfloat16)) and sum in fp32: within one bf16 rounding of that product."""
+    for spec, w, lay, bias in layers:
+        if spec[0] == 8 and m <= 4:
+            continue  # 8-bit layers take the exact fp32 GEMV
+        x = torch.randn(m, w.in_features).to(torch.bfloat16)
+        xg = x if w.perm is None else x[:, w.perm.long()]  # the kernel reads W in stored column order
+        ref = torch.nn.functional.linear(xg.float(), cpu_dequantize(lay, torch.bfloat16).float())
+        y = cpu_linear(x, lay)
+        torch.testing.assert_close(y.float(), ref, rtol=2**-8, atol=1e-5 * ref.abs().max().item())
+
+
+@needs_native
+def test_fp32_medium_precision_uses_bf16_and_highest_stays_exact(layers):
+    """torch.set_float32_matmul_precision("medium") lets fp32 prefill run in bf16 (AVX512-BF16)."""
+    _, w, lay, bias = layers[0]
+    x = torch.randn(33, w.in_features)
+    ref = dequant_matmul_ref(x, w, bias)
+    saved = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        y = cpu_linear(x, lay, bias)
+        assert y.dtype == torch.float32 and rel_mean_abs_err(y, ref) < 1e-2
+        if NATIVE.detected_isa == "avx512_bf16":
+            assert not torch.equal(y, cpu_linear(x, lay, bias, isa="avx512"))  # really took the bf16 path
+    finally:
+        torch.set_float32_matmul_precision(saved)
+    check_fp32(cpu_linear(x, lay, bias), ref)
+
+
+@needs_native
+@pytest.mark.parametrize("group_size", [16, 48])
+def test_group_sizes_not_multiple_of_32(group_size):
+    """Groups that split a 32-column block run on the portable path, still exactly."""
+    w = make_packed(4, group_size, False, False, 9, 200, seed=7)
+    lay = repack(w)
+    ref_w = dequantize_packed(w.qweight, w.scales, w.zeros, bits=4, group_size=group_size, in_features=200)
+    assert torch.equal(cpu_dequantize(lay), ref_w)
+    for m in (1, 9):
+        x = torch.randn(m, 200)
+        check_fp32(cpu_linear(x, lay), dequant_matmul_ref(x, w))
+
+
+def test_layout_golden_bytes():
+    """The byte order documented in cpu_layout / lq_cpu.h, on hand-computed examples."""
+    k = 160  # one superblock + a 32-column tail
+    codes = (torch.arange(k) % 16).repeat(4, 1)  # 4 rows (one tile), code = column % 16
+    codes[1] = 15 - codes[1]
+    w = PackedWeight(pack_rows(codes, 4), torch.ones(4, 2, dtype=torch.float16), None, None, 4, 128, k, 4)
+    q = repack(w).qdata[0]
+    # row 0, superblock 0: word w holds columns w, 32+w, 64+w, 96+w, all with code w % 16
+    assert q[2 * 3].item() == 0x33 and q[2 * 3 + 1].item() == 0x33
+    # row 1 starts 64 bytes later: codes 15 - col % 16
+    assert q[64 + 2 * 3].item() == 0xCC
+    # tail (after 4 rows x 64 bytes): byte b = column 128+2b (low nibble) | column 129+2b (high)
+    assert q[256].item() == 0x10 and q[257].item() == 0x32 and q[256 + 15].item() == 0xFE
+    assert q.numel() == 4 * k // 2
+
+    codes8 = torch.arange(64).repeat(4, 1)
+    w8 = PackedWeight(pack_rows(codes8, 8), torch.ones(4, 1, dtype=torch.float16), None, None, 8, -1, 64, 4)
+    q8 = repack(w8).qdata[0]
+    # K=64: no full superblock; per row, 2 blocks of [16 even columns, 16 odd columns]
+    assert q8[:4].tolist() == [0, 2, 4, 6] and q8[16:18].tolist() == [1, 3] and q8[32:34].tolist() == [32, 34]
+    assert q8[64:66].tolist() == [0, 2]  # row 1
+
+
+@needs_native
+def test_act_order_gathers_x():
+    w = make_packed(4, 32, True, True, 16, 96, seed=3)
+    x = torch.randn(3, 96)
+    plain = PackedWeight(w.qweight, w.scales, w.zeros, None, 4, 32, 96, 16)
+    y = cpu_linear(x, repack(w))
+    check_fp32(y, cpu_linear(x[:, w.perm.long()], repack(plain)))
+    check_fp32(y, dequant_matmul_ref(x, w))
+
+
+@needs_native
+def test_leading_dims_strides_and_empty(layers):
+    _, w, lay, bias = layers[1]
+    x = torch.randn(2, 5, 2 * w.in_features)[..., ::2]  # non-contiguous [2, 5, K]
+    y = cpu_linear(x, lay, bias)
+    assert y.shape == (2, 5, w.out_features)
+    check_fp32(y, dequant_matmul_ref(x, w, bias))
+    assert cpu_linear(torch.randn(0, w.in_features), lay).shape == (0, w.out_features)
+
+
+@needs_native
+def test_threads_do_not_change_results(layers):
+    """Each output row is computed by one thread with the same code: bitwise equal for any count."""
+    saved = torch.get_num_threads()
+    try:
+        for m in (1, 33):
+            _, w, lay, bias = layers[0]
+            x = torch.randn(m, w.in_features)
+            torch.set_num_threads(1)
+            y1 = cpu_linear(x, lay, bias)
+            torch.set_num_threads(2)
+            assert torch.equal(y1, cpu_linear(x, lay, bias))
+    finally:
+        torch.set_num_threads(saved)
+
+
+@needs_native
+def test_concurrent_callers(layers):
+    """ctypes releases the GIL: two Python threads may call at once (the second runs inline)."""
+    _, w, lay, bias = layers[0]
+    xs = [torch.randn(m, w.in_features) for m in (1, 40, 3, 64, 1, 17)]
+    with concurrent.futures.ThreadPoolExecutor(3) as ex:
+        ys = list(ex.map(lambda x: cpu_linear(x, lay, bias), xs))
+    for x, y in zip(xs, ys):
+        check_fp32(y, dequant_matmul_ref(x, w, bias))
+
+
+@needs_native
+def test_invalid_shapes_raise_value_error(layers):
+    _, w, lay, _ = layers[0]  # N=64, K=640
+    with pytest.raises(ValueError, match="K=640"):
+        cpu_linear(torch.randn(2, 639), lay)
+    with pytest.raises(ValueError, match=r"N=64"):
+        cpu_linear(torch.randn(2, 640), lay, torch.randn(63))
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        cpu_linear(torch.randn(2, 640).half(), lay)
+    with pytest.raises(ValueError, match=r"qdata: expected torch.uint8 \(16, 1280\)"):
+        cpu_qlinear(torch.randn(2, 640), lay.qdata[:, :-1].contiguous(), lay.scales, None, None, 4, 64, 128, -1)
+    with pytest.raises(ValueError, match=r"scales: expected torch.float16 \(16, 5, 4\)"):
+        CpuLayout(lay.qdata, lay.scales[:, :4].contiguous(), None, None, 4, 640, 64, 128)
+    with pytest.raises(ValueError, match="unknown CPU instruction set"):
+        cpu_linear(torch.randn(1, 640), lay, isa="sse9")
+    bad = PackedWeight(w.qweight[:, :-1], w.scales, w.zeros, w.perm, 4, 128, 640, 64)
+    with pytest.raises(ValueError, match=r"qweight: expected torch.int32 \(64, 80\)"):
+        repack(bad)
+
+
+@needs_native
+def test_env_isa_cap(layers, monkeypatch):
+    _, w, lay, bias = layers[2]
+    x = torch.randn(5, w.in_features)
+    monkeypatch.setenv("LLMQUANT_CPU_ISA", "scalar")
+    check_fp32(cpu_linear(x, lay, bias), dequant_matmul_ref(x, w, bias))
+    monkeypatch.setenv("LLMQUANT_CPU_ISA", "mmx")
+    with pytest.raises(ValueError, match="mmx"):
+        cpu_linear(x, lay, bias)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sym,with_bias", [(True, False), (False, True)])
+def test_opcheck(layers, dtype, sym, with_bias):
+    _, w, lay, bias = layers[0] if sym else layers[1]
+    for m in (1, 9):
+        x = torch.randn(m, w.in_features).to(dtype)
+        args = (x, lay.qdata, lay.scales, lay.zeros, bias.to(dtype) if with_bias else None, lay.bits,
+                lay.out_features, lay.group_size, -1)  # fmt: skip
+        torch.library.opcheck(cpu_qlinear, args)
+
+
+@needs_native
+def test_torch_compile_quant_linear(layers):
+    """Inductor traces through the custom op (fake implementation) and the act-order gather.
+    The layer is run once eagerly first: that derives the kernel's layout outside the graph."""
+    from llmquant.modules.quant_linear import QuantLinear
+
+    _, w, _, bias = layers[1]  # act-order, asymmetric, ragged group
+    mod = QuantLinear.from_packed(w, bias)
+
+    def f(x):
+        return torch.relu(mod(x * 2.0)) + 1.0
+
+    x = torch.randn(3, 7, w.in_features)
+    eager = f(x)
+    assert mod.kernel_for(x.dtype)[0].name == "cpu"
+    compiled = torch.compile(f, fullgraph=True)
+    check_fp32(compiled(x), eager)
+    check_fp32(eager, torch.relu(dequant_matmul_ref(x * 2.0, w, bias)) + 1.0)
+
+
+@needs_native
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 70),
+    k=st.integers(1, 300),
+    m=st.integers(1, 40),
+    bits=st.sampled_from([2, 3, 4, 8]),
+    group_size=st.sampled_from([-1, 32, 64, 128]),
+    sym=st.booleans(),
+)
+def test_property_any_shape(n, k, m, bits, group_size, sym):
+    w = make_packed(bits, group_size, sym, False, n, k, seed=n * 1000 + k)
+    x = torch.randn(m, k)
+    check_fp32(cpu_linear(x, repack(w)), dequant_matmul_ref(x, w))
