@@ -141,8 +141,18 @@ class QuantLinear(nn.Module):
 
     # --- compute --------------------------------------------------------------------------------
     def _apply(self, fn, recurse=True):
+        # model.to(dtype) / .half() / .bfloat16() change the activation dtype, not the stored format:
+        # the fp16 scales keep their dtype (a trip through bf16 would round them) and only move device.
         self._kernel_cache = {}
-        return super()._apply(fn, recurse)
+        scales = self._buffers.pop("scales")
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            moved = fn(scales)
+            if moved.dtype != scales.dtype:
+                moved = scales.to(device=moved.device)
+            self._buffers["scales"] = moved
+        return self
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._kernel_cache = {}

@@ -63,3 +63,16 @@ def test_load_state_dict_refreshes_kernel_state():
     a.load_state_dict(b.state_dict())
     torch.testing.assert_close(a(x), b(x))
     assert not torch.allclose(ya, a(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_model_to_dtype_keeps_fp16_scales(dtype):
+    mod, p, b = _layer()
+    mod.to(dtype)
+    assert mod.scales.dtype == torch.float16 and torch.equal(mod.scales, p.scales)
+    assert mod.bias.dtype == dtype
+    x = torch.randn(3, 80, dtype=dtype)
+    w = dequantize_packed(p.qweight, p.scales, p.zeros, bits=4, group_size=32, in_features=80)
+    ref = (x.float() @ w.T + b.to(dtype).float())
+    err = (mod(x).float() - ref).abs().mean() / ref.abs().mean()
+    assert err < (1e-2 if dtype == torch.bfloat16 else 1e-5)
