@@ -14,7 +14,7 @@ from dataclasses import asdict
 import torch
 from tqdm.auto import tqdm
 
-from llmquant.evals.perplexity import Protocol, load_corpus, tokenize_corpus, window_nll, windows
+from llmquant.evals.perplexity import prepare, window_nll
 
 
 def compare(
@@ -32,19 +32,10 @@ def compare(
 ) -> dict:
     if base.config.vocab_size != quant.config.vocab_size:
         raise ValueError(f"vocabularies differ: {base.config.vocab_size} vs {quant.config.vocab_size}")
-    text, sha, source = load_corpus(corpus)
-    tokens = tokenize_corpus(tokenizer, text)
-    if max_tokens is not None:
-        tokens = tokens[:max_tokens]
-    stride = context if stride is None else stride
-    bos_id = tokenizer.bos_token_id if bos else None
-    if bos and bos_id is None:
-        raise ValueError("bos=True but the tokenizer has no BOS token")
-    proto = Protocol(source, sha, context, stride, bos, max_tokens)
+    proto, _, wins = prepare(tokenizer, corpus, context, stride, bos, max_tokens)
     kl_sum, agree, count, nll_b, nll_q = 0.0, 0, 0, 0.0, 0.0
     t0 = time.perf_counter()
     with torch.inference_mode():
-        wins = list(windows(tokens, context, stride, bos_id))
         for w in tqdm(wins, desc=f"compare {label}".strip(), unit="win", disable=not progress):
             sb, c, lpb = window_nll(base, w)
             sq, _, lpq = window_nll(quant, w)

@@ -130,6 +130,20 @@ def windows(tokens: torch.Tensor, context: int, stride: int, bos_id: int | None)
         start += stride
 
 
+def prepare(tokenizer, corpus, context: int, stride: int | None, bos: bool, max_tokens: int | None):
+    """(protocol, corpus tokens, windows) for one evaluation run."""
+    text, sha, source = load_corpus(corpus)
+    tokens = tokenize_corpus(tokenizer, text)
+    if max_tokens is not None:
+        tokens = tokens[:max_tokens]
+    stride = context if stride is None else stride
+    bos_id = tokenizer.bos_token_id if bos else None
+    if bos and bos_id is None:
+        raise ValueError("bos=True but the tokenizer has no BOS token")
+    proto = Protocol(source, sha, context, stride, bos, max_tokens)
+    return proto, tokens, list(windows(tokens, context, stride, bos_id))
+
+
 def window_nll(model, win: Window) -> tuple[float, int, torch.Tensor]:
     """(sum of NLL, tokens scored, log-probs [T_scored, V]) for one window."""
     ids = win.ids.unsqueeze(0).to(next(model.parameters()).device)
@@ -153,16 +167,7 @@ def perplexity(
     label: str = "",
 ) -> dict:
     """Score ``model`` on WikiText-2; returns a JSON-ready dict with the protocol and the result."""
-    text, sha, source = load_corpus(corpus)
-    tokens = tokenize_corpus(tokenizer, text)
-    if max_tokens is not None:
-        tokens = tokens[:max_tokens]
-    stride = context if stride is None else stride
-    bos_id = tokenizer.bos_token_id if bos else None
-    if bos and bos_id is None:
-        raise ValueError("bos=True but the tokenizer has no BOS token")
-    proto = Protocol(source, sha, context, stride, bos, max_tokens)
-    wins = list(windows(tokens, context, stride, bos_id))
+    proto, tokens, wins = prepare(tokenizer, corpus, context, stride, bos, max_tokens)
     total, count = 0.0, 0
     t0 = time.perf_counter()
     with torch.inference_mode():
