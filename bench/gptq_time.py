@@ -15,11 +15,11 @@ import argparse
 import json
 import logging
 import os
-import platform
 import sys
 import time
 
 import torch
+from machine import cpu_name
 
 from llmquant.calibration import calibration_batches
 from llmquant.config import QuantConfig
@@ -44,15 +44,6 @@ def load(name: str, dtype: torch.dtype):
     return model, tok, None
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:

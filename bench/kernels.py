@@ -27,12 +27,12 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
 
 import torch
+from machine import cpu_name
 import torch.nn.functional as F
 
 from llmquant.config import LayerQuant
@@ -70,15 +70,6 @@ def llc_bytes() -> int:
         return 32 << 20
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def timeit(fn, ncopies: int, min_time: float, min_reps: int = 5, max_reps: int = 200) -> float:
@@ -212,7 +203,7 @@ def main(argv=None) -> int:
         return max(1, min(math.ceil(3 * llc / nbytes), budget // nbytes))
 
     machine = {
-        "cpu": cpu_model(),
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "isa": native.detected_isa,
         "llc_bytes": llc,
