@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--asym", action="store_true")
     p.add_argument("--act-order", action="store_true")
     p.add_argument("--static-groups", action="store_true")
+    p.add_argument("--clip-search", action="store_true")
     p.add_argument("--no-true-sequential", action="store_true")
     p.add_argument("--quantize-lm-head", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         method="gptq",
         act_order=args.act_order,
         static_groups=args.static_groups,
+        clip_search=args.clip_search,
         true_sequential=not args.no_true_sequential,
         quantize_lm_head=args.quantize_lm_head,
     )

@@ -3,7 +3,9 @@
 For each layer shape (the default models' linear layers, plus 4096x4096 and 11008x4096), each M
 (tokens) and each thread count it times, as the median of repeated calls:
 
-* ours:   ``cpu_linear`` on an RTN INT4 g128 symmetric layer, with fp32 and with bf16 activations;
+* ours:   ``cpu_linear`` on an RTN INT4 g128 symmetric layer, with fp32 and with bf16 activations,
+  and with fp32 activations under ``torch.set_float32_matmul_precision("medium")`` ("f32 med":
+  the user allows bf16 math for fp32 matmuls, so the kernel rounds x to bf16 and runs the bf16 code);
 * fp32 / bf16 ``F.linear`` on the float weight (what a float model does);
 * torch's own CPU int4 path (``aten._weight_int4pack_mm_for_cpu``; it needs K % 128 == 0, so it is
   missing for K = 576), with fp32 and bf16 activations;
@@ -141,6 +143,7 @@ def run_case(layer: Layer, m: int, cold: bool, min_time: float, naive: bool) -> 
     t = {
         "ours_fp32": timeit(lambda i: cpu_linear(x32, layer.lays[i]), nc(layer.lays), min_time),
         "ours_bf16": timeit(lambda i: cpu_linear(x16, layer.lays[i]), nc(layer.lays), min_time),
+        "ours_fp32_medium": _medium(lambda: timeit(lambda i: cpu_linear(x32, layer.lays[i]), nc(layer.lays), min_time)),
         "fp32_linear": timeit(lambda i: F.linear(x32, layer.w32[i]), nc(layer.w32), min_time),
         "bf16_linear": timeit(lambda i: F.linear(x16, layer.w16[i]), nc(layer.w16), min_time),
     }
@@ -155,10 +158,22 @@ def run_case(layer: Layer, m: int, cold: bool, min_time: float, naive: bool) -> 
     return t
 
 
+def _medium(fn):
+    """fn() under torch.set_float32_matmul_precision("medium"): the user's opt-in to bf16 math for
+    fp32 matmuls, which the CPU kernel honours (x rounded to bf16, the bf16 kernels)."""
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        return fn()
+    finally:
+        torch.set_float32_matmul_precision(saved)
+
+
 def ratios(t: dict) -> dict:
     r = {
         "fp32_linear/ours_fp32": t["fp32_linear"] / t["ours_fp32"],
         "fp32_linear/ours_bf16": t["fp32_linear"] / t["ours_bf16"],
+        "fp32_linear/ours_fp32_medium": t["fp32_linear"] / t["ours_fp32_medium"],
         "bf16_linear/ours_bf16": t["bf16_linear"] / t["ours_bf16"],
     }
     if "int4_bf16" in t:
@@ -219,7 +234,7 @@ def main(argv=None) -> int:
     print("# INT4 g128 sym RTN; times: median ms; GB/s: our weight bytes (codes + scales) / time, fp32|bf16 "
           "activations; %BW: the better of the two, of the read bandwidth; ratios: their time / ours (> 1: ours faster)")
     head = (f"{'model/layer':26s} {'N x K':>12s} {'M':>4s} {'thr':>3s} {'mode':4s} {'ours f32':>9s} {'ours bf16':>9s} "
-            f"{'GB/s f32|bf16':>13s} {'%BW':>4s} {'f32lin/':>7s} {'bf16lin/':>8s} {'int4bf/':>7s} {'int4f32/':>8s} {'naive/':>7s}")  # fmt: skip
+            f"{'f32 med':>8s} {'GB/s f32|bf16':>13s} {'%BW':>4s} {'f32lin/':>7s} {'bf16lin/':>8s} {'int4bf/':>7s} {'int4f32/':>8s} {'naive/':>7s}")  # fmt: skip
     print(head)
     results = []
     for model, name, n, k in shapes:
@@ -238,7 +253,7 @@ def main(argv=None) -> int:
                         "read_GBps": bw[th]["read_GBps"], "weight_bytes": layer.weight_bytes(),
                     })  # fmt: skip
                     print(f"{model + '/' + name:26s} {f'{n}x{k}':>12s} {m:4d} {th:3d} {mode:4s} "
-                          f"{t['ours_fp32'] * 1e3:9.3f} {t['ours_bf16'] * 1e3:9.3f} "
+                          f"{t['ours_fp32'] * 1e3:9.3f} {t['ours_bf16'] * 1e3:9.3f} {t['ours_fp32_medium'] * 1e3:8.3f} "
                           f"{gbps['fp32']:6.1f}|{gbps['bf16']:<6.1f} {100 * frac:4.0f} "
                           f"{fmt_ratio(r, 'fp32_linear/ours_fp32'):>7s} {fmt_ratio(r, 'bf16_linear/ours_bf16'):>8s} "
                           f"{fmt_ratio(r, 'int4_bf16/ours_bf16'):>7s} {fmt_ratio(r, 'int4_fp32/ours_fp32'):>8s} "
@@ -274,14 +289,18 @@ def check_targets(results: list[dict]) -> dict:
             out["decode_vs_int4_bf16"] = r["int4_bf16/ours_bf16"]
             lines.append(f"  M=1 cold 2 threads: {r['int4_bf16/ours_bf16']:.2f}x torch int4 with bf16 acts (target >= 1.2)")
         out["decode_fp32_vs_bf16"] = t["ours_bf16"] / t["ours_fp32"]
-        lines.append(f"  M=1 cold 2 threads: fp32 acts {t['ours_bf16'] / t['ours_fp32']:.2f}x the speed of bf16 acts (target ~1)")
+        out["decode_fp32_medium_vs_bf16"] = t["ours_bf16"] / t["ours_fp32_medium"]
+        lines.append(f"  M=1 cold 2 threads: fp32 acts {t['ours_bf16'] / t['ours_fp32']:.2f}x the speed of bf16 acts "
+                     f"(target ~1); {t['ours_bf16'] / t['ours_fp32_medium']:.2f}x with matmul precision 'medium'")
     for m in (128, 256):
         d = find(m, 2, "hot")
         if d:
             r = d["ratios"]
-            out[f"M{m}_vs_fp32_linear"] = {"bf16": r["fp32_linear/ours_bf16"], "fp32": r["fp32_linear/ours_fp32"]}
+            out[f"M{m}_vs_fp32_linear"] = {"bf16": r["fp32_linear/ours_bf16"], "fp32": r["fp32_linear/ours_fp32"],
+                                           "fp32_medium": r["fp32_linear/ours_fp32_medium"]}
             lines.append(f"  M={m} 2 threads: {r['fp32_linear/ours_bf16']:.2f}x (bf16 acts) / "
-                         f"{r['fp32_linear/ours_fp32']:.2f}x (fp32 acts) fp32 F.linear (target >= 1.5)")  # fmt: skip
+                         f"{r['fp32_linear/ours_fp32']:.2f}x (fp32 acts) / {r['fp32_linear/ours_fp32_medium']:.2f}x "
+                         "(fp32 acts, matmul precision 'medium') fp32 F.linear (target >= 1.5)")  # fmt: skip
     if len(lines) == 1:
         lines.append("  (not measured in this run: needs 4096x4096 with 2 threads)")
     out["lines"] = lines

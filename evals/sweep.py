@@ -34,10 +34,11 @@ def run(args: argparse.Namespace) -> dict:
         for method in args.methods:
             model, _ = load_model(args.model)
             cfg = llmquant.QuantConfig(bits=bits, group_size=args.group_size, method=method,
-                                       act_order=args.act_order and method == "gptq")
+                                       act_order=args.act_order and method == "gptq",
+                                       clip_search=args.clip_search and method == "gptq")
             if method == "gptq" and calibration is None:
                 calibration = calibration_batches(tok, source=args.calibration, nsamples=args.nsamples,
-                                                  seqlen=args.seqlen, seed=args.seed)
+                                                  seqlen=args.seqlen, seed=args.seed, bos=bos)
             t0 = time.perf_counter()
             llmquant.quantize(model, cfg, calibration=calibration if method == "gptq" else None)
             qtime = time.perf_counter() - t0
@@ -88,10 +89,14 @@ def write(result: dict, out: Path, quiet: bool = False) -> None:
         f"Protocol: WikiText-2 raw test (sha256 {p['corpus_sha256']}), first {p['max_tokens']} tokens, "
         f"context {p['context']}, stride {p['stride']}, BOS {p['bos']}.",
     ]
-    calib = next((r["calibration"] for r in result["rows"] if "calibration" in r), None)
-    if calib:
-        lines.append(f"GPTQ calibration: {calib['source']} corpus, {calib['nsamples']} × {calib['seqlen']} tokens, "
-                     f"seed {calib['seed']}.")
+    gptq = next((r for r in result["rows"] if "calibration" in r), None)
+    if gptq:
+        calib, cfg = gptq["calibration"], gptq["config"]
+        source = calib["source"] + (" (the news corpus)" if calib["source"] == "builtin" else "")
+        lines.append(f"GPTQ: act_order {cfg['act_order']}, clip_search {cfg['clip_search']}, damp_percent "
+                     f"{cfg['damp_percent']}, block_size {cfg['block_size']}, true_sequential {cfg['true_sequential']}; "
+                     f"calibration: {source}, {calib['nsamples']} × {calib['seqlen']} tokens, seed {calib['seed']}. "
+                     "RTN: the same scheme, ranges from min/max.")
     for bits, g in result["gptq_vs_rtn"].items():
         lines.append(f"INT{bits}: GPTQ closes {g['gap_closed_pct']:.1f}% of RTN's perplexity gap to float "
                      f"(its increase is {g['gptq_increase_over_rtn_increase']:.2f}× RTN's).")
@@ -132,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=["rtn", "gptq"], choices=["rtn", "gptq"])
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--act-order", action="store_true")
+    p.add_argument("--clip-search", action="store_true")
     p.add_argument("--corpus")
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--max-tokens", type=int, default=8192)

@@ -3,11 +3,16 @@
 ``calibration_batches(tokenizer, source, nsamples, seqlen, seed)`` returns ``nsamples`` int64 tensors of
 shape [1, seqlen], cut at random positions out of one long token stream. Sources:
 
-* ``"builtin"`` (default): the English prose of the Python documentation's topic pages, which ships
-  with every Python as ``pydoc_data.topics`` (about 0.5 MB of text in Python 3.11, ~100k tokens for
-  typical tokenizers): nothing to download or commit, and deliberately *not* WikiText-2, which is the
-  evaluation set. Its content follows the Python version, so calibration sequences are reproducible for
-  a given Python minor version.
+* ``"builtin"`` (default) or ``"news"``: the Lee corpus, 300 English news articles of the Australian
+  Broadcasting Corporation (about 360 kB, ~80k tokens for typical tokenizers), as the ``gensim``
+  wheel ships it (``gensim/test/test_data/lee_background.cor``; a dependency of llmquant, read as a
+  file, never imported). General prose, nothing to download or commit, and deliberately *not*
+  WikiText-2, which is the evaluation set. Its sha256 is checked, so calibration sequences are
+  reproducible. On gemma3-270m it calibrates GPTQ far better than technical text: INT4 g128 with
+  act-order reaches perplexity 36.2 against 40.2 with ``"pydoc"`` (see ``evals/results``).
+* ``"pydoc"``: the English prose of the Python documentation's topic pages, which ships with every
+  Python as ``pydoc_data.topics`` (about 0.5 MB); technical text, for machines without the corpus
+  above. Its content follows the Python version.
 * a path: a text file (``.jsonl`` files: one JSON object per line, its ``"text"`` field), or a directory
   whose ``*.txt``, ``*.md`` and ``*.jsonl`` files are read in name order.
 * ``"hf:<dataset>[:<config>][:<split>]"``: a Hugging Face dataset's ``"text"`` column (split ``train``
@@ -36,12 +41,49 @@ logger = logging.getLogger(__name__)
 
 _TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
 
+#: the news corpus inside the gensim wheel, and the sha256 of the file this llmquant was tuned with
+NEWS_PACKAGE = "gensim"
+NEWS_FILE = "test/test_data/lee_background.cor"
+NEWS_SHA256 = "5d78d6dafd953bbf65797bef09a9ffb9ec430583381be705f8fd460000f370fb"
+#: named sources; "builtin" is the default
+NAMED_SOURCES = ("builtin", "news", "pydoc")
 
-def builtin_documents() -> list[str]:
-    """The built-in calibration text: the topic pages of Python's own documentation."""
+
+def news_documents() -> list[str]:
+    """The Lee news corpus (one article per line) from the installed gensim package's files."""
+    import hashlib
+    import importlib.util
+
+    spec = importlib.util.find_spec(NEWS_PACKAGE)  # locates the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            f"the built-in calibration corpus comes with the {NEWS_PACKAGE!r} package, which is not installed: "
+            f"pip install {NEWS_PACKAGE}==4.4.0 (or --calibration pydoc, or a text file)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / NEWS_FILE
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"the built-in calibration corpus {path} cannot be read ({e}); reinstall {NEWS_PACKAGE}") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != NEWS_SHA256:
+        raise ValueError(
+            f"the built-in calibration corpus {path} has sha256 {digest}, expected {NEWS_SHA256}: a different "
+            f"{NEWS_PACKAGE} version? pip install {NEWS_PACKAGE}==4.4.0, or pass the file explicitly"
+        )
+    return [line for line in data.decode("utf-8").splitlines() if line.strip()]
+
+
+def pydoc_documents() -> list[str]:
+    """The topic pages of Python's own documentation."""
     from pydoc_data.topics import topics
 
     return [topics[k] for k in sorted(topics)]
+
+
+def builtin_documents() -> list[str]:
+    """The default calibration text (the news corpus)."""
+    return news_documents()
 
 
 def _read_file(path: Path) -> list[str]:
@@ -99,15 +141,17 @@ def _hf_documents(spec: str) -> list[str]:
 
 def load_documents(source: str | os.PathLike) -> list[str]:
     """The documents of a calibration ``source`` (see the module docstring)."""
-    if isinstance(source, str) and source == "builtin":
-        docs = builtin_documents()
+    if isinstance(source, str) and source in ("builtin", "news"):
+        docs = news_documents()
+    elif isinstance(source, str) and source == "pydoc":
+        docs = pydoc_documents()
     elif isinstance(source, str) and source.startswith("hf:"):
         docs = _hf_documents(source[3:])
     else:
         path = Path(source)
         if not path.exists():
             raise ValueError(
-                f"calibration source {str(source)!r} is not 'builtin', 'hf:<dataset>' or an existing path"
+                f"calibration source {str(source)!r} is not 'builtin', 'news', 'pydoc', 'hf:<dataset>' or an existing path"
             )
         docs = _path_documents(path)
     docs = [d for d in docs if d.strip()]

@@ -85,6 +85,9 @@ class QuantConfig:
     # GPTQ knobs
     damp_percent: float = 0.01
     block_size: int = 128
+    #: choose each group's range by searching a clipping factor (weighted by the input energy of
+    #: each column, the Hessian diagonal) instead of taking [min, max]; GPTQ only
+    clip_search: bool = False
     true_sequential: bool = True
     #: quantize the output layer too (it is skipped by default)
     quantize_lm_head: bool = False

@@ -46,13 +46,15 @@ def add_scheme_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--method", default="rtn", choices=("rtn", "gptq"))
     g.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
     g.add_argument("--static-groups", action="store_true", help="GPTQ act-order with groups fixed up front")
+    g.add_argument("--clip-search", action="store_true",
+                   help="GPTQ: search each group's clipping range (Hessian-weighted error) instead of min/max")
     g.add_argument("--skip", action="append", default=None, metavar="PATTERN",
                    help="module pattern to keep in float (repeatable; default: lm_head)")
     g.add_argument("--override", action="append", type=_parse_override, default=[], metavar="PATTERN=SPEC",
                    help="per-module scheme, e.g. 'mlp.down_proj=bits:8' or 're:.*layers\\.0\\..*=skip'")
     g.add_argument("--quantize-lm-head", action="store_true", help="quantize the output layer too")
     c = p.add_argument_group("calibration (GPTQ)")
-    c.add_argument("--calibration", default="builtin", help="'builtin', a text file, or hf:<dataset>")
+    c.add_argument("--calibration", default="builtin", help="'builtin' (= 'news', a news corpus), 'pydoc', a text file, or hf:<dataset>")
     c.add_argument("--nsamples", type=int, default=128)
     c.add_argument("--seqlen", type=int, default=512)
     c.add_argument("--seed", type=int, default=0)
@@ -68,6 +70,7 @@ def config_from_args(args: argparse.Namespace):
         method=args.method,
         act_order=args.act_order,
         static_groups=args.static_groups,
+        clip_search=args.clip_search,
         skip=tuple(args.skip) if args.skip is not None else ("lm_head",),
         overrides=dict(args.override),
         quantize_lm_head=args.quantize_lm_head,
@@ -81,9 +84,12 @@ def quantize_model(args: argparse.Namespace, model, tokenizer) -> dict:
     calibration = None
     if config.method == "gptq":
         from llmquant.calibration import calibration_batches
+        from llmquant.models import bos_for_raw_text
 
+        # calibration text is raw text: start it the way the model sees raw text (BOS for Gemma)
         calibration = calibration_batches(
-            tokenizer, source=args.calibration, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed
+            tokenizer, source=args.calibration, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+            bos=bos_for_raw_text(args.model, tokenizer),
         )
     return llmquant.quantize(model, config, calibration=calibration)
 

@@ -41,9 +41,10 @@ class LlmQuantConfig(QuantizationConfigMixin):
     """transformers-facing wrapper of :class:`~llmquant.config.QuantConfig`.
 
     Takes the same fields (``bits``, ``group_size``, ``sym``, ``method``, ``act_order``, ``skip``,
-    ``overrides``, ...). For ``method="gptq"`` on the fly, ``calibration`` (``"builtin"``, a text file, or
-    ``"hf:<dataset>"``), ``nsamples``, ``seqlen``, ``seed`` and ``tokenizer`` (a name or path; defaults to
-    the model's) say what to calibrate on.
+    ``overrides``, ...). For ``method="gptq"`` on the fly, ``calibration`` (``"builtin"``: a news
+    corpus, ``"pydoc"``, a text file, or ``"hf:<dataset>"``; see :mod:`llmquant.calibration`),
+    ``nsamples``, ``seqlen``, ``seed`` and ``tokenizer`` (a name or path; defaults to the model's) say
+    what to calibrate on.
     """
 
     def __init__(self, **kwargs: Any) -> None:
@@ -170,6 +171,7 @@ def _calibration_for(model, opts: dict[str, Any]):
     from transformers import AutoTokenizer
 
     from llmquant.calibration import calibration_batches
+    from llmquant.models import bos_for_raw_text
 
     tok_name = opts.get("tokenizer") or model.name_or_path
     tokenizer = AutoTokenizer.from_pretrained(tok_name) if isinstance(tok_name, str) else tok_name
@@ -179,6 +181,7 @@ def _calibration_for(model, opts: dict[str, Any]):
         nsamples=opts.get("nsamples", 128),
         seqlen=opts.get("seqlen", 512),
         seed=opts.get("seed", 0),
+        bos=bos_for_raw_text(str(model.name_or_path), tokenizer),
     )
 
 

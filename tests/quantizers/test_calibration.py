@@ -11,6 +11,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
+from llmquant import calibration
 from llmquant.calibration import builtin_documents, calibration_batches, load_documents, token_stream
 
 WIKITEXT = Path("/work/shared/data/wikitext-2-raw")
@@ -44,14 +45,32 @@ def find_starts(stream: list[int], samples: list[torch.Tensor], skip: int) -> li
 
 
 def test_builtin_source_shapes_bos_and_disjoint_windows(tok):
-    batches = calibration_batches(tok, "builtin", nsamples=128, seqlen=512, seed=0)
-    assert len(batches) == 128
+    batches = calibration_batches(tok, "builtin", nsamples=100, seqlen=512, seed=0)
+    assert len(batches) == 100
     assert all(b.shape == (1, 512) and b.dtype == torch.int64 for b in batches)
     assert all(int(b[0, 0]) == tok.bos_token_id for b in batches)
     stream = token_stream(tok, builtin_documents())
-    assert len(stream) > 128 * 511  # room for disjoint windows
+    assert len(stream) > 100 * 511  # room for disjoint windows
     starts = sorted(find_starts(stream, batches[:20], skip=1))
     assert all(b - a >= 511 for a, b in zip(starts, starts[1:]))
+
+
+def test_named_sources():
+    news = load_documents("news")
+    assert load_documents("builtin") == news
+    assert len(news) == 300 and all(len(d) > 200 for d in news)  # one news article per line
+    assert "bushfire" in news[0]
+    pydoc = load_documents("pydoc")
+    assert pydoc and not set(pydoc) & set(news)
+
+
+def test_news_corpus_is_checked(monkeypatch):
+    monkeypatch.setattr(calibration, "NEWS_SHA256", "0" * 64)
+    with pytest.raises(ValueError, match="has sha256 5d78d6da.*expected 0000.*gensim==4.4.0"):
+        load_documents("builtin")
+    monkeypatch.setattr(calibration, "NEWS_PACKAGE", "llmquant_no_such_package")
+    with pytest.raises(ValueError, match="comes with the 'llmquant_no_such_package' package, which is not installed"):
+        load_documents("news")
 
 
 def test_seed_determines_the_samples(tok):
@@ -80,8 +99,9 @@ def test_bos_override():
 
 
 @pytest.mark.skipif(not WIKITEXT.exists(), reason="WikiText-2 not present")
-def test_builtin_text_is_not_the_evaluation_set():
-    text = "\n".join(builtin_documents())
+@pytest.mark.parametrize("source", ["news", "pydoc"])
+def test_builtin_text_is_not_the_evaluation_set(source):
+    text = "\n".join(load_documents(source))
     wiki_lines = [
         line.strip()
         for f in sorted(WIKITEXT.iterdir()) if f.is_file()
@@ -111,7 +131,7 @@ def test_errors_are_clear(tmp_path, tok):
     (tmp_path / "short.txt").write_text("too short")
     with pytest.raises(ValueError, match=r"has 2 tokens, fewer than one sequence of seqlen=64"):
         calibration_batches(tok, tmp_path / "short.txt", nsamples=1, seqlen=64)
-    with pytest.raises(ValueError, match="not 'builtin', 'hf:<dataset>' or an existing path"):
+    with pytest.raises(ValueError, match="not 'builtin', 'news', 'pydoc', 'hf:<dataset>' or an existing path"):
         calibration_batches(tok, "wikitxt", nsamples=1)
     with pytest.raises(ValueError, match="nsamples must be positive"):
         calibration_batches(tok, nsamples=0)

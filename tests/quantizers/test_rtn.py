@@ -48,3 +48,23 @@ def test_rejects_nan_and_bad_shape():
         quantize_weight_rtn(w, LayerQuant(4, 32, True))
     with pytest.raises(ValueError, match=r"\[N, K\]"):
         quantize_weight_rtn(torch.randn(4), LayerQuant(4, 32, True))
+
+
+@pytest.mark.parametrize("bits,sym", [(2, True), (3, False), (4, True), (4, False), (8, True)])
+def test_clip_search_never_loses_and_usually_wins(bits, sym):
+    """qparams(clip=True) keeps, per row, the best of a grid that includes the plain min/max range:
+    its weighted rounding error is never larger, and on Gaussian rows at <= 4 bits mostly smaller."""
+    from llmquant.quantizers.grid import fake_quantize, qparams
+
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(256, 128, generator=g)
+    imp = torch.rand(128, generator=g) * 10
+    errs = []
+    for clip in (False, True):
+        s, z = qparams(w, bits, sym, clip=clip, importance=imp)
+        d = fake_quantize(w, s[:, None], z[:, None], bits) - w
+        errs.append((d * d) @ imp)
+    plain, clipped = errs
+    assert (clipped <= plain * (1 + 1e-6)).all()
+    if bits <= 4:
+        assert (clipped < plain).float().mean() > 0.5
