@@ -1,15 +1,18 @@
 """End-to-end CPU speed of the default models, float vs INT4 (the native CPU kernel).
 
-For each model, activation dtype and batch size it measures, on the same random prompt:
+For each model, activation dtype and batch size it measures, on the same prompt (windows of the
+built-in news corpus):
 
 * prefill tokens/s: one forward pass over a [B, P] prompt (B * P tokens / seconds, median of runs);
 * decode tokens/s: a greedy loop of T steps with the KV cache after that prefill
   (B * T tokens / seconds).
 
 The INT4 model is ``llmquant.quantize(model, QuantConfig(bits=4, group_size=128,
-quantize_lm_head=True))`` (RTN, symmetric, the head quantized too); every linear layer then runs on
-the kernel the registry picks (printed; "cpu" is the native kernel). The fraction of greedy tokens
-that agree with the float model's is printed as a sanity check (not a quality metric).
+quantize_lm_head=True))`` (RTN, symmetric, the head quantized too, to ``--head-bits``); every linear
+layer then runs on the kernel the registry picks (printed; "cpu" is the native kernel). The fraction
+of greedy tokens that agree with the float model's is printed as a sanity check; the quality number
+is the WikiText-2 perplexity of both models (fp32, context 512, first ``--ppl-tokens`` tokens),
+printed beside the speeds.
 
     python bench/decode.py --quick
     python bench/decode.py --models gemma3-270m,smollm2-135m --batch 1,8 --json out/decode.json
@@ -29,7 +32,8 @@ import torch
 
 from llmquant import QuantConfig, QuantLinear, quantize
 from llmquant.kernels import cpu_native
-from llmquant.models import load_model
+from llmquant.evals.perplexity import perplexity
+from llmquant.models import bos_for_raw_text, load_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -55,9 +59,16 @@ def greedy(model, ids: torch.Tensor, steps: int) -> tuple[torch.Tensor, float]:
     return torch.cat(out, dim=1), time.perf_counter() - t0
 
 
-def measure(model, batch: int, prompt_len: int, steps: int, reps: int, vocab: int) -> dict:
-    g = torch.Generator().manual_seed(batch * 1000 + prompt_len)
-    ids = torch.randint(100, min(vocab, 30000), (batch, prompt_len), generator=g)
+def prompts(tok, batch: int, prompt_len: int) -> torch.Tensor:
+    """[batch, prompt_len] token ids of real English text (windows of the built-in news corpus), so
+    that the greedy continuations of the two models can be compared meaningfully."""
+    from llmquant.calibration import calibration_batches
+
+    return torch.cat(calibration_batches(tok, "builtin", nsamples=batch, seqlen=prompt_len, seed=batch))
+
+
+def measure(model, ids: torch.Tensor, steps: int, reps: int) -> dict:
+    batch, prompt_len = ids.shape
     prefill(model, ids[:, :8])  # warm-up
     times = []
     for _ in range(reps):
@@ -107,35 +118,46 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=32, help="greedy decode steps")
     ap.add_argument("--reps", type=int, default=3, help="prefill repetitions (median)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--head-bits", type=int, default=4, choices=(4, 8), help="bits of the quantized lm_head")
+    ap.add_argument("--ppl-tokens", type=int, default=2048, help="WikiText-2 tokens to score (0: skip)")
     ap.add_argument("--quick", action="store_true", help="smollm2-135m, fp32, batch 1, short prompt")
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args(argv)
     if args.quick:
         args.models, args.dtypes, args.batch, args.prompt_len, args.steps, args.reps = "smollm2-135m", "fp32", "1", 64, 16, 2
+        args.ppl_tokens = 0
     if args.threads:
         torch.set_num_threads(args.threads)
     native, why = cpu_native.load()
     print(f"# threads {torch.get_num_threads()}, CPU kernels: {native.detected_isa if native else 'unavailable: ' + why}, "
           f"torch {torch.__version__}, load average {os.getloadavg()[0]:.2f}")  # fmt: skip
-    print(f"# prompt {args.prompt_len} tokens, {args.steps} greedy steps; tokens/s")
+    print(f"# prompt {args.prompt_len} tokens, {args.steps} greedy steps; tokens/s; INT4 g128 RTN, lm_head INT{args.head_bits}")
     print(f"{'model':14s} {'dtype':5s} {'B':>3s} {'float prefill':>14s} {'int4 prefill':>13s} {'x':>5s} "
           f"{'float decode':>13s} {'int4 decode':>12s} {'x':>5s} {'agree':>6s}  kernels")  # fmt: skip
     results = []
     for name in args.models.split(","):
-        base, _ = load_model(name, dtype=torch.float32)
+        base, tok = load_model(name, dtype=torch.float32)
         qmodel = copy.deepcopy(base)
-        quantize(qmodel, QuantConfig(bits=4, group_size=128, quantize_lm_head=True), progress=False)
-        vocab = base.config.vocab_size
+        head = {} if args.head_bits == 4 else {"lm_head": {"bits": args.head_bits}}
+        quantize(qmodel, QuantConfig(bits=4, group_size=128, quantize_lm_head=True, overrides=head), progress=False)
+        ppl = {}
+        if args.ppl_tokens:
+            bos = bos_for_raw_text(name, tok)
+            for label, m in (("float", base), ("int4", qmodel)):
+                ppl[label] = perplexity(m, tok, bos=bos, context=512, max_tokens=args.ppl_tokens, progress=False)["ppl"]
+            print(f"# {name}: WikiText-2 perplexity (first {args.ppl_tokens} tokens, context 512, BOS {bos}): "
+                  f"float {ppl['float']:.2f}, int4 {ppl['int4']:.2f}", flush=True)  # fmt: skip
         for dname in args.dtypes.split(","):
             dt = DTYPES[dname]
             fm, qm = base.to(dt), cast_activations(qmodel, dt)
             for b in (int(v) for v in args.batch.split(",")):
-                f = measure(fm, b, args.prompt_len, args.steps, args.reps, vocab)
-                q = measure(qm, b, args.prompt_len, args.steps, args.reps, vocab)
+                ids = prompts(tok, b, args.prompt_len)
+                f = measure(fm, ids, args.steps, args.reps)
+                q = measure(qm, ids, args.steps, args.reps)
                 agree = (f.pop("tokens") == q.pop("tokens")).float().mean().item()
                 used = kernels_used(qm)
                 results.append({"model": name, "dtype": dname, "batch": b, "float": f, "int4": q, "agree": agree,
-                                "kernels": used})  # fmt: skip
+                                "kernels": used, "ppl": ppl, "head_bits": args.head_bits})  # fmt: skip
                 print(f"{name:14s} {dname:5s} {b:3d} {f['prefill_tok_s']:14.1f} {q['prefill_tok_s']:13.1f} "
                       f"{q['prefill_tok_s'] / f['prefill_tok_s']:5.2f} {f['decode_tok_s']:13.1f} {q['decode_tok_s']:12.1f} "
                       f"{q['decode_tok_s'] / f['decode_tok_s']:5.2f} {agree:6.2f}  {used}", flush=True)  # fmt: skip
