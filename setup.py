@@ -56,7 +56,7 @@ setup(
         Extension(
             "llmquant.kernels._lqcpu",
             sources=SOURCES,
-            depends=["kernels/csrc/lq_cpu.h"],
+            depends=["kernels/csrc/lq_cpu.h", "kernels/csrc/lq_avx512_inl.h"],
             optional=True,
         )
     ],

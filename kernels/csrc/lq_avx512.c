@@ -20,26 +20,7 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")
 #endif
 
-#define INLINE static inline __attribute__((always_inline))
-
-/* {sum a, sum b, sum c, sum d} */
-INLINE __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
-    const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-    const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-    const __m512 abcd = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xEE));
-    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(abcd),
-                                   _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(abcd), 1)));
-    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-}
-
-/* scale and zero point of rows 4t..4t+3 in group g */
-INLINE void group_params(const lq_layout *L, int64_t t, int64_t g, float s[4], float z[4]) {
-    const int64_t at = (t * L->NG + g) * LQ_TILE;
-    for (int r = 0; r < 4; r++) {
-        s[r] = _cvtsh_ss(L->s[at + r]);
-        z[r] = L->z ? (float)L->z[at + r] : (float)L->zc;
-    }
-}
+#include "lq_avx512_inl.h"
 
 /* scale and -zero*scale of rows 4t..4t+3 in group g, as fp32 */
 INLINE void group_s_nzs(const lq_layout *L, int64_t t, int64_t g, float s[4], float nzs[4]) {
@@ -76,8 +57,6 @@ INLINE void scales8(const lq_layout *L, int64_t t, int64_t g, __m512 vs[4], __m5
         vnzs[r] = _mm512_set1_ps(-(z[r] * s[r]));
     }
 }
-
-INLINE __m512i load16_u8(const uint8_t *p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)); }
 
 INLINE void reduce_out(__m512 acc[4][4], int mm, float out[4][4]) {
     for (int i = 0; i < mm; i++) _mm_storeu_ps(out[i], hsum4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]));

@@ -19,24 +19,7 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,f16c")
 #endif
 
-#define INLINE static inline __attribute__((always_inline))
-
-INLINE __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
-    const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-    const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-    const __m512 abcd = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xEE));
-    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(abcd),
-                                   _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(abcd), 1)));
-    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-}
-
-INLINE void group_params(const lq_layout *L, int64_t t, int64_t g, float s[4], float z[4]) {
-    const int64_t at = (t * L->NG + g) * LQ_TILE;
-    for (int r = 0; r < 4; r++) {
-        s[r] = _cvtsh_ss(L->s[at + r]);
-        z[r] = L->z ? (float)L->z[at + r] : (float)L->zc;
-    }
-}
+#include "lq_avx512_inl.h"
 
 /* tab[r] = 32 bf16: (q - z) * s for q = 0..15 (computed exactly in fp32 as fma(q, s, -z*s), then
  * rounded to nearest even), twice */
@@ -51,8 +34,6 @@ INLINE void tables32(const lq_layout *L, int64_t t, int64_t g, __m512i tab[4]) {
         tab[r] = (__m512i)_mm512_cvtne2ps_pbh(v, v);
     }
 }
-
-INLINE __m512i load16_u8(const uint8_t *p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)); }
 
 static void dequant_bf16_avx512(const lq_layout *L, int64_t t0, int64_t ntl, int64_t k0, int64_t kc, uint16_t *buf,
                                 int64_t ldb) {

@@ -1,0 +1,35 @@
+/* Helpers shared by the AVX-512 kernel files (lq_avx512.c, lq_avx512_bf16.c). Include it after the
+ * file's target pragma: the functions are always inlined, so each file compiles them for its own
+ * instruction set. */
+#ifndef LQ_AVX512_INL_H
+#define LQ_AVX512_INL_H
+
+#include <immintrin.h>
+
+#include "lq_cpu.h"
+
+#define INLINE static inline __attribute__((always_inline))
+
+/* {sum a, sum b, sum c, sum d} */
+INLINE __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+    const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+    const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+    const __m512 abcd = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xEE));
+    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(abcd),
+                                   _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(abcd), 1)));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+/* scale and zero point of rows 4t..4t+3 in group g */
+INLINE void group_params(const lq_layout *L, int64_t t, int64_t g, float s[4], float z[4]) {
+    const int64_t at = (t * L->NG + g) * LQ_TILE;
+    for (int r = 0; r < 4; r++) {
+        s[r] = _cvtsh_ss(L->s[at + r]);
+        z[r] = L->z ? (float)L->z[at + r] : (float)L->zc;
+    }
+}
+
+/* 16 bytes -> 16 uint32 lanes */
+INLINE __m512i load16_u8(const uint8_t *p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)); }
+
+#endif
