@@ -1,7 +1,9 @@
 """Benchmark of the CPU INT4 dequant-GEMM kernel (issue 4) against the alternatives, in one run.
 
 For each layer shape (the default models' linear layers, plus 4096x4096 and 11008x4096), each M
-(tokens) and each thread count it times, as the median of repeated calls:
+(tokens) and each thread count it times, as the median of repeated calls, in ``--rounds`` interleaved
+rounds (every method once per round; reported: the median over rounds of times and of per-round
+ratios, so that a slow spell of a shared machine does not bias a comparison):
 
 * ours:   ``cpu_linear`` on an RTN INT4 g128 symmetric layer, with fp32 and with bf16 activations,
   and with fp32 activations under ``torch.set_float32_matmul_precision("medium")`` ("f32 med":
@@ -181,7 +183,30 @@ def ratios(t: dict) -> dict:
         r["int4_fp32/ours_fp32"] = t["int4_fp32"] / t["ours_fp32"]
     if "naive" in t:
         r["naive/ours_fp32"] = t["naive"] / t["ours_fp32"]
+    r["ours_fp32/ours_bf16"] = t["ours_fp32"] / t["ours_bf16"]
+    r["ours_fp32_medium/ours_bf16"] = t["ours_fp32_medium"] / t["ours_bf16"]
     return r
+
+
+def run_rounds(layer: Layer, m: int, cold: bool, min_time: float, naive: bool, rounds: int, threads: int,
+               bw_start: float) -> dict:
+    """``rounds`` interleaved repetitions of one case: every method is timed once per round, and the
+    ratios (and, for cold cases, the bandwidth, re-measured in each round) are taken per round, then
+    the median over rounds is reported. A slow spell of the machine (a noisy neighbour on a VM) then
+    hits the methods of one round alike instead of biasing a ratio."""
+    per = []
+    for i in range(rounds):
+        t = run_case(layer, m, cold, min_time, naive=naive and i == 0)
+        read = bandwidth(threads, 0.05)["read_GBps"] if cold else bw_start
+        gbps = {dt: layer.weight_bytes() / t[f"ours_{dt}"] / 1e9 for dt in ("fp32", "bf16")}
+        per.append((t, ratios(t), read, {dt: g / read for dt, g in gbps.items()}))
+    med = statistics.median
+    t = {k: med([p[0][k] for p in per if k in p[0]]) for k in per[0][0]}
+    r = {k: med([p[1][k] for p in per if k in p[1]]) for k in per[0][1]}
+    frac = {dt: med([p[3][dt] for p in per]) for dt in ("fp32", "bf16")}
+    gbps = {dt: layer.weight_bytes() / t[f"ours_{dt}"] / 1e9 for dt in ("fp32", "bf16")}
+    return {"times_s": t, "ratios": r, "ours_GBps": gbps, "frac_read_bw_by_dtype": frac,
+            "frac_read_bw": max(frac.values()), "read_GBps": med([p[2] for p in per]), "rounds": rounds}
 
 
 def fmt_ratio(r: dict, key: str) -> str:
@@ -197,6 +222,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default=None, help="comma-separated layer names or N x K (default: all)")
     ap.add_argument("--min-time", type=float, default=None, help="seconds of calls per measurement")
     ap.add_argument("--no-naive", action="store_true", help="skip the slow dequantize-then-matmul baseline")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of each case (median)")
     args = ap.parse_args(argv)
 
     native, why = cpu_native.load()
@@ -243,14 +269,12 @@ def main(argv=None) -> int:
             torch.set_num_threads(th)
             for m in ms:
                 for mode in ("cold", "hot") if m <= COLD_MAX_M else ("hot",):
-                    t = run_case(layer, m, mode == "cold", min_time, naive=not args.no_naive and mode == "hot")
-                    r = ratios(t)
-                    gbps = {dt: layer.weight_bytes() / t[f"ours_{dt}"] / 1e9 for dt in ("fp32", "bf16")}
-                    frac = max(gbps.values()) / bw[th]["read_GBps"]
+                    res = run_rounds(layer, m, mode == "cold", min_time, not args.no_naive and mode == "hot",
+                                     args.rounds, th, bw[th]["read_GBps"])
+                    t, r, gbps, frac = res["times_s"], res["ratios"], res["ours_GBps"], res["frac_read_bw"]
                     results.append({
                         "model": model, "layer": name, "N": n, "K": k, "M": m, "threads": th, "mode": mode,
-                        "times_s": t, "ratios": r, "ours_GBps": gbps, "frac_read_bw": frac,
-                        "read_GBps": bw[th]["read_GBps"], "weight_bytes": layer.weight_bytes(),
+                        "weight_bytes": layer.weight_bytes(), **res,
                     })  # fmt: skip
                     print(f"{model + '/' + name:26s} {f'{n}x{k}':>12s} {m:4d} {th:3d} {mode:4s} "
                           f"{t['ours_fp32'] * 1e3:9.3f} {t['ours_bf16'] * 1e3:9.3f} {t['ours_fp32_medium'] * 1e3:8.3f} "
@@ -281,17 +305,17 @@ def check_targets(results: list[dict]) -> dict:
 
     d = find(1, 2, "cold")
     if d:
-        t, r = d["times_s"], d["ratios"]
-        out["decode_frac_bw"] = {dt: g / d["read_GBps"] for dt, g in d["ours_GBps"].items()}
+        r = d["ratios"]
+        out["decode_frac_bw"] = d["frac_read_bw_by_dtype"]
         lines.append("  M=1 cold 2 threads: " + ", ".join(
             f"{dt} acts {100 * f:.0f}%" for dt, f in out["decode_frac_bw"].items()) + " of read bandwidth (target >= 80%)")
         if "int4_bf16/ours_bf16" in r:
             out["decode_vs_int4_bf16"] = r["int4_bf16/ours_bf16"]
             lines.append(f"  M=1 cold 2 threads: {r['int4_bf16/ours_bf16']:.2f}x torch int4 with bf16 acts (target >= 1.2)")
-        out["decode_fp32_vs_bf16"] = t["ours_bf16"] / t["ours_fp32"]
-        out["decode_fp32_medium_vs_bf16"] = t["ours_bf16"] / t["ours_fp32_medium"]
-        lines.append(f"  M=1 cold 2 threads: fp32 acts {t['ours_bf16'] / t['ours_fp32']:.2f}x the speed of bf16 acts "
-                     f"(target ~1); {t['ours_bf16'] / t['ours_fp32_medium']:.2f}x with matmul precision 'medium'")
+        out["decode_fp32_vs_bf16"] = 1 / r["ours_fp32/ours_bf16"]
+        out["decode_fp32_medium_vs_bf16"] = 1 / r["ours_fp32_medium/ours_bf16"]
+        lines.append(f"  M=1 cold 2 threads: fp32 acts {out['decode_fp32_vs_bf16']:.2f}x the speed of bf16 acts "
+                     f"(target ~1); {out['decode_fp32_medium_vs_bf16']:.2f}x with matmul precision 'medium'")
     for m in (128, 256):
         d = find(m, 2, "hot")
         if d:

@@ -95,6 +95,7 @@ INLINE void gemv4_k(const lq_layout *L, int64_t t, const float *x, int64_t ldx, 
     if (sb_groups) {
         for (int64_t sb = 0; sb < nsb; sb++, q += 4 * 64) {
             __m512i W[4];
+            prefetch_superblock(q);
             for (int r = 0; r < 4; r++) W[r] = _mm512_loadu_si512(q + 64 * r);
             const float *xb = x + sb * LQ_SB;
             /* the next superblock's tables are built now, off the critical path of its lookups */
@@ -120,6 +121,7 @@ INLINE void gemv4_k(const lq_layout *L, int64_t t, const float *x, int64_t ldx, 
     } while (0)
         for (int64_t sb = 0; sb < nsb; sb++, q += 4 * 64) {
             __m512i W[4];
+            prefetch_superblock(q);
             for (int r = 0; r < 4; r++) W[r] = _mm512_loadu_si512(q + 64 * r);
             const float *xb = x + sb * LQ_SB;
             GEMV4_BLOCK(0);

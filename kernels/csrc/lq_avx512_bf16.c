@@ -164,6 +164,7 @@ INLINE void gemv4_bf16_k(const lq_layout *L, int64_t t, const uint16_t *x, int64
     const uint8_t *q = lq_tile(L, t);
     for (int64_t sb = 0; sb < nsb; sb++, q += 4 * 64) {
         __m512i W[4];
+        prefetch_superblock(q);
         for (int r = 0; r < 4; r++) W[r] = _mm512_loadu_si512(q + 64 * r);
         const uint16_t *xb = x + sb * LQ_SB;
         if (sb_groups) { /* the next superblock's tables are built ahead of its lookups */
