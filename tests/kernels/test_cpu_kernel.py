@@ -205,12 +205,14 @@ def test_leading_dims_strides_and_empty(layers):
 
 
 @needs_native
-def test_threads_do_not_change_results(layers):
-    """Each output row is computed by one thread with the same code: bitwise equal for any count."""
+def test_threads_do_not_change_results():
+    """Each output row is computed by one thread with the same code: bitwise equal for any count.
+    (2048 x 2048: large enough that even M = 1 is split between threads.)"""
     saved = torch.get_num_threads()
+    w = make_packed(4, 128, False, False, 2048, 2048, seed=11)
+    lay, bias = repack(w), torch.randn(2048)
     try:
         for m in (1, 33):
-            _, w, lay, bias = layers[0]
             x = torch.randn(m, w.in_features)
             torch.set_num_threads(1)
             y1 = cpu_linear(x, lay, bias)
