@@ -85,8 +85,8 @@ class QuantConfig:
     # GPTQ knobs
     damp_percent: float = 0.01
     block_size: int = 128
-    #: choose each group's range by searching a clipping factor (weighted by the input energy of
-    #: each column, the Hessian diagonal) instead of taking [min, max]; GPTQ only
+    #: choose each group's range by searching a clipping factor instead of taking [min, max]; GPTQ
+    #: weights the rounding error by each column's input energy (the Hessian diagonal), RTN does not
     clip_search: bool = False
     true_sequential: bool = True
     #: quantize the output layer too (it is skipped by default)

@@ -47,7 +47,7 @@ def add_scheme_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
     g.add_argument("--static-groups", action="store_true", help="GPTQ act-order with groups fixed up front")
     g.add_argument("--clip-search", action="store_true",
-                   help="GPTQ: search each group's clipping range (Hessian-weighted error) instead of min/max")
+                   help="search each group's clipping range (GPTQ: Hessian-weighted error) instead of min/max")
     g.add_argument("--skip", action="append", default=None, metavar="PATTERN",
                    help="module pattern to keep in float (repeatable; default: lm_head)")
     g.add_argument("--override", action="append", type=_parse_override, default=[], metavar="PATTERN=SPEC",

@@ -82,7 +82,7 @@ def quantize_rtn(model: nn.Module, config: QuantConfig, progress: bool = True) -
     for name, mod, scheme in tqdm(todo, desc="RTN quantize", disable=not progress, unit="layer"):
         w = linear_weight(mod).detach()
         try:
-            packed = quantize_weight_rtn(w, scheme)
+            packed = quantize_weight_rtn(w, scheme, clip=config.clip_search)
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
         set_submodule(model, name, to_quant_linear(mod, packed))

@@ -65,13 +65,14 @@ def make_packed(
     )
 
 
-def quantize_weight_rtn(w: torch.Tensor, scheme: LayerQuant) -> PackedWeight:
-    """Round every weight of ``w`` [N, K] to the nearest point of its group's grid."""
+def quantize_weight_rtn(w: torch.Tensor, scheme: LayerQuant, clip: bool = False) -> PackedWeight:
+    """Round every weight of ``w`` [N, K] to the nearest point of its group's grid (with ``clip``:
+    each group's range from the clipping search, unweighted, instead of [min, max])."""
     if w.dim() != 2:
         raise ValueError(f"expected a weight of shape [N, K], got {tuple(w.shape)}")
     if not torch.isfinite(w).all():
         raise ValueError("weight has non-finite values (NaN or inf); refusing to quantize")
     n, k = w.shape
-    scale, zero = group_qparams(w, scheme)
+    scale, zero = group_qparams(w, scheme, clip=clip)
     codes = quantize_codes(w, expand_groups(scale, k, scheme.group_size), expand_groups(zero, k, scheme.group_size), scheme.bits)
     return make_packed(codes, scale, zero, scheme)

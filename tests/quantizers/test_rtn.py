@@ -23,8 +23,10 @@ def test_error_bound(bits, gs, sym, n, k, seed):
     err = (_deq(p) - w).abs()
     g = k if gs == -1 else gs
     step = p.scales.float().repeat_interleave(g, dim=1)[:, :k]
-    # symmetric grids clip the largest positive value by up to one step (q max = 2^b - 1 = zero + 2^(b-1) - 1)
-    bound = step * (1.0 if sym else 0.5) + 1e-6
+    # symmetric grids clip the largest positive value by up to one step (q max = 2^b - 1 = zero + 2^(b-1) - 1);
+    # asymmetric ones are shifted by the rounding of the zero point (at most half a step), so an end of
+    # the range lies outside the grid by at most that plus the fp16 rounding of the scale over maxq steps
+    bound = step * (1.0 if sym else 0.5 + ((1 << bits) - 1) * 2.0**-11) + 1e-6
     assert (err <= bound).all()
 
 
@@ -68,3 +70,18 @@ def test_clip_search_never_loses_and_usually_wins(bits, sym):
     assert (clipped <= plain * (1 + 1e-6)).all()
     if bits <= 4:
         assert (clipped < plain).float().mean() > 0.5
+
+
+def test_rtn_honours_clip_search():
+    """QuantConfig(clip_search=True) with RTN: the clipped grid, a lower weight error than min/max."""
+    from llmquant import QuantConfig, quantize
+    from tests.conftest import build_tiny_llama
+
+    errs = []
+    for clip in (False, True):
+        model = build_tiny_llama()
+        w = model.model.layers[0].mlp.down_proj.weight.detach().clone()
+        quantize(model, QuantConfig(bits=4, group_size=32, clip_search=clip), progress=False)
+        down = model.model.layers[0].mlp.down_proj
+        errs.append(float(((down(torch.eye(w.shape[1])).T - w) ** 2).sum()))
+    assert errs[1] < 0.95 * errs[0], errs
