@@ -28,6 +28,7 @@ table header prints CPU, instruction set, torch version, load average).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -97,11 +98,17 @@ def timeit(fn, ncopies: int, min_time: float, min_reps: int = 5, max_reps: int =
     return statistics.median(times)
 
 
+@functools.cache
+def _bandwidth_buffers() -> tuple[torch.Tensor, torch.Tensor]:
+    # allocated and touched once: cold cases re-measure the bandwidth in every round
+    a = torch.ones(128 << 20)
+    return a, torch.zeros_like(a)
+
+
 def bandwidth(threads: int, min_time: float) -> dict:
     """Read (sum) and copy bandwidth of a 512 MiB fp32 tensor, GB/s."""
     torch.set_num_threads(threads)
-    a = torch.ones(128 << 20)
-    b = torch.empty_like(a)
+    a, b = _bandwidth_buffers()
     t_sum = timeit(lambda i: a.sum(), 1, min_time, min_reps=5, max_reps=20)
     t_copy = timeit(lambda i: b.copy_(a), 1, min_time, min_reps=5, max_reps=20)
     return {"read_GBps": a.numel() * 4 / t_sum / 1e9, "copy_GBps": 2 * a.numel() * 4 / t_copy / 1e9}

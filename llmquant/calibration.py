@@ -45,8 +45,6 @@ _TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
 NEWS_PACKAGE = "gensim"
 NEWS_FILE = "test/test_data/lee_background.cor"
 NEWS_SHA256 = "5d78d6dafd953bbf65797bef09a9ffb9ec430583381be705f8fd460000f370fb"
-#: named sources; "builtin" is the default
-NAMED_SOURCES = ("builtin", "news", "pydoc")
 
 
 def news_documents() -> list[str]:

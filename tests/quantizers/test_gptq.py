@@ -18,13 +18,7 @@ from llmquant.quantizers.rtn import group_qparams, quantize_weight_rtn
 N, K, M = 64, 200, 1024  # K = 200: ragged last group for G = 32 and G = 128
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # these tensors are tiny; on a busy 2-core machine a second OpenMP thread only adds waiting
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def layer_and_inputs(seed: int = 0, n: int = N, k: int = K, m: int = M) -> tuple[nn.Linear, torch.Tensor]:

@@ -34,13 +34,7 @@ EXPECTED = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: on a busy 2-core machine a second OpenMP thread only adds waiting
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def logits_error(model, ref_logits, ids) -> float:

@@ -7,6 +7,8 @@ from llmquant.config import LayerQuant
 from llmquant.formats.packing import dequantize_packed
 from llmquant.quantizers.rtn import quantize_weight_rtn
 
+from ..conftest import build_tiny_llama
+
 
 def _deq(p):
     return dequantize_packed(p.qweight, p.scales, p.zeros, bits=p.bits, group_size=p.group_size,
@@ -75,7 +77,6 @@ def test_clip_search_never_loses_and_usually_wins(bits, sym):
 def test_rtn_honours_clip_search():
     """QuantConfig(clip_search=True) with RTN: the clipped grid, a lower weight error than min/max."""
     from llmquant import QuantConfig, quantize
-    from tests.conftest import build_tiny_llama
 
     errs = []
     for clip in (False, True):
