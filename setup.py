@@ -29,6 +29,7 @@ SOURCES = [
     "kernels/csrc/lq_avx2.c",
     "kernels/csrc/lq_avx512.c",
     "kernels/csrc/lq_avx512_bf16.c",
+    "kernels/csrc/lq_avx512_vnni.c",
 ]
 
 

@@ -8,6 +8,8 @@ ratios, so that a slow spell of a shared machine does not bias a comparison):
 * ours:   ``cpu_linear`` on an RTN INT4 g128 symmetric layer, with fp32 and with bf16 activations,
   and with fp32 activations under ``torch.set_float32_matmul_precision("medium")`` ("f32 med":
   the user allows bf16 math for fp32 matmuls, so the kernel rounds x to bf16 and runs the bf16 code);
+  at M = 1 also with fp32 activations on the FMA GEMV ("f32 fma", ``LLMQUANT_CPU_FP32_GEMV=fma``)
+  instead of the default integer (VNNI) one, where the CPU has VNNI;
 * fp32 / bf16 ``F.linear`` on the float weight (what a float model does);
 * torch's own CPU int4 path (``aten._weight_int4pack_mm_for_cpu``; it needs K % 128 == 0, so it is
   missing for K = 576), with fp32 and bf16 activations;
@@ -156,6 +158,8 @@ def run_case(layer: Layer, m: int, cold: bool, min_time: float, naive: bool) -> 
         "fp32_linear": timeit(lambda i: F.linear(x32, layer.w32[i]), nc(layer.w32), min_time),
         "bf16_linear": timeit(lambda i: F.linear(x16, layer.w16[i]), nc(layer.w16), min_time),
     }
+    if m == 1:
+        t["ours_fp32_fma"] = _fma_gemv(lambda: timeit(lambda i: cpu_linear(x32, layer.lays[i]), nc(layer.lays), min_time))
     if layer.int4 is not None:
         mm = torch.ops.aten._weight_int4pack_mm_for_cpu
         (_, sz32), (_, sz16) = layer.int4
@@ -178,6 +182,19 @@ def _medium(fn):
         torch.set_float32_matmul_precision(saved)
 
 
+def _fma_gemv(fn):
+    """fn() with fp32 decode on the FMA GEMV (LLMQUANT_CPU_FP32_GEMV=fma) rather than the VNNI one."""
+    saved = os.environ.get("LLMQUANT_CPU_FP32_GEMV")
+    os.environ["LLMQUANT_CPU_FP32_GEMV"] = "fma"
+    try:
+        return fn()
+    finally:
+        if saved is None:
+            del os.environ["LLMQUANT_CPU_FP32_GEMV"]
+        else:
+            os.environ["LLMQUANT_CPU_FP32_GEMV"] = saved
+
+
 def ratios(t: dict) -> dict:
     r = {
         "fp32_linear/ours_fp32": t["fp32_linear"] / t["ours_fp32"],
@@ -192,6 +209,8 @@ def ratios(t: dict) -> dict:
         r["naive/ours_fp32"] = t["naive"] / t["ours_fp32"]
     r["ours_fp32/ours_bf16"] = t["ours_fp32"] / t["ours_bf16"]
     r["ours_fp32_medium/ours_bf16"] = t["ours_fp32_medium"] / t["ours_bf16"]
+    if "ours_fp32_fma" in t:
+        r["ours_fp32_fma/ours_bf16"] = t["ours_fp32_fma"] / t["ours_bf16"]
     return r
 
 
@@ -267,7 +286,7 @@ def main(argv=None) -> int:
     print("# INT4 g128 sym RTN; times: median ms; GB/s: our weight bytes (codes + scales) / time, fp32|bf16 "
           "activations; %BW: the better of the two, of the read bandwidth; ratios: their time / ours (> 1: ours faster)")
     head = (f"{'model/layer':26s} {'N x K':>12s} {'M':>4s} {'thr':>3s} {'mode':4s} {'ours f32':>9s} {'ours bf16':>9s} "
-            f"{'f32 med':>8s} {'GB/s f32|bf16':>13s} {'%BW':>4s} {'f32lin/':>7s} {'bf16lin/':>8s} {'int4bf/':>7s} {'int4f32/':>8s} {'naive/':>7s}")  # fmt: skip
+            f"{'f32 med':>8s} {'f32 fma':>8s} {'GB/s f32|bf16':>13s} {'%BW':>4s} {'f32lin/':>7s} {'bf16lin/':>8s} {'int4bf/':>7s} {'int4f32/':>8s} {'naive/':>7s}")  # fmt: skip
     print(head)
     results = []
     for model, name, n, k in shapes:
@@ -285,6 +304,7 @@ def main(argv=None) -> int:
                     })  # fmt: skip
                     print(f"{model + '/' + name:26s} {f'{n}x{k}':>12s} {m:4d} {th:3d} {mode:4s} "
                           f"{t['ours_fp32'] * 1e3:9.3f} {t['ours_bf16'] * 1e3:9.3f} {t['ours_fp32_medium'] * 1e3:8.3f} "
+                          f"{t['ours_fp32_fma'] * 1e3 if 'ours_fp32_fma' in t else float('nan'):8.3f} "
                           f"{gbps['fp32']:6.1f}|{gbps['bf16']:<6.1f} {100 * frac:4.0f} "
                           f"{fmt_ratio(r, 'fp32_linear/ours_fp32'):>7s} {fmt_ratio(r, 'bf16_linear/ours_bf16'):>8s} "
                           f"{fmt_ratio(r, 'int4_bf16/ours_bf16'):>7s} {fmt_ratio(r, 'int4_fp32/ours_fp32'):>8s} "
@@ -321,8 +341,12 @@ def check_targets(results: list[dict]) -> dict:
             lines.append(f"  M=1 cold 2 threads: {r['int4_bf16/ours_bf16']:.2f}x torch int4 with bf16 acts (target >= 1.2)")
         out["decode_fp32_vs_bf16"] = 1 / r["ours_fp32/ours_bf16"]
         out["decode_fp32_medium_vs_bf16"] = 1 / r["ours_fp32_medium/ours_bf16"]
+        fma = ""
+        if "ours_fp32_fma/ours_bf16" in r:
+            out["decode_fp32_fma_vs_bf16"] = 1 / r["ours_fp32_fma/ours_bf16"]
+            fma = f", {out['decode_fp32_fma_vs_bf16']:.2f}x on the FMA GEMV"
         lines.append(f"  M=1 cold 2 threads: fp32 acts {out['decode_fp32_vs_bf16']:.2f}x the speed of bf16 acts "
-                     f"(target ~1); {out['decode_fp32_medium_vs_bf16']:.2f}x with matmul precision 'medium'")
+                     f"(target ~1; {out['decode_fp32_medium_vs_bf16']:.2f}x with matmul precision 'medium'{fma})")
     for m in (128, 256):
         d = find(m, 2, "hot")
         if d:

@@ -7,6 +7,12 @@ them in registers and never materializes a float weight matrix:
   4 output rows at a time, looking codes up in a per-(row, group) table of dequantized values
   (scale and zero point folded in), fp32 FMA, 4 rows of x per pass over an L1-resident tile.
   Exact: the same fp32 weights as the reference, fp32 sums. bf16 activations are widened to fp32.
+  With fp32 activations at M = 1 (decode) on CPUs with AVX512-VNNI, 4-bit layers whose groups are
+  multiples of 128 columns (or one group per row) run on integer dot products instead: x is held
+  as 24-bit block floating point (one exponent per 8 columns; every value within 2**-22 of its 8's
+  largest), the products with the codes and their sums are exact integers, two roundings per
+  128 columns. As accurate as the FMA path against a float64 product (tests), at the bf16 GEMV's
+  speed; ``LLMQUANT_CPU_FP32_GEMV=fma`` keeps the FMA GEMV. NaN or infinite x take the FMA GEMV.
 * GEMM (prefill, batches): blocks of 32 output rows x 1024-2048 columns are dequantized into an
   L2-resident buffer and multiplied by every row of x; fp32 FMA for fp32 activations (exact
   weights); for bf16 activations on AVX512-BF16 CPUs the buffer holds bf16 weights (rounded once,
@@ -47,7 +53,7 @@ def _native() -> cpu_native.Native:
 
 def _flags() -> int:
     medium = torch.get_float32_matmul_precision() == "medium"
-    return cpu_native.FLAG_F32_VIA_BF16 if medium else 0
+    return (cpu_native.FLAG_F32_VIA_BF16 if medium else 0) | cpu_native.fp32_gemv_flags()
 
 
 def _linear_2d(x: torch.Tensor, w: CpuLayout, bias: torch.Tensor | None, isa: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-ABI_VERSION = 1  # must match LQ_ABI_VERSION in kernels/csrc/lq_api.c
+ABI_VERSION = 2  # must match LQ_ABI_VERSION in kernels/csrc/lq_api.c
 ISA_NAMES = ("scalar", "avx2", "avx512", "avx512_bf16")
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 _STEM = "_lqcpu"
@@ -62,6 +62,7 @@ class Weights(ctypes.Structure):
 
 
 FLAG_F32_VIA_BF16 = 1  # LQ_FLAG_F32_VIA_BF16
+FLAG_F32_NO_INT = 2  # LQ_FLAG_F32_NO_INT
 
 
 class Native:
@@ -82,7 +83,11 @@ class Native:
         # w, out dtype, out, isa
         lib.lq_dequantize.restype = _i32
         lib.lq_dequantize.argtypes = [ctypes.POINTER(Weights), _i32, _vp, _i32]
+        lib.lq_has_vnni.restype = _i32
+        lib.lq_has_vnni.argtypes = []
         self.detected_isa = ISA_NAMES[lib.lq_detect_isa()]
+        # fp32 decode (M = 1) of 4-bit layers runs on integer dot products (see kernels/cpu.py)
+        self.has_vnni = bool(lib.lq_has_vnni())
 
     def _check(self, rc: int, what: str) -> None:
         if rc == 0:
@@ -115,6 +120,17 @@ def requested_isa() -> int:
     """The cap from LLMQUANT_CPU_ISA, or -1 (the best the CPU has)."""
     v = os.environ.get("LLMQUANT_CPU_ISA", "").strip()
     return isa_index(v) if v else -1
+
+
+def fp32_gemv_flags() -> int:
+    """LLMQUANT_CPU_FP32_GEMV=fma keeps fp32 decode (M = 1) on the FMA GEMV instead of the VNNI
+    integer one ("int", the default where the CPU has VNNI); for comparisons and diagnosis."""
+    v = os.environ.get("LLMQUANT_CPU_FP32_GEMV", "").strip()
+    if v in ("", "int"):
+        return 0
+    if v == "fma":
+        return FLAG_F32_NO_INT
+    raise ValueError(f"LLMQUANT_CPU_FP32_GEMV={v!r}: expected 'int' or 'fma'")
 
 
 @functools.cache

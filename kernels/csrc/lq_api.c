@@ -3,6 +3,7 @@
  *   lq_abi_version()            bumped whenever an exported signature, struct or the layout changes
  *   lq_detect_isa()             best instruction set this CPU and OS support (LQ_ISA_*)
  *   lq_isa_name(isa)            "scalar", "avx2", "avx512", "avx512_bf16"
+ *   lq_has_vnni()               1 when fp32 decode (M = 1) can use the VNNI GEMV (lq_avx512_vnni.c)
  *   lq_linear(w, x, ...)        y = x @ W.T + bias, see below
  *   lq_dequantize(w, ...)       W in natural column order (tests and debugging)
  *   lq_last_error()             the calling thread's message for its last failed call
@@ -21,7 +22,7 @@
 #include <cpuid.h>
 #endif
 
-#define LQ_ABI_VERSION 1
+#define LQ_ABI_VERSION 2
 
 /* the least work (multiply-adds) worth a thread: below it, waking one costs more than it saves.
  * Measured on a 2-core VM: in isolation a 640x2048 GEMV runs in 60 us on one thread and 42 us on
@@ -32,6 +33,7 @@
 
 /* flags of lq_linear */
 #define LQ_FLAG_F32_VIA_BF16 1 /* fp32 x may be rounded to bf16 for the GEMM (torch's "medium" precision) */
+#define LQ_FLAG_F32_NO_INT 2   /* fp32 x at M = 1: FMA GEMV only, not the VNNI one (benchmarks, tests) */
 
 /* One quantized layer in the run-time layout (mirrored by a ctypes.Structure in cpu_native.py). */
 typedef struct {
@@ -57,8 +59,10 @@ static uint64_t xgetbv0(void) {
 }
 #endif
 
-/* cpuid traps to the hypervisor in a VM (microseconds): detect once */
-static int detect_isa_uncached(void) {
+/* The CPU's features as LQ_ISA_* | LQ_FEAT_VNNI. cpuid traps to the hypervisor in a VM
+ * (microseconds): detected once. */
+#define LQ_FEAT_VNNI 0x100 /* AVX512-VNNI, with the AVX-512 of LQ_ISA_AVX512 */
+static int detect_uncached(void) {
 #if LQ_X86
     unsigned a, b, c, d;
     if (!__get_cpuid(1, &a, &b, &c, &d)) return LQ_ISA_SCALAR;
@@ -68,25 +72,30 @@ static int detect_isa_uncached(void) {
     if ((xcr0 & 0x6) != 0x6) return LQ_ISA_SCALAR; /* OS does not save ymm state */
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return LQ_ISA_SCALAR;
     const int avx2 = (b >> 5) & 1, f = (b >> 16) & 1, bw = (b >> 30) & 1, vl = (b >> 31) & 1;
+    const int vnni = (c >> 11) & 1 ? LQ_FEAT_VNNI : 0;
     if (!avx2) return LQ_ISA_SCALAR;
     if (!(f && bw && vl) || (xcr0 & 0xe6) != 0xe6) return LQ_ISA_AVX2; /* no AVX-512, or no zmm state */
     unsigned a1 = 0, b1, c1, d1;
     if (a >= 1) __get_cpuid_count(7, 1, &a1, &b1, &c1, &d1);
-    return ((a1 >> 5) & 1) ? LQ_ISA_AVX512_BF16 : LQ_ISA_AVX512;
+    return (((a1 >> 5) & 1) ? LQ_ISA_AVX512_BF16 : LQ_ISA_AVX512) | vnni;
 #else
     return LQ_ISA_SCALAR;
 #endif
 }
 
-LQ_API int lq_detect_isa(void) {
+static int cpu_features(void) {
     static _Atomic int cached = -1;
-    int isa = atomic_load_explicit(&cached, memory_order_relaxed);
-    if (isa < 0) {
-        isa = detect_isa_uncached();
-        atomic_store_explicit(&cached, isa, memory_order_relaxed);
+    int v = atomic_load_explicit(&cached, memory_order_relaxed);
+    if (v < 0) {
+        v = detect_uncached();
+        atomic_store_explicit(&cached, v, memory_order_relaxed);
     }
-    return isa;
+    return v;
 }
+
+LQ_API int lq_detect_isa(void) { return cpu_features() & 0xff; }
+
+LQ_API int lq_has_vnni(void) { return (cpu_features() & LQ_FEAT_VNNI) != 0; }
 
 static const lq_kernels *kernels_for(int isa) {
 #if LQ_X86
@@ -185,7 +194,9 @@ static void run_part(void *arg, int part, int nparts) {
  * Accumulation is fp32. fp32 x uses exactly dequantized fp32 weights (the reference's); bf16 x on
  * AVX512-BF16 CPUs uses the weights rounded once to bf16 (vdpbf16ps: twice the multiply rate),
  * except an 8-bit layer with M <= 4, and so does fp32 x when flags has LQ_FLAG_F32_VIA_BF16 (x is
- * then rounded to bf16 too). Elsewhere bf16 x is widened to fp32 and computed exactly. */
+ * then rounded to bf16 too). Elsewhere bf16 x is widened to fp32 and computed exactly; at M = 1,
+ * on VNNI CPUs, exactly enough by integer dot products (lq_avx512_vnni.c; not with
+ * LQ_FLAG_F32_NO_INT). */
 LQ_API int lq_linear(const lq_weights *w, const void *x, int x_dtype, int64_t M, const float *bias, void *y,
                      int nthreads, int isa, int flags) {
     char msg[256];
@@ -226,12 +237,27 @@ LQ_API int lq_linear(const lq_weights *w, const void *x, int x_dtype, int64_t M,
     /* preparing x is O(M K): worth threads only when it is large */
     const int64_t prep_parts = M * p.L.K >= (1 << 18) ? (nthreads < M ? nthreads : M) : 1;
     lq_parallel((int)prep_parts, prep_part, &job);
+    /* decode with fp32 x: integer dot products on x in 24-bit block floating point (lq_avx512_vnni.c)
+     * where the CPU has VNNI and the layout allows; NaN or infinite x keep the fp32 GEMV */
+    uint8_t *xi = NULL;
+    if (M == 1 && p.mode == LQ_F32 && !(flags & LQ_FLAG_F32_NO_INT) && p.kern->gemv1_i8 && lq_has_vnni() &&
+        p.L.bits == 4 && (p.L.NG == 1 || p.L.G % LQ_SB == 0) && lq_nsb(&p.L) > 0) {
+        const size_t xib = (size_t)lq_nsb(&p.L) * LQ_XI_SB_BYTES;
+        if (posix_memalign((void **)&xi, 64, xib) != 0) {
+            free(xp);
+            snprintf(last_error, sizeof last_error, "out of memory allocating %zu bytes for x", xib);
+            return LQ_ENOMEM;
+        }
+        if (p.kern->prepare_xi((const float *)xp, lq_nsb(&p.L), xi))
+            p.xi = xi;
+    }
     /* a thread's share must be worth waking it for: at least LQ_MIN_WORK multiply-adds */
     int64_t parts = (M * p.L.N * p.L.Kp) / LQ_MIN_WORK;
     if (parts > nthreads) parts = nthreads;
     if (parts > p.L.ntiles) parts = p.L.ntiles;
     if (parts < 1) parts = 1;
     lq_parallel((int)parts, run_part, &job);
+    free(xi);
     free(xp);
     if (atomic_load(&job.status) != LQ_OK) {
         snprintf(last_error, sizeof last_error, "out of memory for GEMM buffers");

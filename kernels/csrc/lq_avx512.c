@@ -7,7 +7,8 @@
  * conversion, and the scale and zero point are already folded in (no per-group rescaling of the
  * accumulators). Four output rows are processed together so each x vector is loaded once; each
  * group's tables are built ahead of the lookups that use them. Measured on Zen 4 (one core, hot
- * weights): about 8 weights/cycle with G = 128, 10 with one group per row, 5 with G = 32. */
+ * weights): about 8 weights/cycle with G = 128, 10 with one group per row, 5 with G = 32.
+ * Decode (M = 1) of 4-bit layers on CPUs with VNNI uses lq_avx512_vnni.c's GEMV instead. */
 #include "lq_cpu.h"
 
 #if LQ_X86
@@ -21,32 +22,6 @@
 #endif
 
 #include "lq_avx512_inl.h"
-
-/* scale and -zero*scale of rows 4t..4t+3 in group g, as fp32 */
-INLINE void group_s_nzs(const lq_layout *L, int64_t t, int64_t g, float s[4], float nzs[4]) {
-    const int64_t at = (t * L->NG + g) * LQ_TILE;
-    const __m128 s4 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(L->s + at)));
-    __m128 z4;
-    if (L->z) {
-        int32_t zz;
-        __builtin_memcpy(&zz, L->z + at, 4);
-        z4 = _mm_cvtepi32_ps(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(zz)));
-    } else {
-        z4 = _mm_set1_ps((float)L->zc);
-    }
-    _mm_storeu_ps(s, s4);
-    _mm_storeu_ps(nzs, _mm_sub_ps(_mm_setzero_ps(), _mm_mul_ps(z4, s4)));
-}
-
-/* tab[r][q] = (q - z) * s: the dequantized value of 4-bit code q in row r, as fma(q, s, -z*s),
- * which rounds once, like the reference (q*s and z*s are exact in fp32). The scalars go through
- * memory so that their broadcasts are loads rather than shuffles, which the lookups need. */
-INLINE void tables16(const lq_layout *L, int64_t t, int64_t g, __m512 tab[4]) {
-    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    volatile float s[4], nzs[4];
-    group_s_nzs(L, t, g, (float *)s, (float *)nzs);
-    for (int r = 0; r < 4; r++) tab[r] = _mm512_fmadd_ps(iota, _mm512_set1_ps(s[r]), _mm512_set1_ps(nzs[r]));
-}
 
 /* 8-bit: w = fma(q, s, -z*s), exact because q*s and z*s are (8 + 11 significant bits) */
 INLINE void scales8(const lq_layout *L, int64_t t, int64_t g, __m512 vs[4], __m512 vnzs[4]) {
@@ -290,6 +265,7 @@ void lq_gemv_tile_avx512(const lq_layout *L, int64_t t, const float *x, int64_t 
 
 const lq_kernels lq_kernels_avx512 = {
     "avx512", lq_gemv_tile_avx512, lq_dequant_f32_avx512, NULL, lq_micro_f32_avx512, NULL, NULL,
+    lq_prepare_xi_avx512, lq_gemv1_i8_avx512,
 };
 
 #endif /* LQ_X86 */

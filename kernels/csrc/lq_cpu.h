@@ -138,7 +138,18 @@ typedef struct {
     void (*micro_bf16)(const uint16_t *A, int64_t lda, const uint16_t *B, int64_t ldb, int64_t kc, int mr,
                        float out[LQ_MR][4]);
     void (*gemv_tile_bf16)(const lq_layout *L, int64_t t, const uint16_t *x, int64_t ldx, int mm, float out[4][4]);
+    /* fp32 x on integer dot products (AVX-512 VNNI, lq_avx512_vnni.c); used only where lq_has_vnni():
+     *   prepare_xi: one row of x in xr order, nsb superblocks -> xi (LQ_XI_SB_BYTES each, 64-aligned);
+     *               returns 0, leaving xi undefined, when some x is NaN or infinite.
+     *   gemv1_i8:   out[r] = sum_k x[k] * W[4t + r][k] for one row of x (4-bit, groups changing only
+     *               at superblock boundaries); xr is the same row in xr order (for the tail). */
+    int (*prepare_xi)(const float *xr, int64_t nsb, uint8_t *xi);
+    void (*gemv1_i8)(const lq_layout *L, int64_t t, const uint8_t *xi, const float *xr, float out[4]);
 } lq_kernels;
+
+/* bytes of one superblock of a prepared x row: 3 limbs x (lo, hi) x 64 bytes, 16 int32 lane sums,
+ * 16 fp32 lane scales */
+#define LQ_XI_SB_BYTES 512
 
 extern const lq_kernels lq_kernels_scalar;
 #if LQ_X86
@@ -151,7 +162,11 @@ void lq_dequant_f32_avx512(const lq_layout *L, int64_t t0, int64_t ntl, int64_t 
                            int64_t ldb);
 void lq_micro_f32_avx512(const float *A, int64_t lda, const float *B, int64_t ldb, int64_t kc, int mr,
                          float out[LQ_MR][4]);
+int lq_prepare_xi_avx512(const float *xr, int64_t nsb, uint8_t *xi);
+void lq_gemv1_i8_avx512(const lq_layout *L, int64_t t, const uint8_t *xi, const float *xr, float out[4]);
 #endif
+/* lq_api.c: whether the CPU has AVX-512 and AVX512-VNNI (cached cpuid) */
+LQ_API int lq_has_vnni(void);
 
 /* One call of the library: a prepared x and where the result goes. */
 typedef struct {
@@ -161,6 +176,7 @@ typedef struct {
     int mode;        /* LQ_F32: xp is fp32 [M][Kp] in xr order; LQ_BF16: bf16 [M][Kp] natural */
     const void *xp;
     int64_t ldx;       /* row stride of xp, in elements (>= Kp) */
+    const uint8_t *xi; /* M = 1 fp32 x prepared for gemv1_i8, or NULL */
     const float *bias; /* [N] or NULL */
     void *y;           /* [M][N] */
     int y_dtype;

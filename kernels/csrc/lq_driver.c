@@ -40,7 +40,16 @@ void lq_prepare_x(const void *x, int x_dtype, int64_t m_begin, int64_t m_end, in
             memset(dst + K, 0, (size_t)(Kp - K) * 2);
         } else {
             float *dst = (float *)xp + m * ldx;
-            for (int64_t kb = 0; kb < Kp; kb += LQ_BLK) {
+            int64_t kb0 = 0;
+            if (x_dtype == LQ_F32) { /* whole blocks of fp32 x: a plain loop the compiler vectorizes */
+                const float *src = (const float *)x + m * K;
+                for (; kb0 + LQ_BLK <= K; kb0 += LQ_BLK)
+                    for (int i = 0; i < LQ_BLK / 2; i++) {
+                        dst[kb0 + i] = src[kb0 + 2 * i];
+                        dst[kb0 + LQ_BLK / 2 + i] = src[kb0 + 2 * i + 1];
+                    }
+            }
+            for (int64_t kb = kb0; kb < Kp; kb += LQ_BLK) {
                 for (int i = 0; i < LQ_BLK; i++) {
                     const int64_t k = kb + i;
                     float v = 0.f;
@@ -84,7 +93,9 @@ static void run_gemv(const lq_problem *p, int64_t t_begin, int64_t t_end) {
     for (int64_t t = t_begin; t < t_end; t++)
         for (int64_t m0 = 0; m0 < p->M; m0 += 4) {
             const int mm = p->M - m0 < 4 ? (int)(p->M - m0) : 4;
-            if (p->mode == LQ_BF16)
+            if (p->xi) {
+                p->kern->gemv1_i8(L, t, p->xi, (const float *)p->xp, out[0]);
+            } else if (p->mode == LQ_BF16)
                 p->kern->gemv_tile_bf16(L, t, (const uint16_t *)p->xp + m0 * p->ldx, p->ldx, mm, out);
             else
                 p->kern->gemv_tile(L, t, (const float *)p->xp + m0 * p->ldx, p->ldx, mm, out);

@@ -148,6 +148,68 @@ def test_fp32_medium_precision_uses_bf16_and_highest_stays_exact(layers):
     check_fp32(cpu_linear(x, lay, bias), ref)
 
 
+needs_vnni = pytest.mark.skipif(not (NATIVE and NATIVE.has_vnni), reason="no AVX512-VNNI: fp32 decode uses the FMA GEMV")
+
+
+def decode_inputs(k: int) -> dict:
+    """Rows of fp32 activations for M = 1: ordinary, a few large outliers (LLMs' "massive
+    activations"), a wide dynamic range, tiny and huge magnitudes, zeros."""
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(1, k, generator=g)
+    return {
+        "randn": x,
+        "outliers": x * torch.where(torch.rand(1, k, generator=g) < 0.01, 300.0, 1.0),
+        "wide": x * torch.exp(3 * torch.randn(1, k, generator=g)),
+        "tiny": x * 1e-30,
+        "huge": x * 1e30,
+        "zeros": torch.zeros(1, k),
+    }
+
+
+@needs_vnni
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("k, group_size", [(4096, 128), (1000, -1), (640, 128), (4192, 256), (160, -1), (300, 128)])
+def test_fp32_decode_vnni_is_as_accurate_as_fma(monkeypatch, sym, k, group_size):
+    """The VNNI GEMV carries x as 24-bit block floating point: its error against the float64 product
+    stays at fp32 rounding level, for outliers and wide ranges too (worst over these cases, of
+    max|y|: VNNI 6.3e-7, FMA 7.6e-7, torch's own fp32 F.linear 1.3e-6; bound 2e-6), and its results
+    differ from the FMA GEMV's (it really ran)."""
+    w = make_packed(4, group_size, sym, False, 64, k, seed=k)
+    lay = repack(w)
+    wd = dequantize_packed(w.qweight, w.scales, w.zeros, bits=4, group_size=group_size, in_features=k).double()
+    differs = False
+    for name, x in decode_inputs(k).items():
+        exact = x.double() @ wd.T
+        y = {}
+        for mode in ("int", "fma"):
+            monkeypatch.setenv("LLMQUANT_CPU_FP32_GEMV", mode)
+            y[mode] = cpu_linear(x, lay)
+        scale = exact.abs().max().item()
+        for mode, out in y.items():
+            err = (out.double() - exact).abs().max().item()
+            assert err <= 2e-6 * scale, (name, mode, err / max(scale, 1e-300))
+        differs |= not torch.equal(y["int"], y["fma"])
+    assert differs
+
+
+@needs_native
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_fp32_decode_propagates_nan_and_inf(bad):
+    """A NaN or infinite activation gives what the reference gives (the VNNI GEMV, which cannot carry
+    them, hands such rows to the FMA GEMV)."""
+    w = make_packed(4, 128, True, False, 16, 512, seed=3)
+    lay = repack(w)
+    x = torch.randn(1, 512)
+    x[0, 200] = bad
+    torch.testing.assert_close(cpu_linear(x, lay), dequant_matmul_ref(x, w), equal_nan=True, rtol=1e-5, atol=1e-5)
+
+
+def test_fp32_gemv_env_is_checked(monkeypatch):
+    monkeypatch.setenv("LLMQUANT_CPU_FP32_GEMV", "fast")
+    with pytest.raises(ValueError, match="LLMQUANT_CPU_FP32_GEMV"):
+        cpu_native.fp32_gemv_flags()
+
+
 @needs_native
 @pytest.mark.parametrize("group_size", [16, 48])
 def test_group_sizes_not_multiple_of_32(group_size):
@@ -310,3 +372,46 @@ def test_property_any_shape(n, k, m, bits, group_size, sym):
     w = make_packed(bits, group_size, sym, False, n, k, seed=n * 1000 + k)
     x = torch.randn(m, k)
     check_fp32(cpu_linear(x, repack(w)), dequant_matmul_ref(x, w))
+
+
+@needs_vnni
+@pytest.mark.parametrize("act_order", [False, True])
+def test_fp32_greedy_decode_same_on_vnni_and_fma(monkeypatch, act_order):
+    """A tiny Llama (hidden 256, MLP 512: 2 and 4 superblocks), INT4 g128, decoded greedily one token
+    at a time: every step's logits on the VNNI GEMV match the FMA GEMV's to fp32 rounding, so the
+    same tokens come out."""
+    import llmquant
+    from llmquant.config import QuantConfig
+    from tests.conftest import build_tiny_llama
+
+    from llmquant.modules.quant_linear import QuantLinear
+
+    model = build_tiny_llama(vocab_size=512, hidden=256, inter=512)
+    llmquant.quantize(model, QuantConfig(bits=4, group_size=128, sym=not act_order, quantize_lm_head=True), progress=False)
+    if act_order:  # RTN has no act-order; random column orders exercise the gather all the same
+        g = torch.Generator().manual_seed(0)
+        for name, mod in list(model.named_modules()):
+            if isinstance(mod, QuantLinear):
+                p = mod.packed()
+                p.perm = torch.randperm(mod.in_features, generator=g).to(torch.int32)
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, QuantLinear.from_packed(p, mod.bias))
+
+    def run(mode):
+        monkeypatch.setenv("LLMQUANT_CPU_FP32_GEMV", mode)
+        ids = torch.tensor([[1, 17, 42, 99]])
+        out, past, logits_seen = [], None, []
+        with torch.no_grad():
+            for _ in range(12):
+                res = model(input_ids=ids if past is None else ids[:, -1:], past_key_values=past, use_cache=True)
+                past = res.past_key_values
+                logits = res.logits[0, -1]
+                logits_seen.append(logits)
+                ids = torch.cat([ids, logits.argmax().view(1, 1)], dim=1)
+        return ids, torch.stack(logits_seen)
+
+    ids_int, logits_int = run("int")
+    ids_fma, logits_fma = run("fma")
+    assert not torch.equal(logits_int, logits_fma)  # two different computations ran
+    torch.testing.assert_close(logits_int, logits_fma, rtol=1e-4, atol=1e-4 * logits_fma.abs().max().item())
+    assert torch.equal(ids_int, ids_fma)
