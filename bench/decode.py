@@ -3,7 +3,9 @@
 For each model, activation dtype and batch size it measures, on the same prompt (windows of the
 built-in news corpus):
 
-* prefill tokens/s: one forward pass over a [B, P] prompt (B * P tokens / seconds, median of runs);
+* prefill tokens/s: one forward pass over a [B, P] prompt (B * P tokens / seconds, median of runs)
+  that computes the logits of the last position only (``logits_to_keep=1``, as generation and our
+  server do: the full-vocabulary head over every position would dominate a small model's prefill);
 * decode tokens/s: a greedy loop of T steps with the KV cache after that prefill
   (B * T tokens / seconds).
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
+import inspect
 import json
 import os
 import statistics
@@ -40,7 +43,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 @torch.inference_mode()
 def prefill(model, ids: torch.Tensor):
-    out = model(input_ids=ids, use_cache=True)
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    out = model(input_ids=ids, use_cache=True, **keep)
     return out.logits[:, -1], out.past_key_values
 
 

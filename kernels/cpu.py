@@ -20,7 +20,10 @@ them in registers and never materializes a float weight matrix:
   bf16 route too when the user allows it with ``torch.set_float32_matmul_precision("medium")``.
 
 Threads split N; at most ``torch.get_num_threads()`` of them, fewer for small layers (a thread's
-share must be worth waking it). Act-order layers gather x by ``perm`` first (one ``index_select``),
+share must be worth waking it). They are torch's own OpenMP threads (the library is handed the entry
+points of the runtime torch loaded), so a model's quantized layers and its torch operators share
+one team instead of two pools competing for the cores; ``LLMQUANT_CPU_THREADS=pool`` selects the
+library's own pthread pool. Act-order layers gather x by ``perm`` first (one ``index_select``),
 then run like any other layer.
 
 The op is ``torch.ops.llmquant.cpu_qlinear`` with a fake implementation, so ``torch.compile``

@@ -85,6 +85,8 @@ class Native:
         lib.lq_dequantize.argtypes = [ctypes.POINTER(Weights), _i32, _vp, _i32]
         lib.lq_has_vnni.restype = _i32
         lib.lq_has_vnni.argtypes = []
+        lib.lq_set_openmp.restype = _i32
+        lib.lq_set_openmp.argtypes = [_vp, _vp, _vp]
         self.detected_isa = ISA_NAMES[lib.lq_detect_isa()]
         # fp32 decode (M = 1) of 4-bit layers runs on integer dot products (see kernels/cpu.py)
         self.has_vnni = bool(lib.lq_has_vnni())
@@ -108,6 +110,43 @@ class Native:
     def dequantize(self, w: Weights, out, isa: int) -> None:
         """out[N, K] (fp32 or bf16) = the weight, as the given ISA's dequantization computes it."""
         self._check(self._lib.lq_dequantize(ctypes.byref(w), DTYPE_CODES[out.dtype], out.data_ptr(), isa), "llmquant CPU dequantize")
+
+    def use_threads(self, which: str) -> str:
+        """Where parallel parts run: "openmp" (the OpenMP runtime torch has loaded: its threads, so the
+        library's calls do not compete with torch's spinning workers for the cores) or "pool" (the
+        library's own threads). Returns what is in use: "pool" when torch's runtime is not found."""
+        entry = torch_openmp_entry_points() if which == "openmp" else None
+        if which not in ("openmp", "pool"):
+            raise ValueError(f"threads {which!r}: expected 'openmp' or 'pool'")
+        self._check(self._lib.lq_set_openmp(*(entry or (None, None, None))), "llmquant CPU threads")
+        return "openmp" if entry else "pool"
+
+
+def torch_openmp_entry_points() -> tuple[int, int, int] | None:
+    """GOMP_parallel, omp_get_thread_num and omp_get_num_threads of the OpenMP runtime that torch
+    loaded (libgomp, or Intel's / LLVM's, which export the same names), or None. Only a library
+    already in the process is used (RTLD_NOLOAD): never a second runtime."""
+    lib_dir = Path(torch.__file__).resolve().parent / "lib"
+    candidates = sorted(lib_dir.glob("libgomp*.so*")) + sorted(lib_dir.glob("libiomp5*.so*")) + sorted(lib_dir.glob("libomp*.so*"))
+    noload = getattr(os, "RTLD_NOLOAD", 0)
+    if not noload:
+        return None
+    for path in candidates:
+        try:
+            rt = ctypes.CDLL(str(path), mode=noload | os.RTLD_LAZY)
+            names = ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads")
+            return tuple(ctypes.cast(getattr(rt, n), ctypes.c_void_p).value for n in names)  # type: ignore[return-value]
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+def requested_threads() -> str:
+    """LLMQUANT_CPU_THREADS: "openmp" (default) or "pool"."""
+    v = os.environ.get("LLMQUANT_CPU_THREADS", "").strip() or "openmp"
+    if v not in ("openmp", "pool"):
+        raise ValueError(f"LLMQUANT_CPU_THREADS={v!r}: expected 'openmp' or 'pool'")
+    return v
 
 
 def isa_index(name: str) -> int:
@@ -151,7 +190,8 @@ def load() -> tuple[Native | None, str]:
         else:
             if version == ABI_VERSION:
                 native = Native(lib, path)
-                logger.info("llmquant CPU kernels: %s (%s)", native.detected_isa, path)
+                native.threads = native.use_threads(requested_threads())
+                logger.info("llmquant CPU kernels: %s, %s threads (%s)", native.detected_isa, native.threads, path)
                 return native, ""
             why = f"{path} has ABI version {version}, this llmquant expects {ABI_VERSION}: rebuild it"
     logger.warning("%s; quantized layers on the CPU fall back to the (slow) reference kernel", why)

@@ -4,6 +4,7 @@
  *   lq_detect_isa()             best instruction set this CPU and OS support (LQ_ISA_*)
  *   lq_isa_name(isa)            "scalar", "avx2", "avx512", "avx512_bf16"
  *   lq_has_vnni()               1 when fp32 decode (M = 1) can use the VNNI GEMV (lq_avx512_vnni.c)
+ *   lq_set_openmp(...)          run parallel parts on torch's OpenMP threads (lq_pool.c)
  *   lq_linear(w, x, ...)        y = x @ W.T + bias, see below
  *   lq_dequantize(w, ...)       W in natural column order (tests and debugging)
  *   lq_last_error()             the calling thread's message for its last failed call
@@ -25,11 +26,14 @@
 #define LQ_ABI_VERSION 2
 
 /* the least work (multiply-adds) worth a thread: below it, waking one costs more than it saves.
- * Measured on a 2-core VM: in isolation a 640x2048 GEMV runs in 60 us on one thread and 42 us on
- * two, but inside a decode step the worker and torch's own OpenMP threads take turns on the cores,
- * and gemma3-270m decoded at 33-35 tok/s with 2**18 against 42-44 tok/s with 2**21 (every layer
- * but the lm_head on one thread; bench/decode.py, fp32, batch 1, 2 threads). */
+ * Measured on a 2-core VM with the library's own thread pool: in isolation a 640x2048 GEMV runs in
+ * 60 us on one thread and 42 us on two, but inside a decode step our worker and torch's spinning
+ * OpenMP threads took turns on the cores, and gemma3-270m decoded at 33-35 tok/s with 2**18 against
+ * 42-44 tok/s with 2**21 (bench/decode.py, fp32, batch 1, 2 threads). On torch's own OpenMP threads
+ * (lq_pool.c, the default since) 2**18 and 2**21 measured alike within the VM's noise. */
+#ifndef LQ_MIN_WORK
 #define LQ_MIN_WORK (1 << 21)
+#endif
 
 /* flags of lq_linear */
 #define LQ_FLAG_F32_VIA_BF16 1 /* fp32 x may be rounded to bf16 for the GEMM (torch's "medium" precision) */

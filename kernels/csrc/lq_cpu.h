@@ -191,6 +191,9 @@ void lq_prepare_x(const void *x, int x_dtype, int64_t m_begin, int64_t m_end, in
  * runs part 0). Returns when every part is done. */
 typedef void (*lq_task_fn)(void *arg, int part, int nparts);
 void lq_parallel(int nparts, lq_task_fn fn, void *arg);
+/* lq_pool.c: run the parts on torch's OpenMP team from now on (entry points of the runtime torch
+ * loaded), or on our own pool again (all NULL). LQ_EINVAL if only some are given. */
+LQ_API int lq_set_openmp(void *gomp_parallel, void *get_thread_num, void *get_num_threads);
 
 /* lq_scalar.c: conversions shared by every ISA */
 float lq_f16_to_f32(uint16_t h);

@@ -1,5 +1,6 @@
-/* A small persistent thread pool (pthreads, no OpenMP: torch ships its own OpenMP runtime, and two
- * runtimes in one process fight over the cores).
+/* Threads for the library's parallel parts: torch's OpenMP team when Python has handed it over
+ * (below), otherwise a small persistent thread pool of our own (pthreads; we do not link an OpenMP
+ * runtime: torch ships its own, and two runtimes in one process fight over the cores).
  *
  * lq_parallel(nparts, fn, arg) runs part 0 on the calling thread and parts 1.. on workers, which
  * are started on first use and kept. A worker that finds no new job spins for LQ_SPIN_NS (a decode
@@ -109,10 +110,48 @@ static void run_inline(int nparts, lq_task_fn fn, void *arg) {
     for (int i = 0; i < nparts; i++) fn(arg, i, nparts);
 }
 
+/* ---- or torch's own OpenMP threads -------------------------------------------------------------
+ * Between torch's operators its OpenMP workers spin-wait (libgomp's default), on the very cores our
+ * workers need: inside a model the two pools took turns on the cores, and a small model's INT4
+ * prefill ran at 0.5-0.6x the float model's. So, when Python hands us the entry points of the
+ * OpenMP runtime torch has loaded (lq_set_openmp, kernels/cpu_native.py), parallel parts run as one
+ * OpenMP parallel region on torch's team, as torch's own kernels do. GOMP_parallel is libgomp's ABI
+ * for "#pragma omp parallel" (LLVM's and Intel's runtimes export it too). Inside another parallel
+ * region it runs a team of one, which does every part. */
+typedef void (*lq_gomp_parallel)(void (*fn)(void *), void *data, unsigned nthreads, unsigned flags);
+static _Atomic(lq_gomp_parallel) omp_parallel;
+static int (*omp_thread_num)(void), (*omp_num_threads)(void);
+
+LQ_API int lq_set_openmp(void *gomp_parallel, void *get_thread_num, void *get_num_threads) {
+    if (gomp_parallel && !(get_thread_num && get_num_threads)) return LQ_EINVAL;
+    omp_thread_num = (int (*)(void))get_thread_num;
+    omp_num_threads = (int (*)(void))get_num_threads;
+    atomic_store(&omp_parallel, (lq_gomp_parallel)gomp_parallel); /* NULL: back to our pool */
+    return LQ_OK;
+}
+
+typedef struct {
+    lq_task_fn fn;
+    void *arg;
+    int nparts;
+} omp_job;
+
+static void omp_body(void *p) {
+    const omp_job *j = (const omp_job *)p;
+    const int n = omp_num_threads();
+    for (int part = omp_thread_num(); part < j->nparts; part += n) j->fn(j->arg, part, j->nparts);
+}
+
 void lq_parallel(int nparts, lq_task_fn fn, void *arg) {
     if (nparts > LQ_MAX_THREADS) nparts = LQ_MAX_THREADS;
     if (nparts <= 1) {
         run_inline(nparts < 1 ? 1 : nparts, fn, arg);
+        return;
+    }
+    const lq_gomp_parallel par = atomic_load(&omp_parallel);
+    if (par) {
+        omp_job j = {fn, arg, nparts};
+        par(omp_body, &j, (unsigned)nparts, 0);
         return;
     }
     if (pthread_mutex_trylock(&pool.job_lock) != 0) {

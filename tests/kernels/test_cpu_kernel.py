@@ -268,8 +268,9 @@ def test_leading_dims_strides_and_empty(layers):
 
 @needs_native
 def test_threads_do_not_change_results():
-    """Each output row is computed by one thread with the same code: bitwise equal for any count.
-    (2048 x 2048: large enough that even M = 1 is split between threads.)"""
+    """Each output row is computed by one thread with the same code: bitwise equal for any count,
+    on torch's OpenMP threads and on the library's own pool. (2048 x 2048: large enough that even
+    M = 1 is split between threads.)"""
     saved = torch.get_num_threads()
     w = make_packed(4, 128, False, False, 2048, 2048, seed=11)
     lay, bias = repack(w), torch.randn(2048)
@@ -279,9 +280,28 @@ def test_threads_do_not_change_results():
             torch.set_num_threads(1)
             y1 = cpu_linear(x, lay, bias)
             torch.set_num_threads(2)
-            assert torch.equal(y1, cpu_linear(x, lay, bias))
+            for threads in ("pool", "openmp"):
+                NATIVE.use_threads(threads)
+                assert torch.equal(y1, cpu_linear(x, lay, bias)), threads
     finally:
         torch.set_num_threads(saved)
+        NATIVE.use_threads(cpu_native.requested_threads())
+
+
+@needs_native
+def test_runs_on_torchs_openmp_threads(monkeypatch):
+    """torch's OpenMP runtime (already loaded by torch) is found and used by default; the
+    environment variable selects the pool and is checked."""
+    if cpu_native.torch_openmp_entry_points() is None:
+        pytest.skip("torch's OpenMP runtime not found in torch/lib")
+    assert NATIVE.threads == "openmp"
+    try:
+        assert NATIVE.use_threads("pool") == "pool"
+    finally:
+        NATIVE.use_threads("openmp")
+    monkeypatch.setenv("LLMQUANT_CPU_THREADS", "tbb")
+    with pytest.raises(ValueError, match="LLMQUANT_CPU_THREADS"):
+        cpu_native.requested_threads()
 
 
 @needs_native
