@@ -115,9 +115,9 @@ class Native:
         """Where parallel parts run: "openmp" (the OpenMP runtime torch has loaded: its threads, so the
         library's calls do not compete with torch's spinning workers for the cores) or "pool" (the
         library's own threads). Returns what is in use: "pool" when torch's runtime is not found."""
-        entry = torch_openmp_entry_points() if which == "openmp" else None
         if which not in ("openmp", "pool"):
             raise ValueError(f"threads {which!r}: expected 'openmp' or 'pool'")
+        entry = torch_openmp_entry_points() if which == "openmp" else None
         self._check(self._lib.lq_set_openmp(*(entry or (None, None, None))), "llmquant CPU threads")
         return "openmp" if entry else "pool"
 
