@@ -106,21 +106,7 @@ INLINE void gemv4_k(const lq_layout *L, int64_t t, const float *x, int64_t ldx, 
         }
 #undef GEMV4_BLOCK
     }
-    const int64_t nblk = lq_tail(L) / LQ_BLK;
-    for (int64_t p = 0; p < nblk; p++) {
-        const int64_t kb = nsb * LQ_SB + 32 * p;
-        if (lq_gcur_step(&gc, kb)) tables16(L, t, gc.g, tab);
-        __m512i D[4];
-        for (int r = 0; r < 4; r++) D[r] = load16_u8(lq_tail_row(L, t, r) + 16 * p);
-        for (int par = 0; par < 2; par++) {
-            __m512 xv[4];
-            for (int i = 0; i < MM; i++) xv[i] = _mm512_loadu_ps(x + kb + 16 * par + i * ldx);
-            for (int r = 0; r < 4; r++) {
-                const __m512 w = _mm512_permutexvar_ps(par ? _mm512_srli_epi32(D[r], 4) : D[r], tab[r]);
-                for (int i = 0; i < MM; i++) acc[0][i][r] = _mm512_fmadd_ps(w, xv[i], acc[0][i][r]);
-            }
-        }
-    }
+    gemv4_tail_f32(L, t, x, ldx, MM, &gc, tab, acc[0]);
     for (int a = 1; a < NACC; a++)
         for (int i = 0; i < MM; i++)
             for (int r = 0; r < 4; r++) acc[0][i][r] = _mm512_add_ps(acc[0][i][r], acc[a][i][r]);

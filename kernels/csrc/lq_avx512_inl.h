@@ -58,6 +58,28 @@ INLINE void tables16(const lq_layout *L, int64_t t, int64_t g, __m512 tab[4]) {
 /* 16 bytes -> 16 uint32 lanes */
 INLINE __m512i load16_u8(const uint8_t *p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)); }
 
+/* GEMV, the tail blocks (Kp % 128 columns) of tile t: acc[i][r] += x[i] . W[4t + r] over them, for
+ * MM (<= 4) rows of x in xr order. gc and tab: the group cursor and its tables16 at the end of the
+ * superblocks (both advanced here). */
+INLINE void gemv4_tail_f32(const lq_layout *L, int64_t t, const float *x, int64_t ldx, const int MM, lq_gcur *gc,
+                           __m512 tab[4], __m512 acc[4][4]) {
+    const int64_t nsb = lq_nsb(L), nblk = lq_tail(L) / LQ_BLK;
+    for (int64_t p = 0; p < nblk; p++) {
+        const int64_t kb = nsb * LQ_SB + 32 * p;
+        if (lq_gcur_step(gc, kb)) tables16(L, t, gc->g, tab);
+        __m512i D[4];
+        for (int r = 0; r < 4; r++) D[r] = load16_u8(lq_tail_row(L, t, r) + 16 * p);
+        for (int par = 0; par < 2; par++) {
+            __m512 xv[4];
+            for (int i = 0; i < MM; i++) xv[i] = _mm512_loadu_ps(x + kb + 16 * par + i * ldx);
+            for (int r = 0; r < 4; r++) {
+                const __m512 w = _mm512_permutexvar_ps(par ? _mm512_srli_epi32(D[r], 4) : D[r], tab[r]);
+                for (int i = 0; i < MM; i++) acc[i][r] = _mm512_fmadd_ps(w, xv[i], acc[i][r]);
+            }
+        }
+    }
+}
+
 /* GEMV: prefetch the weight bytes LQ_PREFETCH ahead of the 4 rows of a superblock being read (a
  * tile is contiguous, so this runs into the thread's next tile; prefetches past the end of the
  * buffer are harmless). The hardware prefetchers alone left decode from DRAM at 50-60% of the

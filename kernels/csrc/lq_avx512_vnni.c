@@ -92,22 +92,25 @@ int lq_prepare_xi_avx512(const float *xr, int64_t nsb, uint8_t *xi) {
     return 1;
 }
 
+/* -z of rows 4t..4t+3 in group g, and their scales */
+INLINE void group_s_negz(const lq_layout *L, int64_t t, int64_t g, float s[4], int nz[4]) {
+    float z[4];
+    group_params(L, t, g, s, z);
+    for (int r = 0; r < 4; r++) nz[r] = -(int)z[r];
+}
+
 void lq_gemv1_i8_avx512(const lq_layout *L, int64_t t, const uint8_t *xi, const float *xr, float out[4]) {
     const __m512i nib = _mm512_set1_epi8(0x0F);
-    __m512 tot[4], acc[4];
-    for (int r = 0; r < 4; r++) tot[r] = acc[r] = _mm512_setzero_ps();
+    __m512 tot[4], acc[4][4];
+    for (int r = 0; r < 4; r++) tot[r] = acc[0][r] = _mm512_setzero_ps();
     lq_gcur gc = lq_gcur_at(L, 0);
-    float s[4], nzs[4];
-    group_s_nzs(L, t, gc.g, s, nzs);
+    float s[4];
     int nz[4];
-    for (int r = 0; r < 4; r++) nz[r] = -(L->z ? L->z[(t * L->NG + gc.g) * LQ_TILE + r] : L->zc);
+    group_s_negz(L, t, gc.g, s, nz);
     const int64_t nsb = lq_nsb(L);
     const uint8_t *q = lq_tile(L, t);
     for (int64_t sb = 0; sb < nsb; sb++, q += 4 * 64, xi += LQ_XI_SB_BYTES) {
-        if (lq_gcur_step(&gc, sb * LQ_SB)) {
-            group_s_nzs(L, t, gc.g, s, nzs);
-            for (int r = 0; r < 4; r++) nz[r] = -(L->z ? L->z[(t * L->NG + gc.g) * LQ_TILE + r] : L->zc);
-        }
+        if (lq_gcur_step(&gc, sb * LQ_SB)) group_s_negz(L, t, gc.g, s, nz);
         prefetch_superblock(q);
         const __m512i msum = _mm512_load_si512(xi + 384);
         const __m512 ex = _mm512_load_ps(xi + 448);
@@ -115,7 +118,7 @@ void lq_gemv1_i8_avx512(const lq_layout *L, int64_t t, const uint8_t *xi, const 
         const __m512i x2l = _mm512_load_si512(xi + 128), x0h = _mm512_load_si512(xi + 192);
         const __m512i x1h = _mm512_load_si512(xi + 256), x2h = _mm512_load_si512(xi + 320);
         /* the zero-point term, -z sum m, starts the exact sum: once per superblock when symmetric */
-        const __m512i zsym = _mm512_mullo_epi32(msum, _mm512_set1_epi32(nz[0]));
+        const __m512i zsym = L->z ? _mm512_setzero_si512() : _mm512_mullo_epi32(msum, _mm512_set1_epi32(nz[0]));
         for (int r = 0; r < 4; r++) {
             const __m512i W = _mm512_loadu_si512(q + 64 * r);
             const __m512i lo = _mm512_and_si512(W, nib), hi = _mm512_and_si512(_mm512_srli_epi16(W, 4), nib);
@@ -130,25 +133,12 @@ void lq_gemv1_i8_avx512(const lq_layout *L, int64_t t, const uint8_t *xi, const 
             tot[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(T), _mm512_mul_ps(ex, _mm512_set1_ps(s[r])), tot[r]);
         }
     }
-    /* the tail, in fp32 like lq_avx512.c */
-    const int64_t nblk = lq_tail(L) / LQ_BLK;
-    if (nblk) {
+    if (lq_tail(L)) { /* the tail, in fp32 as lq_avx512.c does it */
         __m512 tab[4];
         tables16(L, t, gc.g, tab);
-        for (int64_t p = 0; p < nblk; p++) {
-            const int64_t kb = nsb * LQ_SB + 32 * p;
-            if (lq_gcur_step(&gc, kb)) tables16(L, t, gc.g, tab);
-            for (int par = 0; par < 2; par++) {
-                const __m512 xv = _mm512_loadu_ps(xr + kb + 16 * par);
-                for (int r = 0; r < 4; r++) {
-                    const __m512i D = load16_u8(lq_tail_row(L, t, r) + 16 * p);
-                    const __m512 w = _mm512_permutexvar_ps(par ? _mm512_srli_epi32(D, 4) : D, tab[r]);
-                    acc[r] = _mm512_fmadd_ps(w, xv, acc[r]);
-                }
-            }
-        }
+        gemv4_tail_f32(L, t, xr, 0, 1, &gc, tab, acc);
     }
-    for (int r = 0; r < 4; r++) tot[r] = _mm512_add_ps(tot[r], acc[r]);
+    for (int r = 0; r < 4; r++) tot[r] = _mm512_add_ps(tot[r], acc[0][r]);
     _mm_storeu_ps(out, hsum4(tot[0], tot[1], tot[2], tot[3]));
 }
 
