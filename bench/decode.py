@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
+import functools
 import inspect
 import json
 import os
@@ -41,10 +42,15 @@ from llmquant.models import bos_for_raw_text, load_model
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+@functools.cache
+def _last_logits_only(model_class: type) -> dict:
+    """forward() kwargs for the last position's logits only, where the model class takes them."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model_class.forward).parameters else {}
+
+
 @torch.inference_mode()
 def prefill(model, ids: torch.Tensor):
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    out = model(input_ids=ids, use_cache=True, **keep)
+    out = model(input_ids=ids, use_cache=True, **_last_logits_only(type(model)))
     return out.logits[:, -1], out.past_key_values
 
 
