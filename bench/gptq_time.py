@@ -23,7 +23,7 @@ from machine import cpu_name
 
 from llmquant.calibration import calibration_batches
 from llmquant.config import QuantConfig
-from llmquant.quantizers.model import quantize
+from llmquant import quantize
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

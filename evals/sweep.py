@@ -34,8 +34,8 @@ def run(args: argparse.Namespace) -> dict:
         for method in args.methods:
             model, _ = load_model(args.model)
             cfg = llmquant.QuantConfig(bits=bits, group_size=args.group_size, method=method,
-                                       act_order=args.act_order and method == "gptq",
-                                       clip_search=args.clip_search and method == "gptq")
+                                       act_order=args.act_order if method == "gptq" else None,
+                                       clip_search=args.clip_search if method == "gptq" else None)
             if method == "gptq" and calibration is None:
                 calibration = calibration_batches(tok, source=args.calibration, nsamples=args.nsamples,
                                                   seqlen=args.seqlen, seed=args.seed, bos=bos)
@@ -136,8 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bits", type=int, nargs="+", default=[3, 4, 8])
     p.add_argument("--methods", nargs="+", default=["rtn", "gptq"], choices=["rtn", "gptq"])
     p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--act-order", action="store_true")
-    p.add_argument("--clip-search", action="store_true")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ act-order (default: GPTQ's default, on)")
+    p.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ clipping search (default: GPTQ's default, on)")
     p.add_argument("--corpus")
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--max-tokens", type=int, default=8192)

@@ -3,11 +3,12 @@
 ``import llmquant`` registers the ``llmquant`` quantization method with transformers, so that
 ``AutoModelForCausalLM.from_pretrained`` loads llmquant checkpoints and quantizes on the fly.
 """
+from llmquant.api import quantize
 from llmquant.checkpoint import save_quantized
 from llmquant.config import LayerQuant, QuantConfig, QuantConfigError
 from llmquant.hf.integration import LlmQuantConfig, register as _register_with_transformers
 from llmquant.modules.quant_linear import CheckpointError, QuantLinear
-from llmquant.quantizers.model import quantize
+from llmquant.registry import method_names
 
 # The one intended import-time effect: transformers learns the "llmquant" quantization method.
 _register_with_transformers()
@@ -21,6 +22,7 @@ __all__ = [
     "QuantConfig",
     "QuantConfigError",
     "QuantLinear",
+    "method_names",
     "quantize",
     "save_quantized",
 ]

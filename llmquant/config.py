@@ -22,13 +22,13 @@ import dataclasses
 import fnmatch
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from llmquant.formats.packing import SUPPORTED_BITS
+from llmquant.registry import METHOD_OPTIONS, get_method
 
 FORMAT_VERSION = 1
 QUANT_METHOD = "llmquant"
-METHODS = ("rtn", "gptq")
 GROUP_SIZES = (-1, 32, 64, 128)
 _OVERRIDE_FIELDS = ("bits", "group_size", "sym")
 
@@ -72,9 +72,11 @@ class QuantConfig:
     bits: int = 4
     group_size: int = 128
     sym: bool = True
+    #: a method registered in :mod:`llmquant.registry` ("rtn", "gptq", ...)
     method: str = "rtn"
-    #: GPTQ: quantize columns in order of decreasing Hessian diagonal
-    act_order: bool = False
+    #: GPTQ: quantize columns in order of decreasing Hessian diagonal. ``None``: the method's default
+    #: (GPTQ: on, the best measured setting; methods that do not use it: off)
+    act_order: bool | None = None
     #: GPTQ with act_order: fix each group's scale before the permuted pass, so groups stay in
     #: input order and no permutation is stored
     static_groups: bool = False
@@ -86,8 +88,9 @@ class QuantConfig:
     damp_percent: float = 0.01
     block_size: int = 128
     #: choose each group's range by searching a clipping factor instead of taking [min, max]; GPTQ
-    #: weights the rounding error by each column's input energy (the Hessian diagonal), RTN does not
-    clip_search: bool = False
+    #: weights the rounding error by each column's input energy (the Hessian diagonal), RTN does not.
+    #: ``None``: the method's default (GPTQ: on; RTN: off)
+    clip_search: bool | None = None
     true_sequential: bool = True
     #: quantize the output layer too (it is skipped by default)
     quantize_lm_head: bool = False
@@ -95,8 +98,16 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         _check_scheme(self.bits, self.group_size, self.sym, where="QuantConfig")
-        if self.method not in METHODS:
-            raise QuantConfigError(f"QuantConfig: unknown method {self.method!r}; known: {METHODS}")
+        try:
+            method = get_method(self.method)
+        except KeyError as e:
+            raise QuantConfigError(f"QuantConfig: {e.args[0]}") from None
+        for option in METHOD_OPTIONS:
+            value = getattr(self, option)
+            if value is None:
+                object.__setattr__(self, option, bool(method.defaults.get(option, False)))
+            elif not isinstance(value, bool):
+                raise QuantConfigError(f"QuantConfig: {option} must be a bool or None, got {value!r}")
         if self.format_version != FORMAT_VERSION:
             raise QuantConfigError(
                 f"QuantConfig: unsupported format_version {self.format_version!r}; "
@@ -104,6 +115,8 @@ class QuantConfig:
             )
         if self.static_groups and not self.act_order:
             raise QuantConfigError("QuantConfig: static_groups only makes sense with act_order=True")
+        for problem in method.problems(self):
+            raise QuantConfigError(f"QuantConfig: {problem}")
         if not 0 <= self.damp_percent < 1:
             raise QuantConfigError(f"QuantConfig: damp_percent must be in [0, 1), got {self.damp_percent}")
         if self.block_size <= 0:
@@ -127,6 +140,18 @@ class QuantConfig:
             _check_scheme(merged["bits"], merged["group_size"], merged["sym"], where=f"override {pattern!r}")
             clean[pattern] = dict(ov)
         object.__setattr__(self, "overrides", clean)
+
+    @property
+    def stores_perm(self) -> bool:
+        """Whether quantized layers carry ``perm``: act-order without static groups (the columns are
+        stored in the order they were quantized, see :mod:`llmquant.formats.packing`)."""
+        return self.act_order and not self.static_groups
+
+    def with_kept_float(self, names: Iterable[str]) -> "QuantConfig":
+        """This config with the layers ``names`` (full module names) added to ``skip``: a method that
+        leaves layers in float records them, so the saved config describes what was stored."""
+        extra = [n for n in names if self.resolve(n) is not None]
+        return self if not extra else self.replace(skip=self.skip + tuple(extra))
 
     # --- resolution -------------------------------------------------------------------------
     def resolve(self, name: str) -> LayerQuant | None:

@@ -133,7 +133,8 @@ def bos_for_raw_text(name_or_path: str, tokenizer) -> bool:
 
 def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, **kwargs):
     """(model, tokenizer) for a built-in name, a local folder (float or llmquant checkpoint) or a hub id."""
-    import llmquant  # noqa: F401  (registers the llmquant quantization method)
+    # (importing any llmquant module ran llmquant/__init__, which registered the "llmquant" method
+    # with transformers)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve(name_or_path)

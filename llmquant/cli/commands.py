@@ -43,11 +43,16 @@ def add_scheme_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
     g.add_argument("--group-size", type=int, default=128, choices=(-1, 32, 64, 128), help="-1: per channel")
     g.add_argument("--asym", action="store_true", help="asymmetric (zero point per group); default symmetric")
-    g.add_argument("--method", default="rtn", choices=("rtn", "gptq"))
-    g.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
+    from llmquant.registry import get_method, method_names
+
+    g.add_argument("--method", default="rtn", choices=method_names(),
+                   help="; ".join(f"{m}: {get_method(m).description}" for m in method_names()))
+    g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ: columns by decreasing Hessian diagonal (default: on for gptq)")
     g.add_argument("--static-groups", action="store_true", help="GPTQ act-order with groups fixed up front")
-    g.add_argument("--clip-search", action="store_true",
-                   help="search each group's clipping range (GPTQ: Hessian-weighted error) instead of min/max")
+    g.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=None,
+                   help="search each group's clipping range (GPTQ: Hessian-weighted error) instead of min/max "
+                        "(default: on for gptq, off for rtn)")
     g.add_argument("--skip", action="append", default=None, metavar="PATTERN",
                    help="module pattern to keep in float (repeatable; default: lm_head)")
     g.add_argument("--override", action="append", type=_parse_override, default=[], metavar="PATTERN=SPEC",
@@ -80,9 +85,11 @@ def config_from_args(args: argparse.Namespace):
 def quantize_model(args: argparse.Namespace, model, tokenizer) -> dict:
     import llmquant
 
+    from llmquant.registry import get_method
+
     config = config_from_args(args)
     calibration = None
-    if config.method == "gptq":
+    if get_method(config.method).needs_calibration:
         from llmquant.calibration import calibration_batches
         from llmquant.models import bos_for_raw_text
 
@@ -305,7 +312,7 @@ def add_export_gptq(sub) -> None:
 
 
 def run_export_gptq(args: argparse.Namespace) -> int:
-    from llmquant.formats.gptq_export import export_gptq_checkpoint
+    from llmquant.export.gptq import export_gptq_checkpoint
 
     out = export_gptq_checkpoint(args.ckpt, args.out, overwrite=args.overwrite)
     print(f"wrote GPTQ-layout checkpoint to {out}")

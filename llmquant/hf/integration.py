@@ -25,10 +25,14 @@ from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
     AUTO_QUANTIZER_MAPPING,
 )
+from transformers import PretrainedConfig
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from llmquant.config import QUANT_METHOD, QuantConfig
 from llmquant.modules.quant_linear import QuantLinear
+from llmquant.modules.walk import linear_weight, set_submodule
+from llmquant.quantizers import quantize_model
+from llmquant.quantizers.plan import plan, untie_if_quantizing_head
 
 logger = logging.getLogger(__name__)
 
@@ -83,14 +87,8 @@ class LlmQuantConfig(QuantizationConfigMixin):
         raise AttributeError(name)
 
 
-def _has_perm(config: QuantConfig) -> bool:
-    return config.method == "gptq" and config.act_order and not config.static_groups
-
-
 def swap_in_quant_linears(model: torch.nn.Module, config: QuantConfig, bias_dtype: torch.dtype) -> int:
     """Replace each linear layer that ``config`` quantizes by an empty QuantLinear (on the meta device)."""
-    from llmquant.quantizers.model import linear_weight, plan, set_submodule, untie_if_quantizing_head
-
     untie_if_quantizing_head(model, config)
     todo = plan(model, config)
     for name, mod, scheme in todo:
@@ -101,7 +99,7 @@ def swap_in_quant_linears(model: torch.nn.Module, config: QuantConfig, bias_dtyp
                 n,
                 scheme,
                 bias=getattr(mod, "bias", None) is not None,
-                has_perm=_has_perm(config),
+                has_perm=config.stores_perm,
                 bias_dtype=bias_dtype,
             )
         set_submodule(model, name, q)
@@ -147,12 +145,14 @@ class LlmQuantHfQuantizer(HfQuantizer):
             n = validate_loaded(model)
             logger.info("loaded %d llmquant layers", n)
             return model
-        from llmquant.quantizers.model import quantize
+        from llmquant.registry import get_method
 
         calibration = None
-        if self.quant.method == "gptq":
+        if get_method(self.quant.method).needs_calibration:
             calibration = _calibration_for(model, self.quantization_config.calibration)
-        quantize(model, self.quant, calibration=calibration)
+        _, effective = quantize_model(model, self.quant, calibration=calibration)
+        self.quantization_config.quant = effective  # layers the method kept in float are recorded
+        attach_quantization_config(model, effective)
         return model
 
     def is_serializable(self) -> bool:
@@ -185,8 +185,15 @@ def _calibration_for(model, opts: dict[str, Any]):
     )
 
 
+def is_transformers_model(model: torch.nn.Module) -> bool:
+    return isinstance(getattr(model, "config", None), PretrainedConfig)
+
+
 def attach_quantization_config(model, config: QuantConfig) -> None:
-    """Mark an in-memory quantized model so that ``save_pretrained`` writes an llmquant checkpoint."""
+    """Mark an in-memory quantized transformers model so that ``save_pretrained`` writes an llmquant
+    checkpoint. Other modules carry no Hugging Face config and are left as they are."""
+    if not is_transformers_model(model):
+        return
     hf_config = LlmQuantConfig.from_quant_config(config)
     model.config.quantization_config = hf_config
     if hasattr(model, "save_pretrained"):

@@ -1,1 +1,42 @@
+"""Quantizers: the built-in methods (they register themselves in :mod:`llmquant.registry` on import)
+and :func:`quantize_model`, which runs whichever method a config names on any ``nn.Module``."""
+from __future__ import annotations
 
+import logging
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from llmquant.config import QuantConfig
+from llmquant.quantizers import gptq_model, rtn  # noqa: F401  (registers "gptq" and "rtn")
+from llmquant.registry import get_method
+
+logger = logging.getLogger(__name__)
+
+
+def quantize_model(
+    model: nn.Module,
+    config: QuantConfig,
+    calibration: Iterable[torch.Tensor] | None = None,
+    progress: bool = True,
+) -> tuple[dict, QuantConfig]:
+    """Quantize ``model`` in place with the method ``config.method`` names.
+
+    Returns (summary, effective config): the config with the layers the method left in float added to
+    ``skip``, so that it describes what the model now holds. Everything that can be checked up front
+    (calibration present, the method understands the model, the config selects some layer) is checked
+    before any layer changes.
+    """
+    method = get_method(config.method)
+    if method.needs_calibration and calibration is None:
+        raise ValueError(
+            f"method {method.name!r} needs calibration data: pass calibration=... (token id batches, "
+            "see llmquant.calibration.calibration_batches)"
+        )
+    method.check_model(model, config)
+    summary = method.apply(model, config, calibration, progress)
+    return summary, config.with_kept_float(summary.get("kept_float", ()))
+
+
+__all__ = ["quantize_model"]

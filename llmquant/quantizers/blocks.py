@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmquant.quantizers.model import find_linear_layers, is_linear
+from llmquant.modules.walk import find_linear_layers, is_linear
 
 #: true-sequential stages per family, by name relative to the block. A family applies when its names
 #: are exactly the block's linear layers; otherwise the generic rule of :func:`sequential_stages` is used.

@@ -52,7 +52,7 @@ from llmquant.config import LayerQuant
 from llmquant.formats.packing import num_groups
 from llmquant.kernels.registry import PackedWeight
 from llmquant.quantizers.grid import qparams, quantize_codes
-from llmquant.quantizers.model import linear_weight
+from llmquant.modules.walk import linear_weight
 from llmquant.quantizers.rtn import group_qparams, make_packed
 
 logger = logging.getLogger(__name__)

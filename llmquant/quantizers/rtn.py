@@ -1,13 +1,20 @@
-"""Round-to-nearest (RTN) quantization of one weight matrix, and the packing of any quantizer's
-codes into the stored format."""
+"""Round-to-nearest (RTN) quantization: of one weight matrix, and of a whole model as the ``rtn``
+method; also the packing of any quantizer's codes into the stored format."""
 from __future__ import annotations
 
-import torch
+import time
 
-from llmquant.config import LayerQuant
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from llmquant.config import LayerQuant, QuantConfig
 from llmquant.formats.packing import num_groups, pack_rows
 from llmquant.kernels.registry import PackedWeight
+from llmquant.modules.walk import linear_weight, set_submodule
 from llmquant.quantizers.grid import qparams, quantize_codes
+from llmquant.quantizers.plan import check_plan, dense_weight_check, to_quant_linear, untie_if_quantizing_head
+from llmquant.registry import Method, register_method
 
 
 def group_qparams(
@@ -76,3 +83,32 @@ def quantize_weight_rtn(w: torch.Tensor, scheme: LayerQuant, clip: bool = False)
     scale, zero = group_qparams(w, scheme, clip=clip)
     codes = quantize_codes(w, expand_groups(scale, k, scheme.group_size), expand_groups(zero, k, scheme.group_size), scheme.bits)
     return make_packed(codes, scale, zero, scheme)
+
+
+@register_method
+class RTN(Method):
+    """Every selected linear layer of any ``nn.Module``, rounded to nearest on its own; no data."""
+
+    name = "rtn"
+    description = "round-to-nearest, no calibration data"
+    options = frozenset({"clip_search"})
+
+    def check_model(self, model: nn.Module, config: QuantConfig) -> None:
+        for name, mod, _ in check_plan(model, config):
+            dense_weight_check(name, mod)
+
+    def apply(self, model: nn.Module, config: QuantConfig, calibration, progress: bool) -> dict:
+        todo = check_plan(model, config)
+        t0 = time.perf_counter()
+        # Quantize everything first and swap afterwards: a layer that cannot be quantized (NaN
+        # weights) then leaves the model exactly as it was.
+        packed = []
+        for name, mod, scheme in tqdm(todo, desc="RTN quantize", disable=not progress, unit="layer"):
+            try:
+                packed.append(quantize_weight_rtn(linear_weight(mod).detach(), scheme, clip=config.clip_search))
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+        untie_if_quantizing_head(model, config)
+        for (name, mod, _), p in zip(todo, packed):
+            set_submodule(model, name, to_quant_linear(mod, p))
+        return {"method": self.name, "layers": len(todo), "seconds": time.perf_counter() - t0, "kept_float": []}

@@ -12,20 +12,13 @@ from llmquant.config import LayerQuant, QuantConfig
 from llmquant.serving.vllm import QUANT_METHOD
 
 
-def stores_perm(config: QuantConfig) -> bool:
-    """Whether the checkpoint's quantized layers carry ``perm`` (GPTQ act-order without static groups).
-
-    The same rule as the transformers loader's (``llmquant.hf.integration``)."""
-    return config.method == "gptq" and config.act_order and not config.static_groups
-
-
 class LlmQuantVllmConfig(QuantizationConfig):
     """Wraps the checkpoint's :class:`~llmquant.config.QuantConfig` (its ``quantization_config``)."""
 
     def __init__(self, quant: QuantConfig) -> None:
         super().__init__()
         self.quant = quant
-        self.has_perm = stores_perm(quant)
+        self.has_perm = quant.stores_perm
         #: kernel names already announced in the log (per engine, not per layer)
         self.kernels_logged: set[str] = set()
 

@@ -21,7 +21,8 @@ from llmquant.quantizers.blocks import (
     sequential_stages,
 )
 from llmquant.quantizers.gptq_model import quantize_gptq
-from llmquant.quantizers.model import find_linear_layers, quantize
+from llmquant import quantize
+from llmquant.modules.walk import find_linear_layers
 
 from .tiny_models import FAMILIES, tiny_calibration, tiny_model
 
@@ -51,7 +52,7 @@ def test_family_quantizes_and_beats_rtn(family):
     with torch.no_grad():
         ref = model(ids).logits
         rtn = copy.deepcopy(model)
-        quantize(rtn, CONFIG.replace(method="rtn"), progress=False)
+        quantize(rtn, QuantConfig(bits=4, group_size=32), progress=False)
         e_rtn = logits_error(rtn, ref, ids)
 
         summary = quantize(model, CONFIG, calib, progress=False)

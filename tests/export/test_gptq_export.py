@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 import llmquant
 from llmquant import QuantConfig
-from llmquant.formats.gptq_export import ExportError, dequantize_gptq, export_gptq_checkpoint, to_gptq_tensors
+from llmquant.export.gptq import ExportError, dequantize_gptq, export_gptq_checkpoint, to_gptq_tensors
 from llmquant.formats.packing import dequantize_packed
 from llmquant.quantizers.rtn import quantize_weight_rtn
 from llmquant.config import LayerQuant

@@ -1,0 +1,32 @@
+"""The public entry point :func:`quantize`: any ``nn.Module``, any registered method."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from llmquant.config import QuantConfig
+from llmquant.hf.integration import attach_quantization_config
+from llmquant.quantizers import quantize_model
+
+
+def quantize(
+    model: nn.Module,
+    config: QuantConfig,
+    calibration: Iterable[torch.Tensor] | None = None,
+    progress: bool = True,
+) -> dict:
+    """Quantize ``model`` in place according to ``config``; returns a summary dict.
+
+    ``model`` is any ``nn.Module``: its ``nn.Linear`` (and GPT-2 ``Conv1D``) layers selected by the
+    config become :class:`~llmquant.QuantLinear`. ``calibration`` (token id tensors [1, T] or [B, T])
+    is needed by data-aware methods (GPTQ, which also needs a transformers causal LM). A transformers
+    model additionally gets a ``quantization_config`` so that ``save_pretrained`` and
+    :func:`llmquant.save_quantized` write a loadable checkpoint. The summary's
+    ``quantization_config`` is the config as stored: layers the method kept in float are in ``skip``.
+    """
+    summary, effective = quantize_model(model, config, calibration, progress)
+    attach_quantization_config(model, effective)
+    summary["quantization_config"] = effective.to_dict()
+    return summary

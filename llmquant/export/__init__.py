@@ -1,0 +1,1 @@
+"""Writing llmquant checkpoints in other projects' formats (GPTQ, compressed-tensors)."""
