@@ -1,9 +1,12 @@
 """OpenAI-compatible request bodies (pydantic) and the OpenAI error shape.
 
 Only what the embedded engine can honour is accepted with a non-default value: ``n``, ``best_of``,
-``logprobs``, ``echo``, ``suffix``, penalties, ``logit_bias`` and tools are accepted at their neutral
-value (clients send them) and rejected with a 400 naming the parameter otherwise. Unknown fields are
-ignored, as the OpenAI servers of other projects do. Every string must be encodable as UTF-8 (a JSON
+``logprobs``, ``echo``, ``suffix``, penalties, ``logit_bias``, ``response_format`` (JSON mode and JSON
+schemas), tools and functions (``tools``, ``tool_choice``, ``functions``, ``function_call``,
+``parallel_tool_calls``), and non-text modalities (``audio``, ``modalities``, ``web_search_options``)
+are accepted at their neutral value (clients send them) and rejected with a 400 naming the parameter
+otherwise: a client that asked for JSON or a tool call must not get free text with a 200. Fields
+outside the OpenAI API are ignored, as the OpenAI servers of other projects do. Every string must be encodable as UTF-8 (a JSON
 ``"\\ud800"`` escape decodes to a lone surrogate that no tokenizer can take).
 """
 from __future__ import annotations
@@ -52,6 +55,11 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -68,6 +76,7 @@ class _Body(BaseModel):
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
     user: Text | None = None
+    response_format: ResponseFormat | None = None
     #: extension (as in vLLM): keep generating past end-of-sequence tokens, for benchmarks
     ignore_eos: bool = False
 
@@ -88,6 +97,9 @@ class _Body(BaseModel):
                 out.append((name, f"{name} is not supported (must be 0)"))
         if self.logit_bias:
             out.append(("logit_bias", "logit_bias is not supported"))
+        if self.response_format is not None and self.response_format.type != "text":
+            out.append(("response_format", f"response_format type {self.response_format.type!r} is not supported: "
+                        "this server does not constrain output to JSON (only type 'text')"))
         return out
 
 
@@ -138,6 +150,13 @@ class ChatCompletionRequest(_Body):
     logprobs: bool | None = False
     top_logprobs: int | None = None
     tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[Any] | None = None
+    function_call: str | dict[str, Any] | None = None
+    audio: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    web_search_options: dict[str, Any] | None = None
 
     def unsupported(self) -> list[tuple[str, str]]:
         out = super().unsupported()
@@ -145,6 +164,21 @@ class ChatCompletionRequest(_Body):
             out.append(("logprobs", "logprobs are not supported"))
         if self.tools:
             out.append(("tools", "tools are not supported"))
+        # "none" means no tool call, and so does "auto" when no tool is offered
+        if self.tool_choice not in (None, "none") and not (self.tool_choice == "auto" and not self.tools):
+            out.append(("tool_choice", f"tool_choice={self.tool_choice!r} is not supported: no tool calls"))
+        if self.parallel_tool_calls and self.tools:
+            out.append(("parallel_tool_calls", "parallel_tool_calls is not supported: no tool calls"))
+        if self.functions:
+            out.append(("functions", "functions are not supported"))
+        if self.function_call not in (None, "none") and not (self.function_call == "auto" and not self.functions):
+            out.append(("function_call", f"function_call={self.function_call!r} is not supported: no function calls"))
+        if self.audio is not None:
+            out.append(("audio", "audio output is not supported"))
+        if self.modalities is not None and list(self.modalities) != ["text"]:
+            out.append(("modalities", f"modalities={self.modalities} is not supported: only ['text']"))
+        if self.web_search_options is not None:
+            out.append(("web_search_options", "web search is not supported"))
         return out
 
     def requested_max_tokens(self) -> int | None:

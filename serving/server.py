@@ -330,17 +330,21 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, *, api_key: str 
     async def completions(request: Request) -> Response:
         srv.authorize(request)
         body: CompletionRequest = await srv.parse(request, CompletionRequest)
-        ids = srv.completion_prompt(body)
+        ids = await asyncio.to_thread(srv.completion_prompt, body)  # tokenizing off the event loop
         params = srv.sampling(body, len(ids), body.max_tokens, COMPLETION_DEFAULT_MAX_TOKENS, "prompt")
         handle = srv.submit(ids, params)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
+        include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
+
         def chunk(text: str | None, finish: str | None) -> dict:
-            return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
-                    "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}]}
+            out = {"id": rid, "object": "text_completion", "created": created, "model": model_name,
+                   "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}]}
+            if include_usage:  # as OpenAI's: every chunk has the key, null until the final usage chunk
+                out["usage"] = None
+            return out
 
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
             def usage_chunk(ev: Event) -> dict:
                 return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
@@ -359,10 +363,11 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, *, api_key: str 
     async def chat_completions(request: Request) -> Response:
         srv.authorize(request)
         body: ChatCompletionRequest = await srv.parse(request, ChatCompletionRequest)
-        ids = srv.chat_prompt(body)
+        ids = await asyncio.to_thread(srv.chat_prompt, body)  # templating and tokenizing off the event loop
         params = srv.sampling(body, len(ids), body.requested_max_tokens(), engine.max_model_len, "messages")
         handle = srv.submit(ids, params)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
 
         def chunk(text: str | None, finish: str | None, role: str | None = None) -> dict:
             delta: dict[str, str] = {}
@@ -370,11 +375,13 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, *, api_key: str 
                 delta["role"] = role
             if text is not None:
                 delta["content"] = text
-            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
+                   "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            if include_usage:  # as OpenAI's: every chunk has the key, null until the final usage chunk
+                out["usage"] = None
+            return out
 
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
             def usage_chunk(ev: Event) -> dict:
                 return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,

@@ -85,6 +85,45 @@ CASES = [
      {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 4000}, 400, "max_tokens",
      "context_length_exceeded", "at most"),
 ]
+# fields that change what a request means: a JSON-mode or tool-calling client must not get free text
+USER = [{"role": "user", "content": "x"}]
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+MEANING = [
+    ("json mode", "/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("json schema", "/v1/chat/completions",
+     {"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {}}}}, "response_format"),
+    ("completions json", "/v1/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("tool_choice required", "/v1/chat/completions", {"tool_choice": "required"}, "tool_choice"),
+    ("tool_choice named", "/v1/chat/completions",
+     {"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
+    ("tools", "/v1/chat/completions", {"tools": [TOOL], "tool_choice": "auto"}, "tools"),
+    ("parallel tool calls", "/v1/chat/completions", {"tools": [TOOL], "tool_choice": "none",
+                                                     "parallel_tool_calls": True}, "tools"),
+    ("functions", "/v1/chat/completions", {"functions": [{"name": "f", "parameters": {}}]}, "functions"),
+    ("function_call", "/v1/chat/completions", {"function_call": {"name": "f"}}, "function_call"),
+    ("audio", "/v1/chat/completions", {"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+    ("modalities", "/v1/chat/completions", {"modalities": ["text", "audio"]}, "modalities"),
+    ("web search", "/v1/chat/completions", {"web_search_options": {}}, "web_search_options"),
+]
+
+
+@pytest.mark.parametrize("name,path,extra,param", MEANING, ids=[c[0] for c in MEANING])
+def test_fields_that_change_the_meaning_are_refused_by_name(http, name, path, extra, param):
+    base = {"model": "tiny", "max_tokens": 2}
+    base |= {"messages": USER} if path.endswith("chat/completions") else {"prompt": "x"}
+    err = error_of(post(http, path, base | extra), 400)
+    assert err["param"] == param and err["code"] == "unsupported_parameter", err
+    assert param.split("_")[0] in err["message"]
+
+
+@pytest.mark.parametrize("extra", [
+    {"response_format": {"type": "text"}}, {"tool_choice": "none"}, {"tool_choice": "auto"},
+    {"function_call": "none"}, {"parallel_tool_calls": True}, {"modalities": ["text"]}, {"tools": []},
+], ids=str)
+def test_neutral_values_of_those_fields_are_served(http, extra):
+    body = {"model": "tiny", "max_tokens": 2, "messages": USER, "temperature": 0} | extra
+    r = post(http, "/v1/chat/completions", body)
+    assert r.status_code == 200, r.text
 
 
 @pytest.mark.parametrize("name,path,body,status,param,code,fragment", CASES, ids=[c[0] for c in CASES])
@@ -200,3 +239,29 @@ def test_metrics(http, server):
     assert samples[("llmquant_request_latency_seconds_count", (("endpoint", "/v1/completions"),))] >= 1
     assert samples[("llmquant_time_to_first_token_seconds_count", ())] >= 1
     assert samples[("llmquant_finished_requests_total", (("reason", "length"),))] >= 1
+
+
+def test_templating_and_tokenizing_run_off_the_event_loop(model, tokenizer):
+    """A slow chat template (a long conversation, a heavy template) must not stall other requests."""
+    import copy
+    import threading
+    import time
+
+    slow = copy.deepcopy(tokenizer)
+    real = slow.apply_chat_template
+
+    def apply_chat_template(*args, **kwargs):
+        time.sleep(1.5)
+        return real(*args, **kwargs)
+
+    slow.apply_chat_template = apply_chat_template
+    with serving(model, slow, max_batch=2, max_queue=4) as (url, _), httpx.Client(base_url=url, timeout=30) as c:
+        t = threading.Thread(target=post, args=(c, "/v1/chat/completions",
+                                                {"model": "tiny", "messages": USER, "max_tokens": 1}))
+        t.start()
+        time.sleep(0.3)  # the chat request is inside the template now
+        t0 = time.monotonic()
+        assert c.get("/health").status_code == 200
+        waited = time.monotonic() - t0
+        t.join()
+    assert waited < 0.8, f"/health waited {waited:.2f} s behind the chat template"

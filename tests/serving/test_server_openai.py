@@ -74,6 +74,8 @@ def test_completion_streaming(client, model, tokenizer):
     assert finishes[-1] == "length" and all(f is None for f in finishes[:-1])
     assert len(finishes) > 2  # really streamed, not one blob
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 24
+    # as OpenAI's: with include_usage every other chunk carries "usage": null
+    assert all(c.usage is None and "usage" in c.model_fields_set for c in chunks[:-1])
 
 
 def test_chat(client, model, tokenizer):
