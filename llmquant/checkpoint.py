@@ -104,14 +104,99 @@ def validate_loaded(model: nn.Module) -> int:
     return n
 
 
-def _float_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The state dict with every float tensor outside the packed layers cast to ``dtype``."""
+#: safetensors metadata keys: the dtype the float tensors of the source model were stored in, and the
+#: bytes of the source checkpoint's tensors (what ``llmquant info`` compares the checkpoint with)
+SOURCE_DTYPE_KEY = "llmquant_source_dtype"
+SOURCE_BYTES_KEY = "llmquant_source_bytes"
+_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
+def stored_float_dtype(files: Iterable[str | os.PathLike]) -> torch.dtype | None:
+    """The dtype holding most float bytes in safetensors ``files`` (None if they hold no float tensor).
+    An llmquant checkpoint's own record of its source's dtype wins."""
+    by_dtype: dict[torch.dtype, int] = {}
+    for f in files:
+        meta = read_safetensors_metadata(f)
+        if meta.get(SOURCE_DTYPE_KEY) in _DTYPE_NAMES.values():
+            return getattr(torch, meta[SOURCE_DTYPE_KEY])
+        for info in read_safetensors_header(f).values():
+            dt = _ST_DTYPES.get(info["dtype"])
+            if dt is not None and dt.is_floating_point:
+                by_dtype[dt] = by_dtype.get(dt, 0) + info["data_offsets"][1] - info["data_offsets"][0]
+    return max(by_dtype, key=by_dtype.get) if by_dtype else None
+
+
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    with Path(path).open("rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        try:
+            return dict(json.loads(f.read(n)).get("__metadata__") or {})
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{Path(path).name}: corrupt safetensors header ({e})") from None
+
+
+def remember_source_dtype(model: nn.Module, files: Iterable[str | os.PathLike]) -> None:
+    """Record the dtype the model's weights were stored in, so that saving it quantized stores its float
+    tensors (embeddings, norms, float layers) the same way rather than in the dtype it runs in; and the
+    source checkpoint's tensor bytes (an llmquant checkpoint passes on its own source's)."""
+    files = [f for f in files if str(f).endswith(".safetensors")]
+    dtype = stored_float_dtype(files)
+    if dtype is not None:
+        model._llmquant_source_dtype = dtype
+    if not files:
+        return
+    recorded = read_safetensors_metadata(files[0]).get(SOURCE_BYTES_KEY, "")
+    header = checkpoint_headers(files)
+    if recorded.isdigit():
+        model._llmquant_source_bytes = int(recorded)
+    elif not any(k.endswith(".qweight") for k in header):  # a float source: its own size
+        model._llmquant_source_bytes = sum(v["data_offsets"][1] - v["data_offsets"][0] for v in header.values())
+
+
+def _source_recorded(model: nn.Module) -> None:
+    """Record the source of a model loaded by plain ``from_pretrained`` from a local folder, on first need."""
+    if "_llmquant_source_dtype" in model.__dict__ or "_llmquant_source_bytes" in model.__dict__:
+        return
+    path = getattr(model, "name_or_path", None)
+    if path and Path(path).is_dir():
+        remember_source_dtype(model, sorted(Path(path).glob("*.safetensors")))
+
+
+def storage_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype a quantized model's float tensors are saved in: its source checkpoint's (recorded at
+    load, or read from the folder it was loaded from), else the dtype of its float parameters."""
+    _source_recorded(model)
+    dtype = getattr(model, "_llmquant_source_dtype", None)
+    if dtype is not None:
+        return dtype
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def float_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The state dict with every float tensor outside the packed layers cast to ``dtype``. Tensors that
+    share storage (a tied embedding and output layer) still share it afterwards, so the writer stores
+    them once."""
     packed = set()
     for prefix, mod in model.named_modules():
         if isinstance(mod, QuantLinear):
             packed.update(f"{prefix}.{n}" for n in mod.expected_tensors())
-    sd = model.state_dict()
-    return {k: (v.to(dtype) if v.is_floating_point() and k not in packed else v) for k, v in sd.items()}
+    cast: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for k, v in model.state_dict().items():
+        if v.is_floating_point() and k not in packed and v.dtype != dtype:
+            key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()))
+            if key not in cast:
+                cast[key] = v.to(dtype)
+            v = cast[key]
+        out[k] = v
+    return out
+
+
+def save_metadata(model: nn.Module) -> dict[str, str]:
+    meta = {SOURCE_DTYPE_KEY: _DTYPE_NAMES.get(storage_dtype(model), "float32")}
+    if getattr(model, "_llmquant_source_bytes", None) is not None:
+        meta[SOURCE_BYTES_KEY] = str(model._llmquant_source_bytes)
+    return meta
 
 
 def save_quantized(
@@ -119,27 +204,31 @@ def save_quantized(
     out_dir: str | os.PathLike,
     tokenizer=None,
     overwrite: bool = False,
-    dtype: torch.dtype | None = torch.float16,
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Write ``model`` (quantized with :func:`llmquant.quantize` or loaded quantized) as a checkpoint folder.
 
     Float tensors outside the packed layers (embeddings, norms, skipped layers, biases) are stored in
-    ``dtype`` (fp16 by default, whatever dtype the model runs in; ``None`` keeps them as they are).
-    Written into a temporary folder beside ``out_dir`` and renamed into place, so a crash never leaves
-    a half-written checkpoint under the final name.
+    ``dtype``; by default in the dtype of the checkpoint the model was loaded from (fp16 for the
+    built-in models), whatever dtype it runs in, so a quantized checkpoint is never bigger than its
+    source. ``model.save_pretrained`` does the same. Written into a temporary folder beside
+    ``out_dir`` and renamed into place, so a crash never leaves a half-written checkpoint under the
+    final name; files get the usual permissions (0644 under the common umask 022).
     """
-    if getattr(model.config, "quantization_config", None) is None:
+    if getattr(getattr(model, "config", None), "quantization_config", None) is None:
         raise ValueError("model has no quantization_config: quantize it with llmquant.quantize first")
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        if dtype is None:
-            model.save_pretrained(tmp)
-        else:
-            run_dtype = model.config.dtype
-            model.config.dtype = dtype
-            try:
-                model.save_pretrained(tmp, state_dict=_float_state_dict(model, dtype))
-            finally:
-                model.config.dtype = run_dtype
+        saved = model.__dict__.get("_llmquant_source_dtype")
+        if dtype is not None:
+            model._llmquant_source_dtype = dtype
+        try:
+            model.save_pretrained(tmp)  # the llmquant HfQuantizer casts (get_state_dict_and_metadata)
+        finally:
+            if dtype is not None:
+                if saved is None:
+                    del model._llmquant_source_dtype
+                else:
+                    model._llmquant_source_dtype = saved
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for extra in getattr(model, "_llmquant_extra_files", ()):  # e.g. a model licence

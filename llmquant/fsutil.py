@@ -19,7 +19,9 @@ def _umask_mode(mode: int) -> int:
 def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary folder; on success it replaces ``target`` in one rename.
 
-    On any error the temporary folder is removed and ``target`` is left as it was.
+    On any error the temporary folder is removed and ``target`` is left as it was. Before the rename,
+    everything inside gets the modes a plain ``open``/``mkdir`` would have given it (some writers, such
+    as safetensors, create their files 0600, which a server running as another user cannot read).
     """
     target = Path(target)
     if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
@@ -29,6 +31,7 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
     os.chmod(tmp, _umask_mode(0o777))  # mkdtemp makes 0700; give it a plain mkdir's mode
     try:
         yield tmp
+        _normalize_modes(tmp)
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
@@ -39,6 +42,18 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _normalize_modes(root: Path) -> None:
+    file_mode, dir_mode = _umask_mode(0o666), _umask_mode(0o777)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), dir_mode)
+        for f in filenames:
+            path = os.path.join(dirpath, f)
+            if not os.path.islink(path):
+                # keep execute bits a writer set on purpose; give read/write as a plain open() would
+                os.chmod(path, file_mode | (os.stat(path).st_mode & 0o111 & dir_mode))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

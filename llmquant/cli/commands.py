@@ -211,7 +211,7 @@ def protocol_line(result: dict) -> str:
 # --- info -----------------------------------------------------------------------------------------
 def checkpoint_info(path: str | Path) -> dict:
     """Per-layer schemes and sizes of a checkpoint, read from config.json and safetensors headers only."""
-    from llmquant.checkpoint import checkpoint_headers
+    from llmquant.checkpoint import SOURCE_BYTES_KEY, SOURCE_DTYPE_KEY, checkpoint_headers, read_safetensors_metadata
     from llmquant.config import QuantConfig
 
     path = Path(path)
@@ -253,6 +253,9 @@ def checkpoint_info(path: str | Path) -> dict:
     float_bytes = sum(itemsize.get(v["dtype"], 4) * _numel(v["shape"]) for k_, v in header.items()
                       if not any(k_.startswith(lay["name"] + ".") and not k_.endswith(".bias") for lay in layers))
     qbytes = sum(lay["bytes"] for lay in layers)
+    meta = read_safetensors_metadata(files[0])
+    tensor_bytes = sum(v["data_offsets"][1] - v["data_offsets"][0] for v in header.values())
+    source_bytes = int(meta[SOURCE_BYTES_KEY]) if meta.get(SOURCE_BYTES_KEY, "").isdigit() else None
     return {
         "path": str(path),
         "quantization_config": qc,
@@ -261,6 +264,10 @@ def checkpoint_info(path: str | Path) -> dict:
         "linear_fp16_bytes_approx": sum(2 * lay["N"] * lay["K_max"] for lay in layers),
         "float_tensor_bytes": float_bytes,
         "disk_bytes": sum(f.stat().st_size for f in files),
+        "tensor_bytes": tensor_bytes,
+        "source_dtype": meta.get(SOURCE_DTYPE_KEY),
+        "source_tensor_bytes": source_bytes,
+        "vs_source": None if not source_bytes else tensor_bytes / source_bytes,
     }
 
 
@@ -282,6 +289,12 @@ def format_info(info: dict) -> str:
                  f"({info['linear_bytes'] / fp16:.3f}x of fp16 {fp16 / 2**20:.2f} MiB)")
     lines.append(f"other tensors (embeddings, norms, float layers): {info['float_tensor_bytes'] / 2**20:.2f} MiB")
     lines.append(f"safetensors on disk: {info['disk_bytes'] / 2**20:.2f} MiB")
+    if info["source_tensor_bytes"]:
+        lines.append(f"whole checkpoint: {info['tensor_bytes'] / 2**20:.2f} MiB of tensors = {info['vs_source']:.3f}x "
+                     f"the source's {info['source_tensor_bytes'] / 2**20:.2f} MiB ({info['source_dtype']})")
+    else:
+        lines.append(f"whole checkpoint: {info['tensor_bytes'] / 2**20:.2f} MiB of tensors "
+                     "(the source's size is not recorded: quantized from a model built in memory)")
     return "\n".join(lines)
 
 

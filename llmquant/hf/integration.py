@@ -123,13 +123,16 @@ class LlmQuantHfQuantizer(HfQuantizer):
             raise ValueError("llmquant checkpoints cannot be offloaded to disk")
 
     def _process_model_before_weight_loading(self, model, **kwargs: Any):
+        from llmquant.checkpoint import remember_source_dtype
+
+        files = kwargs.get("checkpoint_files") or []
+        remember_source_dtype(model, files)  # saved quantized, float tensors keep the source's dtype
         if not self.pre_quantized:
             return model
         dtype = kwargs.get("dtype") or torch.get_default_dtype()
         n = swap_in_quant_linears(model, self.quant, bias_dtype=dtype)
         if n == 0:
             raise ValueError("the llmquant quantization_config quantizes no linear layer of this model")
-        files = kwargs.get("checkpoint_files") or []
         files = [f for f in files if str(f).endswith(".safetensors")]
         if not files:
             raise ValueError("llmquant checkpoints are stored as safetensors; no .safetensors file was found")
@@ -154,6 +157,13 @@ class LlmQuantHfQuantizer(HfQuantizer):
         self.quantization_config.quant = effective  # layers the method kept in float are recorded
         attach_quantization_config(model, effective)
         return model
+
+    def get_state_dict_and_metadata(self, model):
+        """What ``save_pretrained`` writes: float tensors in the source checkpoint's dtype (not the dtype
+        the model runs in), tied tensors still shared, and that dtype recorded in the metadata."""
+        from llmquant.checkpoint import float_state_dict, save_metadata, storage_dtype
+
+        return float_state_dict(model, storage_dtype(model)), save_metadata(model)
 
     def is_serializable(self) -> bool:
         return True

@@ -138,3 +138,76 @@ def test_save_refuses_nonempty_and_unquantized(tmp_path, tokenizer):
     with pytest.raises(FileExistsError):
         llmquant.save_quantized(model, tmp_path / "x")
     assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
+
+
+# --- what a checkpoint weighs, and who may read it --------------------------------------------------
+def _fp16_source(tmp_path):
+    """A tiny tied Llama saved in fp16, as the built-in models are (small vocabulary: the linear layers,
+    not the embedding, hold most of the bytes)."""
+    model = build_tiny_llama(vocab_size=1024, hidden=256, inter=512).half()
+    path = tmp_path / "fp16"
+    model.save_pretrained(path)
+    return path
+
+
+def _tensor_dtypes(path):
+    from llmquant.checkpoint import read_safetensors_header
+
+    return {k: v["dtype"] for k, v in read_safetensors_header(path / "model.safetensors").items()}
+
+
+@pytest.mark.parametrize("how", ["save_quantized", "save_pretrained", "quantize-on-load"])
+def test_float_tensors_keep_the_source_dtype_and_ties(tmp_path, tokenizer, how):
+    """An INT4 checkpoint used to be bigger than its fp16 source: the float tensors were written in the
+    dtype the model ran in (fp32). They keep the source's dtype, and a tied embedding is stored once."""
+    src = _fp16_source(tmp_path)
+    ids = IDS % 1024
+    out = tmp_path / "q"
+    if how == "quantize-on-load":
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32,
+                                                     quantization_config=LlmQuantConfig(bits=4, group_size=32))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)  # runs in fp32
+        llmquant.quantize(model, QuantConfig(bits=4, group_size=32), progress=False)
+    assert model.dtype == torch.float32
+    with torch.no_grad():
+        logits = model(ids).logits
+    if how == "save_pretrained":
+        model.save_pretrained(out)
+    else:
+        llmquant.save_quantized(model, out)
+    dtypes = _tensor_dtypes(out)
+    assert dtypes["model.embed_tokens.weight"] == "F16" and "lm_head.weight" not in dtypes
+    assert dtypes["model.norm.weight"] == "F16"
+    info = checkpoint_info(out)
+    assert info["source_dtype"] == "float16"
+    assert info["tensor_bytes"] < 0.75 * info["source_tensor_bytes"], info
+    back = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():  # the float tensors were fp16 to begin with: nothing is lost
+        torch.testing.assert_close(back(ids).logits, logits, rtol=1e-5, atol=1e-5)
+    # saved again, the record of the source travels on
+    llmquant.save_quantized(back, tmp_path / "again")
+    assert checkpoint_info(tmp_path / "again")["source_tensor_bytes"] == info["source_tensor_bytes"]
+
+
+def test_dtype_can_be_chosen(tmp_path, tokenizer):
+    path, _ = _quantized_ckpt(tmp_path, tokenizer, QuantConfig(bits=4, group_size=32), hidden=96, inter=160)
+    assert _tensor_dtypes(path)["model.embed_tokens.weight"] == "F32"  # built in fp32, stored in fp32
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    llmquant.save_quantized(model, tmp_path / "bf16", dtype=torch.bfloat16)
+    assert _tensor_dtypes(tmp_path / "bf16")["model.embed_tokens.weight"] == "BF16"
+
+
+def test_checkpoint_files_honour_the_umask(tmp_path, tokenizer):
+    """safetensors creates files 0600; a server running as another user must be able to read the model."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        path, _ = _quantized_ckpt(tmp_path, tokenizer, QuantConfig(bits=4, group_size=32), hidden=96, inter=160)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755
+    for f in path.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
