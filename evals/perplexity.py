@@ -54,45 +54,96 @@ class Window:
     first_scored: int  # index in ``ids`` of the first position whose *next* token is scored
 
 
+#: where the text comes from when no local file is found (the Hugging Face dataset, parquet rows
+#: that are the raw file's lines, newlines included)
+HF_DATASET = ("Salesforce/wikitext", "wikitext-2-raw-v1", "test")
+#: dataset download failures worth a clear message (no network, offline mode, hub unreachable)
+_FETCH_ERRORS = (OSError, ConnectionError, ValueError, RuntimeError)
+
+
+def _checkout_candidates() -> list[Path]:
+    """``shared/data/wikitext-2-raw/wiki.test.raw`` beside (or inside) the folders above this file."""
+    here = Path(__file__).resolve()
+    out = []
+    for up in here.parents[:4]:
+        out.append(up.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw")
+        out.append(up / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw")
+    return out
+
+
+def cached_corpus_path() -> Path:
+    from llmquant.models import cache_dir
+
+    return cache_dir() / "data" / "wikitext-2-raw" / "wiki.test.raw"
+
+
 def find_corpus(path: str | os.PathLike | None = None) -> Path:
     """The WikiText-2 raw test file: ``path``, else ``$LLMQUANT_WIKITEXT2``, else the ``shared/data``
-    folder beside this checkout. Raises FileNotFoundError saying where it looked."""
+    folder beside this checkout, else the copy downloaded earlier into llmquant's cache. Raises
+    FileNotFoundError saying where it looked."""
+    candidates = [Path(path)] if path is not None else []
+    if path is None:
+        if os.environ.get(CORPUS_ENV):
+            candidates.append(Path(os.environ[CORPUS_ENV]))
+        candidates += _checkout_candidates()
+        candidates.append(cached_corpus_path())
     tried = []
-    candidates = []
-    if path is not None:
-        candidates.append(Path(path))
-    if os.environ.get(CORPUS_ENV):
-        candidates.append(Path(os.environ[CORPUS_ENV]))
-    here = Path(__file__).resolve()
-    for up in here.parents[:4]:
-        candidates.append(up.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw")
-        candidates.append(up / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw")
     for c in candidates:
         c = c / "wiki.test.raw" if c.is_dir() else c
         tried.append(str(c))
         if c.is_file():
             return c
-    raise FileNotFoundError(
-        "WikiText-2 raw test not found; pass --corpus PATH or set "
-        f"{CORPUS_ENV}. Looked at: " + ", ".join(dict.fromkeys(tried))
-    )
+    raise FileNotFoundError("WikiText-2 raw test not found. Looked at: " + ", ".join(dict.fromkeys(tried)))
 
 
-def load_corpus(path: str | os.PathLike | None = None) -> tuple[str, str, str]:
-    """(text, sha256, source description). Falls back to the ``datasets`` library where it is
-    installed and a network exists, when no local file is found."""
+def fetch_corpus() -> Path:
+    """Download WikiText-2 raw test with ``datasets`` (extra ``eval``) into llmquant's cache, check its
+    sha256, and return the cached file. Raises FileNotFoundError saying exactly what to do otherwise."""
+    from llmquant.fsutil import atomic_write_bytes
+
+    target = cached_corpus_path()
+    fixes = (f"pass --corpus PATH/wiki.test.raw (or set {CORPUS_ENV}=PATH); or, with a network, "
+             "pip install 'llmquant[eval]' and run again: the text is then downloaded once from the Hugging "
+             f"Face dataset {HF_DATASET[0]} ({HF_DATASET[1]}, {HF_DATASET[2]}) into {target}")
     try:
-        p = find_corpus(path)
+        import datasets  # noqa: F401
+    except ImportError:
+        raise FileNotFoundError(f"WikiText-2 raw test is not on this machine and the 'datasets' package (extra "
+                                f"'eval') is not installed to fetch it. To fix: {fixes}") from None
+    try:
+        import datasets
+
+        rows = datasets.load_dataset(*HF_DATASET[:2], split=HF_DATASET[2])["text"]
+    except _FETCH_ERRORS as e:
+        raise FileNotFoundError(f"WikiText-2 raw test is not on this machine and downloading it failed "
+                                f"({type(e).__name__}: {str(e)[:300]}). To fix: {fixes}") from None
+    raw = "".join(rows).encode("utf-8")
+    sha = hashlib.sha256(raw).hexdigest()
+    if sha != WIKITEXT2_SHA256:
+        raise FileNotFoundError(f"the downloaded WikiText-2 test split has sha256 {sha}, not the raw file's "
+                                f"{WIKITEXT2_SHA256}: results would not be comparable. To fix: {fixes}")
+    atomic_write_bytes(target, raw)
+    logger.info("downloaded WikiText-2 raw test (%d bytes) to %s", len(raw), target)
+    return target
+
+
+def ensure_corpus(path: str | os.PathLike | None = None) -> Path:
+    """The corpus file: ``path``, or one that :func:`find_corpus` finds, else the download of
+    :func:`fetch_corpus` (cached for later runs). Commands call this before their slow part."""
+    try:
+        return find_corpus(path)
     except FileNotFoundError as e:
         if path is not None:
             raise
         try:
-            import datasets  # type: ignore
-        except ImportError:
-            raise e from None
-        ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
-        text = "".join(ds["text"])
-        return text, hashlib.sha256(text.encode()).hexdigest(), "datasets:wikitext-2-raw-v1/test"
+            return fetch_corpus()
+        except FileNotFoundError as fetch_error:
+            raise FileNotFoundError(f"{fetch_error} ({e})") from None
+
+
+def load_corpus(path: str | os.PathLike | None = None) -> tuple[str, str, str]:
+    """(text, sha256, source path) of :func:`ensure_corpus`."""
+    p = ensure_corpus(path)
     raw = p.read_bytes()
     sha = hashlib.sha256(raw).hexdigest()
     if sha != WIKITEXT2_SHA256:

@@ -107,7 +107,10 @@ def write(result: dict, out: Path, quiet: bool = False) -> None:
 
 
 def _plot(result: dict, path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise ModuleNotFoundError("plots need matplotlib: pip install 'llmquant[eval]'") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -5,7 +5,7 @@ shape [1, seqlen], cut at random positions out of one long token stream. Sources
 
 * ``"builtin"`` (default) or ``"news"``: the Lee corpus, 300 English news articles of the Australian
   Broadcasting Corporation (about 360 kB, ~80k tokens for typical tokenizers), as the ``gensim``
-  wheel ships it (``gensim/test/test_data/lee_background.cor``; a dependency of llmquant, read as a
+  wheel ships it (``gensim/test/test_data/lee_background.cor``; the extra ``calibration``, read as a
   file, never imported). General prose, nothing to download or commit, and deliberately *not*
   WikiText-2, which is the evaluation set. Its sha256 is checked, so calibration sequences are
   reproducible. On gemma3-270m it calibrates GPTQ far better than technical text: INT4 g128 with
@@ -56,7 +56,7 @@ def news_documents() -> list[str]:
     if spec is None or not spec.submodule_search_locations:
         raise ValueError(
             f"the built-in calibration corpus comes with the {NEWS_PACKAGE!r} package, which is not installed: "
-            f"pip install {NEWS_PACKAGE}==4.4.0 (or --calibration pydoc, or a text file)"
+            "pip install 'llmquant[calibration]' (or use --calibration pydoc, or a text file)"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / NEWS_FILE
     try:

