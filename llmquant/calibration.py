@@ -122,7 +122,7 @@ def _hf_documents(spec: str) -> list[str]:
         import datasets
     except ImportError:
         raise ValueError(
-            f"calibration source 'hf:{spec}' needs the `datasets` package (pip install datasets) and network "
+            f"calibration source 'hf:{spec}' needs the `datasets` package (pip install 'llmquant[eval]') and network "
             "access; use source='builtin' or a local text file instead"
         ) from None
     try:

@@ -143,11 +143,15 @@ def test_errors_are_clear(tmp_path, tok):
         load_documents(tmp_path / "empty")
 
 
-def test_hf_source_without_datasets_is_a_clear_error(tok):
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        with pytest.raises(ValueError, match="needs the `datasets` package"):
-            calibration_batches(tok, "hf:allenai/c4:en", nsamples=1)
-    else:
-        pytest.skip("datasets is installed; the offline error path is not reachable here")
+def test_hf_source_without_datasets_is_a_clear_error(tok, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "datasets", None)  # import datasets -> ImportError
+    with pytest.raises(ValueError, match=r"needs the `datasets` package \(pip install 'llmquant\[eval\]'\)"):
+        calibration_batches(tok, "hf:allenai/c4:en", nsamples=1)
+
+
+def test_hf_source_offline_is_a_clear_error(tok, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="could not load dataset 'allenai/c4'.*use source='builtin'"):
+        calibration_batches(tok, "hf:allenai/c4:en", nsamples=1)
