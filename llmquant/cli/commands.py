@@ -334,6 +334,24 @@ def run_export_gptq(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_export_compressed_tensors(sub) -> None:
+    p = sub.add_parser("export-compressed-tensors",
+                       help="write a checkpoint in compressed-tensors' pack-quantized format (llm-compressor's; "
+                            "vLLM and transformers load it natively), per-layer schemes included")
+    p.add_argument("ckpt")
+    p.add_argument("out")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=run_export_compressed_tensors)
+
+
+def run_export_compressed_tensors(args: argparse.Namespace) -> int:
+    from llmquant.export.compressed_tensors import export_compressed_tensors_checkpoint
+
+    out = export_compressed_tensors_checkpoint(args.ckpt, args.out, overwrite=args.overwrite)
+    print(f"wrote compressed-tensors (pack-quantized) checkpoint to {out}")
+    return 0
+
+
 # --- demo -----------------------------------------------------------------------------------------
 def add_demo(sub) -> None:
     from llmquant.models import DEFAULT_MODEL

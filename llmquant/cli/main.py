@@ -6,6 +6,7 @@
     llmquant eval compare BASE QUANT [--json FILE]
     llmquant info CKPT [--json FILE]
     llmquant export-gptq CKPT OUT
+    llmquant export-compressed-tensors CKPT OUT
     llmquant serve MODEL_OR_CKPT [--host 127.0.0.1 --port 8000]
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_eval(sub)
     commands.add_info(sub)
     commands.add_export_gptq(sub)
+    commands.add_export_compressed_tensors(sub)
     commands.add_demo(sub)
     commands.add_serve(sub)
     return p

@@ -23,19 +23,15 @@ groups whose zero point is 0, which the v1 "zero − 1" encoding cannot store.
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
 
+from llmquant.export.common import ExportError, read_checkpoint, write_checkpoint
 from llmquant.formats.packing import BLOCK, pack_rows, packed_words, unpack_rows
-from llmquant.fsutil import atomic_directory
 
-
-class ExportError(ValueError):
-    pass
+__all__ = ["ExportError", "dequantize_gptq", "export_gptq_checkpoint", "to_gptq_tensors"]
 
 
 def to_gptq_tensors(
@@ -108,66 +104,35 @@ def dequantize_gptq(qweight, qzeros, scales, g_idx, bits: int) -> torch.Tensor:
 
 def export_gptq_checkpoint(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
     """Convert an llmquant checkpoint folder into a GPTQ-layout checkpoint folder."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    from llmquant.config import QuantConfig
-
-    src = Path(src)
-    cfg = json.loads((src / "config.json").read_text())
-    if "quantization_config" not in cfg:
-        raise ExportError(f"{src} has no quantization_config")
-    qc = QuantConfig.from_dict(cfg["quantization_config"])
-    files = sorted(src.glob("*.safetensors"))
-    tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        with safe_open(f, framework="pt") as fh:
-            for key in fh.keys():
-                tensors[key] = fh.get_tensor(key)
-    prefixes = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
-    schemes = {qc.resolve(p) for p in prefixes}
+    ckpt = read_checkpoint(src)
+    schemes = set(ckpt.layers.values())
     if len(schemes) != 1:
-        raise ExportError(f"the plain GPTQ config describes one scheme; this checkpoint mixes {sorted(map(str, schemes))}")
+        raise ExportError(f"the plain GPTQ config describes one scheme; this checkpoint mixes {sorted(map(str, schemes))} "
+                          "(llmquant export-compressed-tensors writes per-layer schemes)")
     (scheme,) = schemes
-    out_tensors: dict[str, torch.Tensor] = {}
-    for key, t in tensors.items():
+    out_tensors = ckpt.float_tensors()
+    for key, t in out_tensors.items():
         prefix, _, leaf = key.rpartition(".")
-        if prefix in prefixes:
-            continue
-        if leaf == "weight" and t.dim() == 2 and "embed" not in key and not prefix.endswith("lm_head"):
+        if leaf == "weight" and prefix in ckpt.shapes and not prefix.endswith("lm_head"):
             raise ExportError(f"{prefix} is kept in float; the plain GPTQ config cannot describe that")
-        out_tensors[key] = t
-    for p in prefixes:
-        perm = tensors.get(f"{p}.perm")
-        k = perm.numel() if perm is not None else None
-        if k is None:
-            k = tensors[f"{p}.qweight"].shape[1] // scheme.bits * BLOCK
-            if scheme.group_size != -1:
-                k = min(k, tensors[f"{p}.scales"].shape[1] * scheme.group_size)
+    for p in ckpt.layers:
         g = to_gptq_tensors(
-            tensors[f"{p}.qweight"], tensors[f"{p}.scales"], tensors.get(f"{p}.zeros"), perm,
-            bits=scheme.bits, group_size=scheme.group_size, in_features=k, name=p,
+            ckpt.tensors[f"{p}.qweight"], ckpt.tensors[f"{p}.scales"], ckpt.tensors.get(f"{p}.zeros"),
+            ckpt.tensors.get(f"{p}.perm"), bits=scheme.bits, group_size=scheme.group_size,
+            in_features=ckpt.in_features(p), name=p,
         )
         for leaf, t in g.items():
             out_tensors[f"{p}.{leaf}"] = t
-        if f"{p}.bias" in tensors:
-            out_tensors[f"{p}.bias"] = tensors[f"{p}.bias"]
-    cfg["quantization_config"] = {
+    qc = ckpt.quant
+    return write_checkpoint(ckpt, out, out_tensors, {
         "quant_method": "gptq",
         "bits": scheme.bits,
         "group_size": scheme.group_size,
         "sym": scheme.sym,
-        "desc_act": any(f"{p}.perm" in tensors for p in prefixes),
+        "desc_act": any(f"{p}.perm" in ckpt.tensors for p in ckpt.layers),
         "static_groups": qc.static_groups,
         "true_sequential": qc.true_sequential,
         "damp_percent": qc.damp_percent,
-        "lm_head": any(p.endswith("lm_head") for p in prefixes),
+        "lm_head": any(p.endswith("lm_head") for p in ckpt.layers),
         "checkpoint_format": "gptq",
-    }
-    with atomic_directory(out, overwrite=overwrite) as tmp:
-        save_file(out_tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        for f in src.iterdir():
-            if f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json") and f.is_file():
-                shutil.copy2(f, tmp / f.name)
-    return Path(out)
+    }, overwrite=overwrite)
