@@ -2,10 +2,26 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Triton decides when it is first imported whether its own library functions interpret or compile.
+# Other packages import it too (compressed-tensors does, in tests/export), so import it here first,
+# with TRITON_INTERPRET=1, for the CPU-interpreter tests of tests/kernels/test_triton_kernel.py, and put
+# the variable back at once (with it set, the kernel registry offers the Triton kernel for CPU layers).
+if importlib.util.find_spec("triton") is not None:
+    _saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton  # noqa: F401
+    finally:
+        if _saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = _saved
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
