@@ -19,8 +19,9 @@ from llmquant.modules.quant_linear import QuantLinear
 from llmquant.modules.walk import set_submodule
 from llmquant.quantizers.plan import untie_if_quantizing_head
 
-#: the engine in the child's own process (no EngineCore process), 1 GiB of KV cache
-ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+#: the engine in the child's own process (no EngineCore process), 1 GiB of KV cache, and vLLM's
+#: inter-process traffic (tensor-parallel workers) on the loopback interface only
+ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOST_IP": "127.0.0.1"}
 
 
 def dequantized_float_copy(float_model, quant_model, config: QuantConfig):
@@ -44,7 +45,8 @@ def dequantized_float_copy(float_model, quant_model, config: QuantConfig):
 
 
 def run_greedy(runs: dict[str, dict], prompts: list[str], max_tokens: int, work: Path,
-               timeout: float = 900, score_texts: list[str] = ()) -> dict[str, dict]:
+               timeout: float = 900, score_texts: list[str] = (), env: dict[str, str] | None = None
+               ) -> dict[str, dict]:
     """Greedy generations for ``runs`` (name -> {"path", "dtype", "quantization", ...}), all in one child
     process. A model that fails gets ``{"error": ...}`` (with the child's log) instead of results, so
     that only the tests using it fail (:func:`result`); so does every model the child never reached."""
@@ -55,7 +57,7 @@ def run_greedy(runs: dict[str, dict], prompts: list[str], max_tokens: int, work:
     try:
         proc = subprocess.run(
             [sys.executable, str(Path(__file__).with_name("vllm_greedy.py")), str(work / "spec.json"), str(out)],
-            env=os.environ | ENGINE_ENV, capture_output=True, text=True, timeout=timeout,
+            env=os.environ | ENGINE_ENV | (env or {}), capture_output=True, text=True, timeout=timeout,
         )
         log, why = proc.stderr[-5000:], f"exited with {proc.returncode}"
     except subprocess.TimeoutExpired as e:

@@ -215,7 +215,8 @@ def test_vllm_backend_serves_the_checkpoint_with_the_plugin(checkpoints, greedy,
         f"sys.exit(run(argparse.Namespace(**{vars(args)!r})))\n"
     )
     log = (tmp_path / "server.log").open("w")
-    env = os.environ | {"LLMQUANT_VLLM_PYTHON": sys.executable, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env = os.environ | {"LLMQUANT_VLLM_PYTHON": sys.executable, "VLLM_CPU_KVCACHE_SPACE": "1",
+                        "VLLM_HOST_IP": "127.0.0.1"}
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     base = f"http://127.0.0.1:{port}"

@@ -33,7 +33,9 @@ def generate(model: dict, prompts: list[str], max_tokens: int, score_texts: list
         max_model_len=128,
         max_num_seqs=8,  # small warm-up batches: the engine's start-up dominates these runs
         max_num_batched_tokens=256,
-        distributed_executor_backend="uni",
+        tensor_parallel_size=model.get("tensor_parallel_size", 1),
+        # one process per rank for tensor parallelism, else the engine in this process
+        distributed_executor_backend="mp" if model.get("tensor_parallel_size", 1) > 1 else "uni",
         seed=0,
     )
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=0, ignore_eos=True)
