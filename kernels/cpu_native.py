@@ -88,6 +88,9 @@ class Native:
         lib.lq_set_openmp.restype = _i32
         lib.lq_set_openmp.argtypes = [_vp, _vp, _vp]
         self.detected_isa = ISA_NAMES[lib.lq_detect_isa()]
+        #: what layers run on: the detected instruction set, capped by LLMQUANT_CPU_ISA (read at load)
+        cap = requested_isa()
+        self.isa = self.detected_isa if cap < 0 else ISA_NAMES[min(cap, ISA_NAMES.index(self.detected_isa))]
         # fp32 decode (M = 1) of 4-bit layers runs on integer dot products (see kernels/cpu.py)
         self.has_vnni = bool(lib.lq_has_vnni())
 

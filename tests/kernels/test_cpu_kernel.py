@@ -115,7 +115,8 @@ def test_bf16_matches_reference(layers, isa, m):
 
 
 @needs_native
-@pytest.mark.skipif(NATIVE is None or NATIVE.detected_isa != "avx512_bf16", reason="needs AVX512-BF16")
+@pytest.mark.skipif(NATIVE is None or NATIVE.isa != "avx512_bf16",
+                    reason=f"needs AVX512-BF16 (kernels run {NATIVE.isa if NATIVE else None})")
 @pytest.mark.parametrize("m", [1, 3, 33])
 def test_bf16_math_uses_bf16_rounded_weights(layers, m):
     """The vdpbf16ps paths (4-bit GEMV, every GEMM) multiply by the weights rounded once to bf16
@@ -141,14 +142,16 @@ def test_fp32_medium_precision_uses_bf16_and_highest_stays_exact(layers):
         torch.set_float32_matmul_precision("medium")
         y = cpu_linear(x, lay, bias)
         assert y.dtype == torch.float32 and rel_mean_abs_err(y, ref) < 1e-2
-        if NATIVE.detected_isa == "avx512_bf16":
+        if NATIVE.isa == "avx512_bf16":
             assert not torch.equal(y, cpu_linear(x, lay, bias, isa="avx512"))  # really took the bf16 path
     finally:
         torch.set_float32_matmul_precision(saved)
     check_fp32(cpu_linear(x, lay, bias), ref)
 
 
-needs_vnni = pytest.mark.skipif(not (NATIVE and NATIVE.has_vnni), reason="no AVX512-VNNI: fp32 decode uses the FMA GEMV")
+needs_vnni = pytest.mark.skipif(
+    not (NATIVE and NATIVE.has_vnni and NATIVE.isa in ("avx512", "avx512_bf16")),
+    reason="no AVX512-VNNI (or LLMQUANT_CPU_ISA caps the kernels below AVX-512): fp32 decode uses the FMA GEMV")
 
 
 def decode_inputs(k: int) -> dict:
