@@ -59,6 +59,7 @@ setup(
             sources=SOURCES,
             depends=["kernels/csrc/lq_cpu.h", "kernels/csrc/lq_avx512_inl.h"],
             optional=True,
+            libraries=["m"],
         )
     ],
     cmdclass={"build_ext": BuildNative},

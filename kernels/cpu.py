@@ -54,12 +54,14 @@ def _native() -> cpu_native.Native:
     return native
 
 
-def _flags() -> int:
+def _flags(act_int8: bool) -> int:
     medium = torch.get_float32_matmul_precision() == "medium"
-    return (cpu_native.FLAG_F32_VIA_BF16 if medium else 0) | cpu_native.fp32_gemv_flags()
+    return ((cpu_native.FLAG_F32_VIA_BF16 if medium else 0) | cpu_native.fp32_gemv_flags()
+            | (cpu_native.FLAG_A8 if act_int8 else 0))
 
 
-def _linear_2d(x: torch.Tensor, w: CpuLayout, bias: torch.Tensor | None, isa: int) -> torch.Tensor:
+def _linear_2d(x: torch.Tensor, w: CpuLayout, bias: torch.Tensor | None, isa: int, act_int8: bool = False
+               ) -> torch.Tensor:
     """x [M, K] (gathered, any strides) -> [M, N]; w already checked by CpuLayout."""
     # x: fp32/bf16 [M, K]; qdata: uint8 [ntiles, 4*Kp*code_bits/8]; scales: fp16 [ntiles, NG, 4]
     if x.dim() != 2 or x.shape[1] != w.in_features:
@@ -77,7 +79,7 @@ def _linear_2d(x: torch.Tensor, w: CpuLayout, bias: torch.Tensor | None, isa: in
     y = torch.empty(x.shape[0], n, dtype=x.dtype)
     if x.shape[0]:
         isa = isa if isa >= 0 else cpu_native.requested_isa()
-        _native().linear(w.native, x, bias, y, torch.get_num_threads(), isa, _flags())
+        _native().linear(w.native, x, bias, y, torch.get_num_threads(), isa, _flags(act_int8))
     return y
 
 
@@ -92,20 +94,22 @@ def cpu_qlinear(
     out_features: int,
     group_size: int,
     isa: int,
+    act_int8: bool = False,
 ) -> torch.Tensor:
     """y [M, N] = x [M, K] @ W.T + bias, W in the CPU layout (:mod:`llmquant.kernels.cpu_layout`).
 
     x: fp32 or bf16 [M, K] (already gathered by an act-order perm); qdata, scales, zeros: a
     :class:`CpuLayout`'s tensors; bias: any float dtype [N] or None; bits: the stored width
     (2, 3, 4, 8); group_size: G or -1; isa: index into ``cpu_native.ISA_NAMES`` to cap the
-    instruction set, -1 for the best available (or ``LLMQUANT_CPU_ISA``). Returns x.dtype [M, N].
+    instruction set, -1 for the best available (or ``LLMQUANT_CPU_ISA``); act_int8: dynamic INT8
+    activations (:mod:`llmquant.kernels.act_int8`). Returns x.dtype [M, N].
     """
     w = CpuLayout(qdata, scales, zeros, None, bits, x.shape[-1], out_features, group_size)
-    return _linear_2d(x, w, bias, isa)
+    return _linear_2d(x, w, bias, isa, act_int8)
 
 
 @cpu_qlinear.register_fake
-def _(x, qdata, scales, zeros, bias, bits, out_features, group_size, isa):
+def _(x, qdata, scales, zeros, bias, bits, out_features, group_size, isa, act_int8=False):
     if x.dim() != 2 or x.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"x must be float32 or bfloat16 [M, K], got {x.dtype} {tuple(x.shape)}")
     if bias is not None and tuple(bias.shape) != (out_features,):
@@ -113,11 +117,13 @@ def _(x, qdata, scales, zeros, bias, bits, out_features, group_size, isa):
     return x.new_empty((x.shape[0], out_features))
 
 
-def cpu_linear(x: torch.Tensor, w: CpuLayout, bias: torch.Tensor | None = None, isa: str | None = None) -> torch.Tensor:
+def cpu_linear(x: torch.Tensor, w: CpuLayout, bias: torch.Tensor | None = None, isa: str | None = None,
+               act_int8: bool = False) -> torch.Tensor:
     """y [..., N] = x[..., perm] @ W.T + bias for x [..., K] (fp32 or bf16), in x's dtype.
 
     ``isa`` caps the instruction set (``cpu_native.ISA_NAMES``); default: the best available, or
-    ``LLMQUANT_CPU_ISA``."""
+    ``LLMQUANT_CPU_ISA``. ``act_int8``: dynamic INT8 activations where the layer allows them
+    (:mod:`llmquant.kernels.act_int8` defines them exactly)."""
     k, n = w.in_features, w.out_features
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} features (shape {tuple(x.shape)}), the layer expects K={k}")
@@ -127,9 +133,9 @@ def cpu_linear(x: torch.Tensor, w: CpuLayout, bias: torch.Tensor | None = None, 
         x2 = x2.index_select(1, w.perm)
     isa_i = -1 if isa is None else cpu_native.isa_index(isa)
     if torch.compiler.is_compiling():
-        y = cpu_qlinear(x2, w.qdata, w.scales, w.zeros, bias, w.bits, n, w.group_size, isa_i)
+        y = cpu_qlinear(x2, w.qdata, w.scales, w.zeros, bias, w.bits, n, w.group_size, isa_i, act_int8)
     else:
-        y = _linear_2d(x2, w, bias, isa_i)
+        y = _linear_2d(x2, w, bias, isa_i, act_int8)
     return y if x.dim() == 2 else y.view(*lead, n)
 
 
@@ -146,6 +152,7 @@ def cpu_dequantize(w: CpuLayout, dtype: torch.dtype = torch.float32, isa: str | 
 @dataclass
 class CpuState:
     layout: CpuLayout
+    act_int8: bool = False
 
 
 class CpuKernel:
@@ -166,8 +173,8 @@ class CpuKernel:
             why.append(reason)
         return not why, "; ".join(why)
 
-    def prepare(self, w: PackedWeight) -> CpuState:
-        return CpuState(repack(w))
+    def prepare(self, w: PackedWeight, act_int8: bool = False) -> CpuState:
+        return CpuState(repack(w), act_int8)
 
     def apply(self, state: CpuState, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return cpu_linear(x, state.layout, bias)
+        return cpu_linear(x, state.layout, bias, act_int8=state.act_int8)

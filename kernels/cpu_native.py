@@ -23,7 +23,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-ABI_VERSION = 2  # must match LQ_ABI_VERSION in kernels/csrc/lq_api.c
+ABI_VERSION = 3  # must match LQ_ABI_VERSION in kernels/csrc/lq_api.c
 ISA_NAMES = ("scalar", "avx2", "avx512", "avx512_bf16")
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 _STEM = "_lqcpu"
@@ -63,6 +63,7 @@ class Weights(ctypes.Structure):
 
 FLAG_F32_VIA_BF16 = 1  # LQ_FLAG_F32_VIA_BF16
 FLAG_F32_NO_INT = 2  # LQ_FLAG_F32_NO_INT
+FLAG_A8 = 4  # LQ_FLAG_A8: dynamic INT8 activations
 
 
 class Native:

@@ -34,6 +34,9 @@ class KernelSpec:
     has_perm: bool
     dtype: torch.dtype  # activation dtype
     device_type: str  # "cpu", "cuda", ...
+    #: dynamic INT8 activations (:mod:`llmquant.kernels.act_int8`): a kernel runs them exactly as
+    #: defined there, or refuses
+    act_int8: bool = False
 
 
 @dataclass
@@ -49,7 +52,7 @@ class PackedWeight:
     in_features: int
     out_features: int
 
-    def spec(self, dtype: torch.dtype) -> KernelSpec:
+    def spec(self, dtype: torch.dtype, act_int8: bool = False) -> KernelSpec:
         return KernelSpec(
             bits=self.bits,
             group_size=self.group_size,
@@ -59,6 +62,7 @@ class PackedWeight:
             has_perm=self.perm is not None,
             dtype=dtype,
             device_type=self.qweight.device.type,
+            act_int8=act_int8,
         )
 
 
@@ -67,7 +71,7 @@ class Kernel(Protocol):
 
     def can_implement(self, spec: KernelSpec) -> tuple[bool, str]: ...
 
-    def prepare(self, w: PackedWeight) -> Any:
+    def prepare(self, w: PackedWeight, act_int8: bool = False) -> Any:
         """Derive the kernel's own layout once, at load (never written to disk)."""
 
     def apply(self, state: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -281,6 +281,8 @@ class TritonKernel:
             why.append(f"activation dtype {spec.dtype} not supported (fp16, bf16, fp32)")
         if importlib.util.find_spec("triton") is None:
             why.append("triton is not installed (pip install 'llmquant[triton]')")
+        if spec.act_int8:
+            why.append("dynamic INT8 activations run on the CPU kernel (and the reference) only")
         if spec.device_type == "cuda":
             if not torch.cuda.is_available():
                 why.append("CUDA is not available")
@@ -297,7 +299,7 @@ class TritonKernel:
             )
         return not why, "; ".join(why)
 
-    def prepare(self, w: PackedWeight) -> TritonWeight:
+    def prepare(self, w: PackedWeight, act_int8: bool = False) -> TritonWeight:
         return prepare_weight(w)
 
     def apply(self, state: TritonWeight, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:

@@ -30,6 +30,8 @@ from llmquant.registry import METHOD_OPTIONS, get_method
 FORMAT_VERSION = 1
 QUANT_METHOD = "llmquant"
 GROUP_SIZES = (-1, 32, 64, 128)
+#: how quantized layers treat their inputs at run time (see QuantConfig.activations)
+ACTIVATIONS = ("float", "dynamic_int8")
 _OVERRIDE_FIELDS = ("bits", "group_size", "sym")
 
 
@@ -94,6 +96,11 @@ class QuantConfig:
     true_sequential: bool = True
     #: quantize the output layer too (it is skipped by default)
     quantize_lm_head: bool = False
+    #: activations at run time: "float" (as given, fp32 or bf16) or "dynamic_int8" (each row of x
+    #: quantized to int8 on the fly and multiplied on integer dot products, where the CPU kernel
+    #: can: :mod:`llmquant.kernels.act_int8`). Stored with the checkpoint as its default;
+    #: ``LLMQUANT_ACTIVATIONS`` overrides it when a model is run.
+    activations: str = "float"
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -113,6 +120,8 @@ class QuantConfig:
                 f"QuantConfig: unsupported format_version {self.format_version!r}; "
                 f"this llmquant reads version {FORMAT_VERSION}"
             )
+        if self.activations not in ACTIVATIONS:
+            raise QuantConfigError(f"QuantConfig: activations must be one of {ACTIVATIONS}, got {self.activations!r}")
         if self.static_groups and not self.act_order:
             raise QuantConfigError("QuantConfig: static_groups only makes sense with act_order=True")
         for problem in method.problems(self):

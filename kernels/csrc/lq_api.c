@@ -23,7 +23,7 @@
 #include <cpuid.h>
 #endif
 
-#define LQ_ABI_VERSION 2
+#define LQ_ABI_VERSION 3
 
 /* the least work (multiply-adds) worth a thread: below it, waking one costs more than it saves.
  * Measured on a 2-core VM with the library's own thread pool: in isolation a 640x2048 GEMV runs in
@@ -37,7 +37,8 @@
 
 /* flags of lq_linear */
 #define LQ_FLAG_F32_VIA_BF16 1 /* fp32 x may be rounded to bf16 for the GEMM (torch's "medium" precision) */
-#define LQ_FLAG_F32_NO_INT 2   /* fp32 x at M = 1: FMA GEMV only, not the VNNI one (benchmarks, tests) */
+#define LQ_FLAG_F32_NO_INT 2   /* fp32 x at M = 1: FMA GEMV only, not the integer one (benchmarks, tests) */
+#define LQ_FLAG_A8 4           /* dynamic INT8 activations where the layout allows (lq_cpu.h, n = 1) */
 
 /* One quantized layer in the run-time layout (mirrored by a ctypes.Structure in cpu_native.py). */
 typedef struct {
@@ -175,13 +176,20 @@ typedef struct {
     int x_dtype;
     void *xp;
     _Atomic int status;
+    uint8_t *xi;         /* rows for the integer path, or NULL */
+    int nlimbs;
+    _Atomic int xi_bad;  /* some x was NaN or infinite: the integer path is off for this call */
 } lq_job;
 
 static void prep_part(void *arg, int part, int nparts) {
     lq_job *j = (lq_job *)arg;
-    const int64_t M = j->p->M;
-    lq_prepare_x(j->x, j->x_dtype, M * part / nparts, M * (part + 1) / nparts, j->p->L.K, j->p->L.Kp, j->p->mode,
-                 j->xp, j->p->ldx);
+    const int64_t M = j->p->M, m0 = M * part / nparts, m1 = M * (part + 1) / nparts;
+    lq_prepare_x(j->x, j->x_dtype, m0, m1, j->p->L.K, j->p->L.Kp, j->p->mode, j->xp, j->p->ldx);
+    if (!j->xi) return;
+    const int64_t nsb = lq_nsb(&j->p->L), row = nsb * LQ_XI_SB_BYTES(j->nlimbs);
+    for (int64_t m = m0; m < m1 && !atomic_load_explicit(&j->xi_bad, memory_order_relaxed); m++)
+        if (!j->p->kern->prepare_xi((const float *)j->xp + m * j->p->ldx, nsb, j->nlimbs, j->xi + m * row))
+            atomic_store(&j->xi_bad, 1);
 }
 
 static void run_part(void *arg, int part, int nparts) {
@@ -224,6 +232,15 @@ LQ_API int lq_linear(const lq_weights *w, const void *x, int x_dtype, int64_t M,
     const int want_bf16 = (x_dtype == LQ_BF16 || (flags & LQ_FLAG_F32_VIA_BF16)) && p.kern->micro_bf16;
     const int gemv = M <= LQ_GEMV_MAX_M_BF16;
     p.mode = want_bf16 && (!gemv || (p.kern->gemv_tile_bf16 && p.L.bits == 4)) ? LQ_BF16 : LQ_F32;
+    /* x on integer dot products (lq_cpu.h) where the layout allows: 4-bit codes whose groups change at
+     * superblock boundaries. Dynamic INT8 activations (LQ_FLAG_A8) at every M; else
+     * decode (M = 1) in 24-bit block floating point, fp32 and bf16 x alike (bf16 x is widened: exact,
+     * and at M = 1 faster than the bf16 GEMV where measured), unless LQ_FLAG_F32_NO_INT. */
+    const int i8_layout = p.L.bits == 4 && (p.L.NG == 1 || p.L.G % LQ_SB == 0) && lq_nsb(&p.L) > 0 &&
+                          p.kern->gemv_i8 && (!p.kern->i8_needs_vnni || lq_has_vnni());
+    const int a8 = (flags & LQ_FLAG_A8) != 0;
+    const int int_path = i8_layout && (a8 || (M == 1 && !(flags & LQ_FLAG_F32_NO_INT)));
+    if (int_path) p.mode = LQ_F32;
     p.bias = bias;
     p.y = y;
     p.y_dtype = x_dtype;
@@ -236,25 +253,23 @@ LQ_API int lq_linear(const lq_weights *w, const void *x, int x_dtype, int64_t M,
         return LQ_ENOMEM;
     }
     p.xp = xp;
-    lq_job job = {&p, x, x_dtype, xp, LQ_OK};
+    /* NaN or infinite x keep the fp32 paths */
+    uint8_t *xi = NULL;
+    if (int_path) {
+        p.nlimbs = a8 ? 1 : 3;
+        const size_t row = (size_t)lq_nsb(&p.L) * LQ_XI_SB_BYTES(p.nlimbs);
+        if (posix_memalign((void **)&xi, 64, row * (size_t)M) != 0) {
+            free(xp);
+            snprintf(last_error, sizeof last_error, "out of memory allocating %zu bytes for x", row * (size_t)M);
+            return LQ_ENOMEM;
+        }
+    }
+    lq_job job = {&p, x, x_dtype, xp, LQ_OK, xi, p.nlimbs, 0};
     if (nthreads < 1) nthreads = 1;
     /* preparing x is O(M K): worth threads only when it is large */
     const int64_t prep_parts = M * p.L.K >= (1 << 18) ? (nthreads < M ? nthreads : M) : 1;
     lq_parallel((int)prep_parts, prep_part, &job);
-    /* decode with fp32 x: integer dot products on x in 24-bit block floating point (lq_avx512_vnni.c)
-     * where the CPU has VNNI and the layout allows; NaN or infinite x keep the fp32 GEMV */
-    uint8_t *xi = NULL;
-    if (M == 1 && p.mode == LQ_F32 && !(flags & LQ_FLAG_F32_NO_INT) && p.kern->gemv1_i8 && lq_has_vnni() &&
-        p.L.bits == 4 && (p.L.NG == 1 || p.L.G % LQ_SB == 0) && lq_nsb(&p.L) > 0) {
-        const size_t xib = (size_t)lq_nsb(&p.L) * LQ_XI_SB_BYTES;
-        if (posix_memalign((void **)&xi, 64, xib) != 0) {
-            free(xp);
-            snprintf(last_error, sizeof last_error, "out of memory allocating %zu bytes for x", xib);
-            return LQ_ENOMEM;
-        }
-        if (p.kern->prepare_xi((const float *)xp, lq_nsb(&p.L), xi))
-            p.xi = xi;
-    }
+    if (xi && !atomic_load(&job.xi_bad)) p.xi = xi;
     /* a thread's share must be worth waking it for: at least LQ_MIN_WORK multiply-adds */
     int64_t parts = (M * p.L.N * p.L.Kp) / LQ_MIN_WORK;
     if (parts > nthreads) parts = nthreads;

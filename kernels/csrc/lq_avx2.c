@@ -1,7 +1,12 @@
 /* AVX2 + FMA + F16C kernels (fp32): for x86 CPUs without AVX-512. Same layout and the same exact
  * dequantization as the AVX-512 kernels, with 8-lane vectors and a mask + int->float conversion in
  * place of the 16-entry permute (AVX2 has no 16-entry float permute): w = fma(q, s, -z*s), which is
- * exact because q*s and z*s fit in fp32's 24-bit significand. */
+ * exact because q*s and z*s fit in fp32's 24-bit significand.
+ *
+ * The GEMV of one row of x (decode) runs on integer dot products (the prepared x of lq_cpu.h), as the
+ * AVX-512 VNNI one does, with vpmaddubsw + vpmaddwd in place of vpdpbusd: the FMA GEMV spends a
+ * shift, a conversion and two FMAs per 8 weights and reached only 20-25% of the memory bandwidth on
+ * two cores; the integer one needs about a third of the instructions per weight. */
 #include "lq_cpu.h"
 
 #if LQ_X86
@@ -140,6 +145,150 @@ static void micro_f32_avx2(const float *A, int64_t lda, const float *B, int64_t 
     }
 }
 
+/* --- x on integer dot products (lq_cpu.h: the prepared row) ------------------------------------- */
+
+/* the low bytes of a, b, c, d as bytes 0..3 of each lane */
+INLINE __m256i pack_bytes(__m256i a, __m256i b, __m256i c, __m256i d) {
+    const __m256i lo8 = _mm256_set1_epi32(0xFF);
+    const __m256i ab = _mm256_or_si256(_mm256_and_si256(a, lo8), _mm256_slli_epi32(_mm256_and_si256(b, lo8), 8));
+    const __m256i abc = _mm256_or_si256(ab, _mm256_slli_epi32(_mm256_and_si256(c, lo8), 16));
+    return _mm256_or_si256(abc, _mm256_slli_epi32(d, 24));
+}
+
+/* 2^k as floats, for integer k in [-126, 127] */
+INLINE __m256 pow2(__m256i k) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k, _mm256_set1_epi32(127)), 23)); }
+
+static int prepare_xi_avx2(const float *xr, int64_t nsb, int nlimbs, uint8_t *xi) {
+    const __m256i c128 = _mm256_set1_epi32(128), expmask = _mm256_set1_epi32(0x7F800000);
+    const __m256i absmask = _mm256_set1_epi32(0x7FFFFFFF);
+    const int S = nlimbs == 3 ? 21 : 6;
+    for (int64_t sb = 0; sb < nsb; sb++, xr += LQ_SB, xi += LQ_XI_SB_BYTES(nlimbs)) {
+        for (int h = 0; h < 2; h++) { /* lanes 8h .. 8h + 7 */
+            __m256 v[8]; /* E0 O0 E1 O1 E2 O2 E3 O3 */
+            __m256i amax = _mm256_setzero_si256(), bad = _mm256_setzero_si256();
+            for (int c = 0; c < 8; c++) {
+                v[c] = _mm256_loadu_ps(xr + 16 * c + 8 * h);
+                const __m256i bits = _mm256_castps_si256(v[c]);
+                bad = _mm256_or_si256(bad, _mm256_cmpeq_epi32(_mm256_and_si256(bits, expmask), expmask));
+                amax = _mm256_max_epi32(amax, _mm256_and_si256(bits, absmask)); /* |x| orders as its bits */
+            }
+            if (!_mm256_testz_si256(bad, bad)) return 0; /* NaN or infinity */
+            /* e = floor(log2 amax) from the exponent field, at least -100; 0 for an all-zero lane */
+            __m256i e = _mm256_sub_epi32(_mm256_srli_epi32(amax, 23), _mm256_set1_epi32(127));
+            e = _mm256_max_epi32(e, _mm256_set1_epi32(-100));
+            e = _mm256_andnot_si256(_mm256_cmpeq_epi32(amax, _mm256_setzero_si256()), e);
+            const __m256 up = pow2(_mm256_sub_epi32(_mm256_set1_epi32(S), e));
+            __m256i m[8], msum = _mm256_setzero_si256();
+            for (int c = 0; c < 8; c++) {
+                m[c] = _mm256_cvtps_epi32(_mm256_mul_ps(v[c], up)); /* exact scaling, nearest even */
+                if (nlimbs == 1)
+                    m[c] = _mm256_max_epi32(_mm256_min_epi32(m[c], _mm256_set1_epi32(127)), _mm256_set1_epi32(-127));
+                msum = _mm256_add_epi32(msum, m[c]);
+            }
+            __m256i m1[8], m2[8];
+            for (int c = 0; c < 8; c++) {
+                m1[c] = _mm256_srai_epi32(_mm256_add_epi32(m[c], c128), 8);
+                m2[c] = _mm256_srai_epi32(_mm256_add_epi32(m1[c], c128), 8);
+            }
+            const __m256i *limb[3] = {m, m1, m2};
+            for (int p = 0; p < nlimbs; p++) {
+                const __m256i *l = limb[p];
+                /* lo: E0 E2 O0 O2; hi: E1 E3 O1 O3 (lq_cpu.h) */
+                _mm256_store_si256((__m256i *)(xi + 64 * p + 32 * h), pack_bytes(l[0], l[4], l[1], l[5]));
+                _mm256_store_si256((__m256i *)(xi + 64 * nlimbs + 64 * p + 32 * h), pack_bytes(l[2], l[6], l[3], l[7]));
+            }
+            _mm256_store_si256((__m256i *)(xi + 128 * nlimbs + 32 * h), msum);
+            _mm256_store_ps((float *)(xi + 128 * nlimbs + 64 + 32 * h), pow2(_mm256_sub_epi32(e, _mm256_set1_epi32(S))));
+        }
+    }
+    return 1;
+}
+
+/* scale and -zero of rows 4t..4t+3 in group g */
+INLINE void group_s_negz(const lq_layout *L, int64_t t, int64_t g, float s[4], int nz[4]) {
+    const int64_t at = (t * L->NG + g) * LQ_TILE;
+    for (int r = 0; r < 4; r++) {
+        s[r] = _cvtsh_ss(L->s[at + r]);
+        nz[r] = -(L->z ? (int)L->z[at + r] : L->zc);
+    }
+}
+
+/* the emulated vpdpbusd: sum over each int32 lane of the four u8 x s8 products, for the lo and the hi
+ * nibbles (|sum| <= 2 * 2 * 15 * 128, so the int16 step cannot saturate) */
+INLINE __m256i dot_u4s8(__m256i lo, __m256i xl, __m256i hi, __m256i xh) {
+    const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
+    return _mm256_madd_epi16(s16, _mm256_set1_epi16(1));
+}
+
+/* the fp32 GEMV over the tail columns (Kp % 128) of rows r of tile t, from group cursor gc on */
+INLINE float tail_dot(const lq_layout *L, int64_t t, int r, lq_gcur gc, const float *xr) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), vs, vnzs, w[4];
+    row_scales(L, t, r, gc.g, &vs, &vnzs);
+    for (int64_t kb = lq_nsb(L) * LQ_SB; kb < L->Kp; kb += LQ_BLK) {
+        if (lq_gcur_step(&gc, kb)) row_scales(L, t, r, gc.g, &vs, &vnzs);
+        block_weights(L, t, r, kb, vs, vnzs, w);
+        acc0 = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xr + kb), acc0);
+        acc1 = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xr + kb + 8), acc1);
+        acc0 = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xr + kb + 16), acc0);
+        acc1 = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xr + kb + 24), acc1);
+    }
+    return hsum8(_mm256_add_ps(acc0, acc1));
+}
+
+/* MM rows of x against tile t; each W row's nibbles are unpacked once for all MM rows */
+INLINE void gemv_i8_k(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t ldxi, const int MM, const int NL,
+                      const float *xr, int64_t ldx, float out[4][4]) {
+    const __m256i nib = _mm256_set1_epi8(0x0F);
+    __m256 tot[2][4];
+    for (int i = 0; i < MM; i++)
+        for (int r = 0; r < 4; r++) tot[i][r] = _mm256_setzero_ps();
+    lq_gcur gc = lq_gcur_at(L, 0);
+    float s[4];
+    int nz[4];
+    group_s_negz(L, t, gc.g, s, nz);
+    const int64_t nsb = lq_nsb(L);
+    const uint8_t *q = lq_tile(L, t);
+    for (int64_t sb = 0; sb < nsb; sb++, q += 4 * 64, xi += LQ_XI_SB_BYTES(NL)) {
+        if (lq_gcur_step(&gc, sb * LQ_SB)) group_s_negz(L, t, gc.g, s, nz);
+        for (int r = 0; r < 4; r++) _mm_prefetch((const char *)q + 2048 + 64 * r, _MM_HINT_T0);
+        for (int h = 0; h < 2; h++) { /* lanes 8h .. 8h + 7: bytes 32h .. 32h + 31 of each row */
+            for (int r = 0; r < 4; r++) {
+                const __m256i W = _mm256_loadu_si256((const __m256i *)(q + 64 * r + 32 * h));
+                const __m256i lo = _mm256_and_si256(W, nib), hi = _mm256_and_si256(_mm256_srli_epi16(W, 4), nib);
+                for (int i = 0; i < MM; i++) {
+                    const uint8_t *xb = xi + i * ldxi;
+                    const __m256i msum = _mm256_load_si256((const __m256i *)(xb + 128 * NL + 32 * h));
+                    const __m256 ex = _mm256_load_ps((const float *)(xb + 128 * NL + 64 + 32 * h));
+                    /* sum (q - z) m = sum q m - z sum m, exact in int32 */
+                    __m256i T = _mm256_mullo_epi32(msum, _mm256_set1_epi32(nz[r]));
+                    T = _mm256_add_epi32(T, dot_u4s8(lo, _mm256_load_si256((const __m256i *)(xb + 32 * h)), hi,
+                                                     _mm256_load_si256((const __m256i *)(xb + 64 * NL + 32 * h))));
+                    if (NL == 3) {
+                        const __m256i a1 = dot_u4s8(lo, _mm256_load_si256((const __m256i *)(xb + 64 + 32 * h)), hi,
+                                                    _mm256_load_si256((const __m256i *)(xb + 64 * NL + 64 + 32 * h)));
+                        const __m256i a2 = dot_u4s8(lo, _mm256_load_si256((const __m256i *)(xb + 128 + 32 * h)), hi,
+                                                    _mm256_load_si256((const __m256i *)(xb + 64 * NL + 128 + 32 * h)));
+                        T = _mm256_add_epi32(T, _mm256_add_epi32(_mm256_slli_epi32(a1, 8), _mm256_slli_epi32(a2, 16)));
+                    }
+                    tot[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(T), _mm256_mul_ps(ex, _mm256_set1_ps(s[r])), tot[i][r]);
+                }
+            }
+        }
+    }
+    for (int i = 0; i < MM; i++)
+        for (int r = 0; r < 4; r++) out[i][r] = hsum8(tot[i][r]) + (lq_tail(L) ? tail_dot(L, t, r, gc, xr + i * ldx) : 0.f);
+}
+
+static void gemv_i8_avx2(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t ldxi, int mm, int nlimbs,
+                         const float *xr, int64_t ldx, float out[4][4]) {
+    if (nlimbs == 3)
+        gemv_i8_k(L, t, xi, ldxi, 1, 3, xr, ldx, out);
+    else if (mm == 2)
+        gemv_i8_k(L, t, xi, ldxi, 2, 1, xr, ldx, out);
+    else
+        gemv_i8_k(L, t, xi, ldxi, 1, 1, xr, ldx, out);
+}
+
 #if defined(__clang__)
 #pragma clang attribute pop
 #elif defined(__GNUC__)
@@ -147,7 +296,7 @@ static void micro_f32_avx2(const float *A, int64_t lda, const float *B, int64_t 
 #endif
 
 const lq_kernels lq_kernels_avx2 = {
-    "avx2", gemv_tile_avx2, dequant_f32_avx2, NULL, micro_f32_avx2, NULL, NULL,
+    "avx2", gemv_tile_avx2, dequant_f32_avx2, NULL, micro_f32_avx2, NULL, NULL, prepare_xi_avx2, gemv_i8_avx2, 2, 0,
 };
 
 #endif /* LQ_X86 */

@@ -1,4 +1,5 @@
-/* AVX-512 VNNI: the fp32-activation GEMV of 4-bit layers (M = 1, decode) on integer dot products.
+/* AVX-512 VNNI: the GEMV of 4-bit layers on integer dot products, one row of x at a time: fp32
+ * activations at M = 1 (three limbs) and dynamic INT8 activations (one limb; lq_cpu.h).
  *
  * Why: the fp32 GEMV (lq_avx512.c) spends a shift, a vpermps and an FMA on every 16 weights, and
  * on Zen 4 the shift and the permute share two pipes: about 27 weights/ns per core with the weights
@@ -49,9 +50,10 @@ INLINE __m512i pack_bytes(__m512i a, __m512i b, __m512i c, __m512i d) {
     return _mm512_or_si512(abc, _mm512_slli_epi32(d, 24));
 }
 
-int lq_prepare_xi_avx512(const float *xr, int64_t nsb, uint8_t *xi) {
+int lq_prepare_xi_avx512(const float *xr, int64_t nsb, int nlimbs, uint8_t *xi) {
     const __m512i c128 = _mm512_set1_epi32(128);
-    for (int64_t sb = 0; sb < nsb; sb++, xr += LQ_SB, xi += LQ_XI_SB_BYTES) {
+    const float S = nlimbs == 3 ? 21.f : 6.f;
+    for (int64_t sb = 0; sb < nsb; sb++, xr += LQ_SB, xi += LQ_XI_SB_BYTES(nlimbs)) {
         __m512 v[8]; /* E0 O0 E1 O1 E2 O2 E3 O3 */
         __mmask16 bad = 0;
         __m512 amax = _mm512_setzero_ps();
@@ -66,10 +68,12 @@ int lq_prepare_xi_avx512(const float *xr, int64_t nsb, uint8_t *xi) {
         const __mmask16 zero = _mm512_cmp_ps_mask(amax, _mm512_setzero_ps(), _CMP_EQ_OQ);
         __m512 e = _mm512_max_ps(_mm512_getexp_ps(amax), _mm512_set1_ps(-100.f));
         e = _mm512_mask_blend_ps(zero, e, _mm512_setzero_ps());
-        const __m512 up = _mm512_sub_ps(_mm512_set1_ps(21.f), e);
+        const __m512 up = _mm512_sub_ps(_mm512_set1_ps(S), e);
         __m512i m[8], msum = _mm512_setzero_si512();
         for (int c = 0; c < 8; c++) {
             m[c] = _mm512_cvtps_epi32(_mm512_scalef_ps(v[c], up)); /* round to nearest even */
+            if (nlimbs == 1) /* int8: |m| <= 128 here; 128 -> 127 */
+                m[c] = _mm512_max_epi32(_mm512_min_epi32(m[c], _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
             msum = _mm512_add_epi32(msum, m[c]);
         }
         /* balanced limbs: l0 = m mod 256 (as a signed byte), m1 = (m + 128) >> 8, l1 = m1 mod 256,
@@ -80,14 +84,14 @@ int lq_prepare_xi_avx512(const float *xr, int64_t nsb, uint8_t *xi) {
             m2[c] = _mm512_srai_epi32(_mm512_add_epi32(m1[c], c128), 8);
         }
         const __m512i *limb[3] = {m, m1, m2};
-        for (int p = 0; p < 3; p++) {
+        for (int p = 0; p < nlimbs; p++) {
             const __m512i *l = limb[p];
             /* lo: E0 E2 O0 O2; hi: E1 E3 O1 O3 */
             _mm512_store_si512(xi + 64 * p, pack_bytes(l[0], l[4], l[1], l[5]));
-            _mm512_store_si512(xi + 192 + 64 * p, pack_bytes(l[2], l[6], l[3], l[7]));
+            _mm512_store_si512(xi + 64 * nlimbs + 64 * p, pack_bytes(l[2], l[6], l[3], l[7]));
         }
-        _mm512_store_si512(xi + 384, msum);
-        _mm512_store_ps(xi + 448, _mm512_scalef_ps(_mm512_set1_ps(1.f), _mm512_sub_ps(e, _mm512_set1_ps(21.f))));
+        _mm512_store_si512(xi + 128 * nlimbs, msum);
+        _mm512_store_ps(xi + 128 * nlimbs + 64, _mm512_scalef_ps(_mm512_set1_ps(1.f), _mm512_sub_ps(e, _mm512_set1_ps(S))));
     }
     return 1;
 }
@@ -99,47 +103,67 @@ INLINE void group_s_negz(const lq_layout *L, int64_t t, int64_t g, float s[4], i
     for (int r = 0; r < 4; r++) nz[r] = -(int)z[r];
 }
 
-void lq_gemv1_i8_avx512(const lq_layout *L, int64_t t, const uint8_t *xi, const float *xr, float out[4]) {
+/* MM rows of x against tile t; each W row's nibbles are unpacked once for all MM rows */
+INLINE void gemv_i8_k(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t ldxi, const int MM, const int NL,
+                      const float *xr, int64_t ldx, float out[4][4]) {
     const __m512i nib = _mm512_set1_epi8(0x0F);
-    __m512 tot[4], acc[4][4];
-    for (int r = 0; r < 4; r++) tot[r] = acc[0][r] = _mm512_setzero_ps();
+    __m512 tot[4][4], acc[4][4];
+    for (int i = 0; i < 4; i++)
+        for (int r = 0; r < 4; r++) tot[i][r] = acc[i][r] = _mm512_setzero_ps();
     lq_gcur gc = lq_gcur_at(L, 0);
     float s[4];
     int nz[4];
     group_s_negz(L, t, gc.g, s, nz);
     const int64_t nsb = lq_nsb(L);
     const uint8_t *q = lq_tile(L, t);
-    for (int64_t sb = 0; sb < nsb; sb++, q += 4 * 64, xi += LQ_XI_SB_BYTES) {
+    for (int64_t sb = 0; sb < nsb; sb++, q += 4 * 64, xi += LQ_XI_SB_BYTES(NL)) {
         if (lq_gcur_step(&gc, sb * LQ_SB)) group_s_negz(L, t, gc.g, s, nz);
         prefetch_superblock(q);
-        const __m512i msum = _mm512_load_si512(xi + 384);
-        const __m512 ex = _mm512_load_ps(xi + 448);
-        const __m512i x0l = _mm512_load_si512(xi), x1l = _mm512_load_si512(xi + 64);
-        const __m512i x2l = _mm512_load_si512(xi + 128), x0h = _mm512_load_si512(xi + 192);
-        const __m512i x1h = _mm512_load_si512(xi + 256), x2h = _mm512_load_si512(xi + 320);
-        /* the zero-point term, -z sum m, starts the exact sum: once per superblock when symmetric */
-        const __m512i zsym = L->z ? _mm512_setzero_si512() : _mm512_mullo_epi32(msum, _mm512_set1_epi32(nz[0]));
         for (int r = 0; r < 4; r++) {
             const __m512i W = _mm512_loadu_si512(q + 64 * r);
             const __m512i lo = _mm512_and_si512(W, nib), hi = _mm512_and_si512(_mm512_srli_epi16(W, 4), nib);
-            /* sum (q - z) m = sum q m - z sum m */
-            __m512i a0 = L->z ? _mm512_mullo_epi32(msum, _mm512_set1_epi32(nz[r])) : zsym;
-            a0 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(a0, lo, x0l), hi, x0h);
-            __m512i a1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, x1l);
-            __m512i a2 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, x2l);
-            a1 = _mm512_dpbusd_epi32(a1, hi, x1h);
-            a2 = _mm512_dpbusd_epi32(a2, hi, x2h);
-            const __m512i T = _mm512_add_epi32(a0, _mm512_add_epi32(_mm512_slli_epi32(a1, 8), _mm512_slli_epi32(a2, 16)));
-            tot[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(T), _mm512_mul_ps(ex, _mm512_set1_ps(s[r])), tot[r]);
+            for (int i = 0; i < MM; i++) {
+                const uint8_t *xb = xi + i * ldxi;
+                const __m512i msum = _mm512_load_si512(xb + 128 * NL);
+                const __m512 ex = _mm512_load_ps(xb + 128 * NL + 64);
+                /* sum (q - z) m = sum q m - z sum m, exact in int32 */
+                __m512i T = _mm512_mullo_epi32(msum, _mm512_set1_epi32(nz[r]));
+                T = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(T, lo, _mm512_load_si512(xb)), hi,
+                                        _mm512_load_si512(xb + 64 * NL));
+                if (NL == 3) {
+                    __m512i a1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_load_si512(xb + 64));
+                    __m512i a2 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_load_si512(xb + 128));
+                    a1 = _mm512_dpbusd_epi32(a1, hi, _mm512_load_si512(xb + 64 * NL + 64));
+                    a2 = _mm512_dpbusd_epi32(a2, hi, _mm512_load_si512(xb + 64 * NL + 128));
+                    T = _mm512_add_epi32(T, _mm512_add_epi32(_mm512_slli_epi32(a1, 8), _mm512_slli_epi32(a2, 16)));
+                }
+                tot[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(T), _mm512_mul_ps(ex, _mm512_set1_ps(s[r])), tot[i][r]);
+            }
         }
     }
     if (lq_tail(L)) { /* the tail, in fp32 as lq_avx512.c does it */
         __m512 tab[4];
         tables16(L, t, gc.g, tab);
-        gemv4_tail_f32(L, t, xr, 0, 1, &gc, tab, acc);
+        gemv4_tail_f32(L, t, xr, ldx, MM, &gc, tab, acc);
     }
-    for (int r = 0; r < 4; r++) tot[r] = _mm512_add_ps(tot[r], acc[0][r]);
-    _mm_storeu_ps(out, hsum4(tot[0], tot[1], tot[2], tot[3]));
+    for (int i = 0; i < MM; i++) {
+        for (int r = 0; r < 4; r++) tot[i][r] = _mm512_add_ps(tot[i][r], acc[i][r]);
+        _mm_storeu_ps(out[i], hsum4(tot[i][0], tot[i][1], tot[i][2], tot[i][3]));
+    }
+}
+
+void lq_gemv_i8_avx512(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t ldxi, int mm, int nlimbs,
+                       const float *xr, int64_t ldx, float out[4][4]) {
+    if (nlimbs == 3) {
+        gemv_i8_k(L, t, xi, ldxi, 1, 3, xr, ldx, out);
+        return;
+    }
+    switch (mm) {
+    case 1: gemv_i8_k(L, t, xi, ldxi, 1, 1, xr, ldx, out); break;
+    case 2: gemv_i8_k(L, t, xi, ldxi, 2, 1, xr, ldx, out); break;
+    case 3: gemv_i8_k(L, t, xi, ldxi, 3, 1, xr, ldx, out); break;
+    default: gemv_i8_k(L, t, xi, ldxi, 4, 1, xr, ldx, out); break;
+    }
 }
 
 #if defined(__clang__)

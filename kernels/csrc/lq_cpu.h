@@ -138,18 +138,44 @@ typedef struct {
     void (*micro_bf16)(const uint16_t *A, int64_t lda, const uint16_t *B, int64_t ldb, int64_t kc, int mr,
                        float out[LQ_MR][4]);
     void (*gemv_tile_bf16)(const lq_layout *L, int64_t t, const uint16_t *x, int64_t ldx, int mm, float out[4][4]);
-    /* fp32 x on integer dot products (AVX-512 VNNI, lq_avx512_vnni.c); used only where lq_has_vnni():
-     *   prepare_xi: one row of x in xr order, nsb superblocks -> xi (LQ_XI_SB_BYTES each, 64-aligned);
-     *               returns 0, leaving xi undefined, when some x is NaN or infinite.
-     *   gemv1_i8:   out[r] = sum_k x[k] * W[4t + r][k] for one row of x (4-bit, groups changing only
-     *               at superblock boundaries); xr is the same row in xr order (for the tail). */
-    int (*prepare_xi)(const float *xr, int64_t nsb, uint8_t *xi);
-    void (*gemv1_i8)(const lq_layout *L, int64_t t, const uint8_t *xi, const float *xr, float out[4]);
+    /* x on integer dot products (4-bit layouts whose groups change at superblock boundaries; the format
+     * of a prepared row is below):
+     *   prepare_xi: one row of x in xr order, nsb superblocks -> xi (LQ_XI_SB_BYTES(nlimbs) each,
+     *               64-aligned); nlimbs 3: x to within 2^-22 of its 8 columns' largest (the fp32
+     *               path), 1: int8 with a power-of-two scale per 8 columns (dynamic INT8 activations).
+     *               Returns 0, leaving xi undefined, when some x is NaN or infinite.
+     *   gemv_i8:    out[i][r] = sum_k x[i][k] * W[4t + r][k] for mm (<= i8_rows) prepared rows xi (row
+     *               stride ldxi bytes; mm = 1 when nlimbs = 3); xr: the same rows in xr order, stride ldx
+     *               (the tail columns, Kp % 128, are done in fp32). */
+    int (*prepare_xi)(const float *xr, int64_t nsb, int nlimbs, uint8_t *xi);
+    void (*gemv_i8)(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t ldxi, int mm, int nlimbs,
+                    const float *xr, int64_t ldx, float out[4][4]);
+    /* the most rows gemv_i8 takes at once (the registers hold mm x 4 accumulators) */
+    int i8_rows;
+    /* 1 when gemv_i8 needs AVX512-VNNI, which the AVX-512 tables cannot assume */
+    int i8_needs_vnni;
 } lq_kernels;
 
-/* bytes of one superblock of a prepared x row: 3 limbs x (lo, hi) x 64 bytes, 16 int32 lane sums,
- * 16 fp32 lane scales */
-#define LQ_XI_SB_BYTES 512
+/* A row of x prepared for the integer GEMV, one block of LQ_XI_SB_BYTES(n) bytes per superblock.
+ *
+ * The superblock's 128 columns form 16 lanes of 8: lane l holds columns 32 c + 2 l + j (c = 0..3,
+ * j = 0, 1), the columns that share int32 lane l of the dot products against the 4-bit superblock
+ * layout above (nibble s of word w is column 32 s + w: the low nibbles of byte pair (2l, 2l+1) ... of
+ * a 64-byte row are columns 2l, 64+2l, 2l+1, 65+2l; the high nibbles 32+2l, 96+2l, 33+2l, 97+2l).
+ * Each lane gets one power-of-two scale 2^(e - S): e = floor(log2 max|x|) over its 8 columns
+ * (at least -100; 0 for an all-zero lane), S = 21 for n = 3 limbs and 6 for n = 1, and each x
+ * becomes the integer m = round(x * 2^(S - e)) (to nearest even; with n = 1 clamped to [-127, 127]),
+ * stored as n signed bytes m = l0 + 2^8 l1 + 2^16 l2 (l0 and l1 "balanced", in [-128, 127]).
+ *   n = 3: |m| <= 2^22, so x is kept to within 2^(e - 22) <= 2^-22 of its lane's largest value:
+ *          the fp32 path, as accurate as fp32 FMA (tests).
+ *   n = 1: dynamic INT8 activations: 7 bits per value relative to its lane's largest.
+ * Byte order in the block: for limb p, "lo" (64 bytes at 64 p) and "hi" (64 bytes at 64 n + 64 p):
+ * byte 4 l + b of lo is limb p of the column paired with low-nibble byte b of lane l (columns 2l,
+ * 64+2l, 2l+1, 65+2l), of hi the high-nibble columns (32+2l, 96+2l, 33+2l, 97+2l). Then 16 int32
+ * lane sums of m (at 128 n; the zero-point term -z sum m) and 16 fp32 lane scales 2^(e - S)
+ * (at 128 n + 64). The dot product of a row with codes q and zero point z over a superblock is
+ * sum_l scale_l * (sum_{k in l} q_k m_k - z * msum_l), the inner sums exact in int32. */
+#define LQ_XI_SB_BYTES(nlimbs) (128 * (nlimbs) + 128)
 
 extern const lq_kernels lq_kernels_scalar;
 #if LQ_X86
@@ -162,8 +188,9 @@ void lq_dequant_f32_avx512(const lq_layout *L, int64_t t0, int64_t ntl, int64_t 
                            int64_t ldb);
 void lq_micro_f32_avx512(const float *A, int64_t lda, const float *B, int64_t ldb, int64_t kc, int mr,
                          float out[LQ_MR][4]);
-int lq_prepare_xi_avx512(const float *xr, int64_t nsb, uint8_t *xi);
-void lq_gemv1_i8_avx512(const lq_layout *L, int64_t t, const uint8_t *xi, const float *xr, float out[4]);
+int lq_prepare_xi_avx512(const float *xr, int64_t nsb, int nlimbs, uint8_t *xi);
+void lq_gemv_i8_avx512(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t ldxi, int mm, int nlimbs,
+                       const float *xr, int64_t ldx, float out[4][4]);
 #endif
 /* lq_api.c: whether the CPU has AVX-512 and AVX512-VNNI (cached cpuid) */
 LQ_API int lq_has_vnni(void);
@@ -176,7 +203,8 @@ typedef struct {
     int mode;        /* LQ_F32: xp is fp32 [M][Kp] in xr order; LQ_BF16: bf16 [M][Kp] natural */
     const void *xp;
     int64_t ldx;       /* row stride of xp, in elements (>= Kp) */
-    const uint8_t *xi; /* M = 1 fp32 x prepared for gemv1_i8, or NULL */
+    const uint8_t *xi; /* rows of x prepared for gemv_i8 ([M][nsb * LQ_XI_SB_BYTES(nlimbs)]), or NULL */
+    int nlimbs;
     const float *bias; /* [N] or NULL */
     void *y;           /* [M][N] */
     int y_dtype;

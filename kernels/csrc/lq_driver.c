@@ -87,15 +87,41 @@ static void store_rows(const lq_problem *p, int64_t m, int64_t n0, int64_t nn, c
     }
 }
 
+/* tiles per block of the integer path: a block's codes (at most about this many bytes) stay in L2
+ * while every row of x passes over it */
+#ifndef LQ_I8_BLOCK_BYTES
+#define LQ_I8_BLOCK_BYTES (256 << 10)
+#endif
+
+/* x on integer dot products (p->xi), any M: blocks of tiles, and within a block the rows of x a few
+ * at a time against every tile (those rows stay in L1, the block in L2) */
+static void run_gemv_i8(const lq_problem *p, int64_t t_begin, int64_t t_end) {
+    const lq_layout *L = &p->L;
+    float out[4][4];
+    const int64_t xi_row = lq_nsb(L) * LQ_XI_SB_BYTES(p->nlimbs);
+    const int R = p->nlimbs == 1 ? p->kern->i8_rows : 1;
+    int64_t tb = LQ_I8_BLOCK_BYTES / lq_tile_bytes(L);
+    if (tb < 1) tb = 1;
+    for (int64_t t0 = t_begin; t0 < t_end; t0 += tb) {
+        const int64_t t1 = t0 + tb < t_end ? t0 + tb : t_end;
+        for (int64_t m0 = 0; m0 < p->M; m0 += R) {
+            const int mm = p->M - m0 < R ? (int)(p->M - m0) : R;
+            for (int64_t t = t0; t < t1; t++) {
+                p->kern->gemv_i8(L, t, p->xi + m0 * xi_row, xi_row, mm, p->nlimbs, (const float *)p->xp + m0 * p->ldx,
+                                 p->ldx, out);
+                for (int i = 0; i < mm; i++) store_rows(p, m0 + i, t * LQ_TILE, LQ_TILE, out[i]);
+            }
+        }
+    }
+}
+
 static void run_gemv(const lq_problem *p, int64_t t_begin, int64_t t_end) {
     const lq_layout *L = &p->L;
     float out[4][4];
     for (int64_t t = t_begin; t < t_end; t++)
         for (int64_t m0 = 0; m0 < p->M; m0 += 4) {
             const int mm = p->M - m0 < 4 ? (int)(p->M - m0) : 4;
-            if (p->xi) {
-                p->kern->gemv1_i8(L, t, p->xi, (const float *)p->xp, out[0]);
-            } else if (p->mode == LQ_BF16)
+            if (p->mode == LQ_BF16)
                 p->kern->gemv_tile_bf16(L, t, (const uint16_t *)p->xp + m0 * p->ldx, p->ldx, mm, out);
             else
                 p->kern->gemv_tile(L, t, (const float *)p->xp + m0 * p->ldx, p->ldx, mm, out);
@@ -154,6 +180,10 @@ static int run_gemm(const lq_problem *p, int64_t t_begin, int64_t t_end) {
 
 int lq_run_tiles(const lq_problem *p, int64_t t_begin, int64_t t_end) {
     if (t_begin >= t_end) return LQ_OK;
+    if (p->xi) {
+        run_gemv_i8(p, t_begin, t_end);
+        return LQ_OK;
+    }
     if (p->M <= (p->mode == LQ_BF16 ? LQ_GEMV_MAX_M_BF16 : LQ_GEMV_MAX_M_F32)) {
         run_gemv(p, t_begin, t_end);
         return LQ_OK;

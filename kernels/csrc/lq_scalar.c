@@ -1,6 +1,7 @@
 /* Portable kernels: plain C, any CPU. They are the fallback where neither AVX2 nor AVX-512 is
  * available, and the vector kernels' second reference in the tests. They accept any group size
  * (a group need not be a multiple of 32 columns). */
+#include <math.h>
 #include <string.h>
 
 #include "lq_cpu.h"
@@ -141,6 +142,105 @@ static void gemv_tile_scalar(const lq_layout *L, int64_t t, const float *x, int6
     }
 }
 
+/* --- x on integer dot products (the format is documented in lq_cpu.h) -------------------------- */
+
+/* where column i (0..127) of a superblock goes in a prepared row: its lane, and its byte in the lo
+ * (hi = 0) or hi (hi = 1) vectors. Column 32 c + w is nibble c of word w: row byte 2 w + (c >= 2). */
+static void xi_place(int i, int *lane, int *hi, int *byte) {
+    const int c = i / 32, w = i % 32, rowbyte = 2 * w + (c >= 2);
+    *lane = rowbyte / 4;
+    *hi = c & 1;
+    *byte = rowbyte;
+}
+
+int lq_prepare_xi_scalar(const float *xr, int64_t nsb, int nlimbs, uint8_t *xi) {
+    const int S = nlimbs == 3 ? 21 : 6;
+    for (int64_t sb = 0; sb < nsb; sb++, xr += LQ_SB, xi += LQ_XI_SB_BYTES(nlimbs)) {
+        float x[LQ_SB], amax[16] = {0};
+        for (int i = 0; i < LQ_SB; i++) {
+            x[i] = xr[(i / LQ_BLK) * LQ_BLK + lq_xr_pos(i % LQ_BLK)];
+            if (!isfinite(x[i])) return 0;
+            const int lane = (i % 32) / 2;
+            if (fabsf(x[i]) > amax[lane]) amax[lane] = fabsf(x[i]);
+        }
+        int e[16];
+        for (int l = 0; l < 16; l++) {
+            int ex = 0;
+            if (amax[l] > 0.f) {
+                frexpf(amax[l], &ex);
+                ex -= 1; /* amax = f 2^ex with f in [0.5, 1): floor(log2 amax) = ex - 1 */
+                if (ex < -100) ex = -100;
+            }
+            e[l] = ex;
+        }
+        int32_t msum[16] = {0};
+        for (int i = 0; i < LQ_SB; i++) {
+            int lane, hi, byte;
+            xi_place(i, &lane, &hi, &byte);
+            int32_t m = (int32_t)rintf(ldexpf(x[i], S - e[lane])); /* exact scaling, nearest even */
+            if (nlimbs == 1) m = m > 127 ? 127 : (m < -127 ? -127 : m);
+            msum[lane] += m;
+            const int32_t m1 = (m + 128) >> 8, m2 = (m1 + 128) >> 8; /* balanced limbs: low bytes of m, m1, m2 */
+            const int32_t limb[3] = {m, m1, m2};
+            for (int p = 0; p < nlimbs; p++) xi[64 * (hi ? nlimbs + p : p) + byte] = (uint8_t)(limb[p] & 0xFF);
+        }
+        memcpy(xi + 128 * nlimbs, msum, sizeof msum);
+        float scale[16];
+        for (int l = 0; l < 16; l++) scale[l] = ldexpf(1.f, e[l] - S);
+        memcpy(xi + 128 * nlimbs + 64, scale, sizeof scale);
+    }
+    return 1;
+}
+
+static void gemv1_i8_scalar(const lq_layout *L, int64_t t, const uint8_t *xi, int nlimbs, const float *xr,
+                            float out[4]) {
+    const int64_t nsb = lq_nsb(L);
+    float lanes[4][16] = {{0}};
+    for (int64_t sb = 0; sb < nsb; sb++, xi += LQ_XI_SB_BYTES(nlimbs)) {
+        int32_t msum[16];
+        float scale[16];
+        memcpy(msum, xi + 128 * nlimbs, sizeof msum);
+        memcpy(scale, xi + 128 * nlimbs + 64, sizeof scale);
+        const int64_t g = sb * LQ_SB / L->G < L->NG ? sb * LQ_SB / L->G : L->NG - 1;
+        for (int r = 0; r < 4; r++) {
+            const int64_t at = (t * L->NG + g) * LQ_TILE + r;
+            const float s = lq_f16_to_f32(L->s[at]);
+            const int32_t z = L->z ? L->z[at] : L->zc;
+            const uint8_t *row = lq_sb_row(L, t, sb, r);
+            int32_t T[16];
+            for (int l = 0; l < 16; l++) T[l] = -z * msum[l];
+            for (int b = 0; b < 64; b++) {
+                const int32_t q[2] = {row[b] & 15, row[b] >> 4}; /* lo and hi nibble */
+                for (int hi = 0; hi < 2; hi++)
+                    for (int p = 0; p < nlimbs; p++) {
+                        const int32_t limb = (int8_t)xi[64 * (hi ? nlimbs + p : p) + b];
+                        T[b / 4] += q[hi] * limb * (1 << (8 * p));
+                    }
+            }
+            for (int l = 0; l < 16; l++) lanes[r][l] += (float)T[l] * (scale[l] * s);
+        }
+    }
+    /* the tail columns in fp32, as gemv_tile_scalar does them */
+    float tail[4] = {0};
+    if (lq_tail(L)) {
+        float w[LQ_TILE][LQ_SB];
+        dequant_f32_scalar(L, t, 1, nsb * LQ_SB, lq_tail(L), &w[0][0], LQ_SB);
+        for (int r = 0; r < 4; r++)
+            for (int64_t k = 0; k < lq_tail(L); k++) tail[r] += w[r][k] * xr[nsb * LQ_SB + k];
+    }
+    for (int r = 0; r < 4; r++) {
+        float sum = 0.f;
+        for (int l = 0; l < 16; l++) sum += lanes[r][l];
+        out[r] = sum + tail[r];
+    }
+}
+
+static void gemv_i8_scalar(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t ldxi, int mm, int nlimbs,
+                           const float *xr, int64_t ldx, float out[4][4]) {
+    for (int i = 0; i < mm; i++) gemv1_i8_scalar(L, t, xi + i * ldxi, nlimbs, xr + i * ldx, out[i]);
+}
+
 const lq_kernels lq_kernels_scalar = {
     "scalar", gemv_tile_scalar, dequant_f32_scalar, dequant_bf16_scalar, micro_f32_scalar, NULL, NULL,
+    lq_prepare_xi_scalar, gemv_i8_scalar, 4, 0,
 };

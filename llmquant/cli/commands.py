@@ -58,6 +58,9 @@ def add_scheme_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--override", action="append", type=_parse_override, default=[], metavar="PATTERN=SPEC",
                    help="per-module scheme, e.g. 'mlp.down_proj=bits:8' or 're:.*layers\\.0\\..*=skip'")
     g.add_argument("--quantize-lm-head", action="store_true", help="quantize the output layer too")
+    g.add_argument("--activations", default="float", choices=("float", "dynamic_int8"),
+                   help="run-time activations stored as the checkpoint's default: dynamic_int8 quantizes each row "
+                        "of x to int8 on the fly on the CPU kernel (LLMQUANT_ACTIVATIONS overrides it)")
     c = p.add_argument_group("calibration (GPTQ)")
     c.add_argument("--calibration", default="builtin", help="'builtin' (= 'news', a news corpus), 'pydoc', a text file, or hf:<dataset>")
     c.add_argument("--nsamples", type=int, default=128)
@@ -79,6 +82,7 @@ def config_from_args(args: argparse.Namespace):
         skip=tuple(args.skip) if args.skip is not None else ("lm_head",),
         overrides=dict(args.override),
         quantize_lm_head=args.quantize_lm_head,
+        activations=args.activations,
     )
 
 

@@ -101,6 +101,7 @@ def swap_in_quant_linears(model: torch.nn.Module, config: QuantConfig, bias_dtyp
                 bias=getattr(mod, "bias", None) is not None,
                 has_perm=config.stores_perm,
                 bias_dtype=bias_dtype,
+                act_int8=config.activations == "dynamic_int8",
             )
         set_submodule(model, name, q)
     return len(todo)

@@ -8,6 +8,7 @@ from the packed tensors; that derived state is cached on the module, never saved
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import torch
@@ -33,8 +34,12 @@ class QuantLinear(nn.Module):
         has_perm: bool = False,
         bias_dtype: torch.dtype = torch.float16,
         device: torch.device | str | None = None,
+        act_int8: bool = False,
     ) -> None:
         super().__init__()
+        #: dynamic INT8 activations (QuantConfig.activations == "dynamic_int8"); LLMQUANT_ACTIVATIONS
+        #: overrides it when the kernel is chosen
+        self.act_int8 = act_int8
         self.in_features = in_features
         self.out_features = out_features
         self.bits = scheme.bits
@@ -60,7 +65,8 @@ class QuantLinear(nn.Module):
 
     # --- construction ---------------------------------------------------------------------------
     @classmethod
-    def from_packed(cls, w: PackedWeight, bias: torch.Tensor | None, sym: bool | None = None) -> "QuantLinear":
+    def from_packed(cls, w: PackedWeight, bias: torch.Tensor | None, sym: bool | None = None,
+                    act_int8: bool = False) -> "QuantLinear":
         scheme = LayerQuant(w.bits, w.group_size, w.zeros is None if sym is None else sym)
         mod = cls(
             w.in_features,
@@ -70,6 +76,7 @@ class QuantLinear(nn.Module):
             has_perm=w.perm is not None,
             bias_dtype=bias.dtype if bias is not None else torch.float16,
             device=w.qweight.device,
+            act_int8=act_int8,
         )
         mod.qweight.copy_(w.qweight)
         mod.scales.copy_(w.scales)
@@ -162,13 +169,24 @@ class QuantLinear(nn.Module):
         """Forget derived kernel state (call after changing the packed buffers in place)."""
         self._kernel_cache = {}
 
+    def uses_act_int8(self) -> bool:
+        """Dynamic INT8 activations: ``LLMQUANT_ACTIVATIONS`` ("float" / "dynamic_int8") if set, else the
+        layer's own setting."""
+        v = os.environ.get("LLMQUANT_ACTIVATIONS", "").strip()
+        if not v:
+            return self.act_int8
+        if v not in ("float", "dynamic_int8"):
+            raise ValueError(f"LLMQUANT_ACTIVATIONS={v!r}: expected 'float' or 'dynamic_int8'")
+        return v == "dynamic_int8"
+
     def kernel_for(self, dtype: torch.dtype) -> tuple[Any, Any]:
-        key = (dtype, self.qweight.device)
+        act_int8 = self.uses_act_int8()
+        key = (dtype, self.qweight.device, act_int8)
         hit = self._kernel_cache.get(key)
         if hit is None:
             w = self.packed()
-            kernel = select_kernel(w.spec(dtype))
-            hit = (kernel, kernel.prepare(w))
+            kernel = select_kernel(w.spec(dtype, act_int8))
+            hit = (kernel, kernel.prepare(w, act_int8))
             self._kernel_cache[key] = hit
         return hit
 
@@ -186,6 +204,7 @@ class QuantLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
             f"group_size={g}, sym={self.sym}, act_order={self.perm is not None}, bias={self.bias is not None}"
+            + (", activations=dynamic_int8" if self.act_int8 else "")
         )
 
 

@@ -297,7 +297,7 @@ def quantize_gptq(
             finally:
                 runner.close()
             for rel, (mod, packed) in done.items():
-                set_submodule(layer, rel, to_quant_linear(mod, packed))
+                set_submodule(layer, rel, to_quant_linear(mod, packed, config))
             del done
             timer.add("forward", t0)
             modules.update(stats)
@@ -332,7 +332,7 @@ def quantize_gptq(
                 clip_search=config.clip_search,
             )
             del g
-            set_submodule(model, name, to_quant_linear(mod, packed))
+            set_submodule(model, name, to_quant_linear(mod, packed, config))
             s = head_scheme
             modules[name] = {"bits": s.bits, "group_size": s.group_size, "sym": s.sym, **st}
             timer.add("lm_head", t0)

@@ -31,9 +31,9 @@ def check_plan(model: nn.Module, config: QuantConfig) -> list[tuple[str, nn.Modu
     return todo
 
 
-def to_quant_linear(mod: nn.Module, packed: PackedWeight) -> QuantLinear:
+def to_quant_linear(mod: nn.Module, packed: PackedWeight, config: QuantConfig) -> QuantLinear:
     bias = mod.bias.detach() if getattr(mod, "bias", None) is not None else None
-    return QuantLinear.from_packed(packed, bias)
+    return QuantLinear.from_packed(packed, bias, act_int8=config.activations == "dynamic_int8")
 
 
 def untie_if_quantizing_head(model: nn.Module, config: QuantConfig) -> None:

@@ -110,5 +110,5 @@ class RTN(Method):
                 raise ValueError(f"{name}: {e}") from None
         untie_if_quantizing_head(model, config)
         for (name, mod, _), p in zip(todo, packed):
-            set_submodule(model, name, to_quant_linear(mod, p))
+            set_submodule(model, name, to_quant_linear(mod, p, config))
         return {"method": self.name, "layers": len(todo), "seconds": time.perf_counter() - t0, "kept_float": []}

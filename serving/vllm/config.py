@@ -1,6 +1,7 @@
 """The ``llmquant`` quantization config as vLLM sees it: which layers are quantized, and how."""
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -19,6 +20,9 @@ class LlmQuantVllmConfig(QuantizationConfig):
         super().__init__()
         self.quant = quant
         self.has_perm = quant.stores_perm
+        #: dynamic INT8 activations: the checkpoint's default, or LLMQUANT_ACTIVATIONS
+        env = os.environ.get("LLMQUANT_ACTIVATIONS", "").strip()
+        self.act_int8 = (env or quant.activations) == "dynamic_int8"
         #: kernel names already announced in the log (per engine, not per layer)
         self.kernels_logged: set[str] = set()
 

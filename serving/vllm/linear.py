@@ -201,13 +201,15 @@ class LlmQuantLinearMethod(LinearMethodBase):
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         self._check_values(layer)
         dtype = layer.llmquant_params_dtype
+        act_int8 = self.quant_config.act_int8
         runs = []
         for w in self._packed_parts(layer):
-            kernel = select_kernel(w.spec(dtype))
-            runs.append((kernel, kernel.prepare(w)))
+            kernel = select_kernel(w.spec(dtype, act_int8))
+            runs.append((kernel, kernel.prepare(w, act_int8)))
             if kernel.name not in self.quant_config.kernels_logged:
                 self.quant_config.kernels_logged.add(kernel.name)
-                logger.info("llmquant: vLLM layers run the %r kernel (first: %s)", kernel.name, w.spec(dtype))
+                logger.info("llmquant: vLLM layers run the %r kernel (first: %s)", kernel.name,
+                            w.spec(dtype, act_int8))
         layer.llmquant_runs = runs
 
     # --- run -----------------------------------------------------------------------------------------

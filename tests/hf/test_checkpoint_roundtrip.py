@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import llmquant
-from llmquant import CheckpointError, LlmQuantConfig, QuantConfig, QuantLinear
+from llmquant import CheckpointError, LlmQuantConfig, QuantConfig, QuantConfigError, QuantLinear
 from llmquant.cli.commands import checkpoint_info
 
 from ..conftest import build_tiny_llama
@@ -211,3 +211,33 @@ def test_checkpoint_files_honour_the_umask(tmp_path, tokenizer):
     assert stat.S_IMODE(path.stat().st_mode) == 0o755
     for f in path.iterdir():
         assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
+
+
+# --- dynamic INT8 activations, chosen per model -------------------------------------------------------
+def test_dynamic_int8_activations_travel_with_the_checkpoint(tmp_path, tokenizer, monkeypatch):
+    """QuantConfig(activations="dynamic_int8"): every quantized layer runs the kernel's INT8 path (the
+    reference kernel emulates it exactly), the checkpoint records the choice, and LLMQUANT_ACTIVATIONS
+    overrides it at run time."""
+    config = QuantConfig(bits=4, group_size=128, activations="dynamic_int8")
+    path, logits = _quantized_ckpt(tmp_path, tokenizer, config, hidden=256, inter=512)
+    assert json.loads((path / "config.json").read_text())["quantization_config"]["activations"] == "dynamic_int8"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    assert all(m.act_int8 for m in model.modules() if isinstance(m, QuantLinear))
+    with torch.no_grad():
+        a8 = model(IDS).logits
+        torch.testing.assert_close(a8, logits, rtol=1e-5, atol=1e-5)
+        monkeypatch.setenv("LLMQUANT_KERNEL", "reference")
+        for m in model.modules():
+            if isinstance(m, QuantLinear):
+                m.invalidate_kernel()
+        torch.testing.assert_close(model(IDS).logits, a8, rtol=1e-4, atol=1e-4 * a8.abs().max().item())
+        monkeypatch.delenv("LLMQUANT_KERNEL")
+        monkeypatch.setenv("LLMQUANT_ACTIVATIONS", "float")
+        fl = model(IDS).logits
+    assert not torch.allclose(fl, a8, rtol=0, atol=1e-6)
+    assert (fl - a8).abs().max() < 0.05 * fl.abs().max()  # int8 activations: close, not equal
+    monkeypatch.setenv("LLMQUANT_ACTIVATIONS", "int4")
+    with pytest.raises(ValueError, match="LLMQUANT_ACTIVATIONS"):
+        model(IDS)
+    with pytest.raises(QuantConfigError, match="activations must be one of"):
+        QuantConfig(activations="int4")

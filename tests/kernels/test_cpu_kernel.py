@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmquant.formats.packing import dequantize_packed, pack_rows
-from llmquant.kernels import cpu_native, dequant_matmul_ref
+from llmquant.kernels import act_int8, cpu_native, dequant_matmul_ref
 from llmquant.kernels.cpu import cpu_dequantize, cpu_linear, cpu_qlinear
 from llmquant.kernels.cpu_layout import CpuLayout, repack
 from llmquant.kernels.registry import PackedWeight
@@ -26,6 +26,8 @@ from llmquant.kernels.registry import PackedWeight
 NATIVE, WHY = cpu_native.load()
 needs_native = pytest.mark.skipif(NATIVE is None, reason=f"native CPU library unavailable: {WHY}")
 ISAS = cpu_native.ISA_NAMES[: cpu_native.ISA_NAMES.index(NATIVE.detected_isa) + 1] if NATIVE else ()
+#: the instruction sets with the integer GEMV (lq_cpu.h): all but AVX-512 without VNNI
+INT_ISAS = tuple(i for i in ISAS if not (i.startswith("avx512") and not NATIVE.has_vnni))
 
 MS = (1, 2, 3, 7, 16, 33, 128)
 
@@ -126,7 +128,9 @@ def test_bf16_math_uses_bf16_rounded_weights(layers, m):
             continue  # 8-bit layers take the exact fp32 GEMV
         x = torch.randn(m, w.in_features).to(torch.bfloat16)
         xg = x if w.perm is None else x[:, w.perm.long()]  # the kernel reads W in stored column order
-        ref = torch.nn.functional.linear(xg.float(), cpu_dequantize(lay, torch.bfloat16).float())
+        exact = m == 1 and act_int8.applies(w.bits, w.group_size, w.in_features)  # the integer GEMV
+        weights = cpu_dequantize(lay) if exact else cpu_dequantize(lay, torch.bfloat16).float()
+        ref = torch.nn.functional.linear(xg.float(), weights)
         y = cpu_linear(x, lay)
         torch.testing.assert_close(y.float(), ref, rtol=2**-8, atol=1e-5 * ref.abs().max().item())
 
@@ -149,9 +153,9 @@ def test_fp32_medium_precision_uses_bf16_and_highest_stays_exact(layers):
     check_fp32(cpu_linear(x, lay, bias), ref)
 
 
-needs_vnni = pytest.mark.skipif(
-    not (NATIVE and NATIVE.has_vnni and NATIVE.isa in ("avx512", "avx512_bf16")),
-    reason="no AVX512-VNNI (or LLMQUANT_CPU_ISA caps the kernels below AVX-512): fp32 decode uses the FMA GEMV")
+needs_int = pytest.mark.skipif(
+    NATIVE is None or NATIVE.isa not in INT_ISAS,
+    reason="the kernels run AVX-512 without VNNI: fp32 decode uses the FMA GEMV")
 
 
 def decode_inputs(k: int) -> dict:
@@ -169,14 +173,15 @@ def decode_inputs(k: int) -> dict:
     }
 
 
-@needs_vnni
+@pytest.mark.parametrize("isa", INT_ISAS)
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("k, group_size", [(4096, 128), (1000, -1), (640, 128), (4192, 256), (160, -1), (300, 128)])
-def test_fp32_decode_vnni_is_as_accurate_as_fma(monkeypatch, sym, k, group_size):
-    """The VNNI GEMV carries x as 24-bit block floating point: its error against the float64 product
-    stays at fp32 rounding level, for outliers and wide ranges too (worst over these cases, of
+def test_fp32_decode_int_is_as_accurate_as_fma(monkeypatch, isa, sym, k, group_size):
+    """The integer GEMV carries x as 24-bit block floating point: its error against the float64
+    product stays at fp32 rounding level, for outliers and wide ranges too (worst over these cases, of
     max|y|: VNNI 6.3e-7, FMA 7.6e-7, torch's own fp32 F.linear 1.3e-6; bound 2e-6), and its results
-    differ from the FMA GEMV's (it really ran)."""
+    differ from the FMA GEMV's (it really ran). On every instruction set that has it (AVX2 emulates
+    vpdpbusd with vpmaddubsw + vpmaddwd; the scalar code is the C reference)."""
     w = make_packed(4, group_size, sym, False, 64, k, seed=k)
     lay = repack(w)
     wd = dequantize_packed(w.qweight, w.scales, w.zeros, bits=4, group_size=group_size, in_features=k).double()
@@ -186,7 +191,7 @@ def test_fp32_decode_vnni_is_as_accurate_as_fma(monkeypatch, sym, k, group_size)
         y = {}
         for mode in ("int", "fma"):
             monkeypatch.setenv("LLMQUANT_CPU_FP32_GEMV", mode)
-            y[mode] = cpu_linear(x, lay)
+            y[mode] = cpu_linear(x, lay, isa=isa)
         scale = exact.abs().max().item()
         for mode, out in y.items():
             err = (out.double() - exact).abs().max().item()
@@ -397,11 +402,11 @@ def test_property_any_shape(n, k, m, bits, group_size, sym):
     check_fp32(cpu_linear(x, repack(w)), dequant_matmul_ref(x, w))
 
 
-@needs_vnni
+@needs_int
 @pytest.mark.parametrize("act_order", [False, True])
-def test_fp32_greedy_decode_same_on_vnni_and_fma(monkeypatch, act_order):
+def test_fp32_greedy_decode_same_on_int_and_fma(monkeypatch, act_order):
     """A tiny Llama (hidden 256, MLP 512: 2 and 4 superblocks), INT4 g128, decoded greedily one token
-    at a time: every step's logits on the VNNI GEMV match the FMA GEMV's to fp32 rounding, so the
+    at a time: every step's logits on the integer GEMV match the FMA GEMV's to fp32 rounding, so the
     same tokens come out."""
     import llmquant
     from llmquant.config import QuantConfig
@@ -438,3 +443,51 @@ def test_fp32_greedy_decode_same_on_vnni_and_fma(monkeypatch, act_order):
     assert not torch.equal(logits_int, logits_fma)  # two different computations ran
     torch.testing.assert_close(logits_int, logits_fma, rtol=1e-4, atol=1e-4 * logits_fma.abs().max().item())
     assert torch.equal(ids_int, ids_fma)
+
+
+# --- dynamic INT8 activations -----------------------------------------------------------------------
+@needs_native
+@pytest.mark.parametrize("isa", INT_ISAS)
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 40])
+def test_act_int8_is_exactly_the_emulation(layers, isa, m):
+    """act_int8: the kernel computes x quantized as llmquant.kernels.act_int8 defines it (lanes of 8
+    columns, power-of-two scales, 7 bits), times the exact weights, to fp32 rounding; layers it does
+    not apply to (8-bit, groups of 32/64, K < 128) stay exact fp32. Every M (GEMV and GEMM sizes)."""
+    g = torch.Generator().manual_seed(m)
+    for spec, w, lay, bias in layers:
+        # a wide dynamic range across columns, as LLM activations have
+        x = torch.randn(m, w.in_features, generator=g) * torch.exp(2 * torch.randn(1, w.in_features, generator=g))
+        y = cpu_linear(x, lay, bias, isa=isa, act_int8=True)
+        check_fp32(y, dequant_matmul_ref(x, w, bias, act_int8=True))
+        if act_int8.applies(w.bits, w.group_size, w.in_features):
+            assert not torch.equal(y, cpu_linear(x, lay, bias, isa=isa)), spec  # really quantized
+        else:
+            check_fp32(y, dequant_matmul_ref(x, w, bias))
+
+
+@needs_native
+def test_act_int8_emulation_matches_the_definition():
+    """quantize_x by hand: lane l of superblock s holds columns 128 s + 32 c + 2 l + j; one power of two
+    per lane; 7 bits."""
+    x = torch.zeros(1, 256)
+    x[0, 0], x[0, 1], x[0, 32], x[0, 97] = 3.0, 0.1, -1.5, 0.0123  # lane 0 of superblock 0 (max 3: e = 1)
+    x[0, 2] = 1e-3  # lane 1, alone: its own scale
+    x[0, 130] = 5.0  # lane 1 of superblock 1
+    q = act_int8.quantize_x(x)
+    step = 2.0 ** (1 - 6)
+    assert q[0, 0] == 3.0 and q[0, 32] == -1.5 and q[0, 1] == round(0.1 / step) * step
+    assert q[0, 97] == round(0.0123 / step) * step == 0.0  # small against its lane's largest
+    assert abs(q[0, 2] - 1e-3) <= 2.0 ** (-10 - 7) and q[0, 130] == 5.0
+    tail = torch.randn(2, 100)  # no whole superblock: nothing to quantize
+    assert torch.equal(act_int8.quantize_x(tail), tail)
+
+
+@needs_native
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_act_int8_with_nonfinite_x_falls_back_to_fp32(bad):
+    w = make_packed(4, 128, True, False, 16, 512, seed=5)
+    lay = repack(w)
+    x = torch.randn(3, 512)
+    x[1, 300] = bad
+    torch.testing.assert_close(cpu_linear(x, lay, act_int8=True), dequant_matmul_ref(x, w), equal_nan=True,
+                               rtol=1e-5, atol=1e-5)

@@ -86,3 +86,14 @@ def test_missing_library_falls_back_to_reference_with_one_warning(missing_librar
     assert len(warnings) == 1 and "not built" in warnings[0].getMessage()
     ok, why = get_kernel("cpu").can_implement(w.spec(torch.float32))
     assert not ok and "not built" in why
+
+
+def test_dynamic_int8_activations_pick_a_kernel_that_runs_them():
+    """The Triton kernel refuses act_int8 by name; the CPU kernel and the reference (which emulates it)
+    accept it, so a model asking for it never silently runs float activations."""
+    from llmquant.kernels.triton_w4a16 import TritonKernel
+
+    spec = KernelSpec(bits=4, group_size=128, sym=True, in_features=256, out_features=64, has_perm=False,
+                      dtype=torch.float32, device_type="cuda", act_int8=True)
+    ok, why = TritonKernel().can_implement(spec)
+    assert not ok and "dynamic INT8 activations run on the CPU kernel" in why
