@@ -163,16 +163,22 @@ static int prepare_xi_avx2(const float *xr, int64_t nsb, int nlimbs, uint8_t *xi
     const __m256i absmask = _mm256_set1_epi32(0x7FFFFFFF);
     const int S = nlimbs == 3 ? 21 : 6;
     for (int64_t sb = 0; sb < nsb; sb++, xr += LQ_SB, xi += LQ_XI_SB_BYTES(nlimbs)) {
-        for (int h = 0; h < 2; h++) { /* lanes 8h .. 8h + 7 */
-            __m256 v[8]; /* E0 O0 E1 O1 E2 O2 E3 O3 */
-            __m256i amax = _mm256_setzero_si256(), bad = _mm256_setzero_si256();
-            for (int c = 0; c < 8; c++) {
-                v[c] = _mm256_loadu_ps(xr + 16 * c + 8 * h);
-                const __m256i bits = _mm256_castps_si256(v[c]);
+        /* amax per lane; with one limb (INT8) lanes l and l + 8 share it */
+        __m256i amax_h[2], bad = _mm256_setzero_si256();
+        for (int h = 0; h < 2; h++) {
+            amax_h[h] = _mm256_setzero_si256();
+            for (int c = 0; c < 8; c++) { /* E0 O0 E1 O1 E2 O2 E3 O3, lanes 8h .. 8h + 7 */
+                const __m256i bits = _mm256_castps_si256(_mm256_loadu_ps(xr + 16 * c + 8 * h));
                 bad = _mm256_or_si256(bad, _mm256_cmpeq_epi32(_mm256_and_si256(bits, expmask), expmask));
-                amax = _mm256_max_epi32(amax, _mm256_and_si256(bits, absmask)); /* |x| orders as its bits */
+                amax_h[h] = _mm256_max_epi32(amax_h[h], _mm256_and_si256(bits, absmask)); /* |x| orders as its bits */
             }
-            if (!_mm256_testz_si256(bad, bad)) return 0; /* NaN or infinity */
+        }
+        if (!_mm256_testz_si256(bad, bad)) return 0; /* NaN or infinity */
+        if (nlimbs == 1) amax_h[0] = amax_h[1] = _mm256_max_epi32(amax_h[0], amax_h[1]);
+        for (int h = 0; h < 2; h++) {
+            __m256 v[8];
+            for (int c = 0; c < 8; c++) v[c] = _mm256_loadu_ps(xr + 16 * c + 8 * h);
+            const __m256i amax = amax_h[h];
             /* e = floor(log2 amax) from the exponent field, at least -100; 0 for an all-zero lane */
             __m256i e = _mm256_sub_epi32(_mm256_srli_epi32(amax, 23), _mm256_set1_epi32(127));
             e = _mm256_max_epi32(e, _mm256_set1_epi32(-100));
@@ -252,15 +258,20 @@ INLINE void gemv_i8_k(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t 
         if (lq_gcur_step(&gc, sb * LQ_SB)) group_s_negz(L, t, gc.g, s, nz);
         for (int r = 0; r < 4; r++) _mm_prefetch((const char *)q + 2048 + 64 * r, _MM_HINT_T0);
         for (int h = 0; h < 2; h++) { /* lanes 8h .. 8h + 7: bytes 32h .. 32h + 31 of each row */
+            /* the zero-point term -z sum m: for a symmetric layer once per row of x, else per row of W */
+            __m256i zsym[2];
+            for (int i = 0; i < MM; i++) {
+                const __m256i msum = _mm256_load_si256((const __m256i *)(xi + i * ldxi + 128 * NL + 32 * h));
+                zsym[i] = L->z ? msum : _mm256_mullo_epi32(msum, _mm256_set1_epi32(nz[0]));
+            }
             for (int r = 0; r < 4; r++) {
                 const __m256i W = _mm256_loadu_si256((const __m256i *)(q + 64 * r + 32 * h));
                 const __m256i lo = _mm256_and_si256(W, nib), hi = _mm256_and_si256(_mm256_srli_epi16(W, 4), nib);
                 for (int i = 0; i < MM; i++) {
                     const uint8_t *xb = xi + i * ldxi;
-                    const __m256i msum = _mm256_load_si256((const __m256i *)(xb + 128 * NL + 32 * h));
                     const __m256 ex = _mm256_load_ps((const float *)(xb + 128 * NL + 64 + 32 * h));
                     /* sum (q - z) m = sum q m - z sum m, exact in int32 */
-                    __m256i T = _mm256_mullo_epi32(msum, _mm256_set1_epi32(nz[r]));
+                    __m256i T = L->z ? _mm256_mullo_epi32(zsym[i], _mm256_set1_epi32(nz[r])) : zsym[i];
                     T = _mm256_add_epi32(T, dot_u4s8(lo, _mm256_load_si256((const __m256i *)(xb + 32 * h)), hi,
                                                      _mm256_load_si256((const __m256i *)(xb + 64 * NL + 32 * h))));
                     if (NL == 3) {
@@ -279,14 +290,60 @@ INLINE void gemv_i8_k(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t 
         for (int r = 0; r < 4; r++) out[i][r] = hsum8(tot[i][r]) + (lq_tail(L) ? tail_dot(L, t, r, gc, xr + i * ldx) : 0.f);
 }
 
+/* INT8 activations (one limb): lanes l and l + 8 share their scale, so each row's two halves are added
+ * in int16 (4 x 2 x 15 x 127 < 2^15) and converted once */
+INLINE void gemv_a8_k(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t ldxi, const int MM, const float *xr,
+                      int64_t ldx, float out[4][4]) {
+    const __m256i nib = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    __m256 tot[2][4];
+    for (int i = 0; i < MM; i++)
+        for (int r = 0; r < 4; r++) tot[i][r] = _mm256_setzero_ps();
+    lq_gcur gc = lq_gcur_at(L, 0);
+    float s[4];
+    int nz[4];
+    group_s_negz(L, t, gc.g, s, nz);
+    const int64_t nsb = lq_nsb(L);
+    const uint8_t *q = lq_tile(L, t);
+    for (int64_t sb = 0; sb < nsb; sb++, q += 4 * 64, xi += LQ_XI_SB_BYTES(1)) {
+        if (lq_gcur_step(&gc, sb * LQ_SB)) group_s_negz(L, t, gc.g, s, nz);
+        for (int r = 0; r < 4; r++) _mm_prefetch((const char *)q + 2048 + 64 * r, _MM_HINT_T0);
+        __m256i zt[2];
+        for (int i = 0; i < MM; i++) { /* sum m over both halves; -z sum m once per row when symmetric */
+            const uint8_t *xb = xi + i * ldxi;
+            const __m256i msum = _mm256_add_epi32(_mm256_load_si256((const __m256i *)(xb + 128)),
+                                                  _mm256_load_si256((const __m256i *)(xb + 160)));
+            zt[i] = L->z ? msum : _mm256_mullo_epi32(msum, _mm256_set1_epi32(nz[0]));
+        }
+        for (int r = 0; r < 4; r++) {
+            const __m256i W0 = _mm256_loadu_si256((const __m256i *)(q + 64 * r));
+            const __m256i W1 = _mm256_loadu_si256((const __m256i *)(q + 64 * r + 32));
+            const __m256i lo0 = _mm256_and_si256(W0, nib), hi0 = _mm256_and_si256(_mm256_srli_epi16(W0, 4), nib);
+            const __m256i lo1 = _mm256_and_si256(W1, nib), hi1 = _mm256_and_si256(_mm256_srli_epi16(W1, 4), nib);
+            for (int i = 0; i < MM; i++) {
+                const uint8_t *xb = xi + i * ldxi;
+                __m256i s16 = _mm256_maddubs_epi16(lo0, _mm256_load_si256((const __m256i *)xb));
+                s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(hi0, _mm256_load_si256((const __m256i *)(xb + 64))));
+                s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(lo1, _mm256_load_si256((const __m256i *)(xb + 32))));
+                s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(hi1, _mm256_load_si256((const __m256i *)(xb + 96))));
+                __m256i T = _mm256_madd_epi16(s16, ones);
+                T = _mm256_add_epi32(T, L->z ? _mm256_mullo_epi32(zt[i], _mm256_set1_epi32(nz[r])) : zt[i]);
+                const __m256 ex = _mm256_load_ps((const float *)(xb + 192)); /* = the other half's */
+                tot[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(T), _mm256_mul_ps(ex, _mm256_set1_ps(s[r])), tot[i][r]);
+            }
+        }
+    }
+    for (int i = 0; i < MM; i++)
+        for (int r = 0; r < 4; r++) out[i][r] = hsum8(tot[i][r]) + (lq_tail(L) ? tail_dot(L, t, r, gc, xr + i * ldx) : 0.f);
+}
+
 static void gemv_i8_avx2(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t ldxi, int mm, int nlimbs,
                          const float *xr, int64_t ldx, float out[4][4]) {
     if (nlimbs == 3)
         gemv_i8_k(L, t, xi, ldxi, 1, 3, xr, ldx, out);
     else if (mm == 2)
-        gemv_i8_k(L, t, xi, ldxi, 2, 1, xr, ldx, out);
+        gemv_a8_k(L, t, xi, ldxi, 2, xr, ldx, out);
     else
-        gemv_i8_k(L, t, xi, ldxi, 1, 1, xr, ldx, out);
+        gemv_a8_k(L, t, xi, ldxi, 1, xr, ldx, out);
 }
 
 #if defined(__clang__)

@@ -64,6 +64,8 @@ int lq_prepare_xi_avx512(const float *xr, int64_t nsb, int nlimbs, uint8_t *xi) 
             amax = _mm512_max_ps(amax, _mm512_abs_ps(v[c]));
         }
         if (bad) return 0;
+        if (nlimbs == 1) /* INT8: lanes l and l + 8 share their scale */
+            amax = _mm512_max_ps(amax, _mm512_shuffle_f32x4(amax, amax, 0x4E));
         /* e = floor(log2 amax), at least -100 (so 2^(e - 21) stays normal); 0 for an all-zero lane */
         const __mmask16 zero = _mm512_cmp_ps_mask(amax, _mm512_setzero_ps(), _CMP_EQ_OQ);
         __m512 e = _mm512_max_ps(_mm512_getexp_ps(amax), _mm512_set1_ps(-100.f));
@@ -119,15 +121,20 @@ INLINE void gemv_i8_k(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t 
     for (int64_t sb = 0; sb < nsb; sb++, q += 4 * 64, xi += LQ_XI_SB_BYTES(NL)) {
         if (lq_gcur_step(&gc, sb * LQ_SB)) group_s_negz(L, t, gc.g, s, nz);
         prefetch_superblock(q);
+        /* the zero-point term -z sum m: for a symmetric layer once per row of x, else per row of W */
+        __m512i zsym[4];
+        for (int i = 0; i < MM; i++) {
+            const __m512i msum = _mm512_load_si512(xi + i * ldxi + 128 * NL);
+            zsym[i] = L->z ? msum : _mm512_mullo_epi32(msum, _mm512_set1_epi32(nz[0]));
+        }
         for (int r = 0; r < 4; r++) {
             const __m512i W = _mm512_loadu_si512(q + 64 * r);
             const __m512i lo = _mm512_and_si512(W, nib), hi = _mm512_and_si512(_mm512_srli_epi16(W, 4), nib);
             for (int i = 0; i < MM; i++) {
                 const uint8_t *xb = xi + i * ldxi;
-                const __m512i msum = _mm512_load_si512(xb + 128 * NL);
                 const __m512 ex = _mm512_load_ps(xb + 128 * NL + 64);
                 /* sum (q - z) m = sum q m - z sum m, exact in int32 */
-                __m512i T = _mm512_mullo_epi32(msum, _mm512_set1_epi32(nz[r]));
+                __m512i T = L->z ? _mm512_mullo_epi32(zsym[i], _mm512_set1_epi32(nz[r])) : zsym[i];
                 T = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(T, lo, _mm512_load_si512(xb)), hi,
                                         _mm512_load_si512(xb + 64 * NL));
                 if (NL == 3) {

@@ -163,12 +163,15 @@ typedef struct {
  * layout above (nibble s of word w is column 32 s + w: the low nibbles of byte pair (2l, 2l+1) ... of
  * a 64-byte row are columns 2l, 64+2l, 2l+1, 65+2l; the high nibbles 32+2l, 96+2l, 33+2l, 97+2l).
  * Each lane gets one power-of-two scale 2^(e - S): e = floor(log2 max|x|) over its 8 columns
- * (at least -100; 0 for an all-zero lane), S = 21 for n = 3 limbs and 6 for n = 1, and each x
+ * (with n = 1 over lanes l and l + 8 together, which then share it; at least -100; 0 for an
+ * all-zero lane), S = 21 for n = 3 limbs and 6 for n = 1, and each x
  * becomes the integer m = round(x * 2^(S - e)) (to nearest even; with n = 1 clamped to [-127, 127]),
  * stored as n signed bytes m = l0 + 2^8 l1 + 2^16 l2 (l0 and l1 "balanced", in [-128, 127]).
  *   n = 3: |m| <= 2^22, so x is kept to within 2^(e - 22) <= 2^-22 of its lane's largest value:
  *          the fp32 path, as accurate as fp32 FMA (tests).
- *   n = 1: dynamic INT8 activations: 7 bits per value relative to its lane's largest.
+ *   n = 1: dynamic INT8 activations: 7 bits per value relative to the largest of its 16 columns
+ *          (sharing the scale between lanes l and l + 8 lets AVX2 add the two halves of a row before
+ *          converting: a third fewer instructions).
  * Byte order in the block: for limb p, "lo" (64 bytes at 64 p) and "hi" (64 bytes at 64 n + 64 p):
  * byte 4 l + b of lo is limb p of the column paired with low-nibble byte b of lane l (columns 2l,
  * 64+2l, 2l+1, 65+2l), of hi the high-nibble columns (32+2l, 96+2l, 33+2l, 97+2l). Then 16 int32
