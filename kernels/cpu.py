@@ -40,7 +40,8 @@ from typing import Optional
 import torch
 
 from llmquant.kernels import cpu_native
-from llmquant.kernels.cpu_layout import CpuLayout, repack
+from llmquant.formats.packing import pack_rows
+from llmquant.kernels.cpu_layout import CpuLayout, repack, unpack_codes
 from llmquant.kernels.registry import KernelSpec, PackedWeight
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -178,3 +179,11 @@ class CpuKernel:
 
     def apply(self, state: CpuState, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return cpu_linear(x, state.layout, bias, act_int8=state.act_int8)
+
+    def unpack_qweight(self, state: CpuState) -> torch.Tensor:
+        """The stored ``qweight`` back from the layout, exactly: the module need not keep both."""
+        return pack_rows(unpack_codes(state.layout).to(torch.int64), state.layout.bits)
+
+    def describe(self, state: CpuState) -> str:
+        native, _ = cpu_native.load()
+        return f"cpu ({native.isa if native else '?'}{', int8 activations' if state.act_int8 else ''})"

@@ -115,6 +115,31 @@ def _tiles_from_codes(c: torch.Tensor, code_bits: int) -> torch.Tensor:
     return torch.cat((main_b, tail_b), dim=1)
 
 
+def _codes_from_tiles(b: torch.Tensor, kp: int, code_bits: int) -> torch.Tensor:
+    """Inverse of :func:`_tiles_from_codes`: the tiles' bytes [nt, ...] -> uint8 codes [nt * 4, Kp]."""
+    nt = b.shape[0]
+    nsb, tail = divmod(kp, SB)
+    if code_bits == 4:
+        main_b, tail_b = b[:, : nsb * TILE * 64], b[:, nsb * TILE * 64 :]
+        word = main_b.reshape(nt, nsb, TILE, 32, 2).permute(0, 2, 1, 3, 4)  # [t, r, sb, w, byte]
+        m = torch.stack((word[..., 0] & 15, word[..., 0] >> 4, word[..., 1] & 15, word[..., 1] >> 4), dim=3)
+        main = m.reshape(nt, TILE, nsb * SB)  # [t, r, sb, s, w] -> column sb*128 + 32s + w
+        r = tail_b.reshape(nt, TILE, tail // BLK, 16)
+        rest = torch.stack((r & 15, r >> 4), dim=-1).reshape(nt, TILE, tail)
+    else:
+        main_b, tail_b = b[:, : nsb * TILE * SB], b[:, nsb * TILE * SB :]
+        m = main_b.reshape(nt, nsb, TILE, 4, 2, 16).permute(0, 2, 1, 3, 5, 4)  # [t, r, sb, block, i, parity]
+        main = m.reshape(nt, TILE, nsb * SB)
+        rest = tail_b.reshape(nt, TILE, tail // BLK, 2, 16).permute(0, 1, 2, 4, 3).reshape(nt, TILE, tail)
+    return torch.cat((main, rest), dim=2).reshape(nt * TILE, kp)
+
+
+def unpack_codes(layout: CpuLayout) -> torch.Tensor:
+    """The layer's codes [N, K] (stored column order) back from the CPU layout, exactly."""
+    kp = padded_k(layout.in_features)
+    return _codes_from_tiles(layout.qdata, kp, layout.code_bits)[: layout.out_features, : layout.in_features]
+
+
 def _per_tile(t: torch.Tensor, n_pad: int) -> torch.Tensor:
     """[N, NG] -> [ntiles, NG, 4] (rows padded with zeros)."""
     n, ng = t.shape

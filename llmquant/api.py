@@ -8,6 +8,7 @@ from torch import nn
 
 from llmquant.config import QuantConfig
 from llmquant.hf.integration import attach_quantization_config
+from llmquant.modules.quant_linear import prepare_model
 from llmquant.quantizers import quantize_model
 
 
@@ -24,9 +25,11 @@ def quantize(
     is needed by data-aware methods (GPTQ, which also needs a transformers causal LM). A transformers
     model additionally gets a ``quantization_config`` so that ``save_pretrained`` and
     :func:`llmquant.save_quantized` write a loadable checkpoint. The summary's
-    ``quantization_config`` is the config as stored: layers the method kept in float are in ``skip``.
+    ``quantization_config`` is the config as stored: layers the method kept in float are in ``skip``;
+    its ``kernels`` says what runs the quantized layers (they are prepared here, for the model's dtype).
     """
     summary, effective = quantize_model(model, config, calibration, progress)
     attach_quantization_config(model, effective)
     summary["quantization_config"] = effective.to_dict()
+    summary["kernels"] = prepare_model(model)  # kernels chosen and weights repacked now
     return summary

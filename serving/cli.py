@@ -96,6 +96,11 @@ def run_serve(args: argparse.Namespace) -> int:
     device = _device(args.device)
     model, tokenizer = load_model(args.model, dtype=_dtype(args.dtype, device))
     model = model.to(device).eval()
+    from llmquant.modules.quant_linear import prepare_model
+
+    kernels = prepare_model(model)  # kernels chosen and weights repacked before the first request
+    if kernels:
+        logger.info("quantized layers: %s", ", ".join(f"{n} on {d}" for d, n in kernels.items()))
     name = args.served_model_name or args.model
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
                     max_model_len=args.max_model_len).start()

@@ -285,10 +285,13 @@ def _numel(shape) -> int:
 
 
 def format_info(info: dict) -> str:
-    lines = [f"{'layer':60s} {'bits':>4s} {'group':>5s} {'sym':>5s} {'actord':>6s} {'N x K':>13s} {'KiB':>9s}"]
+    kern = any("kernel" in lay for lay in info["layers"])
+    lines = [f"{'layer':60s} {'bits':>4s} {'group':>5s} {'sym':>5s} {'actord':>6s} {'N x K':>13s} {'KiB':>9s}"
+             + (f"  kernel ({info.get('kernels_dtype')} activations)" if kern else "")]
     for lay in info["layers"]:
         lines.append(f"{lay['name']:60s} {lay['bits']:4d} {lay['group_size']:5d} {str(lay['sym']):>5s} "
-                     f"{str(lay['act_order']):>6s} {str(lay['N']) + 'x' + str(lay['K_max']):>13s} {lay['bytes'] / 1024:9.1f}")
+                     f"{str(lay['act_order']):>6s} {str(lay['N']) + 'x' + str(lay['K_max']):>13s} {lay['bytes'] / 1024:9.1f}"
+                     + (f"  {lay['kernel']}" if kern else ""))
     fp16 = info["linear_fp16_bytes_approx"]
     lines.append("")
     lines.append(f"quantized linear layers: {len(info['layers'])}, {info['linear_bytes'] / 2**20:.2f} MiB "
@@ -307,12 +310,32 @@ def format_info(info: dict) -> str:
 def add_info(sub) -> None:
     p = sub.add_parser("info", help="per-layer schemes and sizes of a quantized checkpoint")
     p.add_argument("ckpt")
+    p.add_argument("--kernels", action="store_true",
+                   help="also load the model and say which kernel (and instruction set) runs each layer")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="activation dtype for --kernels")
     p.add_argument("--json")
     p.set_defaults(func=run_info)
 
 
+def layer_kernels(path: str, dtype_name: str) -> dict[str, str]:
+    """Per quantized layer, what runs it for ``dtype_name`` activations on this machine."""
+    import torch
+
+    from llmquant.models import load_model
+    from llmquant.modules.quant_linear import QuantLinear
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    model, _ = load_model(path, dtype=dtype)
+    return {name: m.kernel_description(dtype) for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
 def run_info(args: argparse.Namespace) -> int:
     info = checkpoint_info(args.ckpt)
+    if args.kernels:
+        kernels = layer_kernels(args.ckpt, args.dtype)
+        for lay in info["layers"]:
+            lay["kernel"] = kernels.get(lay["name"], "not loaded")
+        info["kernels_dtype"] = args.dtype
     print(format_info(info))
     if args.json:
         from llmquant.evals.perplexity import write_json

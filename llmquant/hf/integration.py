@@ -29,7 +29,7 @@ from transformers import PretrainedConfig
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from llmquant.config import QUANT_METHOD, QuantConfig
-from llmquant.modules.quant_linear import QuantLinear
+from llmquant.modules.quant_linear import QuantLinear, prepare_model
 from llmquant.modules.walk import linear_weight, set_submodule
 from llmquant.quantizers import quantize_model
 from llmquant.quantizers.plan import plan, untie_if_quantizing_head
@@ -148,6 +148,7 @@ class LlmQuantHfQuantizer(HfQuantizer):
 
             n = validate_loaded(model)
             logger.info("loaded %d llmquant layers", n)
+            prepare_model(model)  # kernels chosen and weights repacked now, not in the first forward
             return model
         from llmquant.registry import get_method
 
@@ -157,6 +158,7 @@ class LlmQuantHfQuantizer(HfQuantizer):
         _, effective = quantize_model(model, self.quant, calibration=calibration)
         self.quantization_config.quant = effective  # layers the method kept in float are recorded
         attach_quantization_config(model, effective)
+        prepare_model(model)
         return model
 
     def get_state_dict_and_metadata(self, model):

@@ -1,12 +1,16 @@
 """``QuantLinear``: a linear layer whose weight is stored packed (see :mod:`llmquant.formats.packing`).
 
-The module holds exactly the checkpoint's tensors as buffers (``qweight``, ``scales``, optional
-``zeros`` and ``perm``) plus an optional float ``bias``. Its forward goes through the kernel registry:
-the first call with a given activation dtype/device picks a kernel and lets it derive its own layout
-from the packed tensors; that derived state is cached on the module, never saved.
+The module holds the checkpoint's tensors as buffers (``qweight``, ``scales``, optional ``zeros`` and
+``perm``) plus an optional float ``bias``. Its forward goes through the kernel registry: a kernel is
+picked per activation dtype/device and derives its own layout from the packed tensors, once, at
+load (:func:`prepare_model`, which the loaders and ``llmquant.quantize`` call) or else at the first
+call; that derived state is cached on the module, never saved. One copy in memory: when the kernel
+can give the codes back exactly (the CPU kernel's layout holds every code), the module releases its
+packed ``qweight`` and rebuilds it only when asked (``state_dict``, :meth:`packed`, ``.to()``).
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 from typing import Any
@@ -17,6 +21,10 @@ from torch import nn
 from llmquant.config import LayerQuant
 from llmquant.formats.packing import num_groups, packed_words
 from llmquant.kernels.registry import PackedWeight, select_kernel
+
+
+logger = logging.getLogger(__name__)
+_warned: set[str] = set()  # reasons already logged, so a model's hundred layers warn once
 
 
 class CheckpointError(ValueError):
@@ -62,6 +70,8 @@ class QuantLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self._kernel_cache: dict[Any, tuple[Any, Any]] = {}
+        #: (kernel, state) that can rebuild ``qweight``, once the packed codes were released
+        self._qweight_from: tuple[Any, Any] | None = None
 
     # --- construction ---------------------------------------------------------------------------
     @classmethod
@@ -94,7 +104,7 @@ class QuantLinear(nn.Module):
 
     def packed(self) -> PackedWeight:
         return PackedWeight(
-            qweight=self.qweight,
+            qweight=self.packed_qweight(),
             scales=self.scales,
             zeros=self.zeros,
             perm=self.perm,
@@ -103,6 +113,33 @@ class QuantLinear(nn.Module):
             in_features=self.in_features,
             out_features=self.out_features,
         )
+
+    # --- one copy of the codes in memory --------------------------------------------------------
+    @property
+    def qweight_released(self) -> bool:
+        return self._qweight_from is not None
+
+    def packed_qweight(self) -> torch.Tensor:
+        """The stored qweight: the buffer, or rebuilt from the kernel's layout if it was released."""
+        if self._qweight_from is None:
+            return self.qweight
+        kernel, state = self._qweight_from
+        return kernel.unpack_qweight(state)
+
+    def _restore_qweight(self) -> None:
+        if self._qweight_from is not None:
+            self._buffers["qweight"] = self.packed_qweight()
+            self._qweight_from = None
+
+    def _release_qweight(self, kernel: Any, state: Any) -> None:
+        if self._qweight_from is None and hasattr(kernel, "unpack_qweight") and self.qweight.device.type == "cpu":
+            self._qweight_from = (kernel, state)
+            self._buffers["qweight"] = torch.empty(0, dtype=torch.int32)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._qweight_from is not None:
+            destination[prefix + "qweight"] = self.packed_qweight()
 
     # --- validation -----------------------------------------------------------------------------
     def expected_tensors(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -122,7 +159,7 @@ class QuantLinear(nn.Module):
         """Check the loaded tensors; raise :class:`CheckpointError` naming the tensor and problem."""
         where = f"{prefix}." if prefix else ""
         for name, (shape, dtype) in self.expected_tensors().items():
-            t = getattr(self, name)
+            t = self.packed_qweight() if name == "qweight" else getattr(self, name)
             if t is None:
                 raise CheckpointError(f"{where}{name}: missing")
             if t.device.type == "meta":
@@ -150,6 +187,7 @@ class QuantLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         # model.to(dtype) / .half() / .bfloat16() change the activation dtype, not the stored format:
         # the fp16 scales keep their dtype (a trip through bf16 would round them) and only move device.
+        self._restore_qweight()
         self._kernel_cache = {}
         scales = self._buffers.pop("scales")
         try:
@@ -162,11 +200,16 @@ class QuantLinear(nn.Module):
         return self
 
     def _load_from_state_dict(self, *args, **kwargs):
+        if self._qweight_from is not None:  # a buffer of the stored shape to load into
+            shape, dtype = self.expected_tensors()["qweight"]
+            self._buffers["qweight"] = torch.zeros(shape, dtype=dtype)
+            self._qweight_from = None
         self._kernel_cache = {}
         return super()._load_from_state_dict(*args, **kwargs)
 
     def invalidate_kernel(self) -> None:
         """Forget derived kernel state (call after changing the packed buffers in place)."""
+        self._restore_qweight()
         self._kernel_cache = {}
 
     def uses_act_int8(self) -> bool:
@@ -180,15 +223,28 @@ class QuantLinear(nn.Module):
         return v == "dynamic_int8"
 
     def kernel_for(self, dtype: torch.dtype) -> tuple[Any, Any]:
+        """(kernel, its state) for activations of ``dtype``: picked and prepared once, then cached."""
         act_int8 = self.uses_act_int8()
-        key = (dtype, self.qweight.device, act_int8)
+        device = self.scales.device
+        key = (dtype, device, act_int8)
         hit = self._kernel_cache.get(key)
         if hit is None:
             w = self.packed()
             kernel = select_kernel(w.spec(dtype, act_int8))
             hit = (kernel, kernel.prepare(w, act_int8))
             self._kernel_cache[key] = hit
+            if kernel.name == "reference" and device.type == "cpu":
+                _warn_once("reference-on-cpu", "quantized layers run on the slow reference kernel (dequantize, then "
+                           f"F.linear), first {w.spec(dtype, act_int8)}; LLMQUANT_KERNEL=cpu says why the CPU kernel "
+                           "refuses (llmquant.kernels.registry)")
+            self._release_qweight(*hit)
         return hit
+
+    def kernel_description(self, dtype: torch.dtype) -> str:
+        """What runs this layer for ``dtype`` activations, e.g. "cpu (avx2, int8 activations)"."""
+        kernel, state = self.kernel_for(dtype)
+        describe = getattr(kernel, "describe", None)
+        return describe(state) if describe else kernel.name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -197,7 +253,8 @@ class QuantLinear(nn.Module):
         return kernel.apply(state, x, self.bias)
 
     def weight_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros, self.perm) if t is not None)
+        """Bytes of the stored tensors (codes, scales, zero points, perm)."""
+        return sum(math.prod(shape) * dtype.itemsize for shape, dtype in self.expected_tensors().values())
 
     def extra_repr(self) -> str:
         g = self.group_size
@@ -206,6 +263,29 @@ class QuantLinear(nn.Module):
             f"group_size={g}, sym={self.sym}, act_order={self.perm is not None}, bias={self.bias is not None}"
             + (", activations=dynamic_int8" if self.act_int8 else "")
         )
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning("%s", message)
+
+
+def prepare_model(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, int]:
+    """Pick and prepare the kernel of every QuantLinear for activations of ``dtype`` (default: the dtype
+    of the model's float parameters), now rather than in the first forward. Returns how many layers run
+    on each kernel (``"cpu (avx2)"``: count); it is also logged."""
+    if dtype is None:
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    counts: dict[str, int] = {}
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear):
+            d = mod.kernel_description(dtype)
+            counts[d] = counts.get(d, 0) + 1
+    if counts:
+        logger.info("quantized layers (%s activations): %s", str(dtype).replace("torch.", ""),
+                    ", ".join(f"{n} on {d}" for d, n in counts.items()))
+    return counts
 
 
 def fp16_bytes(mod: nn.Module) -> int:

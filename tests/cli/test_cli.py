@@ -17,6 +17,15 @@ def test_quantize_info_eval_export(float_ckpt, tmp_path, capsys):
     info = json.loads((tmp_path / "info.json").read_text())
     bits = {lay["name"]: lay["bits"] for lay in info["layers"]}
     assert bits["model.layers.0.mlp.down_proj"] == 8 and bits["model.layers.0.self_attn.q_proj"] == 4
+    # which kernel (and instruction set) runs each layer on this machine
+    from llmquant.kernels import cpu_native
+
+    assert main(["info", str(q), "--kernels", "--json", str(tmp_path / "k.json")]) == 0
+    kern = {lay["name"]: lay["kernel"] for lay in json.loads((tmp_path / "k.json").read_text())["layers"]}
+    native = cpu_native.load()[0]
+    want = f"cpu ({native.isa})" if native else "reference"
+    assert set(kern.values()) == {want}, kern
+    assert want in capsys.readouterr().out
 
     res = tmp_path / "ppl.json"
     assert main(["eval", "ppl", str(float_ckpt), str(q), "--context", "64", "--max-tokens", "192",

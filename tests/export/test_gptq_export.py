@@ -62,6 +62,6 @@ def test_checkpoint_export(tmp_path, tokenizer):
     layer = "model.layers.0.mlp.gate_proj"
     w = dequantize_gptq(t[f"{layer}.qweight"], t[f"{layer}.qzeros"], t[f"{layer}.scales"], t[f"{layer}.g_idx"], 4)
     q = model.get_submodule(layer)
-    native = dequantize_packed(q.qweight, q.scales, None, bits=4, group_size=64, in_features=128)
+    native = dequantize_packed(q.packed_qweight(), q.scales, None, bits=4, group_size=64, in_features=128)
     assert torch.equal(w, native)
     assert (out / "tokenizer.json").exists()

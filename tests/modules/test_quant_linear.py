@@ -76,3 +76,57 @@ def test_model_to_dtype_keeps_fp16_scales(dtype):
     ref = (x.float() @ w.T + b.to(dtype).float())
     err = (mod(x).float() - ref).abs().mean() / ref.abs().mean()
     assert err < (1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+# --- prepared at load, one copy of the codes -------------------------------------------------------
+def test_kernel_prepared_once_and_codes_kept_once(tmp_path, monkeypatch, caplog):
+    """After llmquant.quantize (and after loading a checkpoint) every layer has its kernel prepared and,
+    on the CPU kernel, no second copy of the codes: qweight is released and rebuilt exactly on demand
+    (state_dict, packed(), .to())."""
+    import logging
+
+    import llmquant
+    from llmquant.config import QuantConfig
+    from llmquant.kernels import cpu_native
+    from llmquant.kernels.cpu import CpuKernel
+    from transformers import AutoModelForCausalLM
+
+    from ..conftest import build_tiny_llama
+
+    if cpu_native.load()[0] is None:
+        pytest.skip("native CPU library unavailable")
+    model = build_tiny_llama(hidden=128, inter=256)
+    summary = llmquant.quantize(model, QuantConfig(bits=4, group_size=64), progress=False)
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert summary["kernels"] == {f"cpu ({cpu_native.load()[0].isa})": len(layers)}
+    assert all(m.qweight_released and m.qweight.numel() == 0 for m in layers)
+    sd = model.state_dict()
+    q0 = layers[0]
+    assert sd["model.layers.0.self_attn.q_proj.qweight"].shape == q0.expected_tensors()["qweight"][0]
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        ref = model(ids).logits
+    model.save_pretrained(tmp_path / "q")
+    # the first forward after loading prepares nothing: the loader did it
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32)
+    assert all(m.qweight_released for m in back.modules() if isinstance(m, QuantLinear))
+    monkeypatch.setattr(CpuKernel, "prepare", lambda *a, **k: pytest.fail("prepared in the forward"))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, ref)
+    monkeypatch.undo()
+    # another dtype: the codes come back from the layout, a new layout is prepared
+    back.to(torch.bfloat16)
+    with torch.no_grad():
+        out = back(ids).logits.float()
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+    # falling back to the reference kernel on the CPU is said once, not per layer
+    monkeypatch.setenv("LLMQUANT_DISABLE_KERNELS", "cpu")
+    for m in back.modules():
+        if isinstance(m, QuantLinear):
+            m.invalidate_kernel()
+    from llmquant.modules import quant_linear
+
+    monkeypatch.setattr(quant_linear, "_warned", set())
+    with caplog.at_level(logging.WARNING, logger="llmquant.modules.quant_linear"), torch.no_grad():
+        back(ids)
+    assert sum("slow reference kernel" in r.getMessage() for r in caplog.records) == 1

@@ -32,7 +32,7 @@ def dequantized_float_copy(float_model, quant_model, config: QuantConfig):
     for name, mod in quant_model.named_modules():
         if not isinstance(mod, QuantLinear):
             continue
-        w = dequantize_packed(mod.qweight, mod.scales, mod.zeros, bits=mod.bits, group_size=mod.group_size,
+        w = dequantize_packed(mod.packed_qweight(), mod.scales, mod.zeros, bits=mod.bits, group_size=mod.group_size,
                               in_features=mod.in_features)
         if mod.perm is not None:  # stored column j holds input column perm[j]
             w = torch.empty_like(w).index_copy_(1, mod.perm.long(), w)
