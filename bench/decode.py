@@ -11,13 +11,16 @@ built-in news corpus):
 
 The INT4 model is ``llmquant.quantize(model, QuantConfig(bits=4, group_size=128,
 quantize_lm_head=True))`` (RTN, symmetric, the head quantized too, to ``--head-bits``); every linear
-layer then runs on the kernel the registry picks (printed; "cpu" is the native kernel). The fraction
-of greedy tokens that agree with the float model's is printed as a sanity check; the quality number
-is the WikiText-2 perplexity of both models (fp32, context 512, first ``--ppl-tokens`` tokens),
-printed beside the speeds.
+layer then runs on the kernel the registry picks (printed; "cpu" is the native kernel). The same
+INT4 model also runs with dynamic INT8 activations ("int4+a8", ``LLMQUANT_ACTIVATIONS=dynamic_int8``).
+The fraction of greedy tokens that agree with the float model's is printed as a sanity check; the
+quality numbers are the WikiText-2 perplexity of the three models and the KL divergence of each
+quantized one from the float model (fp32, context 512, first ``--ppl-tokens`` tokens), printed beside
+the speeds. ``--isa avx2`` runs as on an AVX2-only CPU (bench/machine.py).
 
     python bench/decode.py --quick
     python bench/decode.py --models gemma3-270m,smollm2-135m --batch 1,8 --json out/decode.json
+    python bench/decode.py --isa avx2 ...
 """
 from __future__ import annotations
 
@@ -34,8 +37,10 @@ import time
 
 import torch
 
+from machine import SIMULATE, header, machine_info, simulate_isa
+
 from llmquant import QuantConfig, QuantLinear, quantize
-from llmquant.kernels import cpu_native
+from llmquant.evals.compare import compare
 from llmquant.evals.perplexity import perplexity
 from llmquant.models import bos_for_raw_text, load_model
 
@@ -110,13 +115,19 @@ def cast_activations(model, dtype: torch.dtype):
     return model
 
 
-def kernels_used(model) -> dict:
+def kernels_used(model, dtype) -> dict:
     counts = collections.Counter()
     for mod in model.modules():
         if isinstance(mod, QuantLinear):
-            for kernel, _ in mod._kernel_cache.values():
-                counts[kernel.name] += 1
+            counts[mod.kernel_description(dtype)] += 1
     return dict(counts)
+
+
+def set_act_int8(model, on: bool) -> None:
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear):
+            mod.act_int8 = on
+            mod.invalidate_kernel()
 
 
 def main(argv=None) -> int:
@@ -132,50 +143,72 @@ def main(argv=None) -> int:
     ap.add_argument("--ppl-tokens", type=int, default=2048, help="WikiText-2 tokens to score (0: skip)")
     ap.add_argument("--quick", action="store_true", help="smollm2-135m, fp32, batch 1, short prompt")
     ap.add_argument("--json", metavar="FILE")
+    ap.add_argument("--no-a8", action="store_true", help="skip the dynamic INT8 activation runs")
+    ap.add_argument("--isa", choices=sorted(SIMULATE), help="run as on a CPU with only this instruction set")
     args = ap.parse_args(argv)
+    simulate_isa(args.isa)
     if args.quick:
         args.models, args.dtypes, args.batch, args.prompt_len, args.steps, args.reps = "smollm2-135m", "fp32", "1", 64, 16, 2
         args.ppl_tokens = 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    native, why = cpu_native.load()
-    print(f"# threads {torch.get_num_threads()}, CPU kernels: {native.detected_isa if native else 'unavailable: ' + why}, "
-          f"torch {torch.__version__}, load average {os.getloadavg()[0]:.2f}")  # fmt: skip
-    print(f"# prompt {args.prompt_len} tokens, {args.steps} greedy steps; tokens/s; INT4 g128 RTN, lm_head INT{args.head_bits}")
-    print(f"{'model':14s} {'dtype':5s} {'B':>3s} {'float prefill':>14s} {'int4 prefill':>13s} {'x':>5s} "
-          f"{'float decode':>13s} {'int4 decode':>12s} {'x':>5s} {'agree':>6s}  kernels")  # fmt: skip
+    machine = machine_info()
+    print(header(machine) + f"; {torch.get_num_threads()} threads")
+    print(f"# prompt {args.prompt_len} tokens, {args.steps} greedy steps; tokens/s; INT4 g128 RTN, lm_head INT{args.head_bits}; "
+          "x: INT4 over float; a8: INT4 with dynamic INT8 activations")
+    print(f"{'model':14s} {'dtype':5s} {'B':>3s} {'float prefill':>14s} {'int4 prefill':>13s} {'x':>5s} {'a8 prefill':>11s} {'x':>5s} "
+          f"{'float decode':>13s} {'int4 decode':>12s} {'x':>5s} {'a8 decode':>10s} {'x':>5s} {'agree':>6s}  kernels")  # fmt: skip
     results = []
     for name in args.models.split(","):
         base, tok = load_model(name, dtype=torch.float32)
         qmodel = copy.deepcopy(base)
         head = {} if args.head_bits == 4 else {"lm_head": {"bits": args.head_bits}}
         quantize(qmodel, QuantConfig(bits=4, group_size=128, quantize_lm_head=True, overrides=head), progress=False)
-        ppl = {}
+        ppl, kl = {}, {}
         if args.ppl_tokens:
             bos = bos_for_raw_text(name, tok)
-            for label, m in (("float", base), ("int4", qmodel)):
-                ppl[label] = perplexity(m, tok, bos=bos, context=512, max_tokens=args.ppl_tokens, progress=False)["ppl"]
-            print(f"# {name}: WikiText-2 perplexity (first {args.ppl_tokens} tokens, context 512, BOS {bos}): "
-                  f"float {ppl['float']:.2f}, int4 {ppl['int4']:.2f}", flush=True)  # fmt: skip
+            proto = dict(bos=bos, context=512, max_tokens=args.ppl_tokens, progress=False)
+            ppl["float"] = perplexity(base, tok, **proto)["ppl"]
+            for label, a8 in (("int4", False), ("int4+a8", True)):
+                if a8 and args.no_a8:
+                    continue
+                set_act_int8(qmodel, a8)
+                c = compare(base, qmodel, tok, **proto)
+                ppl[label], kl[label] = c["ppl_quant"], c["kl_mean"]
+            set_act_int8(qmodel, False)
+            print(f"# {name}: WikiText-2 (first {args.ppl_tokens} tokens, context 512, BOS {bos}): perplexity "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in ppl.items()) + "; KL from float (nats/token) "
+                  + ", ".join(f"{k} {v:.5f}" for k, v in kl.items()), flush=True)  # fmt: skip
         for dname in args.dtypes.split(","):
             dt = DTYPES[dname]
             fm, qm = base.to(dt), cast_activations(qmodel, dt)
             for b in (int(v) for v in args.batch.split(",")):
                 ids = prompts(tok, b, args.prompt_len)
                 f = measure(fm, ids, args.steps, args.reps)
+                set_act_int8(qm, False)
                 q = measure(qm, ids, args.steps, args.reps)
+                used = kernels_used(qm, dt)
+                a = None
+                if not args.no_a8:
+                    set_act_int8(qm, True)
+                    a = measure(qm, ids, args.steps, args.reps)
+                    a.pop("tokens")
+                    set_act_int8(qm, False)
                 agree = (f.pop("tokens") == q.pop("tokens")).float().mean().item()
-                used = kernels_used(qm)
-                results.append({"model": name, "dtype": dname, "batch": b, "float": f, "int4": q, "agree": agree,
-                                "kernels": used, "ppl": ppl, "head_bits": args.head_bits})  # fmt: skip
+                results.append({"model": name, "dtype": dname, "batch": b, "float": f, "int4": q, "int4_a8": a,
+                                "agree": agree, "kernels": used, "ppl": ppl, "kl": kl,
+                                "head_bits": args.head_bits})  # fmt: skip
+                na = float("nan")
                 print(f"{name:14s} {dname:5s} {b:3d} {f['prefill_tok_s']:14.1f} {q['prefill_tok_s']:13.1f} "
-                      f"{q['prefill_tok_s'] / f['prefill_tok_s']:5.2f} {f['decode_tok_s']:13.1f} {q['decode_tok_s']:12.1f} "
-                      f"{q['decode_tok_s'] / f['decode_tok_s']:5.2f} {agree:6.2f}  {used}", flush=True)  # fmt: skip
+                      f"{q['prefill_tok_s'] / f['prefill_tok_s']:5.2f} {a['prefill_tok_s'] if a else na:11.1f} "
+                      f"{a['prefill_tok_s'] / f['prefill_tok_s'] if a else na:5.2f} {f['decode_tok_s']:13.1f} "
+                      f"{q['decode_tok_s']:12.1f} {q['decode_tok_s'] / f['decode_tok_s']:5.2f} "
+                      f"{a['decode_tok_s'] if a else na:10.1f} {a['decode_tok_s'] / f['decode_tok_s'] if a else na:5.2f} "
+                      f"{agree:6.2f}  {used}", flush=True)  # fmt: skip
         del base, qmodel, fm, qm
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        meta = {"threads": torch.get_num_threads(), "isa": native.detected_isa if native else None,
-                "torch": torch.__version__, "prompt_len": args.prompt_len, "steps": args.steps}  # fmt: skip
+        meta = machine | {"prompt_len": args.prompt_len, "steps": args.steps, "ppl_tokens": args.ppl_tokens}
         with open(args.json, "w") as fh:
             json.dump({"meta": meta, "results": results}, fh, indent=1)
     return 0

@@ -9,7 +9,8 @@ ratios, so that a slow spell of a shared machine does not bias a comparison):
   and with fp32 activations under ``torch.set_float32_matmul_precision("medium")`` ("f32 med":
   the user allows bf16 math for fp32 matmuls, so the kernel rounds x to bf16 and runs the bf16 code);
   at M = 1 also with fp32 activations on the FMA GEMV ("f32 fma", ``LLMQUANT_CPU_FP32_GEMV=fma``)
-  instead of the default integer (VNNI) one, where the CPU has VNNI;
+  instead of the default integer one; and with dynamic INT8 activations ("a8",
+  :mod:`llmquant.kernels.act_int8`);
 * fp32 / bf16 ``F.linear`` on the float weight (what a float model does);
 * torch's own CPU int4 path (``aten._weight_int4pack_mm_for_cpu``; it needs K % 128 == 0, so it is
   missing for K = 576), with fp32 and bf16 activations;
@@ -25,7 +26,8 @@ larger than the last-level cache, so weights come from DRAM as in a real decode 
     python bench/kernels.py --json out/kernels.json    # everything (tens of minutes)
 
 Speeds carry their protocol: shapes N x K, M, activation dtype, threads, cold/hot, machine (the
-table header prints CPU, instruction set, torch version, load average).
+table header prints the command, CPU, its vector features, the instruction set the kernels ran, torch
+version, load average). ``--isa avx2`` runs everything as on an AVX2-only CPU (bench/machine.py).
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ import sys
 import time
 
 import torch
-from machine import cpu_name
+from machine import SIMULATE, header, machine_info, simulate_isa
 import torch.nn.functional as F
 
 from llmquant.config import LayerQuant
@@ -155,6 +157,7 @@ def run_case(layer: Layer, m: int, cold: bool, min_time: float, naive: bool) -> 
         "ours_fp32": timeit(lambda i: cpu_linear(x32, layer.lays[i]), nc(layer.lays), min_time),
         "ours_bf16": timeit(lambda i: cpu_linear(x16, layer.lays[i]), nc(layer.lays), min_time),
         "ours_fp32_medium": _medium(lambda: timeit(lambda i: cpu_linear(x32, layer.lays[i]), nc(layer.lays), min_time)),
+        "ours_a8": timeit(lambda i: cpu_linear(x32, layer.lays[i], act_int8=True), nc(layer.lays), min_time),
         "fp32_linear": timeit(lambda i: F.linear(x32, layer.w32[i]), nc(layer.w32), min_time),
         "bf16_linear": timeit(lambda i: F.linear(x16, layer.w16[i]), nc(layer.w16), min_time),
     }
@@ -200,6 +203,7 @@ def ratios(t: dict) -> dict:
         "fp32_linear/ours_fp32": t["fp32_linear"] / t["ours_fp32"],
         "fp32_linear/ours_bf16": t["fp32_linear"] / t["ours_bf16"],
         "fp32_linear/ours_fp32_medium": t["fp32_linear"] / t["ours_fp32_medium"],
+        "fp32_linear/ours_a8": t["fp32_linear"] / t["ours_a8"],
         "bf16_linear/ours_bf16": t["bf16_linear"] / t["ours_bf16"],
     }
     if "int4_bf16" in t:
@@ -249,7 +253,10 @@ def main(argv=None) -> int:
     ap.add_argument("--min-time", type=float, default=None, help="seconds of calls per measurement")
     ap.add_argument("--no-naive", action="store_true", help="skip the slow dequantize-then-matmul baseline")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of each case (median)")
+    ap.add_argument("--isa", choices=sorted(SIMULATE), help="run as on a CPU with only this instruction set "
+                    "(caps llmquant, MKL, oneDNN and ATen alike; see bench/machine.py)")
     args = ap.parse_args(argv)
+    simulate_isa(args.isa)
 
     native, why = cpu_native.load()
     if native is None:
@@ -269,24 +276,18 @@ def main(argv=None) -> int:
         nbytes = t.numel() * t.element_size()
         return max(1, min(math.ceil(3 * llc / nbytes), budget // nbytes))
 
-    machine = {
-        "cpu": cpu_name(),
-        "cores": os.cpu_count(),
-        "isa": native.detected_isa,
-        "llc_bytes": llc,
-        "torch": torch.__version__,
-        "loadavg_at_start": os.getloadavg(),
-    }
-    print(f"# {machine['cpu']}, {machine['cores']} cores, kernels: {machine['isa']}, LLC {llc >> 20} MiB, "
-          f"torch {machine['torch']}, load average {machine['loadavg_at_start'][0]:.2f}")  # fmt: skip
+    machine = machine_info() | {"llc_bytes": llc}
+    print(header(machine) + f"; LLC {llc >> 20} MiB")
     bw = {}
     for th in threads:
         bw[th] = bandwidth(th, min_time)
         print(f"# memory bandwidth, {th} thread(s): read {bw[th]['read_GBps']:.1f} GB/s, copy {bw[th]['copy_GBps']:.1f} GB/s")
-    print("# INT4 g128 sym RTN; times: median ms; GB/s: our weight bytes (codes + scales) / time, fp32|bf16 "
-          "activations; %BW: the better of the two, of the read bandwidth; ratios: their time / ours (> 1: ours faster)")
+    print("# INT4 g128 sym RTN; times: median ms; a8: dynamic INT8 activations (fp32 x); GB/s: our weight bytes "
+          "(codes + scales) / time, fp32|bf16 activations; %BW: the better of the two, of the read bandwidth; "
+          "ratios: their time / ours (> 1: ours faster)")
     head = (f"{'model/layer':26s} {'N x K':>12s} {'M':>4s} {'thr':>3s} {'mode':4s} {'ours f32':>9s} {'ours bf16':>9s} "
-            f"{'f32 med':>8s} {'f32 fma':>8s} {'GB/s f32|bf16':>13s} {'%BW':>4s} {'f32lin/':>7s} {'bf16lin/':>8s} {'int4bf/':>7s} {'int4f32/':>8s} {'naive/':>7s}")  # fmt: skip
+            f"{'f32 med':>8s} {'f32 fma':>8s} {'ours a8':>8s} {'GB/s f32|bf16':>13s} {'%BW':>4s} {'f32lin/':>7s} "
+            f"{'f32lin/a8':>9s} {'bf16lin/':>8s} {'int4bf/':>7s} {'int4f32/':>8s} {'naive/':>7s}")  # fmt: skip
     print(head)
     results = []
     for model, name, n, k in shapes:
@@ -305,8 +306,10 @@ def main(argv=None) -> int:
                     print(f"{model + '/' + name:26s} {f'{n}x{k}':>12s} {m:4d} {th:3d} {mode:4s} "
                           f"{t['ours_fp32'] * 1e3:9.3f} {t['ours_bf16'] * 1e3:9.3f} {t['ours_fp32_medium'] * 1e3:8.3f} "
                           f"{t['ours_fp32_fma'] * 1e3 if 'ours_fp32_fma' in t else float('nan'):8.3f} "
+                          f"{t['ours_a8'] * 1e3:8.3f} "
                           f"{gbps['fp32']:6.1f}|{gbps['bf16']:<6.1f} {100 * frac:4.0f} "
-                          f"{fmt_ratio(r, 'fp32_linear/ours_fp32'):>7s} {fmt_ratio(r, 'bf16_linear/ours_bf16'):>8s} "
+                          f"{fmt_ratio(r, 'fp32_linear/ours_fp32'):>7s} {fmt_ratio(r, 'fp32_linear/ours_a8'):>9s} "
+                          f"{fmt_ratio(r, 'bf16_linear/ours_bf16'):>8s} "
                           f"{fmt_ratio(r, 'int4_bf16/ours_bf16'):>7s} {fmt_ratio(r, 'int4_fp32/ours_fp32'):>8s} "
                           f"{fmt_ratio(r, 'naive/ours_fp32'):>7s}", flush=True)  # fmt: skip
         del layer
@@ -352,10 +355,12 @@ def check_targets(results: list[dict]) -> dict:
         if d:
             r = d["ratios"]
             out[f"M{m}_vs_fp32_linear"] = {"bf16": r["fp32_linear/ours_bf16"], "fp32": r["fp32_linear/ours_fp32"],
-                                           "fp32_medium": r["fp32_linear/ours_fp32_medium"]}
-            lines.append(f"  M={m} 2 threads: {r['fp32_linear/ours_bf16']:.2f}x (bf16 acts) / "
-                         f"{r['fp32_linear/ours_fp32']:.2f}x (fp32 acts) / {r['fp32_linear/ours_fp32_medium']:.2f}x "
-                         "(fp32 acts, matmul precision 'medium') fp32 F.linear (target >= 1.5)")  # fmt: skip
+                                           "fp32_medium": r["fp32_linear/ours_fp32_medium"],
+                                           "int8_acts": r["fp32_linear/ours_a8"]}
+            lines.append(f"  M={m} 2 threads: {r['fp32_linear/ours_a8']:.2f}x (dynamic INT8 acts, target >= 1.5) / "
+                         f"{r['fp32_linear/ours_fp32']:.2f}x (exact fp32, target >= 1.1) / "
+                         f"{r['fp32_linear/ours_bf16']:.2f}x (bf16 acts) / {r['fp32_linear/ours_fp32_medium']:.2f}x "
+                         "(fp32 acts, matmul precision 'medium') fp32 F.linear")  # fmt: skip
     if len(lines) == 1:
         lines.append("  (not measured in this run: needs 4096x4096 with 2 threads)")
     out["lines"] = lines

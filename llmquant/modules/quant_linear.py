@@ -135,6 +135,12 @@ class QuantLinear(nn.Module):
         if self._qweight_from is None and hasattr(kernel, "unpack_qweight") and self.qweight.device.type == "cpu":
             self._qweight_from = (kernel, state)
             self._buffers["qweight"] = torch.empty(0, dtype=torch.int32)
+            # the loader may hand out tensors that are views of the memory-mapped checkpoint file: own
+            # copies of the small ones let the mapping (and its resident pages) go
+            for name in ("scales", "zeros", "perm"):
+                t = self._buffers.get(name)
+                if t is not None:
+                    self._buffers[name] = t.clone()
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -285,7 +291,21 @@ def prepare_model(model: nn.Module, dtype: torch.dtype | None = None) -> dict[st
     if counts:
         logger.info("quantized layers (%s activations): %s", str(dtype).replace("torch.", ""),
                     ", ".join(f"{n} on {d}" for d, n in counts.items()))
+        _return_freed_memory()
     return counts
+
+
+def _return_freed_memory() -> None:
+    """Preparing a model frees as much as it allocates (the packed codes, repacking scratch); glibc keeps
+    freed memory in its arenas unless asked to give it back. Best effort, Linux/glibc only."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
 
 
 def fp16_bytes(mod: nn.Module) -> int:
