@@ -67,7 +67,9 @@ def _summarize(model: str, rows: list[dict], bit_widths: list[int]) -> dict:
                 "gap_closed_pct": 100 * (by["rtn"]["ppl"] - by["gptq"]["ppl"]) / (by["rtn"]["ppl"] - base),
                 "gptq_increase_over_rtn_increase": (by["gptq"]["ppl"] - base) / (by["rtn"]["ppl"] - base),
             }
-    return {"model": model, "rows": rows, "gptq_vs_rtn": gaps}
+    from llmquant.evals.machine import machine_info
+
+    return {"model": model, "machine": machine_info(), "rows": rows, "gptq_vs_rtn": gaps}
 
 
 def write(result: dict, out: Path, quiet: bool = False) -> None:
@@ -81,8 +83,12 @@ def write(result: dict, out: Path, quiet: bool = False) -> None:
     table = format_table(result["rows"], [("method", "method"), ("bits", "bits"), ("ppl", "ppl"),
                                           ("Δ ppl %", "ppl_increase_pct"), ("tokens scored", "tokens_scored"),
                                           ("quantize s", "quantize_seconds")])
+    m = result["machine"]
     lines = [
         f"# Perplexity vs bits: {result['model']}",
+        "",
+        f"`{m['command']}` ({m['date']}, commit {m['commit']}; {m['cpu']}, {m['cores']} cores, kernels "
+        f"{m['kernels_isa']}, torch {m['torch']}, {m['threads']} threads)",
         "",
         table,
         "",

@@ -1,0 +1,73 @@
+"""The machine a measurement ran on, recorded beside every number that people compare (benchmarks,
+perplexity sweeps): CPU and its vector features, the instruction set llmquant's kernels ran, torch,
+threads, date, git commit and the command line."""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+import sys
+
+#: the vector features that matter here, as /proc/cpuinfo names them
+FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile")
+#: set by bench/machine.py when it runs a script as another instruction set
+SIMULATED_ENV = "LLMQUANT_BENCH_SIMULATED_ISA"
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_flags() -> list[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return [w for w in FLAGS if w in have]
+    except OSError:
+        pass
+    return []
+
+
+def machine_info() -> dict:
+    import torch
+
+    from llmquant.kernels import cpu_native
+
+    native, why = cpu_native.load()
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "cpu_flags": cpu_flags(),
+        "kernels_isa": native.isa if native else f"unavailable: {why}",
+        "detected_isa": native.detected_isa if native else None,
+        "simulated_isa": os.environ.get(SIMULATED_ENV),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit,
+        "command": " ".join(["python", *sys.argv]),
+        "loadavg_at_start": os.getloadavg(),
+    }
+
+
+def header(info: dict) -> str:
+    sim = f" (simulated: --isa {info['simulated_isa']}, every library capped)" if info["simulated_isa"] else ""
+    return (f"# {info['command']}  ({info['date']}, commit {info['commit']})\n"
+            f"# {info['cpu']}, {info['cores']} cores, flags {' '.join(info['cpu_flags'])}; llmquant kernels run "
+            f"{info['kernels_isa']}{sim}; torch {info['torch']}, {info['threads']} threads, "
+            f"load average {info['loadavg_at_start'][0]:.2f}")
