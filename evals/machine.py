@@ -44,11 +44,19 @@ def machine_info() -> dict:
     from llmquant.kernels import cpu_native
 
     native, why = cpu_native.load()
+    here = os.path.dirname(os.path.abspath(__file__))
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10).stdout.strip()
+                                cwd=here, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=here, timeout=10).stdout.strip()
+        if commit and dirty:
+            commit += "+uncommitted changes"
     except (OSError, subprocess.SubprocessError):
         commit = ""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    prog = f"-m {spec.name}" if spec is not None and spec.name not in (None, "__main__") else sys.argv[0]
     return {
         "cpu": cpu_name(),
         "cores": os.cpu_count(),
@@ -60,7 +68,7 @@ def machine_info() -> dict:
         "threads": torch.get_num_threads(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": commit,
-        "command": " ".join(["python", *sys.argv]),
+        "command": " ".join(["python", prog, *sys.argv[1:]]),
         "loadavg_at_start": os.getloadavg(),
     }
 
