@@ -142,6 +142,16 @@ class QuantLinear(nn.Module):
                 if t is not None:
                     self._buffers[name] = t.clone()
 
+    def __getstate__(self):
+        """Copies and pickles carry the stored tensors, not the kernel's derived state (which holds raw
+        pointers): they prepare their own kernel when first used."""
+        state = self.__dict__.copy()
+        if self._qweight_from is not None:
+            state["_buffers"] = dict(state["_buffers"], qweight=self.packed_qweight())
+        state["_kernel_cache"] = {}
+        state["_qweight_from"] = None
+        return state
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self._qweight_from is not None:

@@ -130,3 +130,18 @@ def test_kernel_prepared_once_and_codes_kept_once(tmp_path, monkeypatch, caplog)
     with caplog.at_level(logging.WARNING, logger="llmquant.modules.quant_linear"), torch.no_grad():
         back(ids)
     assert sum("slow reference kernel" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_prepared_layer_copies_and_pickles():
+    """A layer whose kernel is prepared (codes released into the kernel's layout) deep-copies and
+    pickles with its stored tensors; the copy computes the same."""
+    import copy
+    import pickle
+
+    mod, p, b = _layer(n=40, k=256, scheme=LayerQuant(4, 128, True))
+    x = torch.randn(3, 256)
+    y = mod(x)
+    for twin in (copy.deepcopy(mod), pickle.loads(pickle.dumps(mod))):
+        assert twin._kernel_cache == {} and not twin.qweight_released
+        assert torch.equal(twin.qweight, p.qweight)
+        torch.testing.assert_close(twin(x), y)
