@@ -5,8 +5,10 @@ AVX2-only machine would (vLLM's AVX2 library, our kernels capped at AVX2) on any
 """
 from __future__ import annotations
 
+import getpass
 import os
 import runpy
+import tempfile
 from pathlib import Path
 
 SIM = os.environ.get("LLMQUANT_TEST_VLLM_CPU")
@@ -19,3 +21,9 @@ if SIM == "avx2":
     # ... and this process gets the same answers before any test module imports vLLM
     runpy.run_path(str(Path(sim_dir) / "sitecustomize.py"))
     os.environ.setdefault("LLMQUANT_CPU_ISA", "avx2")  # our own kernels as on that machine
+    # ... and its own compile cache, as another machine would have: torch's inductor, asked for the CPU's
+    # vector width through the patched answers, otherwise reuses kernels it compiled for the real
+    # AVX-512 CPU. (Seen: vLLM's compiled vocab-parallel embedding mask then returned garbage indices
+    # under tensor parallelism, "index out of range in self", on the second CI pass only.)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                          os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_sim_avx2"))

@@ -59,10 +59,12 @@ def run_greedy(runs: dict[str, dict], prompts: list[str], max_tokens: int, work:
             [sys.executable, str(Path(__file__).with_name("vllm_greedy.py")), str(work / "spec.json"), str(out)],
             env=os.environ | ENGINE_ENV | (env or {}), capture_output=True, text=True, timeout=timeout,
         )
-        log, why = proc.stderr[-5000:], f"exited with {proc.returncode}"
+        log, why = proc.stderr, f"exited with {proc.returncode}"
     except subprocess.TimeoutExpired as e:
-        log, why = (e.stderr or b"")[-5000:], f"timed out after {timeout} s"
+        log, why = e.stderr or b"", f"timed out after {timeout} s"
         log = log.decode(errors="replace") if isinstance(log, bytes) else log
+    (work / "child.log").write_text(log)
+    log = log_excerpt(log) + f"\n(whole log: {work / 'child.log'})"
     done = json.loads(out.read_text()) if out.exists() else []
     results = {}
     for i, name in enumerate(runs):
@@ -71,6 +73,15 @@ def run_greedy(runs: dict[str, dict], prompts: list[str], max_tokens: int, work:
             r = {"error": f"{r['error']}\n--- child log ---\n{log}"}
         results[name] = r
     return results
+
+
+def log_excerpt(log: str, first: int = 6000, last: int = 3000) -> str:
+    """The part of a vLLM child's log that says why it failed: its first traceback (a worker's, where the
+    root cause is; the engine's own error only says "see the stack trace above") and the log's end."""
+    at = log.find("Traceback (most recent call last)")
+    if at < 0 or len(log) - at <= first + last:
+        return log[-(first + last):] if at < 0 else log[at:]
+    return f"{log[at:at + first]}\n[...]\n{log[-last:]}"
 
 
 def result(results: dict[str, dict], name: str) -> dict:
