@@ -64,7 +64,7 @@ def _flags(act_int8: bool) -> int:
 def _linear_2d(x: torch.Tensor, w: CpuLayout, bias: torch.Tensor | None, isa: int, act_int8: bool = False
                ) -> torch.Tensor:
     """x [M, K] (gathered, any strides) -> [M, N]; w already checked by CpuLayout."""
-    # x: fp32/bf16 [M, K]; qdata: uint8 [ntiles, 4*Kp*code_bits/8]; scales: fp16 [ntiles, NG, 4]
+    # x: fp32/bf16 [M, K]; qdata: uint8 [ntiles, tile_bytes(Kp, bits)]; scales: fp16 [ntiles, NG, 4]
     if x.dim() != 2 or x.shape[1] != w.in_features:
         raise ValueError(f"x must be [M, K={w.in_features}], got {tuple(x.shape)}")
     if x.dtype not in SUPPORTED_DTYPES:

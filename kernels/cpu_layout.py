@@ -10,9 +10,14 @@ The exact byte order, and why, is documented at the top of ``kernels/csrc/lq_cpu
 * 4-bit tail: 16 bytes per block of 32 columns; byte b holds columns 2b (low) and 2b+1 (high);
 * 8-bit: per block of 32 columns, the 16 even columns' bytes, then the 16 odd ones'.
 
-2- and 3-bit layers are stored with 4-bit codes (their codes fit a nibble): twice / 4/3 the
-memory of their packed form, the speed of 4-bit. Scales stay fp16, as [ntiles, NG, 4]; zero
-points (asymmetric) uint8 [ntiles, NG, 4]; a symmetric layer's zero point is ``2**(bits-1)``.
+* 2- and 3-bit superblock: 32 bytes per row, byte w the low two bits of 4-bit word w's four codes
+  (bits 2s, 2s+1: column ``base + 32*s + w``); 3-bit rows then 16 bytes of third bits (byte j: word
+  j's four in the low nibble, word j+16's in the high one). The tail is stored as 4-bit. The integer
+  GEMV (decode) reads them as they are; the other paths expand a few tiles at a time into the 4-bit
+  layout, in cache. Such a layer's memory and bytes read per token are its packed size.
+
+Scales stay fp16, as [ntiles, NG, 4]; zero points (asymmetric) uint8 [ntiles, NG, 4]; a symmetric
+layer's zero point is ``2**(bits-1)``.
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ class CpuLayout:
     """One layer in the CPU layout. Checked on construction; immutable (the native library holds
     raw pointers to its tensors through ``native``)."""
 
-    qdata: torch.Tensor  # uint8 [ntiles, 4 * Kp * code_bits / 8]
+    qdata: torch.Tensor  # uint8 [ntiles, tile_bytes(Kp, bits)]
     scales: torch.Tensor  # fp16 [ntiles, NG, 4]
     zeros: torch.Tensor | None  # uint8 [ntiles, NG, 4], asymmetric only
     perm: torch.Tensor | None  # int64 [K], act-order only: y = x[..., perm] @ W.T
@@ -53,7 +58,7 @@ class CpuLayout:
             raise ValueError(f"invalid layer: N={n}, K={k}, group_size={g}")
         nt, ng = -(-n // TILE), num_groups(k, g)
         expect = {
-            "qdata": ((nt, TILE * padded_k(k) * self.code_bits // 8), torch.uint8),
+            "qdata": ((nt, tile_bytes(padded_k(k), self.bits)), torch.uint8),
             "scales": ((nt, ng, TILE), torch.float16),
             "zeros": ((nt, ng, TILE), torch.uint8),
             "perm": ((k,), torch.int64),
@@ -73,13 +78,9 @@ class CpuLayout:
                 raise ValueError(f"{name} must be a contiguous CPU tensor (got {t.device}, contiguous={t.is_contiguous()})")
         w = Weights(
             self.qdata.data_ptr(), self.scales.data_ptr(), None if self.zeros is None else self.zeros.data_ptr(),
-            n, k, g, self.code_bits, self.zero_point,
+            n, k, g, self.bits, self.zero_point,
         )  # fmt: skip
         object.__setattr__(self, "native", w)
-
-    @property
-    def code_bits(self) -> int:
-        return 8 if self.bits == 8 else 4
 
     @property
     def zero_point(self) -> int:
@@ -95,13 +96,46 @@ def padded_k(k: int) -> int:
     return -(-k // BLK) * BLK
 
 
+def tile_bytes(kp: int, bits: int) -> int:
+    """Bytes of one tile (4 rows of Kp columns): superblocks at ``bits`` a code, the tail at 4 or 8."""
+    nsb, tail = divmod(kp, SB)
+    return TILE * (nsb * SB * bits + tail * (8 if bits == 8 else 4)) // 8
+
+
+def _planes_from_nibbles(m: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes [..., s=4, w=32] of row-superblocks -> their packed 2- or 3-bit bytes [..., 32 or 48]."""
+    low = m & 3
+    plane = low[..., 0, :] | (low[..., 1, :] << 2) | (low[..., 2, :] << 4) | (low[..., 3, :] << 6)
+    if bits == 2:
+        return plane
+    third = (m >> 2) & 1
+    h = third[..., 0, :] | (third[..., 1, :] << 1) | (third[..., 2, :] << 2) | (third[..., 3, :] << 3)  # [..., w]
+    return torch.cat((plane, h[..., :16] | (h[..., 16:] << 4)), dim=-1)
+
+
+def _nibbles_from_planes(b: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`_planes_from_nibbles`: bytes [..., 32 or 48] -> codes [..., s=4, w=32]."""
+    plane = b[..., :32]
+    m = torch.stack([(plane >> (2 * s)) & 3 for s in range(4)], dim=-2)
+    if bits == 3:
+        hb = b[..., 32:48]
+        h = torch.cat((hb & 15, hb >> 4), dim=-1)  # [..., w]
+        m = m | torch.stack([((h >> s) & 1) << 2 for s in range(4)], dim=-2)
+    return m
+
+
 def _tiles_from_codes(c: torch.Tensor, code_bits: int) -> torch.Tensor:
-    """uint8 codes [nt * 4, Kp] -> the tiles' bytes [nt, 4 * Kp * code_bits / 8]."""
+    """uint8 codes [nt * 4, Kp] -> the tiles' bytes [nt, tile_bytes(Kp, code_bits)]."""
     nt, kp = c.shape[0] // TILE, c.shape[1]
     nsb, tail = divmod(kp, SB)
     c = c.view(nt, TILE, kp)
     main, rest = c[:, :, : nsb * SB], c[:, :, nsb * SB :]
-    if code_bits == 4:
+    if code_bits in (2, 3):
+        m = main.reshape(nt, TILE, nsb, 4, 32).permute(0, 2, 1, 3, 4)  # [t, sb, r, s, w]
+        main_b = _planes_from_nibbles(m, code_bits).reshape(nt, nsb * TILE * SB * code_bits // 8)
+        r = rest.reshape(nt, TILE, tail // BLK, 16, 2)
+        tail_b = (r[..., 0] | (r[..., 1] << 4)).reshape(nt, TILE * tail // 2)
+    elif code_bits == 4:
         m = main.reshape(nt, TILE, nsb, 4, 32)  # [t, r, sb, s, w]: column sb*128 + 32s + w
         word = torch.stack((m[:, :, :, 0] | (m[:, :, :, 1] << 4), m[:, :, :, 2] | (m[:, :, :, 3] << 4)), dim=-1)
         main_b = word.permute(0, 2, 1, 3, 4).reshape(nt, nsb * TILE * 64)  # [t, sb, r, w, byte]
@@ -119,7 +153,14 @@ def _codes_from_tiles(b: torch.Tensor, kp: int, code_bits: int) -> torch.Tensor:
     """Inverse of :func:`_tiles_from_codes`: the tiles' bytes [nt, ...] -> uint8 codes [nt * 4, Kp]."""
     nt = b.shape[0]
     nsb, tail = divmod(kp, SB)
-    if code_bits == 4:
+    if code_bits in (2, 3):
+        split = nsb * TILE * SB * code_bits // 8
+        main_b, tail_b = b[:, :split], b[:, split:]
+        m = _nibbles_from_planes(main_b.reshape(nt, nsb, TILE, SB * code_bits // 8), code_bits)  # [t, sb, r, s, w]
+        main = m.permute(0, 2, 1, 3, 4).reshape(nt, TILE, nsb * SB)
+        r = tail_b.reshape(nt, TILE, tail // BLK, 16)
+        rest = torch.stack((r & 15, r >> 4), dim=-1).reshape(nt, TILE, tail)
+    elif code_bits == 4:
         main_b, tail_b = b[:, : nsb * TILE * 64], b[:, nsb * TILE * 64 :]
         word = main_b.reshape(nt, nsb, TILE, 32, 2).permute(0, 2, 1, 3, 4)  # [t, r, sb, w, byte]
         m = torch.stack((word[..., 0] & 15, word[..., 0] >> 4, word[..., 1] & 15, word[..., 1] >> 4), dim=3)
@@ -137,7 +178,7 @@ def _codes_from_tiles(b: torch.Tensor, kp: int, code_bits: int) -> torch.Tensor:
 def unpack_codes(layout: CpuLayout) -> torch.Tensor:
     """The layer's codes [N, K] (stored column order) back from the CPU layout, exactly."""
     kp = padded_k(layout.in_features)
-    return _codes_from_tiles(layout.qdata, kp, layout.code_bits)[: layout.out_features, : layout.in_features]
+    return _codes_from_tiles(layout.qdata, kp, layout.bits)[: layout.out_features, : layout.in_features]
 
 
 def _per_tile(t: torch.Tensor, n_pad: int) -> torch.Tensor:
@@ -167,7 +208,6 @@ def repack(w: PackedWeight) -> CpuLayout:
             )
         if t.device.type != "cpu":
             raise ValueError(f"{name} is on {t.device}; the CPU kernel needs CPU tensors")
-    code_bits = 8 if bits == 8 else 4
     kp, n_pad = padded_k(k), -(-n // TILE) * TILE
     rows = max(TILE, (_CHUNK_CODES // kp) // TILE * TILE)
     parts = []
@@ -176,7 +216,7 @@ def repack(w: PackedWeight) -> CpuLayout:
         c = torch.zeros(n1 - n0, kp, dtype=torch.uint8)
         if n0 < n:
             c[: min(n1, n) - n0, :k] = unpack_rows(w.qweight[n0:n1], bits, k)
-        parts.append(_tiles_from_codes(c, code_bits))
+        parts.append(_tiles_from_codes(c, bits))
     return CpuLayout(
         qdata=torch.cat(parts, dim=0).contiguous(),
         scales=_per_tile(w.scales, n_pad),

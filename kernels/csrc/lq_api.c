@@ -134,8 +134,8 @@ static int setup(lq_layout *L, const lq_kernels **kern, const lq_weights *w, int
     if (!w) return fail("the weights struct must not be NULL");
     const int bits = w->bits, zc = w->zc;
     const int64_t N = w->N, K = w->K, G = w->G;
-    if (bits != 4 && bits != 8) {
-        snprintf(msg, sizeof msg, "layout bits must be 4 or 8, got %d", bits);
+    if (bits != 2 && bits != 3 && bits != 4 && bits != 8) {
+        snprintf(msg, sizeof msg, "layout bits must be 2, 3, 4 or 8, got %d", bits);
         return fail(msg);
     }
     if (N < 1 || K < 1) {
@@ -160,7 +160,9 @@ static int setup(lq_layout *L, const lq_kernels **kern, const lq_weights *w, int
     L->G = (G == -1 || G > K) ? K : G;
     L->NG = (K + L->G - 1) / L->G;
     L->ntiles = (N + LQ_TILE - 1) / LQ_TILE;
-    L->bits = bits;
+    L->bits = bits == 8 ? 8 : 4;
+    L->pbits = bits;
+    L->qt0 = 0;
     L->zc = zc;
     const int best = lq_detect_isa();
     if (isa < 0 || isa > best) isa = best;
@@ -296,18 +298,29 @@ LQ_API int lq_dequantize(const lq_weights *w, int out_dtype, void *out, int isa)
     if (out_dtype == LQ_BF16 && !kern->dequant_bf16) kern = &lq_kernels_scalar;
     const size_t esize = out_dtype == LQ_BF16 ? 2 : 4;
     void *buf = NULL;
-    if (posix_memalign(&buf, 64, LQ_TILE * (size_t)L.Kp * esize) != 0) {
+    uint8_t *tile = NULL; /* a packed layout's tile, expanded to 4 bits */
+    const int packed = L.pbits != L.bits;
+    if (posix_memalign(&buf, 64, LQ_TILE * (size_t)L.Kp * esize) != 0 ||
+        (packed && posix_memalign((void **)&tile, 64, (size_t)LQ_TILE * L.Kp / 2) != 0)) {
+        free(buf);
         snprintf(last_error, sizeof last_error, "out of memory");
         return LQ_ENOMEM;
     }
     const int64_t N = L.N, K = L.K;
+    lq_layout E = L; /* what the dequantization kernels read */
+    E.pbits = E.bits;
     for (int64_t t = 0; t < L.ntiles; t++) {
+        if (packed) {
+            kern->expand_tile(&L, t, tile);
+            E.q = tile;
+            E.qt0 = t;
+        }
         for (int64_t k0 = 0; k0 < L.Kp; k0 += LQ_SB) {
             const int64_t kc = L.Kp - k0 < LQ_SB ? L.Kp - k0 : LQ_SB;
             if (out_dtype == LQ_BF16)
-                kern->dequant_bf16(&L, t, 1, k0, kc, (uint16_t *)buf + k0, L.Kp);
+                kern->dequant_bf16(&E, t, 1, k0, kc, (uint16_t *)buf + k0, L.Kp);
             else
-                kern->dequant_f32(&L, t, 1, k0, kc, (float *)buf + k0, L.Kp);
+                kern->dequant_f32(&E, t, 1, k0, kc, (float *)buf + k0, L.Kp);
         }
         for (int r = 0; r < LQ_TILE && t * LQ_TILE + r < N; r++) {
             const int64_t n = t * LQ_TILE + r;
@@ -322,5 +335,6 @@ LQ_API int lq_dequantize(const lq_weights *w, int out_dtype, void *out, int isa)
         }
     }
     free(buf);
+    free(tile);
     return LQ_OK;
 }

@@ -11,6 +11,7 @@
 
 #if LQ_X86
 #include <immintrin.h>
+#include <string.h>
 
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
@@ -241,10 +242,39 @@ INLINE float tail_dot(const lq_layout *L, int64_t t, int r, lq_gcur gc, const fl
     return hsum8(_mm256_add_ps(acc0, acc1));
 }
 
-/* MM rows of x against tile t; each W row's nibbles are unpacked once for all MM rows */
+/* The code bytes of words 16h .. 16h + 15 of one row of a superblock (p: the row's first byte) at PB
+ * bits a code, as the integer dot products take them: lo = nibbles 0 and 2 of each word (bytes 2w, 2w+1),
+ * hi = nibbles 1 and 3. A 2- or 3-bit row (lq_cpu.h) has byte w = the low two bits of word w's codes
+ * (bits 2s, 2s+1 for nibble s); widened to 16 bits, u = w | w << 4 has nibble 0's bits at 0-1, nibble
+ * 2's at 8-9, and u >> 2 nibble 1's and 3's there. Third bits: 4 a word (bit s for nibble s), shifted
+ * to bit 2 of each byte the same way. */
+INLINE void row_codes(const uint8_t *p, int h, const int PB, __m256i *lo, __m256i *hi) {
+    if (PB == 4) {
+        const __m256i nib = _mm256_set1_epi8(0x0F), W = _mm256_loadu_si256((const __m256i *)(p + 32 * h));
+        *lo = _mm256_and_si256(W, nib);
+        *hi = _mm256_and_si256(_mm256_srli_epi16(W, 4), nib);
+        return;
+    }
+    const __m256i two = _mm256_set1_epi16(0x0303);
+    const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(p + 16 * h)));
+    const __m256i u = _mm256_or_si256(w, _mm256_slli_epi16(w, 4));
+    __m256i l = _mm256_and_si256(u, two), hh = _mm256_and_si256(_mm256_srli_epi16(u, 2), two);
+    if (PB == 3) {
+        const __m256i bit2 = _mm256_set1_epi16(0x0404);
+        __m256i z = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(p + 32)));
+        z = h ? _mm256_srli_epi16(z, 4) : _mm256_and_si256(z, _mm256_set1_epi16(0x0F)); /* words 16h + j */
+        const __m256i v = _mm256_or_si256(_mm256_slli_epi16(z, 2), _mm256_slli_epi16(z, 8));
+        l = _mm256_or_si256(l, _mm256_and_si256(v, bit2));
+        hh = _mm256_or_si256(hh, _mm256_and_si256(_mm256_srli_epi16(v, 1), bit2));
+    }
+    *lo = l;
+    *hi = hh;
+}
+
+/* MM rows of x against tile t; each W row's codes are unpacked once for all MM rows */
 INLINE void gemv_i8_k(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t ldxi, const int MM, const int NL,
-                      const float *xr, int64_t ldx, float out[4][4]) {
-    const __m256i nib = _mm256_set1_epi8(0x0F);
+                      const int PB, const float *xr, int64_t ldx, float out[4][4]) {
+    const int64_t rowb = 16 * PB; /* bytes of a row of a superblock */
     __m256 tot[2][4];
     for (int i = 0; i < MM; i++)
         for (int r = 0; r < 4; r++) tot[i][r] = _mm256_setzero_ps();
@@ -254,9 +284,9 @@ INLINE void gemv_i8_k(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t 
     group_s_negz(L, t, gc.g, s, nz);
     const int64_t nsb = lq_nsb(L);
     const uint8_t *q = lq_tile(L, t);
-    for (int64_t sb = 0; sb < nsb; sb++, q += 4 * 64, xi += LQ_XI_SB_BYTES(NL)) {
+    for (int64_t sb = 0; sb < nsb; sb++, q += 4 * rowb, xi += LQ_XI_SB_BYTES(NL)) {
         if (lq_gcur_step(&gc, sb * LQ_SB)) group_s_negz(L, t, gc.g, s, nz);
-        for (int r = 0; r < 4; r++) _mm_prefetch((const char *)q + 2048 + 64 * r, _MM_HINT_T0);
+        for (int r = 0; r < 4 * PB / 4; r++) _mm_prefetch((const char *)q + 2048 + 64 * r, _MM_HINT_T0);
         for (int h = 0; h < 2; h++) { /* lanes 8h .. 8h + 7: bytes 32h .. 32h + 31 of each row */
             /* the zero-point term -z sum m: for a symmetric layer once per row of x, else per row of W */
             __m256i zsym[2];
@@ -265,8 +295,8 @@ INLINE void gemv_i8_k(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t 
                 zsym[i] = L->z ? msum : _mm256_mullo_epi32(msum, _mm256_set1_epi32(nz[0]));
             }
             for (int r = 0; r < 4; r++) {
-                const __m256i W = _mm256_loadu_si256((const __m256i *)(q + 64 * r + 32 * h));
-                const __m256i lo = _mm256_and_si256(W, nib), hi = _mm256_and_si256(_mm256_srli_epi16(W, 4), nib);
+                __m256i lo, hi;
+                row_codes(q + rowb * r, h, PB, &lo, &hi);
                 for (int i = 0; i < MM; i++) {
                     const uint8_t *xb = xi + i * ldxi;
                     const __m256 ex = _mm256_load_ps((const float *)(xb + 128 * NL + 64 + 32 * h));
@@ -292,9 +322,10 @@ INLINE void gemv_i8_k(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t 
 
 /* INT8 activations (one limb): lanes l and l + 8 share their scale, so each row's two halves are added
  * in int16 (4 x 2 x 15 x 127 < 2^15) and converted once */
-INLINE void gemv_a8_k(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t ldxi, const int MM, const float *xr,
-                      int64_t ldx, float out[4][4]) {
-    const __m256i nib = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+INLINE void gemv_a8_k(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t ldxi, const int MM, const int PB,
+                      const float *xr, int64_t ldx, float out[4][4]) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    const int64_t rowb = 16 * PB;
     __m256 tot[2][4];
     for (int i = 0; i < MM; i++)
         for (int r = 0; r < 4; r++) tot[i][r] = _mm256_setzero_ps();
@@ -304,9 +335,9 @@ INLINE void gemv_a8_k(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t 
     group_s_negz(L, t, gc.g, s, nz);
     const int64_t nsb = lq_nsb(L);
     const uint8_t *q = lq_tile(L, t);
-    for (int64_t sb = 0; sb < nsb; sb++, q += 4 * 64, xi += LQ_XI_SB_BYTES(1)) {
+    for (int64_t sb = 0; sb < nsb; sb++, q += 4 * rowb, xi += LQ_XI_SB_BYTES(1)) {
         if (lq_gcur_step(&gc, sb * LQ_SB)) group_s_negz(L, t, gc.g, s, nz);
-        for (int r = 0; r < 4; r++) _mm_prefetch((const char *)q + 2048 + 64 * r, _MM_HINT_T0);
+        for (int r = 0; r < 4 * PB / 4; r++) _mm_prefetch((const char *)q + 2048 + 64 * r, _MM_HINT_T0);
         __m256i zt[2];
         for (int i = 0; i < MM; i++) { /* sum m over both halves; -z sum m once per row when symmetric */
             const uint8_t *xb = xi + i * ldxi;
@@ -315,10 +346,9 @@ INLINE void gemv_a8_k(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t 
             zt[i] = L->z ? msum : _mm256_mullo_epi32(msum, _mm256_set1_epi32(nz[0]));
         }
         for (int r = 0; r < 4; r++) {
-            const __m256i W0 = _mm256_loadu_si256((const __m256i *)(q + 64 * r));
-            const __m256i W1 = _mm256_loadu_si256((const __m256i *)(q + 64 * r + 32));
-            const __m256i lo0 = _mm256_and_si256(W0, nib), hi0 = _mm256_and_si256(_mm256_srli_epi16(W0, 4), nib);
-            const __m256i lo1 = _mm256_and_si256(W1, nib), hi1 = _mm256_and_si256(_mm256_srli_epi16(W1, 4), nib);
+            __m256i lo0, hi0, lo1, hi1;
+            row_codes(q + rowb * r, 0, PB, &lo0, &hi0);
+            row_codes(q + rowb * r, 1, PB, &lo1, &hi1);
             for (int i = 0; i < MM; i++) {
                 const uint8_t *xb = xi + i * ldxi;
                 __m256i s16 = _mm256_maddubs_epi16(lo0, _mm256_load_si256((const __m256i *)xb));
@@ -336,14 +366,60 @@ INLINE void gemv_a8_k(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t 
         for (int r = 0; r < 4; r++) out[i][r] = hsum8(tot[i][r]) + (lq_tail(L) ? tail_dot(L, t, r, gc, xr + i * ldx) : 0.f);
 }
 
+#define GEMV_I8_PB(PB)                                                \
+    do {                                                              \
+        if (nlimbs == 3)                                              \
+            gemv_i8_k(L, t, xi, ldxi, 1, 3, PB, xr, ldx, out);        \
+        else if (mm == 2)                                             \
+            gemv_a8_k(L, t, xi, ldxi, 2, PB, xr, ldx, out);           \
+        else                                                          \
+            gemv_a8_k(L, t, xi, ldxi, 1, PB, xr, ldx, out);           \
+    } while (0)
+
 static void gemv_i8_avx2(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t ldxi, int mm, int nlimbs,
                          const float *xr, int64_t ldx, float out[4][4]) {
-    if (nlimbs == 3)
-        gemv_i8_k(L, t, xi, ldxi, 1, 3, xr, ldx, out);
-    else if (mm == 2)
-        gemv_a8_k(L, t, xi, ldxi, 2, xr, ldx, out);
-    else
-        gemv_a8_k(L, t, xi, ldxi, 1, xr, ldx, out);
+    switch (L->pbits) {
+    case 2: GEMV_I8_PB(2); break;
+    case 3: GEMV_I8_PB(3); break;
+    default: GEMV_I8_PB(4); break;
+    }
+}
+#undef GEMV_I8_PB
+
+
+/* Packed 2- or 3-bit tile -> 4-bit tile (lq_cpu.h): per row-superblock, two 16-entry table lookups
+ * spread byte w's four 2-bit fields into word w's nibbles; a 3-bit row ORs in its third bits the same
+ * way. Also used by the AVX-512 tables (every AVX-512 CPU has AVX2). */
+void lq_expand_tile_avx2(const lq_layout *L, int64_t t, uint8_t *out) {
+    const int64_t rows = lq_nsb(L) * LQ_TILE, row_bytes = lq_prow_sb_bytes(L);
+    const uint8_t *src = lq_tile(L, t);
+    /* two 2-bit fields (x & 3, x >> 2) -> two nibbles; bits 0, 1 of a 4-bit group -> bit 2 of nibble 0, 1
+     * (low byte of a word), bits 2, 3 -> bit 2 of nibbles 2, 3 (high byte) */
+    const __m256i spread2 = _mm256_setr_epi8(0, 1, 2, 3, 16, 17, 18, 19, 32, 33, 34, 35, 48, 49, 50, 51, 0, 1, 2, 3,
+                                             16, 17, 18, 19, 32, 33, 34, 35, 48, 49, 50, 51);
+    const __m256i third_lo = _mm256_setr_epi8(0, 4, 64, 68, 0, 4, 64, 68, 0, 4, 64, 68, 0, 4, 64, 68, 0, 4, 64, 68,
+                                              0, 4, 64, 68, 0, 4, 64, 68, 0, 4, 64, 68);
+    const __m256i third_hi = _mm256_setr_epi8(0, 0, 0, 0, 4, 4, 4, 4, 64, 64, 64, 64, 68, 68, 68, 68, 0, 0, 0, 0, 4,
+                                              4, 4, 4, 64, 64, 64, 64, 68, 68, 68, 68);
+    const __m256i m4 = _mm256_set1_epi8(15);
+    for (int64_t i = 0; i < rows; i++) {
+        const uint8_t *p = src + i * row_bytes;
+        const __m256i v = _mm256_loadu_si256((const __m256i *)p);
+        __m256i lo = _mm256_shuffle_epi8(spread2, _mm256_and_si256(v, m4));
+        __m256i hi = _mm256_shuffle_epi8(spread2, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
+        if (L->pbits == 3) {
+            /* byte j of both lanes = third-bit byte j; lane 0 (words 0..15) takes its low nibble, lane 1 its high */
+            const __m256i hv = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(p + 32)));
+            const __m256i h = _mm256_and_si256(_mm256_blend_epi32(hv, _mm256_srli_epi16(hv, 4), 0xF0), m4);
+            lo = _mm256_or_si256(lo, _mm256_shuffle_epi8(third_lo, h));
+            hi = _mm256_or_si256(hi, _mm256_shuffle_epi8(third_hi, h));
+        }
+        /* words w = lo[w] | hi[w] << 8: the unpacks give words 0..7 | 16..23 and 8..15 | 24..31 */
+        const __m256i a = _mm256_unpacklo_epi8(lo, hi), b = _mm256_unpackhi_epi8(lo, hi);
+        _mm256_storeu_si256((__m256i *)(out + i * 64), _mm256_permute2x128_si256(a, b, 0x20));
+        _mm256_storeu_si256((__m256i *)(out + i * 64 + 32), _mm256_permute2x128_si256(a, b, 0x31));
+    }
+    memcpy(out + rows * 64, src + rows * row_bytes, (size_t)(LQ_TILE * lq_tail(L) / 2));
 }
 
 #if defined(__clang__)
@@ -354,6 +430,7 @@ static void gemv_i8_avx2(const lq_layout *L, int64_t t, const uint8_t *xi, int64
 
 const lq_kernels lq_kernels_avx2 = {
     "avx2", gemv_tile_avx2, dequant_f32_avx2, NULL, micro_f32_avx2, NULL, NULL, prepare_xi_avx2, gemv_i8_avx2, 2, 0,
+    lq_expand_tile_avx2, 1,
 };
 
 #endif /* LQ_X86 */

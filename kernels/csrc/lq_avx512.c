@@ -251,7 +251,7 @@ void lq_gemv_tile_avx512(const lq_layout *L, int64_t t, const float *x, int64_t 
 
 const lq_kernels lq_kernels_avx512 = {
     "avx512", lq_gemv_tile_avx512, lq_dequant_f32_avx512, NULL, lq_micro_f32_avx512, NULL, NULL,
-    lq_prepare_xi_avx512, lq_gemv_i8_avx512, 4, 1,
+    lq_prepare_xi_avx512, lq_gemv_i8_avx512, 4, 1, lq_expand_tile_avx2, 1,
 };
 
 #endif /* LQ_X86 */

@@ -105,10 +105,36 @@ INLINE void group_s_negz(const lq_layout *L, int64_t t, int64_t g, float s[4], i
     for (int r = 0; r < 4; r++) nz[r] = -(int)z[r];
 }
 
-/* MM rows of x against tile t; each W row's nibbles are unpacked once for all MM rows */
+/* The code bytes of one row of a superblock (p: its first byte) at PB bits a code, as vpdpbusd takes
+ * them: lo = nibbles 0 and 2 of each word, hi = nibbles 1 and 3 (as lq_avx2.c's row_codes, 32 words) */
+INLINE void row_codes(const uint8_t *p, const int PB, __m512i *lo, __m512i *hi) {
+    if (PB == 4) {
+        const __m512i nib = _mm512_set1_epi8(0x0F), W = _mm512_loadu_si512(p);
+        *lo = _mm512_and_si512(W, nib);
+        *hi = _mm512_and_si512(_mm512_srli_epi16(W, 4), nib);
+        return;
+    }
+    const __m512i two = _mm512_set1_epi16(0x0303);
+    const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p));
+    const __m512i u = _mm512_or_si512(w, _mm512_slli_epi16(w, 4));
+    __m512i l = _mm512_and_si512(u, two), h = _mm512_and_si512(_mm512_srli_epi16(u, 2), two);
+    if (PB == 3) { /* words 0..15: low nibbles of the 16 third-bit bytes, words 16..31: high nibbles */
+        const __m512i bit2 = _mm512_set1_epi16(0x0404);
+        const __m256i z = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(p + 32)));
+        const __m512i zz = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(z, _mm256_set1_epi16(0x0F))),
+                                              _mm256_srli_epi16(z, 4), 1);
+        const __m512i v = _mm512_or_si512(_mm512_slli_epi16(zz, 2), _mm512_slli_epi16(zz, 8));
+        l = _mm512_ternarylogic_epi32(l, v, bit2, 0xF8);                       /* l | (v & bit2) */
+        h = _mm512_ternarylogic_epi32(h, _mm512_srli_epi16(v, 1), bit2, 0xF8); /* h | (v >> 1 & bit2) */
+    }
+    *lo = l;
+    *hi = h;
+}
+
+/* MM rows of x against tile t; each W row's codes are unpacked once for all MM rows */
 INLINE void gemv_i8_k(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t ldxi, const int MM, const int NL,
-                      const float *xr, int64_t ldx, float out[4][4]) {
-    const __m512i nib = _mm512_set1_epi8(0x0F);
+                      const int PB, const float *xr, int64_t ldx, float out[4][4]) {
+    const int64_t rowb = 16 * PB; /* bytes of a row of a superblock */
     __m512 tot[4][4], acc[4][4];
     for (int i = 0; i < 4; i++)
         for (int r = 0; r < 4; r++) tot[i][r] = acc[i][r] = _mm512_setzero_ps();
@@ -118,7 +144,7 @@ INLINE void gemv_i8_k(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t 
     group_s_negz(L, t, gc.g, s, nz);
     const int64_t nsb = lq_nsb(L);
     const uint8_t *q = lq_tile(L, t);
-    for (int64_t sb = 0; sb < nsb; sb++, q += 4 * 64, xi += LQ_XI_SB_BYTES(NL)) {
+    for (int64_t sb = 0; sb < nsb; sb++, q += 4 * rowb, xi += LQ_XI_SB_BYTES(NL)) {
         if (lq_gcur_step(&gc, sb * LQ_SB)) group_s_negz(L, t, gc.g, s, nz);
         prefetch_superblock(q);
         /* the zero-point term -z sum m: for a symmetric layer once per row of x, else per row of W */
@@ -128,8 +154,8 @@ INLINE void gemv_i8_k(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t 
             zsym[i] = L->z ? msum : _mm512_mullo_epi32(msum, _mm512_set1_epi32(nz[0]));
         }
         for (int r = 0; r < 4; r++) {
-            const __m512i W = _mm512_loadu_si512(q + 64 * r);
-            const __m512i lo = _mm512_and_si512(W, nib), hi = _mm512_and_si512(_mm512_srli_epi16(W, 4), nib);
+            __m512i lo, hi;
+            row_codes(q + rowb * r, PB, &lo, &hi);
             for (int i = 0; i < MM; i++) {
                 const uint8_t *xb = xi + i * ldxi;
                 const __m512 ex = _mm512_load_ps(xb + 128 * NL + 64);
@@ -161,16 +187,25 @@ INLINE void gemv_i8_k(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t 
 
 void lq_gemv_i8_avx512(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t ldxi, int mm, int nlimbs,
                        const float *xr, int64_t ldx, float out[4][4]) {
-    if (nlimbs == 3) {
-        gemv_i8_k(L, t, xi, ldxi, 1, 3, xr, ldx, out);
-        return;
+#define GEMV_I8_PB(PB)                                                         \
+    do {                                                                       \
+        if (nlimbs == 3) {                                                     \
+            gemv_i8_k(L, t, xi, ldxi, 1, 3, PB, xr, ldx, out);                 \
+            return;                                                            \
+        }                                                                      \
+        switch (mm) {                                                          \
+        case 1: gemv_i8_k(L, t, xi, ldxi, 1, 1, PB, xr, ldx, out); return;     \
+        case 2: gemv_i8_k(L, t, xi, ldxi, 2, 1, PB, xr, ldx, out); return;     \
+        case 3: gemv_i8_k(L, t, xi, ldxi, 3, 1, PB, xr, ldx, out); return;     \
+        default: gemv_i8_k(L, t, xi, ldxi, 4, 1, PB, xr, ldx, out); return;    \
+        }                                                                      \
+    } while (0)
+    switch (L->pbits) {
+    case 2: GEMV_I8_PB(2);
+    case 3: GEMV_I8_PB(3);
+    default: GEMV_I8_PB(4);
     }
-    switch (mm) {
-    case 1: gemv_i8_k(L, t, xi, ldxi, 1, 1, xr, ldx, out); break;
-    case 2: gemv_i8_k(L, t, xi, ldxi, 2, 1, xr, ldx, out); break;
-    case 3: gemv_i8_k(L, t, xi, ldxi, 3, 1, xr, ldx, out); break;
-    default: gemv_i8_k(L, t, xi, ldxi, 4, 1, xr, ldx, out); break;
-    }
+#undef GEMV_I8_PB
 }
 
 #if defined(__clang__)

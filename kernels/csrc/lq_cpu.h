@@ -14,7 +14,7 @@
  *   for each full superblock sb of 128 columns:  for each row r of the tile:  SB bytes
  *   then the tail (Kp % 128 = 0, 32, 64 or 96 columns): for each row r:  tail bytes
  *
- * 4-bit codes (also used for 2- and 3-bit layers, whose codes fit in a nibble):
+ * 4-bit codes:
  *   superblock, 64 bytes = 32 little-endian uint16 "words": nibble s (bits 4s..4s+3) of word w
  *     holds column base + 32*s + w. A word is 4 columns 32 apart, so one 16-bit shift plus one
  *     16-entry table lookup (vpermw) yields 32 consecutive columns (the bf16 path); read as 16
@@ -25,6 +25,15 @@
  * 8-bit codes:
  *   superblock, 128 bytes = 4 blocks of 32 columns; block bytes 0..15 hold the even columns
  *     (pb + 2i), bytes 16..31 the odd columns (pb + 2i + 1). The tail uses the same 32-byte blocks.
+ *
+ * 2- and 3-bit codes (stored packed; the integer GEMVs of AVX2 and AVX512-VNNI read them as they are,
+ * for every other kernel the driver expands a few tiles at a time into the 4-bit layout above, in a
+ * buffer that stays in L1/L2):
+ *   superblock, 32 bytes (2-bit) or 48 bytes (3-bit) per row. Byte w (w < 32) holds the low two
+ *     bits of the 4 columns of 4-bit word w (column base + 32*s + w at bits 2s, 2s+1); a 3-bit row
+ *     then has 16 more bytes of third bits: the low nibble of byte j holds bit 2 of word j's 4 codes
+ *     (bit s for column base + 32*s + j), the high nibble those of word j + 16.
+ *   tail: as the 4-bit tail (at most 96 columns a row).
  *
  * The fp32 kernels therefore read x in "xr order": inside every block of 32 columns, the 16 even
  * columns first, then the 16 odd ones. The bf16 kernels read x in natural order.
@@ -74,22 +83,30 @@ typedef struct {
     const uint16_t *s; /* fp16 scales [ntiles][NG][4] */
     const uint8_t *z;  /* uint8 zero points [ntiles][NG][4], or NULL (symmetric) */
     int64_t N, K, Kp, G, NG, ntiles;
-    int bits; /* code width of the layout: 4 or 8 */
-    int zc;   /* implicit zero point of a symmetric layer */
+    int bits;    /* code width the kernels read: 4 or 8 */
+    int pbits;   /* code width stored at q: 2, 3 (expanded to 4 by the driver), 4 or 8 */
+    int64_t qt0; /* the tile index of q's first tile (a buffer of expanded tiles starts at t = qt0) */
+    int zc;      /* implicit zero point of a symmetric layer */
 } lq_layout;
 
-static inline int64_t lq_row_sb_bytes(const lq_layout *L) { return LQ_SB * L->bits / 8; }
 static inline int64_t lq_nsb(const lq_layout *L) { return L->Kp / LQ_SB; }
 static inline int64_t lq_tail(const lq_layout *L) { return L->Kp % LQ_SB; }
-static inline int64_t lq_tile_bytes(const lq_layout *L) { return LQ_TILE * L->Kp * L->bits / 8; }
-static inline const uint8_t *lq_tile(const lq_layout *L, int64_t t) { return L->q + t * lq_tile_bytes(L); }
-/* bytes of row r of superblock sb inside tile t */
+/* bytes of one row of a superblock as stored (2-, 3-bit: packed), and as the 4- or 8-bit kernels read it */
+static inline int64_t lq_prow_sb_bytes(const lq_layout *L) { return LQ_SB * L->pbits / 8; }
+static inline int64_t lq_row_sb_bytes(const lq_layout *L) { return LQ_SB * L->bits / 8; }
+static inline int64_t lq_tile_bytes(const lq_layout *L) {
+    return LQ_TILE * (lq_nsb(L) * lq_prow_sb_bytes(L) + lq_tail(L) * L->bits / 8);
+}
+static inline const uint8_t *lq_tile(const lq_layout *L, int64_t t) {
+    return L->q + (t - L->qt0) * lq_tile_bytes(L);
+}
+/* bytes of row r of superblock sb inside tile t (a layout that is not packed) */
 static inline const uint8_t *lq_sb_row(const lq_layout *L, int64_t t, int64_t sb, int r) {
     return lq_tile(L, t) + (sb * LQ_TILE + r) * lq_row_sb_bytes(L);
 }
-/* bytes of row r of the tail of tile t (block p of the tail is at + p * 32 * bits / 8) */
+/* bytes of row r of the tail of tile t (block p of the tail is at + p * 32 * bits / 8); any layout */
 static inline const uint8_t *lq_tail_row(const lq_layout *L, int64_t t, int r) {
-    return lq_tile(L, t) + lq_nsb(L) * LQ_TILE * lq_row_sb_bytes(L) + r * lq_tail(L) * L->bits / 8;
+    return lq_tile(L, t) + lq_nsb(L) * LQ_TILE * lq_prow_sb_bytes(L) + r * lq_tail(L) * L->bits / 8;
 }
 
 /* Which group a block of 32 columns belongs to, walked left to right. Valid when G % 32 == 0 or
@@ -154,6 +171,10 @@ typedef struct {
     int i8_rows;
     /* 1 when gemv_i8 needs AVX512-VNNI, which the AVX-512 tables cannot assume */
     int i8_needs_vnni;
+    /* tile t of a packed 2- or 3-bit layout -> the same tile in the 4-bit layout (LQ_TILE * Kp / 2 bytes) */
+    void (*expand_tile)(const lq_layout *L, int64_t t, uint8_t *out);
+    /* 1 when gemv_i8 reads packed 2- and 3-bit layouts itself (the others get expanded tiles) */
+    int i8_reads_packed;
 } lq_kernels;
 
 /* A row of x prepared for the integer GEMV, one block of LQ_XI_SB_BYTES(n) bytes per superblock.
@@ -181,7 +202,9 @@ typedef struct {
 #define LQ_XI_SB_BYTES(nlimbs) (128 * (nlimbs) + 128)
 
 extern const lq_kernels lq_kernels_scalar;
+void lq_expand_tile_scalar(const lq_layout *L, int64_t t, uint8_t *out);
 #if LQ_X86
+void lq_expand_tile_avx2(const lq_layout *L, int64_t t, uint8_t *out);
 extern const lq_kernels lq_kernels_avx2;
 extern const lq_kernels lq_kernels_avx512;
 extern const lq_kernels lq_kernels_avx512_bf16;

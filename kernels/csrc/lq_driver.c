@@ -178,8 +178,7 @@ static int run_gemm(const lq_problem *p, int64_t t_begin, int64_t t_end) {
     return LQ_OK;
 }
 
-int lq_run_tiles(const lq_problem *p, int64_t t_begin, int64_t t_end) {
-    if (t_begin >= t_end) return LQ_OK;
+static int run_direct(const lq_problem *p, int64_t t_begin, int64_t t_end) {
     if (p->xi) {
         run_gemv_i8(p, t_begin, t_end);
         return LQ_OK;
@@ -189,4 +188,39 @@ int lq_run_tiles(const lq_problem *p, int64_t t_begin, int64_t t_end) {
         return LQ_OK;
     }
     return run_gemm(p, t_begin, t_end);
+}
+
+/* 4-bit bytes of expanded tiles per pass over a packed (2- or 3-bit) layout: the GEMV paths read each
+ * tile once, so a small buffer that stays in L1; the GEMM works on blocks of LQ_NCB rows */
+#ifndef LQ_EXPAND_GEMV_BYTES
+#define LQ_EXPAND_GEMV_BYTES (16 << 10)
+#endif
+#ifndef LQ_EXPAND_GEMM_BYTES
+#define LQ_EXPAND_GEMM_BYTES (256 << 10)
+#endif
+
+int lq_run_tiles(const lq_problem *p, int64_t t_begin, int64_t t_end) {
+    if (t_begin >= t_end) return LQ_OK;
+    if (p->L.pbits == p->L.bits || (p->xi && p->kern->i8_reads_packed)) return run_direct(p, t_begin, t_end);
+    /* a packed layout: expand a few tiles at a time into the 4-bit layout, run the 4-bit kernels on them */
+    lq_problem q = *p;
+    q.L.pbits = q.L.bits;
+    const int64_t tile = lq_tile_bytes(&q.L); /* of an expanded tile */
+    const int gemv = p->xi || p->M <= (p->mode == LQ_BF16 ? LQ_GEMV_MAX_M_BF16 : LQ_GEMV_MAX_M_F32);
+    int64_t chunk = (gemv ? LQ_EXPAND_GEMV_BYTES : LQ_EXPAND_GEMM_BYTES) / tile;
+    if (!gemv) chunk = chunk / (LQ_NCB / LQ_TILE) * (LQ_NCB / LQ_TILE);
+    if (chunk < (gemv ? 1 : LQ_NCB / LQ_TILE)) chunk = gemv ? 1 : LQ_NCB / LQ_TILE;
+    if (chunk > t_end - t_begin) chunk = t_end - t_begin;
+    uint8_t *buf = (uint8_t *)lq_alloc((size_t)(chunk * tile));
+    if (!buf) return LQ_ENOMEM;
+    int rc = LQ_OK;
+    for (int64_t t0 = t_begin; t0 < t_end && rc == LQ_OK; t0 += chunk) {
+        const int64_t t1 = t0 + chunk < t_end ? t0 + chunk : t_end;
+        for (int64_t t = t0; t < t1; t++) p->kern->expand_tile(&p->L, t, buf + (t - t0) * tile);
+        q.L.q = buf;
+        q.L.qt0 = t0;
+        rc = run_direct(&q, t0, t1);
+    }
+    free(buf);
+    return rc;
 }

@@ -39,6 +39,23 @@ uint16_t lq_f32_to_bf16(float f) {
     return (uint16_t)(v.u >> 16);
 }
 
+void lq_expand_tile_scalar(const lq_layout *L, int64_t t, uint8_t *out) {
+    const int64_t rows = lq_nsb(L) * LQ_TILE, row_bytes = lq_prow_sb_bytes(L);
+    const uint8_t *src = lq_tile(L, t);
+    for (int64_t i = 0; i < rows; i++) { /* row-superblocks in stored order: [sb][r] */
+        const uint8_t *lo = src + i * row_bytes, *hi = L->pbits == 3 ? lo + 32 : NULL;
+        uint8_t *o = out + i * 64;
+        for (int w = 0; w < 32; w++) {
+            const unsigned h = hi ? (w < 16 ? hi[w] & 15u : hi[w - 16] >> 4) : 0u;
+            unsigned c[4];
+            for (int s = 0; s < 4; s++) c[s] = ((lo[w] >> (2 * s)) & 3u) | (((h >> s) & 1u) << 2);
+            o[2 * w] = (uint8_t)(c[0] | (c[1] << 4));
+            o[2 * w + 1] = (uint8_t)(c[2] | (c[3] << 4));
+        }
+    }
+    memcpy(out + rows * 64, src + rows * row_bytes, (size_t)(LQ_TILE * lq_tail(L) / 2));
+}
+
 /* The 32 codes of the block starting at column kb of row r of tile t, in natural column order. */
 static void decode_block(const lq_layout *L, int64_t t, int r, int64_t kb, uint8_t c[LQ_BLK]) {
     const int64_t nsb = lq_nsb(L);
@@ -244,5 +261,5 @@ static void gemv_i8_scalar(const lq_layout *L, int64_t t, const uint8_t *xi, int
 
 const lq_kernels lq_kernels_scalar = {
     "scalar", gemv_tile_scalar, dequant_f32_scalar, dequant_bf16_scalar, micro_f32_scalar, NULL, NULL,
-    lq_prepare_xi_scalar, gemv_i8_scalar, 4, 0,
+    lq_prepare_xi_scalar, gemv_i8_scalar, 4, 0, lq_expand_tile_scalar, 0,
 };

@@ -47,6 +47,12 @@ LAYERS = [
     (3, 64, True, False, 5, 96),
     (2, 32, False, True, 12, 192),
     (2, -1, True, False, 33, 70),
+    # packed 2- and 3-bit superblocks (expanded to 4 bits tile by tile), with and without a tail, on
+    # the integer GEMV (groups of 128 or one per row) and off it; N past one expansion buffer
+    (3, 128, True, False, 36, 416),
+    (3, -1, False, False, 9, 1024),
+    (2, 128, True, False, 70, 1152),
+    (2, 64, False, False, 16, 544),
 ]
 
 
@@ -252,6 +258,60 @@ def test_layout_golden_bytes():
     # K=64: no full superblock; per row, 2 blocks of [16 even columns, 16 odd columns]
     assert q8[:4].tolist() == [0, 2, 4, 6] and q8[16:18].tolist() == [1, 3] and q8[32:34].tolist() == [32, 34]
     assert q8[64:66].tolist() == [0, 2]  # row 1
+
+
+def test_layout_golden_bytes_2_and_3_bit():
+    """Packed 2- and 3-bit superblocks (lq_cpu.h): byte w holds the low two bits of the codes of 4-bit
+    word w (columns w, 32+w, 64+w, 96+w at bits 0-1, 2-3, 4-5, 6-7); 3-bit rows then 16 bytes of third
+    bits (byte j: word j's in the low nibble, word j+16's in the high); the tail stays 4-bit."""
+    k = 160
+    codes = (torch.arange(k) // 32 + 2 * (torch.arange(k) % 2)).repeat(4, 1)  # column c: c // 32 + 2 (c % 2)
+    w2 = PackedWeight(pack_rows(codes % 4, 2), torch.ones(4, 2, dtype=torch.float16), None, None, 2, 128, k, 4)
+    q2 = repack(w2).qdata[0]
+    assert q2.numel() == 4 * (32 + 16)  # 128 columns at 2 bits + a 32-column 4-bit tail, per row
+    # word 0: columns 0, 32, 64, 96 -> codes 0, 1, 2, 3; word 1: columns 1, 33, 65, 97 -> 2, 3, 0, 1
+    assert q2[0].item() == 0b11100100 and q2[1].item() == 0b01001110
+    assert q2[32].item() == q2[0].item()  # row 1 follows after 32 bytes
+    # tail: column 128 + 2b (low nibble) | 129 + 2b (high): codes (4 % 4, 6 % 4) = (0, 2)
+    assert q2[128].item() == 0x20
+
+    c3 = torch.zeros(4, k, dtype=torch.int64)
+    c3[0, 32] = 7  # word 0, s = 1: low bits 3 at bits 2-3, third bit in bit 1 of byte 32's low nibble
+    c3[0, 17 + 96] = 4  # word 17, s = 3: third bit only, bit 3 of byte 33's high nibble
+    c3[0, 128] = 5  # tail column 0: code 5 in the low nibble
+    w3 = PackedWeight(pack_rows(c3, 3), torch.ones(4, 2, dtype=torch.float16), None, None, 3, 128, k, 4)
+    q3 = repack(w3).qdata[0]
+    assert q3.numel() == 4 * (48 + 16)
+    assert q3[0].item() == 0b1100 and q3[32].item() == 0b0010 and q3[33].item() == 0b1000_0000
+    assert q3[:48].count_nonzero().item() == 3 and q3[48:192].count_nonzero().item() == 0
+    assert q3[192].item() == 0x05
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_layout_holds_the_packed_bytes(bits):
+    """A layer's codes take bits/8 bytes a weight in memory (full superblocks), and round-trip."""
+    from llmquant.kernels.cpu_layout import unpack_codes
+    from llmquant.formats.packing import unpack_rows
+
+    w = make_packed(bits, 128, True, False, 64, 1024, seed=bits)
+    lay = repack(w)
+    assert lay.qdata.numel() == 64 * 1024 * bits // 8
+    assert torch.equal(unpack_codes(lay), unpack_rows(w.qweight, bits, 1024))
+
+
+@needs_native
+@pytest.mark.parametrize("isa", INT_ISAS)
+@pytest.mark.parametrize("bits", [2, 3])
+def test_fp32_decode_of_packed_codes_is_exact_enough(isa, bits):
+    """2- and 3-bit layers at M = 1 run the integer GEMV on their expanded tiles: as accurate as for 4-bit."""
+    for k, g in ((4096, 128), (640, -1)):
+        w = make_packed(bits, g, False, False, 72, k, seed=k + bits)
+        lay = repack(w)
+        wd = dequantize_packed(w.qweight, w.scales, w.zeros, bits=bits, group_size=g, in_features=k).double()
+        for name, x in decode_inputs(k).items():
+            exact = x.double() @ wd.T
+            err = (cpu_linear(x, lay, isa=isa).double() - exact).abs().max().item()
+            assert err <= 2e-6 * exact.abs().max().item(), (k, name, err)
 
 
 @needs_native
