@@ -17,10 +17,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmquant.formats.packing import dequantize_packed, pack_rows
+from llmquant.formats.packing import dequantize_packed, pack_rows, unpack_rows
 from llmquant.kernels import act_int8, cpu_native, dequant_matmul_ref
 from llmquant.kernels.cpu import cpu_dequantize, cpu_linear, cpu_qlinear
-from llmquant.kernels.cpu_layout import CpuLayout, repack
+from llmquant.kernels.cpu_layout import CpuLayout, repack, unpack_codes
 from llmquant.kernels.registry import PackedWeight
 
 NATIVE, WHY = cpu_native.load()
@@ -290,9 +290,6 @@ def test_layout_golden_bytes_2_and_3_bit():
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_layout_holds_the_packed_bytes(bits):
     """A layer's codes take bits/8 bytes a weight in memory (full superblocks), and round-trip."""
-    from llmquant.kernels.cpu_layout import unpack_codes
-    from llmquant.formats.packing import unpack_rows
-
     w = make_packed(bits, 128, True, False, 64, 1024, seed=bits)
     lay = repack(w)
     assert lay.qdata.numel() == 64 * 1024 * bits // 8
