@@ -113,13 +113,7 @@ def write(result: dict, out: Path, quiet: bool = False) -> None:
 
 
 def _plot(result: dict, path: Path) -> None:
-    try:
-        import matplotlib
-    except ImportError:
-        raise ModuleNotFoundError("plots need matplotlib: pip install 'llmquant[eval]'") from None
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
     base = result["rows"][0]["ppl"]
@@ -133,6 +127,23 @@ def _plot(result: dict, path: Path) -> None:
     ax.set_yscale("log")
     ax.set_title(result["model"])
     ax.legend()
+    save_figure(fig, path)
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or a clear error naming the extra to install."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ModuleNotFoundError("plots need matplotlib: pip install 'llmquant[eval]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    """Write a matplotlib figure atomically (a temporary file, then a rename)."""
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp)
@@ -149,6 +160,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="GPTQ act-order (default: GPTQ's default, on)")
     p.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=None,
                    help="GPTQ clipping search (default: GPTQ's default, on)")
+    add_protocol_args(p)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    torch.manual_seed(0)
+    write(run(args), args.out)
+    return 0
+
+
+def add_protocol_args(p: argparse.ArgumentParser, out: Path = DEFAULT_OUT) -> None:
+    """The evaluation protocol and calibration options every sweep shares."""
     p.add_argument("--corpus")
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--max-tokens", type=int, default=8192)
@@ -156,12 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    torch.manual_seed(0)
-    write(run(args), args.out)
-    return 0
+    p.add_argument("--out", type=Path, default=out)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ def quantize(
     config: QuantConfig,
     calibration: Iterable[torch.Tensor] | None = None,
     progress: bool = True,
+    measurement=None,
 ) -> dict:
     """Quantize ``model`` in place according to ``config``; returns a summary dict.
 
@@ -27,8 +28,12 @@ def quantize(
     :func:`llmquant.save_quantized` write a loadable checkpoint. The summary's
     ``quantization_config`` is the config as stored: layers the method kept in float are in ``skip``;
     its ``kernels`` says what runs the quantized layers (they are prepared here, for the model's dtype).
+
+    With a budget in ``config`` (``target_bpw`` or ``max_size``, see :mod:`llmquant.mixed`) each layer's
+    scheme is chosen first; ``measurement`` names a JSON file that keeps the measurement for the next
+    budget (read if it exists, written otherwise). The stored config then names every layer's scheme.
     """
-    summary, effective = quantize_model(model, config, calibration, progress)
+    summary, effective = quantize_model(model, config, calibration, progress, measurement=measurement)
     attach_quantization_config(model, effective)
     summary["quantization_config"] = effective.to_dict()
     summary["kernels"] = prepare_model(model)  # kernels chosen and weights repacked now

@@ -101,6 +101,18 @@ class QuantConfig:
     #: can: :mod:`llmquant.kernels.act_int8`). Stored with the checkpoint as its default;
     #: ``LLMQUANT_ACTIVATIONS`` overrides it when a model is run.
     activations: str = "float"
+    # --- mixed precision (llmquant.mixed): a budget instead of one scheme for every layer ---------
+    #: average bits per quantized weight (codes, scales, zeros and perm included) the layers may take;
+    #: each layer's scheme is then chosen by measurement and allocation
+    target_bpw: float | None = None
+    #: or: bytes of the whole checkpoint (every tensor, float ones in the storage dtype)
+    max_size: int | None = None
+    #: the bit widths and group sizes the allocation chooses from (symmetric and asymmetric each)
+    mixed_bits: tuple[int, ...] = (2, 3, 4, 8)
+    mixed_group_sizes: tuple[int, ...] = (-1, 32, 64, 128)
+    #: set by the allocation on the config it returns (a record, not an instruction): the budget, the
+    #: bits per weight reached and the predicted damage. Its ``overrides`` name every layer's scheme.
+    mixed: Mapping[str, Any] | None = None
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -126,6 +138,7 @@ class QuantConfig:
             raise QuantConfigError("QuantConfig: static_groups only makes sense with act_order=True")
         for problem in method.problems(self):
             raise QuantConfigError(f"QuantConfig: {problem}")
+        self._check_mixed(method)
         if not 0 <= self.damp_percent < 1:
             raise QuantConfigError(f"QuantConfig: damp_percent must be in [0, 1), got {self.damp_percent}")
         if self.block_size <= 0:
@@ -149,6 +162,42 @@ class QuantConfig:
             _check_scheme(merged["bits"], merged["group_size"], merged["sym"], where=f"override {pattern!r}")
             clean[pattern] = dict(ov)
         object.__setattr__(self, "overrides", clean)
+
+    def _check_mixed(self, method) -> None:
+        if self.target_bpw is not None and self.max_size is not None:
+            raise QuantConfigError("QuantConfig: give one budget, target_bpw or max_size, not both")
+        if self.target_bpw is not None:
+            if isinstance(self.target_bpw, bool) or not isinstance(self.target_bpw, (int, float)) or not (
+                0 < self.target_bpw < 64
+            ):
+                raise QuantConfigError(f"QuantConfig: target_bpw must be a number of bits in (0, 64), got {self.target_bpw!r}")
+        if self.max_size is not None and (
+            isinstance(self.max_size, bool) or not isinstance(self.max_size, int) or self.max_size <= 0
+        ):
+            raise QuantConfigError(f"QuantConfig: max_size must be a positive number of bytes, got {self.max_size!r}")
+        for name, allowed in (("mixed_bits", SUPPORTED_BITS), ("mixed_group_sizes", GROUP_SIZES)):
+            value = getattr(self, name)
+            if isinstance(value, (str, int)) or not value:
+                raise QuantConfigError(f"QuantConfig: {name} must be a non-empty sequence, got {value!r}")
+            value = tuple(value)
+            bad = [v for v in value if v not in allowed or isinstance(v, bool)]
+            if bad:
+                raise QuantConfigError(f"QuantConfig: {name} {bad} not among {allowed}")
+            object.__setattr__(self, name, tuple(sorted(set(value))))
+        if self.budgeted and not method.supports_mixed:
+            from llmquant.registry import method_names, get_method
+
+            users = [m for m in method_names() if get_method(m).supports_mixed]
+            raise QuantConfigError(
+                f"QuantConfig: method {self.method!r} does not choose schemes under a budget; methods that do: {users}"
+            )
+        if self.mixed is not None and not isinstance(self.mixed, Mapping):
+            raise QuantConfigError(f"QuantConfig: mixed must be a dict (a record of the allocation), got {self.mixed!r}")
+
+    @property
+    def budgeted(self) -> bool:
+        """Whether each layer's scheme is still to be chosen under a budget (target_bpw or max_size)."""
+        return self.target_bpw is not None or self.max_size is not None
 
     @property
     def stores_perm(self) -> bool:
@@ -186,6 +235,13 @@ class QuantConfig:
         # a list of [pattern, spec] pairs: the first match wins, and JSON writers that sort object
         # keys (transformers' save_pretrained does) would otherwise change which one that is
         d["overrides"] = [[k, v if v == "skip" else dict(v)] for k, v in self.overrides.items()]
+        # the mixed-precision fields are written only when they say something, so that a uniform
+        # checkpoint's config is what it was before they existed
+        for f in _MIXED_FIELDS:
+            if getattr(self, f) == _DEFAULTS[f]:
+                del d[f]
+            elif isinstance(d[f], tuple):
+                d[f] = list(d[f])
         return {"quant_method": QUANT_METHOD, **d}
 
     @classmethod
@@ -200,11 +256,17 @@ class QuantConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise QuantConfigError(f"quantization_config has unknown fields {unknown}")
-        if "skip" in d:
-            d["skip"] = tuple(d["skip"])
+        for f in ("skip", "mixed_bits", "mixed_group_sizes"):
+            if isinstance(d.get(f), list):
+                d[f] = tuple(d[f])
         ov = d.get("overrides")
         if isinstance(ov, list):
             if not all(isinstance(pair, (list, tuple)) and len(pair) == 2 for pair in ov):
                 raise QuantConfigError("quantization_config overrides must be a list of [pattern, spec] pairs")
             d["overrides"] = dict((str(k), v) for k, v in ov)
         return cls(**d)
+
+
+_MIXED_FIELDS = ("target_bpw", "max_size", "mixed_bits", "mixed_group_sizes", "mixed")
+_DEFAULTS = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+             for f in dataclasses.fields(QuantConfig)}

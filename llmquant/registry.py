@@ -39,6 +39,9 @@ class Method:
     description: ClassVar[str] = ""
     #: data-aware methods need calibration token batches
     needs_calibration: ClassVar[bool] = False
+    #: the method quantizes each layer with the scheme the config resolves for it, so a budget
+    #: (``target_bpw``/``max_size``) can choose those schemes (:mod:`llmquant.mixed`)
+    supports_mixed: ClassVar[bool] = False
     #: the optional QuantConfig fields (of :data:`METHOD_OPTIONS`) this method reads
     options: ClassVar[frozenset[str]] = frozenset()
     #: values for options the user left unset (``None``); unlisted options default to False

@@ -38,6 +38,20 @@ def _parse_override(text: str) -> tuple[str, object]:
     return pattern, out
 
 
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """``150MB`` / ``140MiB`` / ``1.2GB`` / ``123456`` -> bytes."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"size {text!r}: expected a number with an optional unit {sorted(_SIZE_UNITS)[1:]}")
+    return int(float(m.group(1)) * _SIZE_UNITS[unit])
+
+
 def add_scheme_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("quantization scheme")
     g.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
@@ -61,7 +75,19 @@ def add_scheme_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--activations", default="float", choices=("float", "dynamic_int8"),
                    help="run-time activations stored as the checkpoint's default: dynamic_int8 quantizes each row "
                         "of x to int8 on the fly on the CPU kernel (LLMQUANT_ACTIVATIONS overrides it)")
-    c = p.add_argument_group("calibration (GPTQ)")
+    m = p.add_argument_group("mixed precision: each layer's scheme chosen under a budget (llmquant.mixed)")
+    b = m.add_mutually_exclusive_group()
+    b.add_argument("--target-bpw", type=float, metavar="BITS",
+                   help="average bits per quantized weight, scales/zeros/perm included (e.g. 3.5)")
+    b.add_argument("--max-size", type=parse_size, metavar="SIZE",
+                   help="bytes of the whole checkpoint: 150MB, 140MiB, 1.2GB or a number of bytes")
+    m.add_argument("--measurement", metavar="FILE.json",
+                   help="keep the per-layer measurement here and reuse it for the next budget (read if it exists)")
+    m.add_argument("--mixed-bits", type=int, nargs="+", default=[2, 3, 4, 8], metavar="B",
+                   help="bit widths the allocation may choose (default: 2 3 4 8)")
+    m.add_argument("--mixed-group-sizes", type=int, nargs="+", default=[-1, 32, 64, 128], metavar="G",
+                   help="group sizes it may choose (default: -1 32 64 128)")
+    c = p.add_argument_group("calibration (GPTQ, mixed precision)")
     c.add_argument("--calibration", default="builtin", help="'builtin' (= 'news', a news corpus), 'pydoc', a text file, or hf:<dataset>")
     c.add_argument("--nsamples", type=int, default=128)
     c.add_argument("--seqlen", type=int, default=512)
@@ -83,6 +109,10 @@ def config_from_args(args: argparse.Namespace):
         overrides=dict(args.override),
         quantize_lm_head=args.quantize_lm_head,
         activations=args.activations,
+        target_bpw=args.target_bpw,
+        max_size=args.max_size,
+        mixed_bits=tuple(args.mixed_bits),
+        mixed_group_sizes=tuple(args.mixed_group_sizes),
     )
 
 
@@ -93,7 +123,7 @@ def quantize_model(args: argparse.Namespace, model, tokenizer) -> dict:
 
     config = config_from_args(args)
     calibration = None
-    if get_method(config.method).needs_calibration:
+    if get_method(config.method).needs_calibration or config.budgeted:
         from llmquant.calibration import calibration_batches
         from llmquant.models import bos_for_raw_text
 
@@ -102,7 +132,7 @@ def quantize_model(args: argparse.Namespace, model, tokenizer) -> dict:
             tokenizer, source=args.calibration, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
             bos=bos_for_raw_text(args.model, tokenizer),
         )
-    return llmquant.quantize(model, config, calibration=calibration)
+    return llmquant.quantize(model, config, calibration=calibration, measurement=args.measurement)
 
 
 def add_quantize(sub) -> None:
@@ -128,6 +158,11 @@ def run_quantize(args: argparse.Namespace) -> int:
     llmquant.save_quantized(model, out, tokenizer, overwrite=args.overwrite)
     info = checkpoint_info(out)
     print(format_info(info))
+    if "mixed" in summary:
+        a, sec = summary["mixed"]["allocation"], summary["mixed"]["seconds"]
+        print(f"\nmixed precision: {a['bpw']:.3f} bpw ({a['bytes']} of {a['budget_bytes']} budgeted bytes), layers by "
+              f"bits {a['layers_by_bits']}; predicted KL {a['predicted_kl']:.4g} nats/token (lower bound "
+              f"{a['lower_bound_kl']:.4g}); measure {sec['measure']:.1f} s, allocate {sec['allocate']:.2f} s")
     print(f"\nquantized {summary['layers']} layers with {summary['method']} in {summary['seconds']:.1f} s "
           f"(total {time.perf_counter() - t0:.1f} s); saved to {out}")
     return 0
@@ -293,9 +328,21 @@ def format_info(info: dict) -> str:
                      f"{str(lay['act_order']):>6s} {str(lay['N']) + 'x' + str(lay['K_max']):>13s} {lay['bytes'] / 1024:9.1f}"
                      + (f"  {lay['kernel']}" if kern else ""))
     fp16 = info["linear_fp16_bytes_approx"]
+    schemes = {(lay["bits"], lay["group_size"], lay["sym"]) for lay in info["layers"]}
+    if len(schemes) > 1:
+        lines.append("")
+        lines.extend(bit_map(info["layers"]))
     lines.append("")
     lines.append(f"quantized linear layers: {len(info['layers'])}, {info['linear_bytes'] / 2**20:.2f} MiB "
                  f"({info['linear_bytes'] / fp16:.3f}x of fp16 {fp16 / 2**20:.2f} MiB)")
+    weights = sum(lay["N"] * lay["K_max"] for lay in info["layers"])
+    lines.append(f"bits per quantized weight (codes, scales, zeros, perm): {8 * info['linear_bytes'] / weights:.3f}")
+    mixed = info["quantization_config"].get("mixed")
+    if mixed:
+        budget = (f"target {mixed['target_bpw']} bpw" if mixed.get("target_bpw") is not None
+                  else f"max_size {mixed.get('max_size')} bytes")
+        lines.append(f"mixed precision: {budget}, predicted KL {mixed.get('predicted_kl', float('nan')):.4g} nats/token, "
+                     f"chosen from {len(mixed.get('candidates', []))} schemes")
     lines.append(f"other tensors (embeddings, norms, float layers): {info['float_tensor_bytes'] / 2**20:.2f} MiB")
     lines.append(f"safetensors on disk: {info['disk_bytes'] / 2**20:.2f} MiB")
     if info["source_tensor_bytes"]:
@@ -307,6 +354,61 @@ def format_info(info: dict) -> str:
     return "\n".join(lines)
 
 
+def _scheme_cell(lay: dict) -> str:
+    g = "ch" if lay["group_size"] == -1 else str(lay["group_size"])
+    return f"{lay['bits']}/{g}{'' if lay['sym'] else 'a'}"
+
+
+def bit_map(layers: list[dict]) -> list[str]:
+    """Per decoder block, each layer's ``bits/group`` (``a``: asymmetric, ``ch``: per channel)."""
+    import re
+
+    blocks: dict[str, dict[str, str]] = {}
+    cols: list[str] = []
+    other = []
+    for lay in layers:
+        m = re.fullmatch(r"(.*?\.)?(\d+)\.(.+)", lay["name"])
+        if m is None:
+            other.append(f"{lay['name']}: {_scheme_cell(lay)}")
+            continue
+        blocks.setdefault(m.group(2), {})[m.group(3)] = _scheme_cell(lay)
+        if m.group(3) not in cols:
+            cols.append(m.group(3))
+    short = [c.rsplit(".", 1)[-1] for c in cols]
+    width = max([7] + [len(c) for c in short])
+    out = ["bit map (bits/group; a: asymmetric, ch: per channel):",
+           f"{'block':>5s} " + " ".join(f"{c:>{width}s}" for c in short)]
+    for b, cells in sorted(blocks.items(), key=lambda kv: int(kv[0])):
+        out.append(f"{b:>5s} " + " ".join(f"{cells.get(c, '-'):>{width}s}" for c in cols))
+    return out + other
+
+
+def plot_bits(info: dict, path: str) -> None:
+    """Bits per weight of each quantized layer, in model order (a PNG)."""
+    from llmquant.evals.sweep import pyplot, save_figure
+
+    plt = pyplot()
+
+    import re
+
+    def natural(name: str) -> list:
+        return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name)]
+
+    lays = sorted(info["layers"], key=lambda lay: natural(lay["name"]))
+    bpw = [8 * lay["bytes"] / (lay["N"] * lay["K_max"]) for lay in lays]
+    kinds = sorted({lay["name"].rsplit(".", 1)[-1] for lay in lays})
+    colors = {k: plt.cm.tab10(i % 10) for i, k in enumerate(kinds)}
+    fig, ax = plt.subplots(figsize=(max(6, len(lays) * 0.06), 3.5), dpi=120)
+    ax.bar(range(len(lays)), bpw, color=[colors[lay["name"].rsplit(".", 1)[-1]] for lay in lays], width=1.0)
+    for k, c in colors.items():
+        ax.bar([], [], color=c, label=k)
+    ax.set_xlabel("layer (model order)")
+    ax.set_ylabel("bits per weight")
+    ax.set_title(f"{Path(info['path']).name}: {8 * info['linear_bytes'] / sum(l['N'] * l['K_max'] for l in lays):.3f} bpw")
+    ax.legend(fontsize=6, ncol=4)
+    save_figure(fig, Path(path))
+
+
 def add_info(sub) -> None:
     p = sub.add_parser("info", help="per-layer schemes and sizes of a quantized checkpoint")
     p.add_argument("ckpt")
@@ -314,6 +416,7 @@ def add_info(sub) -> None:
                    help="also load the model and say which kernel (and instruction set) runs each layer")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="activation dtype for --kernels")
     p.add_argument("--json")
+    p.add_argument("--plot", metavar="FILE.png", help="bar chart of each layer's bits per weight")
     p.set_defaults(func=run_info)
 
 
@@ -337,6 +440,9 @@ def run_info(args: argparse.Namespace) -> int:
             lay["kernel"] = kernels.get(lay["name"], "not loaded")
         info["kernels_dtype"] = args.dtype
     print(format_info(info))
+    if args.plot:
+        plot_bits(info, args.plot)
+        print(f"plot of bits per layer: {args.plot}")
     if args.json:
         from llmquant.evals.perplexity import write_json
 

@@ -153,7 +153,7 @@ class LlmQuantHfQuantizer(HfQuantizer):
         from llmquant.registry import get_method
 
         calibration = None
-        if get_method(self.quant.method).needs_calibration:
+        if get_method(self.quant.method).needs_calibration or self.quant.budgeted:
             calibration = _calibration_for(model, self.quantization_config.calibration)
         _, effective = quantize_model(model, self.quant, calibration=calibration)
         self.quantization_config.quant = effective  # layers the method kept in float are recorded

@@ -20,6 +20,7 @@ def quantize_model(
     config: QuantConfig,
     calibration: Iterable[torch.Tensor] | None = None,
     progress: bool = True,
+    measurement=None,
 ) -> tuple[dict, QuantConfig]:
     """Quantize ``model`` in place with the method ``config.method`` names.
 
@@ -27,15 +28,33 @@ def quantize_model(
     ``skip``, so that it describes what the model now holds. Everything that can be checked up front
     (calibration present, the method understands the model, the config selects some layer) is checked
     before any layer changes.
+
+    A config with a budget (``target_bpw``/``max_size``) first gets every layer's scheme chosen by
+    :func:`llmquant.mixed.plan_mixed` (``measurement``: a measurement file to reuse or write); the
+    summary's ``mixed`` holds the allocation.
     """
     method = get_method(config.method)
+    if config.budgeted and calibration is None:
+        raise ValueError(
+            "a budget (target_bpw/max_size) chooses each layer's scheme by measuring it on calibration data: "
+            "pass calibration=... (token id batches, see llmquant.calibration.calibration_batches)"
+        )
     if method.needs_calibration and calibration is None:
         raise ValueError(
             f"method {method.name!r} needs calibration data: pass calibration=... (token id batches, "
             "see llmquant.calibration.calibration_batches)"
         )
     method.check_model(model, config)
+    mixed = None
+    if config.budgeted:
+        from llmquant.mixed import plan_mixed
+
+        calibration = list(calibration)  # read twice: measurement, then the method
+        config, mixed = plan_mixed(model, config, calibration, progress=progress, measurement=measurement)
     summary = method.apply(model, config, calibration, progress)
+    if mixed is not None:
+        summary["mixed"] = mixed
+        summary["seconds"] += sum(mixed["seconds"].values())
     return summary, config.with_kept_float(summary.get("kept_float", ()))
 
 

@@ -376,6 +376,7 @@ class GPTQMethod(Method):
     name = "gptq"
     description = "GPTQ, block by block on calibration text"
     needs_calibration = True
+    supports_mixed = True
     options = frozenset({"act_order", "static_groups", "clip_search"})
     #: the best settings measured on gemma3-270m (evals/results): act-order and clip search each
     #: lower INT4 and INT3 perplexity

@@ -91,6 +91,7 @@ class RTN(Method):
 
     name = "rtn"
     description = "round-to-nearest, no calibration data"
+    supports_mixed = True
     options = frozenset({"clip_search"})
 
     def check_model(self, model: nn.Module, config: QuantConfig) -> None:

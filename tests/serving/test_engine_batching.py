@@ -215,3 +215,23 @@ def test_sampling_params_validation():
                 {"stop": ("",)}, {"temperature": float("nan")}):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
+
+
+def test_mixed_precision_checkpoint_serves_like_generate(tokenizer, prompt_ids, tmp_path):
+    """A checkpoint whose layers' schemes were chosen under a bit budget loads the way ``llmquant serve``
+    loads it and decodes, batched, the tokens transformers' ``generate`` gives on the same model."""
+    from llmquant import QuantConfig, QuantLinear, quantize, save_quantized
+    from llmquant.models import load_model
+
+    model = make_tiny_llama(len(tokenizer), seed=3)
+    g = torch.Generator().manual_seed(0)
+    calibration = [torch.randint(0, len(tokenizer), (1, 32), generator=g) for _ in range(6)]
+    quantize(model, QuantConfig(method="gptq", target_bpw=3.5, mixed_group_sizes=(32, 64)), calibration=calibration,
+             progress=False)
+    save_quantized(model, tmp_path / "mixed", tokenizer)
+    served, tok = load_model(str(tmp_path / "mixed"))
+    schemes = {(m.bits, m.group_size, m.sym) for m in served.modules() if isinstance(m, QuantLinear)}
+    assert len(schemes) > 1, schemes
+    ref = [hf_generate(served, ids, GREEDY.max_tokens) for ids in prompt_ids]
+    reqs, _ = run(EngineCore(served, tok, max_batch=8), prompt_ids, GREEDY, [0, 1, 1, 4, 4])
+    assert [r.output_ids for r in reqs] == ref

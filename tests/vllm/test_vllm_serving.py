@@ -10,6 +10,8 @@ the GEMM's summation order differs). Checkpoints:
 * ``mixed``: RTN with per-layer overrides (3-bit down_proj, one asymmetric o_proj, one o_proj kept
   in float) and a quantized LM head;
 * ``actorder``: GPTQ with act-order (``perm`` on every layer), 4-bit asymmetric, 2-bit down_proj;
+* ``budget``: mixed precision chosen by llmquant under a 3.25 bpw budget (GPTQ; q/k/v and gate/up
+  share one scheme each, as vLLM fuses them);
 * ``gptq4``: RTN 4-bit symmetric, served by the plugin in bf16 (against its dequantized float twin in
   bf16), and also exported with ``llmquant.export.gptq`` and loaded by vLLM's built-in ``gptq`` method,
   which must agree with the plugin. vLLM's gptq method runs on CPU through its native op
@@ -69,6 +71,7 @@ CONFIGS = {
     ),
     "actorder": QuantConfig(method="gptq", bits=4, group_size=32, sym=False, act_order=True,
                             overrides={"*.down_proj": {"bits": 2}}),
+    "budget": QuantConfig(method="gptq", target_bpw=3.25, mixed_group_sizes=(32, 64, 128)),
     "gptq4": QuantConfig(bits=4, group_size=32, sym=True),
     # 4-bit (what vLLM's CPU kernel runs), asymmetric, three group sizes: per-layer config groups
     "ct4": QuantConfig(bits=4, group_size=32, sym=False,
@@ -100,8 +103,11 @@ def checkpoints(tmp_path_factory, tokenizer) -> dict[str, Path]:
     for i, (name, config) in enumerate(CONFIGS.items()):
         model = tiny_llama(tokenizer, seed=i)
         float_model = copy.deepcopy(model)
-        llmquant.quantize(model, config, calibration=calibration if config.method == "gptq" else None,
-                          progress=False)
+        summary = llmquant.quantize(model, config, calibration=calibration if config.method == "gptq" else None,
+                                    progress=False)
+        if config.budgeted:  # the allocation must really mix schemes for the test to mean anything
+            stored = QuantConfig.from_dict(summary["quantization_config"])
+            assert len({stored.resolve(n) for n, m in model.named_modules() if type(m).__name__ == "QuantLinear"}) > 1
         paths[name] = llmquant.save_quantized(model, root / name, tokenizer)
         dequantized_float_copy(float_model, model, config).save_pretrained(root / f"{name}-float")
         tokenizer.save_pretrained(root / f"{name}-float")
@@ -121,7 +127,7 @@ def greedy(checkpoints, tmp_path_factory) -> dict[str, dict]:
     """Greedy generations of every checkpoint, keyed like ``checkpoints`` (``@bf16``: in bfloat16).
     Read them with :func:`result`: a model whose run failed fails only the tests that use it."""
     runs = {n: {"path": str(checkpoints[n]), "dtype": "float32"}
-            for n in ("mixed", "mixed-float", "actorder", "actorder-float")}
+            for n in ("mixed", "mixed-float", "actorder", "actorder-float", "budget", "budget-float")}
     runs["gptq4@bf16"] = {"path": str(checkpoints["gptq4"]), "dtype": "bfloat16"}
     runs["gptq4-float@bf16"] = {"path": str(checkpoints["gptq4-float"]), "dtype": "bfloat16"}
     runs["ct4@bf16"] = {"path": str(checkpoints["ct4"]), "dtype": "bfloat16"}
@@ -133,7 +139,7 @@ def greedy(checkpoints, tmp_path_factory) -> dict[str, dict]:
     return run_greedy(runs, PROMPTS, MAX_TOKENS, tmp_path_factory.mktemp("vllm_greedy"), score_texts=[SCORE_TEXT])
 
 
-@pytest.mark.parametrize("name", ["mixed", "actorder"])
+@pytest.mark.parametrize("name", ["mixed", "actorder", "budget"])
 def test_plugin_generates_the_greedy_tokens_of_the_dequantized_float_model(greedy, name):
     q, f = result(greedy, name), result(greedy, f"{name}-float")
     assert q["token_ids"] == f["token_ids"]

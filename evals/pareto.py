@@ -1,0 +1,173 @@
+"""Perplexity against bits per weight: uniform RTN and GPTQ at fixed bit widths, and mixed precision
+(:mod:`llmquant.mixed`) at several budgets. One command writes the table (markdown), the JSON and the
+plot under ``evals/results/``:
+
+    python -m llmquant.evals.pareto --model gemma3-270m
+
+Bits per weight count everything the quantized layers store (codes, scales, zeros, act-order perm)
+over their weights; the embedding and the output layer stay as in the uniform runs (float, tied). The
+mixed runs share one measurement (measured once, its time reported apart), so each budget's time is
+allocation + GPTQ; ``mixed_total_seconds`` of the first budget adds the measurement.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+DEFAULT_BUDGETS = [2.5, 3.0, 3.25, 3.5, 3.75, 4.125, 4.5]
+
+
+def quantized_layer_stats(model: torch.nn.Module) -> dict:
+    """Bytes and weights of the model's quantized layers, and the bits per weight they make."""
+    from llmquant.modules.quant_linear import QuantLinear
+
+    nbytes = weights = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            for shape, dtype in m.expected_tensors().values():
+                nbytes += torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            weights += m.in_features * m.out_features
+    return {"layer_bytes": nbytes, "weights": weights, "bpw": 8 * nbytes / weights if weights else None}
+
+
+def run(args: argparse.Namespace) -> dict:
+    import llmquant
+    from llmquant.calibration import calibration_batches
+    from llmquant.evals.perplexity import perplexity
+    from llmquant.models import bos_for_raw_text, load_model
+
+    proto = dict(corpus=args.corpus, context=args.context, max_tokens=args.max_tokens)
+    model, tok = load_model(args.model)
+    bos = bos_for_raw_text(args.model, tok)
+    rows = [dict(perplexity(model, tok, bos=bos, label="float", **proto), method="float", bits=16, bpw=16.0)]
+    del model
+    calibration = calibration_batches(tok, source=args.calibration, nsamples=args.nsamples, seqlen=args.seqlen,
+                                      seed=args.seed, bos=bos)
+    calib = dict(source=args.calibration, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+
+    def one(label: str, cfg, **extra) -> dict:
+        model, _ = load_model(args.model)
+        t0 = time.perf_counter()
+        summary = llmquant.quantize(model, cfg, calibration=calibration if cfg.method == "gptq" or cfg.budgeted else None,
+                                    measurement=extra.pop("measurement", None))
+        seconds = time.perf_counter() - t0
+        r = perplexity(model, tok, bos=bos, label=label, **proto)
+        r.update(quantized_layer_stats(model), quantize_seconds=seconds, config=summary["quantization_config"],
+                 calibration=calib, **extra)
+        if "mixed" in summary:
+            r["mixed"] = summary["mixed"]
+        rows.append(r)
+        if args.out is not None:  # keep what is measured so far, should a later step fail
+            write(_summarize(args.model, rows), args.out, quiet=True)
+        return r
+
+    for bits in args.uniform_bits:
+        for method in args.methods:
+            cfg = llmquant.QuantConfig(bits=bits, group_size=128, method=method)
+            one(f"{method} int{bits} g128", cfg, method=method, bits=bits)
+    meas_path = args.measurement or (args.out / f"measurement_{args.model}.json" if args.out else None)
+    if meas_path is not None and Path(meas_path).exists() and not args.measurement:
+        Path(meas_path).unlink()  # measured anew in this run, so its time is this machine's
+    for i, budget in enumerate(args.budgets):
+        cfg = llmquant.QuantConfig(method="gptq", target_bpw=budget)
+        r = one(f"mixed {budget} bpw", cfg, method="mixed", bits=None, target_bpw=budget, measurement=meas_path)
+        r["mixed_total_seconds"] = r["quantize_seconds"]
+    return _summarize(args.model, rows)
+
+
+def _summarize(model: str, rows: list[dict]) -> dict:
+    from llmquant.evals.machine import machine_info
+
+    base = rows[0]["ppl"]
+    for r in rows:
+        r["ppl_increase_pct"] = 100 * (r["ppl"] / base - 1)
+    return {"model": model, "machine": machine_info(), "rows": rows}
+
+
+def write(result: dict, out: Path, quiet: bool = False) -> None:
+    from llmquant.evals.perplexity import format_table, write_json
+    from llmquant.fsutil import atomic_write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"pareto_{result['model']}"
+    write_json(out / f"{stem}.json", result)
+    rows = result["rows"]
+    for r in rows:
+        m = r.get("mixed")
+        r["measure_s"] = m["seconds"]["measure"] if m else None
+        bits = m["allocation"]["layers_by_bits"] if m else None
+        r["layers by bits"] = " ".join(f"{k.split('-')[0]}:{v}" for k, v in bits.items()) if bits else ""
+    table = format_table(rows, [("run", "model"), ("bpw", "bpw"), ("ppl", "ppl"), ("Δ ppl %", "ppl_increase_pct"),
+                                ("quantize s", "quantize_seconds"), ("of which measure s", "measure_s"),
+                                ("layers by bits", "layers by bits")])
+    m = result["machine"]
+    p = rows[0]["protocol"]
+    lines = [
+        f"# Perplexity vs bits per weight: {result['model']}",
+        "",
+        f"`{m['command']}` ({m['date']}, commit {m['commit']}; {m['cpu']}, {m['cores']} cores, kernels "
+        f"{m['kernels_isa']}, torch {m['torch']}, {m['threads']} threads)",
+        "",
+        table,
+        "",
+        f"Protocol: WikiText-2 raw test (sha256 {p['corpus_sha256']}), first {p['max_tokens']} tokens, "
+        f"context {p['context']}, stride {p['stride']}, BOS {p['bos']}. bpw: bytes of the quantized layers "
+        "(codes, scales, zeros, act-order perm) × 8 / their weights; embedding and output layer in float as in "
+        "every row. GPTQ rows and mixed rows: act-order and clip search on.",
+    ]
+    q = next((r for r in rows if "calibration" in r), None)
+    if q:
+        c = q["calibration"]
+        lines.append(f"Calibration (disjoint from the evaluation text): {c['source']}, {c['nsamples']} × {c['seqlen']} "
+                     f"tokens, seed {c['seed']}. Mixed: one measurement (its time is in the first mixed row, "
+                     "the later rows reuse it), then allocation and GPTQ with the chosen schemes.")
+    atomic_write_text(out / f"{stem}.md", "\n".join(lines) + "\n")
+    if not quiet:
+        print("\n".join(lines))
+    _plot(result, out / f"{stem}.png")
+
+
+def _plot(result: dict, path: Path) -> None:
+    from llmquant.evals.sweep import pyplot, save_figure
+
+    plt = pyplot()
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
+    rows = result["rows"]
+    for method, marker in (("rtn", "o"), ("gptq", "s"), ("mixed", "^")):
+        pts = sorted((r["bpw"], r["ppl"]) for r in rows if r.get("method") == method)
+        if pts:
+            ax.plot(*zip(*pts), marker=marker, label={"rtn": "RTN g128", "gptq": "GPTQ g128", "mixed": "mixed (GPTQ)"}[method])
+    ax.axhline(rows[0]["ppl"], color="gray", linestyle="--", label="float")
+    ax.set_xlabel("bits per weight (quantized layers, metadata included)")
+    ax.set_ylabel("WikiText-2 perplexity")
+    ax.set_yscale("log")
+    ax.set_title(result["model"])
+    ax.legend()
+    save_figure(fig, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from llmquant.evals.sweep import add_protocol_args
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="gemma3-270m")
+    p.add_argument("--uniform-bits", type=int, nargs="*", default=[2, 3, 4, 8])
+    p.add_argument("--methods", nargs="+", default=["rtn", "gptq"], choices=["rtn", "gptq"])
+    p.add_argument("--budgets", type=float, nargs="*", default=DEFAULT_BUDGETS)
+    p.add_argument("--measurement", type=Path, help="reuse this measurement file (default: measure in this run)")
+    add_protocol_args(p, DEFAULT_OUT)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    torch.manual_seed(0)
+    write(run(args), args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
