@@ -9,33 +9,10 @@ import platform
 import subprocess
 import sys
 
-#: the vector features that matter here, as /proc/cpuinfo names them
-FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile")
+from llmquant.kernels.cpuinfo import FLAGS, cpu_flags, cpu_name  # noqa: F401  (re-exported)
+
 #: set by bench/machine.py when it runs a script as another instruction set
 SIMULATED_ENV = "LLMQUANT_BENCH_SIMULATED_ISA"
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def cpu_flags() -> list[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    return [w for w in FLAGS if w in have]
-    except OSError:
-        pass
-    return []
 
 
 def machine_info() -> dict:

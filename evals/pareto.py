@@ -99,7 +99,7 @@ def write(result: dict, out: Path, quiet: bool = False) -> None:
     rows = result["rows"]
     for r in rows:
         m = r.get("mixed")
-        r["measure_s"] = m["seconds"]["measure"] if m else None
+        r["measure_s"] = m["seconds"]["measure"] if m and m["seconds"]["measure"] > 1 else ""
         bits = m["allocation"]["layers_by_bits"] if m else None
         r["layers by bits"] = " ".join(f"{k.split('-')[0]}:{v}" for k, v in bits.items()) if bits else ""
     table = format_table(rows, [("run", "model"), ("bpw", "bpw"), ("ppl", "ppl"), ("Δ ppl %", "ppl_increase_pct"),
@@ -126,6 +126,8 @@ def write(result: dict, out: Path, quiet: bool = False) -> None:
         lines.append(f"Calibration (disjoint from the evaluation text): {c['source']}, {c['nsamples']} × {c['seqlen']} "
                      f"tokens, seed {c['seed']}. Mixed: one measurement (its time is in the first mixed row, "
                      "the later rows reuse it), then allocation and GPTQ with the chosen schemes.")
+    if result.get("note"):
+        lines.append(f"Note: {result['note']}")
     atomic_write_text(out / f"{stem}.md", "\n".join(lines) + "\n")
     if not quiet:
         print("\n".join(lines))

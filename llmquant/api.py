@@ -9,7 +9,7 @@ from torch import nn
 from llmquant.config import QuantConfig
 from llmquant.hf.integration import attach_quantization_config
 from llmquant.modules.quant_linear import prepare_model
-from llmquant.quantizers import quantize_model
+from llmquant.mixed import quantize_model
 
 
 def quantize(
@@ -18,6 +18,7 @@ def quantize(
     calibration: Iterable[torch.Tensor] | None = None,
     progress: bool = True,
     measurement=None,
+    timing_table=None,
 ) -> dict:
     """Quantize ``model`` in place according to ``config``; returns a summary dict.
 
@@ -31,9 +32,12 @@ def quantize(
 
     With a budget in ``config`` (``target_bpw`` or ``max_size``, see :mod:`llmquant.mixed`) each layer's
     scheme is chosen first; ``measurement`` names a JSON file that keeps the measurement for the next
-    budget (read if it exists, written otherwise). The stored config then names every layer's scheme.
+    budget (read if it exists, written otherwise); a latency budget (``max_latency``) reads the
+    ``timing_table`` JSON of this machine (``llmquant timing``). The stored config then names every
+    layer's scheme.
     """
-    summary, effective = quantize_model(model, config, calibration, progress, measurement=measurement)
+    summary, effective = quantize_model(model, config, calibration, progress, measurement=measurement,
+                                        timing_table=timing_table)
     attach_quantization_config(model, effective)
     summary["quantization_config"] = effective.to_dict()
     summary["kernels"] = prepare_model(model)  # kernels chosen and weights repacked now

@@ -107,6 +107,9 @@ class QuantConfig:
     target_bpw: float | None = None
     #: or: bytes of the whole checkpoint (every tensor, float ones in the storage dtype)
     max_size: int | None = None
+    #: or: milliseconds the quantized layers may take per decoded token, predicted from a timing
+    #: table measured on this machine (:mod:`llmquant.mixed.latency`)
+    max_latency: float | None = None
     #: the bit widths and group sizes the allocation chooses from (symmetric and asymmetric each)
     mixed_bits: tuple[int, ...] = (2, 3, 4, 8)
     mixed_group_sizes: tuple[int, ...] = (-1, 32, 64, 128)
@@ -164,8 +167,13 @@ class QuantConfig:
         object.__setattr__(self, "overrides", clean)
 
     def _check_mixed(self, method) -> None:
-        if self.target_bpw is not None and self.max_size is not None:
-            raise QuantConfigError("QuantConfig: give one budget, target_bpw or max_size, not both")
+        given = [f for f in ("target_bpw", "max_size", "max_latency") if getattr(self, f) is not None]
+        if len(given) > 1:
+            raise QuantConfigError(f"QuantConfig: give one budget (target_bpw, max_size or max_latency), not {given}")
+        if self.max_latency is not None and (
+            isinstance(self.max_latency, bool) or not isinstance(self.max_latency, (int, float)) or self.max_latency <= 0
+        ):
+            raise QuantConfigError(f"QuantConfig: max_latency must be a positive number of milliseconds, got {self.max_latency!r}")
         if self.target_bpw is not None:
             if isinstance(self.target_bpw, bool) or not isinstance(self.target_bpw, (int, float)) or not (
                 0 < self.target_bpw < 64
@@ -196,8 +204,9 @@ class QuantConfig:
 
     @property
     def budgeted(self) -> bool:
-        """Whether each layer's scheme is still to be chosen under a budget (target_bpw or max_size)."""
-        return self.target_bpw is not None or self.max_size is not None
+        """Whether each layer's scheme is still to be chosen under a budget (target_bpw, max_size or
+        max_latency)."""
+        return self.target_bpw is not None or self.max_size is not None or self.max_latency is not None
 
     @property
     def stores_perm(self) -> bool:
@@ -267,6 +276,6 @@ class QuantConfig:
         return cls(**d)
 
 
-_MIXED_FIELDS = ("target_bpw", "max_size", "mixed_bits", "mixed_group_sizes", "mixed")
+_MIXED_FIELDS = ("target_bpw", "max_size", "max_latency", "mixed_bits", "mixed_group_sizes", "mixed")
 _DEFAULTS = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
              for f in dataclasses.fields(QuantConfig)}

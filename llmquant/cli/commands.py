@@ -81,6 +81,10 @@ def add_scheme_args(p: argparse.ArgumentParser) -> None:
                    help="average bits per quantized weight, scales/zeros/perm included (e.g. 3.5)")
     b.add_argument("--max-size", type=parse_size, metavar="SIZE",
                    help="bytes of the whole checkpoint: 150MB, 140MiB, 1.2GB or a number of bytes")
+    b.add_argument("--max-latency", type=float, metavar="MS",
+                   help="milliseconds the quantized layers may take per decoded token, predicted from --timing-table")
+    m.add_argument("--timing-table", metavar="FILE.json",
+                   help="per-(shape, scheme) layer times measured on this machine by 'llmquant timing'")
     m.add_argument("--measurement", metavar="FILE.json",
                    help="keep the per-layer measurement here and reuse it for the next budget (read if it exists)")
     m.add_argument("--mixed-bits", type=int, nargs="+", default=[2, 3, 4, 8], metavar="B",
@@ -111,6 +115,7 @@ def config_from_args(args: argparse.Namespace):
         activations=args.activations,
         target_bpw=args.target_bpw,
         max_size=args.max_size,
+        max_latency=args.max_latency,
         mixed_bits=tuple(args.mixed_bits),
         mixed_group_sizes=tuple(args.mixed_group_sizes),
     )
@@ -132,7 +137,8 @@ def quantize_model(args: argparse.Namespace, model, tokenizer) -> dict:
             tokenizer, source=args.calibration, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
             bos=bos_for_raw_text(args.model, tokenizer),
         )
-    return llmquant.quantize(model, config, calibration=calibration, measurement=args.measurement)
+    return llmquant.quantize(model, config, calibration=calibration, measurement=args.measurement,
+                             timing_table=args.timing_table)
 
 
 def add_quantize(sub) -> None:
@@ -160,7 +166,8 @@ def run_quantize(args: argparse.Namespace) -> int:
     print(format_info(info))
     if "mixed" in summary:
         a, sec = summary["mixed"]["allocation"], summary["mixed"]["seconds"]
-        print(f"\nmixed precision: {a['bpw']:.3f} bpw ({a['bytes']} of {a['budget_bytes']} budgeted bytes), layers by "
+        ms = f", predicted {a['predicted_ms']:.3f} ms/token in the quantized layers" if "predicted_ms" in a else ""
+        print(f"\nmixed precision: {a['bpw']:.3f} bpw ({a['bytes']} bytes){ms}, layers by "
               f"bits {a['layers_by_bits']}; predicted KL {a['predicted_kl']:.4g} nats/token (lower bound "
               f"{a['lower_bound_kl']:.4g}); measure {sec['measure']:.1f} s, allocate {sec['allocate']:.2f} s")
     print(f"\nquantized {summary['layers']} layers with {summary['method']} in {summary['seconds']:.1f} s "
@@ -447,6 +454,43 @@ def run_info(args: argparse.Namespace) -> int:
         from llmquant.evals.perplexity import write_json
 
         write_json(args.json, info)
+    return 0
+
+
+# --- timing ---------------------------------------------------------------------------------------
+def add_timing(sub) -> None:
+    p = sub.add_parser("timing", help="time every scheme on a model's layer shapes here (for --max-latency)")
+    p.add_argument("model", help="built-in name, folder or hub id (only its layer shapes are used)")
+    p.add_argument("out", help="the timing table to write (JSON)")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="activation dtype")
+    p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 8])
+    p.add_argument("--group-sizes", type=int, nargs="+", default=[-1, 32, 64, 128])
+    p.add_argument("--no-perm", action="store_true", help="layers without act-order's perm (default: with)")
+    p.add_argument("--quantize-lm-head", action="store_true", help="time the output layer's shape too")
+    p.add_argument("--reps", type=int, default=50)
+    p.set_defaults(func=run_timing)
+
+
+def run_timing(args: argparse.Namespace) -> int:
+    import torch
+
+    from llmquant.mixed.cost import candidates
+    from llmquant.mixed.latency import measure_table, save_table
+    from llmquant.config import QuantConfig
+    from llmquant.models import load_model
+    from llmquant.modules.walk import linear_weight
+    from llmquant.quantizers.plan import plan
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    model, _ = load_model(args.model)
+    shapes = {tuple(linear_weight(m).shape) for _, m, _ in plan(model, QuantConfig(quantize_lm_head=args.quantize_lm_head))}
+    del model
+    table = measure_table(shapes, candidates(args.bits, args.group_sizes), perm=not args.no_perm, dtype=dtype,
+                          reps=args.reps)
+    save_table(table, args.out)
+    m = table["machine"]
+    print(f"timing table for {len(shapes)} shapes x {len(table['entries'][next(iter(table['entries']))])} schemes "
+          f"({m['cpu']}, {m['isa']}, {m['threads']} threads, {m['dtype']}): {args.out}")
     return 0
 
 

@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_quantize(sub)
     commands.add_eval(sub)
     commands.add_info(sub)
+    commands.add_timing(sub)
     commands.add_export_gptq(sub)
     commands.add_export_compressed_tensors(sub)
     commands.add_demo(sub)

@@ -31,7 +31,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from llmquant.config import QUANT_METHOD, QuantConfig
 from llmquant.modules.quant_linear import QuantLinear, prepare_model
 from llmquant.modules.walk import linear_weight, set_submodule
-from llmquant.quantizers import quantize_model
+from llmquant.mixed import quantize_model
 from llmquant.quantizers.plan import plan, untie_if_quantizing_head
 
 logger = logging.getLogger(__name__)

@@ -1,6 +1,7 @@
 """Mixed precision: each layer's scheme chosen under a budget the user states.
 
-``QuantConfig(method="gptq", target_bpw=3.5)`` (or ``max_size=...`` bytes for the whole checkpoint)
+``QuantConfig(method="gptq", target_bpw=3.5)`` (or ``max_size=...`` bytes for the whole checkpoint, or ``max_latency=...`` milliseconds per token in
+the quantized layers, from a timing table of this machine: :mod:`llmquant.mixed.latency`)
 makes :func:`llmquant.quantize` first *measure* every planned layer at every candidate scheme
 (:mod:`llmquant.mixed.measure`), then *allocate* one scheme per fused group of layers with the least
 predicted damage that fits the budget (:mod:`llmquant.mixed.allocate`), then quantize with those
@@ -22,12 +23,14 @@ from llmquant.config import QuantConfig, match_pattern
 from llmquant.mixed.allocate import Allocation, BudgetError, allocate, total_weights
 from llmquant.mixed.cost import candidates, layer_bytes, parse_scheme_key, scheme_key
 from llmquant.mixed.measure import Measurement, MeasurementError, measure
+from llmquant.quantizers import quantize_model as quantize_planned
+from llmquant.registry import get_method
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "Allocation", "BudgetError", "Measurement", "MeasurementError", "allocate", "candidates", "layer_bytes",
-    "measure", "plan_mixed", "scheme_key",
+    "measure", "plan_mixed", "quantize_model", "scheme_key",
 ]
 
 
@@ -50,7 +53,7 @@ def _fixed_groups(meas: Measurement, config: QuantConfig) -> dict[str, str]:
 
 
 def budget_bytes(meas: Measurement, config: QuantConfig) -> tuple[int, str]:
-    """The bytes the planned layers may take, and how the budget reads to a user."""
+    """The bytes the planned layers may take, and how the budget reads to a user (target_bpw, max_size)."""
     if config.target_bpw is not None:
         return int(config.target_bpw * total_weights(meas) // 8), f"target of {config.target_bpw} bpw"
     room = config.max_size - meas.other_bytes
@@ -62,20 +65,64 @@ def budget_bytes(meas: Measurement, config: QuantConfig) -> tuple[int, str]:
     return room, f"max_size of {config.max_size} bytes ({meas.other_bytes} outside the quantized layers)"
 
 
+def _check_budget_early(model: nn.Module, config: QuantConfig, schemes, table: dict | None) -> None:
+    """Refuse a budget outside what any allocation can take before the (long) measurement pass. Layer
+    by layer, so a necessary condition; the allocation checks the exact bounds of fused groups."""
+    from llmquant.checkpoint import storage_dtype
+    from llmquant.mixed.allocate import check_budget, describe_bytes, describe_us
+    from llmquant.mixed.measure import _other_bytes
+    from llmquant.modules.walk import linear_weight
+    from llmquant.quantizers.plan import check_plan
+
+    todo = check_plan(model, config)
+    shapes = [tuple(linear_weight(m).shape) for _, m, _ in todo]
+    keys = [scheme_key(s) for s in schemes]
+    if table is not None:
+        from llmquant.mixed.latency import check_table, shape_key
+
+        check_table(table, shapes, keys, perm=config.stores_perm)
+        costs = [[table["entries"][shape_key(n, k)][key] for key in keys] for n, k in shapes]
+        check_budget(config.max_latency * 1000, sum(map(min, costs)), sum(map(max, costs)), describe_us,
+                     f"max_latency of {config.max_latency} ms")
+        return
+    costs = [[layer_bytes(n, k, s, config.stores_perm) for s in schemes] for n, k in shapes]
+    lo, hi = sum(map(min, costs)), sum(map(max, costs))
+    weights = sum(n * k for n, k in shapes)
+    if config.target_bpw is not None:
+        check_budget(config.target_bpw * weights / 8, lo, hi, describe_bytes(weights), f"target of {config.target_bpw} bpw")
+    else:
+        other = _other_bytes(model, {name for name, _, _ in todo}, storage_dtype(model))
+        if config.max_size <= other:
+            raise BudgetError(
+                f"max_size {config.max_size} bytes leaves nothing for the quantized layers: the rest of the checkpoint "
+                f"(embeddings, norms, float layers) already takes {other} bytes"
+            )
+        check_budget(config.max_size - other, lo, hi, describe_bytes(weights),
+                     f"max_size of {config.max_size} bytes ({other} outside the quantized layers)")
+
+
 def plan_mixed(
     model: nn.Module,
     config: QuantConfig,
     calibration: Iterable[torch.Tensor],
     progress: bool = True,
     measurement: str | Path | Measurement | None = None,
+    timing_table: str | Path | None = None,
 ) -> tuple[QuantConfig, dict]:
     """Measure (or reuse ``measurement``: a :class:`Measurement` or a JSON file, written there when it does
-    not exist yet) and allocate; returns the config with every planned layer's scheme as an override and
+    not exist yet) and allocate (a latency budget reads ``timing_table``, :mod:`llmquant.mixed.latency`); returns the config with every planned layer's scheme as an override and
     the budget fields cleared, and a summary dict (``allocation``, ``measurement`` seconds)."""
     if not config.budgeted:
         raise ValueError("plan_mixed needs a config with a budget (target_bpw or max_size)")
     schemes = candidates(config.mixed_bits, config.mixed_group_sizes)
     keys = [scheme_key(s) for s in schemes]
+    table = None
+    if config.max_latency is not None:  # a missing or foreign table fails before the measurement pass
+        from llmquant.mixed.latency import check_table, load_table, shape_key
+
+        table = load_table(timing_table)
+        check_table(table, [], keys, perm=config.stores_perm)
+    _check_budget_early(model, config, schemes, table)
     t0 = time.perf_counter()
     path = None
     if isinstance(measurement, Measurement):
@@ -95,8 +142,15 @@ def plan_mixed(
             logger.info("mixed precision: measurement written to %s", measurement)
     t_measure = time.perf_counter() - t0
     t0 = time.perf_counter()
-    budget, what = budget_bytes(meas, config)
-    alloc = allocate(meas, budget, keys, _fixed_groups(meas, config), budget_name=what)
+    if table is not None:
+        check_table(table, [(lay.n, lay.k) for lay in meas.layers], keys, perm=config.stores_perm)
+        entries = table["entries"]
+        alloc = allocate(meas, config.max_latency * 1000, keys, _fixed_groups(meas, config),
+                         budget_name=f"max_latency of {config.max_latency} ms", unit="us",
+                         layer_cost=lambda lay, key: entries[shape_key(lay.n, lay.k)][key])
+    else:
+        budget, what = budget_bytes(meas, config)
+        alloc = allocate(meas, budget, keys, _fixed_groups(meas, config), budget_name=what)
     t_alloc = time.perf_counter() - t0
     overrides = dict(config.overrides)
     for name, s in alloc.layers.items():
@@ -104,15 +158,44 @@ def plan_mixed(
     record = {
         "target_bpw": config.target_bpw,
         "max_size": config.max_size,
+        "max_latency": config.max_latency,
+        "predicted_ms": alloc.cost / 1000 if alloc.unit == "us" else None,
         "bpw": round(alloc.bpw, 6),
         "layer_bytes": alloc.bytes,
         "predicted_kl": alloc.predicted_kl,
         "candidates": keys,
         "measurement": meas.fingerprint[:16],
     }
-    effective = config.replace(overrides=overrides, target_bpw=None, max_size=None, mixed=record)
+    effective = config.replace(overrides=overrides, target_bpw=None, max_size=None, max_latency=None, mixed=record)
     s = alloc.summary()
     logger.info("mixed precision: %.3f bpw over %d layers (%s), predicted KL %.4g (lower bound %.4g)",
                 alloc.bpw, len(alloc.layers), s["layers_by_bits"], alloc.predicted_kl, alloc.lower_bound)
     return effective, {"allocation": s, "seconds": {"measure": t_measure, "allocate": t_alloc},
                        "measurement_seconds": meas.seconds}
+
+
+def quantize_model(
+    model: nn.Module,
+    config: QuantConfig,
+    calibration: Iterable[torch.Tensor] | None = None,
+    progress: bool = True,
+    measurement: str | Path | Measurement | None = None,
+    timing_table: str | Path | None = None,
+) -> tuple[dict, QuantConfig]:
+    """:func:`llmquant.quantizers.quantize_model`, with a budget allocated first when ``config`` has one
+    (then ``summary["mixed"]`` holds the allocation and ``summary["seconds"]`` includes it)."""
+    if not config.budgeted:
+        return quantize_planned(model, config, calibration, progress)
+    if calibration is None:
+        raise ValueError(
+            "a budget (target_bpw/max_size) chooses each layer's scheme by measuring it on calibration data: "
+            "pass calibration=... (token id batches, see llmquant.calibration.calibration_batches)"
+        )
+    get_method(config.method).check_model(model, config)  # before the measurement pass
+    calibration = list(calibration)  # read twice: measurement, then the method
+    effective, mixed = plan_mixed(model, config, calibration, progress=progress, measurement=measurement,
+                                  timing_table=timing_table)
+    summary, effective = quantize_planned(model, effective, calibration, progress)
+    summary["mixed"] = mixed
+    summary["seconds"] += sum(mixed["seconds"].values())
+    return summary, effective

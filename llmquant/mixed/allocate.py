@@ -1,4 +1,5 @@
-"""Allocation: one scheme per fused group that minimizes the predicted damage under a byte budget.
+"""Allocation: one scheme per fused group that minimizes the predicted damage under a budget (bytes,
+or predicted decode time of the quantized layers).
 
 This is a multiple-choice knapsack: groups g = 1..G, each picks one scheme c with cost ``b[g, c]``
 (stored bytes) and damage ``d[g, c]`` (predicted KL, :mod:`llmquant.mixed.measure`); minimize
@@ -14,12 +15,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
 from llmquant.config import LayerQuant
-from llmquant.mixed.cost import parse_scheme_key
-from llmquant.mixed.measure import Measurement
+from llmquant.mixed.cost import parse_scheme_key, scheme_key
+from llmquant.mixed.measure import LayerMeasure, Measurement
 
 #: budget units of the dynamic programme
 RESOLUTION = 20000
@@ -39,7 +41,11 @@ class Allocation:
     weights: int
     predicted_kl: float
     lower_bound: float
-    budget_bytes: int
+    #: the budget, in the unit of the allocated cost (bytes; microseconds for a latency budget)
+    budget: float
+    #: what the chosen schemes cost in that unit
+    cost: float
+    unit: str = "bytes"
 
     @property
     def bpw(self) -> float:
@@ -50,17 +56,24 @@ class Allocation:
         for s in self.layers.values():
             key = f"{s.bits}-bit"
             counts[key] = counts.get(key, 0) + 1
-        return {"bpw": self.bpw, "bytes": self.bytes, "budget_bytes": self.budget_bytes,
-                "predicted_kl": self.predicted_kl, "lower_bound_kl": self.lower_bound,
+        out = {"bpw": self.bpw, "bytes": self.bytes, "budget": self.budget, "cost": self.cost, "unit": self.unit}
+        if self.unit == "us":
+            out["predicted_ms"] = self.cost / 1000
+        return {**out, "predicted_kl": self.predicted_kl, "lower_bound_kl": self.lower_bound,
                 "gap_kl": self.predicted_kl - self.lower_bound, "layers_by_bits": dict(sorted(counts.items())),
                 "groups": dict(self.choice)}
+
+
+#: what one layer costs at one scheme, in the unit of the budget (default: its stored bytes)
+LayerCost = Callable[[LayerMeasure, str], float]
 
 
 def total_weights(meas: Measurement) -> int:
     return sum(lay.n * lay.k for lay in meas.layers)
 
 
-def _tables(meas: Measurement, keys: list[str], fixed: dict[str, str]):
+def _tables(meas: Measurement, keys: list[str], fixed: dict[str, str], layer_cost: LayerCost | None = None):
+    layer_cost = layer_cost or (lambda lay, key: lay.bytes[key])
     names, cost, dmg = [], [], []
     for g in meas.groups:
         allowed = [fixed[g.name]] if g.name in fixed else keys
@@ -68,7 +81,7 @@ def _tables(meas: Measurement, keys: list[str], fixed: dict[str, str]):
         d = np.full(len(keys), np.inf)
         for key in allowed:
             i = keys.index(key)
-            c[i] = sum(meas.layer(n).bytes[key] for n in g.layers)
+            c[i] = sum(layer_cost(meas.layer(n), key) for n in g.layers)
             d[i] = meas.damage(g, key)
         names.append(g.name)
         cost.append(c)
@@ -76,11 +89,33 @@ def _tables(meas: Measurement, keys: list[str], fixed: dict[str, str]):
     return names, np.array(cost), np.array(dmg)
 
 
-def bounds(meas: Measurement, keys: list[str], fixed: dict[str, str] | None = None) -> tuple[int, int]:
-    """(smallest, largest) bytes any allocation over ``keys`` can take."""
-    _, cost, _ = _tables(meas, keys, fixed or {})
+def bounds(meas: Measurement, keys: list[str], fixed: dict[str, str] | None = None,
+           layer_cost: LayerCost | None = None) -> tuple[float, float]:
+    """(smallest, largest) cost (default: bytes) any allocation over ``keys`` can take."""
+    _, cost, _ = _tables(meas, keys, fixed or {}, layer_cost)
     finite = np.where(np.isfinite(cost), cost, np.nan)
-    return int(np.nanmin(finite, axis=1).sum()), int(np.nanmax(finite, axis=1).sum())
+    return float(np.nanmin(finite, axis=1).sum()), float(np.nanmax(finite, axis=1).sum())
+
+
+def describe_bytes(weights: int) -> Callable[[float], str]:
+    return lambda b: f"{int(b)} bytes = {8 * b / weights:.3f} bpw"
+
+
+def describe_us(c: float) -> str:
+    return f"{c / 1000:.4f} ms"
+
+
+def check_budget(budget: float, lo: float, hi: float, describe: Callable[[float], str], budget_name: str) -> None:
+    """:class:`BudgetError` unless ``lo <= budget <= hi``, with all three numbers."""
+    if budget < lo:
+        raise BudgetError(
+            f"the {budget_name} ({describe(budget)}) is below the smallest allocation of the candidate schemes: {describe(lo)}"
+        )
+    if budget > hi:
+        raise BudgetError(
+            f"the {budget_name} ({describe(budget)}) is above the largest allocation of the candidate schemes: "
+            f"{describe(hi)}; quantize uniformly with the largest scheme instead"
+        )
 
 
 def _lagrangian_bound(cost: np.ndarray, dmg: np.ndarray, budget: float) -> float:
@@ -126,34 +161,29 @@ def _use_slack(choice: list[int], cost: np.ndarray, dmg: np.ndarray, budget: int
 
 def allocate(
     meas: Measurement,
-    budget_bytes: int,
+    budget: float,
     keys: list[str],
     fixed: dict[str, str] | None = None,
     resolution: int = RESOLUTION,
     budget_name: str = "budget",
+    layer_cost: LayerCost | None = None,
+    unit: str = "bytes",
 ) -> Allocation:
-    """The allocation of least predicted damage whose planned layers take at most ``budget_bytes``.
+    """The allocation of least predicted damage whose planned layers cost at most ``budget``.
 
-    ``keys``: the candidate schemes; ``fixed``: groups whose scheme is given (per-module overrides).
+    ``keys``: the candidate schemes; ``fixed``: groups whose scheme is given (per-module overrides);
+    ``layer_cost``: the cost of a layer at a scheme in ``unit`` (default: its stored bytes).
     Raises :class:`BudgetError` when the budget is below the smallest or above the largest allocation.
     """
     fixed = fixed or {}
-    names, cost, dmg = _tables(meas, keys, fixed)
-    weights = total_weights(meas)
-    lo, hi = bounds(meas, keys, fixed)
-    if budget_bytes < lo:
-        raise BudgetError(
-            f"the {budget_name} ({budget_bytes} bytes, {8 * budget_bytes / weights:.3f} bpw) is below the smallest "
-            f"allocation of the candidate schemes: {lo} bytes = {8 * lo / weights:.3f} bpw"
-        )
-    if budget_bytes > hi:
-        raise BudgetError(
-            f"the {budget_name} ({budget_bytes} bytes, {8 * budget_bytes / weights:.3f} bpw) is above the largest "
-            f"allocation of the candidate schemes: {hi} bytes = {8 * hi / weights:.3f} bpw; "
-            "quantize uniformly with the largest scheme instead"
-        )
-    unit = budget_bytes / resolution
-    units = np.where(np.isfinite(cost), np.ceil(cost / unit - 1e-9), np.inf)
+    names, cost, dmg = _tables(meas, keys, fixed, layer_cost)
+    describe = describe_bytes(total_weights(meas)) if layer_cost is None else (
+        describe_us if unit == "us" else (lambda c: f"{c:g} {unit}"))
+    lo, hi = bounds(meas, keys, fixed, layer_cost)
+    check_budget(budget, lo, hi, describe, budget_name)
+    budget_bytes = budget
+    unit_size = budget / resolution
+    units = np.where(np.isfinite(cost), np.ceil(cost / unit_size - 1e-9), np.inf)
     cap = resolution
     best = np.full(cap + 1, np.inf)
     best[0] = 0.0
@@ -185,12 +215,14 @@ def allocate(
             choice_idx.append(ci)
             b -= int(units[gi, ci])
         choice_idx.reverse()
-    _use_slack(choice_idx, cost, dmg, budget_bytes)
+    _use_slack(choice_idx, cost, dmg, budget)
     choice = {names[gi]: keys[ci] for gi, ci in enumerate(choice_idx)}
-    total = int(sum(cost[gi, ci] for gi, ci in enumerate(choice_idx)))
+    spent = float(sum(cost[gi, ci] for gi, ci in enumerate(choice_idx)))
     layers = {}
     for g in meas.groups:
         for n in g.layers:
             layers[n] = parse_scheme_key(choice[g.name])
+    nbytes = sum(meas.layer(n).bytes[scheme_key(s)] for n, s in layers.items())
     predicted = float(sum(dmg[gi, ci] for gi, ci in enumerate(choice_idx)))
-    return Allocation(choice, layers, total, weights, predicted, _lagrangian_bound(cost, dmg, budget_bytes), budget_bytes)
+    return Allocation(choice, layers, nbytes, total_weights(meas), predicted, _lagrangian_bound(cost, dmg, budget_bytes),
+                      budget, spent, unit)

@@ -20,7 +20,6 @@ def quantize_model(
     config: QuantConfig,
     calibration: Iterable[torch.Tensor] | None = None,
     progress: bool = True,
-    measurement=None,
 ) -> tuple[dict, QuantConfig]:
     """Quantize ``model`` in place with the method ``config.method`` names.
 
@@ -29,15 +28,15 @@ def quantize_model(
     (calibration present, the method understands the model, the config selects some layer) is checked
     before any layer changes.
 
-    A config with a budget (``target_bpw``/``max_size``) first gets every layer's scheme chosen by
-    :func:`llmquant.mixed.plan_mixed` (``measurement``: a measurement file to reuse or write); the
-    summary's ``mixed`` holds the allocation.
+    A config with a budget (``target_bpw``/``max_size``) is refused here: its layers' schemes are
+    chosen first by :func:`llmquant.mixed.quantize_model` (what :func:`llmquant.quantize` and the
+    transformers loader call), which then calls this with the allocated config.
     """
     method = get_method(config.method)
-    if config.budgeted and calibration is None:
+    if config.budgeted:
         raise ValueError(
-            "a budget (target_bpw/max_size) chooses each layer's scheme by measuring it on calibration data: "
-            "pass calibration=... (token id batches, see llmquant.calibration.calibration_batches)"
+            "this config has a budget (target_bpw/max_size) whose schemes are not chosen yet: quantize with "
+            "llmquant.quantize or llmquant.mixed.quantize_model, which allocate them first"
         )
     if method.needs_calibration and calibration is None:
         raise ValueError(
@@ -45,16 +44,7 @@ def quantize_model(
             "see llmquant.calibration.calibration_batches)"
         )
     method.check_model(model, config)
-    mixed = None
-    if config.budgeted:
-        from llmquant.mixed import plan_mixed
-
-        calibration = list(calibration)  # read twice: measurement, then the method
-        config, mixed = plan_mixed(model, config, calibration, progress=progress, measurement=measurement)
     summary = method.apply(model, config, calibration, progress)
-    if mixed is not None:
-        summary["mixed"] = mixed
-        summary["seconds"] += sum(mixed["seconds"].values())
     return summary, config.with_kept_float(summary.get("kept_float", ()))
 
 

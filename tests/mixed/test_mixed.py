@@ -292,3 +292,60 @@ def test_quantize_on_load_with_a_budget(float_ckpt, tmp_path):
     model.save_pretrained(tmp_path / "ckpt")
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
     assert _bpw(back) == _bpw(model)
+
+
+# --- latency budgets ------------------------------------------------------------------------------
+def test_latency_budget_from_a_timing_table(tmp_path):
+    from llmquant.mixed.latency import LatencyError, load_table, measure_table, save_table, shape_key
+
+    model = tiny_model("llama")
+    cfg = QuantConfig(method="gptq", mixed_bits=(2, 4, 8), mixed_group_sizes=(32,))
+    schemes = candidates(cfg.mixed_bits, cfg.mixed_group_sizes)
+    shapes = {(m.weight.shape[0], m.weight.shape[1]) for n, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    table = measure_table(shapes, schemes, perm=True, reps=5, progress=False)
+    assert set(table["entries"]) == {shape_key(n, k) for n, k in shapes}
+    assert all(v > 0 for e in table["entries"].values() for v in e.values())
+    path = save_table(table, tmp_path / "t.json")
+    # the real table ranks close schemes by noise on a tiny layer; a table with costs that differ
+    # (8-bit slow) makes the budget bind, and the allocation must respect the predicted time
+    for e in table["entries"].values():
+        e.update({"2g32s": 10.0, "2g32a": 11.0, "4g32s": 20.0, "4g32a": 21.0, "8g32s": 40.0, "8g32a": 41.0})
+    save_table(table, tmp_path / "t2.json")
+    layers = 14
+    budget_ms = layers * 25.0 / 1000
+    s = llmquant.quantize(model, cfg.replace(max_latency=budget_ms), calibration=tiny_calibration(), progress=False,
+                          timing_table=tmp_path / "t2.json")
+    a = s["mixed"]["allocation"]
+    assert a["unit"] == "us" and a["predicted_ms"] <= budget_ms and a["predicted_ms"] > 0.8 * budget_ms
+    assert QuantConfig.from_dict(s["quantization_config"]).mixed["max_latency"] == budget_ms
+    with pytest.raises(LatencyError, match="needs a timing table"):
+        llmquant.quantize(tiny_model("llama"), cfg.replace(max_latency=1.0), calibration=tiny_calibration(),
+                          progress=False)
+    other = load_table(path)
+    other["machine"]["cpu"] = "Some Other CPU"
+    save_table(other, tmp_path / "other.json")
+    with pytest.raises(LatencyError, match="another machine.*Some Other CPU"):
+        llmquant.quantize(tiny_model("llama"), cfg.replace(max_latency=1.0), calibration=tiny_calibration(),
+                          progress=False, timing_table=tmp_path / "other.json")
+    with pytest.raises(BudgetError, match=r"below the smallest allocation.*ms"):
+        llmquant.quantize(tiny_model("llama"), cfg.replace(max_latency=0.001), calibration=tiny_calibration(),
+                          progress=False, timing_table=tmp_path / "t2.json")
+
+
+def test_cli_timing_and_max_latency(float_ckpt, tmp_path, capsys):
+    from llmquant.cli.main import main
+    from llmquant.mixed.latency import load_table
+
+    t = tmp_path / "t.json"
+    assert main(["timing", str(float_ckpt), str(t), "--bits", "4", "8", "--group-sizes", "32", "--reps", "3"]) == 0
+    table = load_table(t)
+    total_fast = sum(min(e.values()) for e in table["entries"].values())
+    assert main(["quantize", str(float_ckpt), str(tmp_path / "q"), "--method", "gptq", "--mixed-bits", "4", "8",
+                 "--mixed-group-sizes", "32", "--max-latency", "1000", "--timing-table", str(t),
+                 "--nsamples", "8", "--seqlen", "64"]) == 2  # above what every layer at 8 bits takes
+    assert "above the largest allocation" in capsys.readouterr().err
+    assert main(["quantize", str(float_ckpt), str(tmp_path / "q"), "--method", "gptq", "--mixed-bits", "4", "8",
+                 "--mixed-group-sizes", "32", "--max-latency", "0.000001", "--nsamples", "8", "--seqlen", "64"]) == 2
+    assert "needs a timing table" in capsys.readouterr().err
+    assert total_fast > 0

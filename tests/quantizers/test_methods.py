@@ -175,10 +175,10 @@ LAYERS = [
     ("llmquant.config",),
     ("llmquant.kernels", "llmquant.modules"),
     ("llmquant.quantizers", "llmquant.calibration"),
-    ("llmquant.checkpoint", "llmquant.export", "llmquant.models"),
+    ("llmquant.checkpoint", "llmquant.export", "llmquant.models", "llmquant.mixed"),
     ("llmquant.hf",),
     ("llmquant.api", "llmquant.evals"),
-    ("llmquant.serving", "llmquant.cli", "llmquant.evals.sweep", "llmquant"),
+    ("llmquant.serving", "llmquant.cli", "llmquant.evals.sweep", "llmquant.evals.pareto", "llmquant"),
 ]
 FOLDERS = {"kernels": "llmquant.kernels", "serving": "llmquant.serving", "evals": "llmquant.evals",
            "llmquant": "llmquant"}
