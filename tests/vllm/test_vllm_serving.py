@@ -216,7 +216,11 @@ def test_vllm_backend_serves_the_checkpoint_with_the_plugin(checkpoints, greedy,
     args = argparse.Namespace(model=str(checkpoints["mixed"]), host="127.0.0.1", port=port, api_key=key,
                               served_model_name="tiny", max_model_len=128, dtype="float32", max_batch=4)
     code = (
-        "import argparse, sys\n"
+        "import argparse, signal, sys\n"
+        # a background job of a non-interactive shell (how CI may run this) inherits SIGINT ignored, and
+        # Python then installs no KeyboardInterrupt handler: the SIGINT this test stops the server with
+        # would do nothing
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "from llmquant.serving.vllm_backend import run\n"
         f"sys.exit(run(argparse.Namespace(**{vars(args)!r})))\n"
     )
