@@ -21,7 +21,7 @@ from torch import nn
 
 from llmquant.config import QuantConfig, match_pattern
 from llmquant.mixed.allocate import Allocation, BudgetError, allocate, total_weights
-from llmquant.mixed.cost import candidates, layer_bytes, parse_scheme_key, scheme_key
+from llmquant.mixed.cost import candidates, layer_bytes, scheme_key
 from llmquant.mixed.measure import Measurement, MeasurementError, measure
 from llmquant.quantizers import quantize_model as quantize_planned
 from llmquant.registry import get_method
