@@ -29,8 +29,7 @@ def quantized_layer_stats(model: torch.nn.Module) -> dict:
     nbytes = weights = 0
     for m in model.modules():
         if isinstance(m, QuantLinear):
-            for shape, dtype in m.expected_tensors().values():
-                nbytes += torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            nbytes += m.weight_bytes()
             weights += m.in_features * m.out_features
     return {"layer_bytes": nbytes, "weights": weights, "bpw": 8 * nbytes / weights if weights else None}
 
@@ -91,7 +90,7 @@ def _summarize(model: str, rows: list[dict]) -> dict:
 
 def write(result: dict, out: Path, quiet: bool = False) -> None:
     from llmquant.evals.perplexity import format_table, write_json
-    from llmquant.fsutil import atomic_write_text
+    from llmquant.evals.sweep import finish_report, report_head
 
     out.mkdir(parents=True, exist_ok=True)
     stem = f"pareto_{result['model']}"
@@ -107,19 +106,10 @@ def write(result: dict, out: Path, quiet: bool = False) -> None:
                                 ("layers by bits", "layers by bits")])
     m = result["machine"]
     p = rows[0]["protocol"]
-    lines = [
-        f"# Perplexity vs bits per weight: {result['model']}",
-        "",
-        f"`{m['command']}` ({m['date']}, commit {m['commit']}; {m['cpu']}, {m['cores']} cores, kernels "
-        f"{m['kernels_isa']}, torch {m['torch']}, {m['threads']} threads)",
-        "",
-        table,
-        "",
-        f"Protocol: WikiText-2 raw test (sha256 {p['corpus_sha256']}), first {p['max_tokens']} tokens, "
-        f"context {p['context']}, stride {p['stride']}, BOS {p['bos']}. bpw: bytes of the quantized layers "
-        "(codes, scales, zeros, act-order perm) × 8 / their weights; embedding and output layer in float as in "
-        "every row. GPTQ rows and mixed rows: act-order and clip search on.",
-    ]
+    lines = report_head(
+        f"Perplexity vs bits per weight: {result['model']}", m, table, p,
+        " bpw: bytes of the quantized layers (codes, scales, zeros, act-order perm) × 8 / their weights; embedding "
+        "and output layer in float as in every row. GPTQ rows and mixed rows: act-order and clip search on.")
     q = next((r for r in rows if "calibration" in r), None)
     if q:
         c = q["calibration"]
@@ -128,10 +118,7 @@ def write(result: dict, out: Path, quiet: bool = False) -> None:
                      "the later rows reuse it), then allocation and GPTQ with the chosen schemes.")
     if result.get("note"):
         lines.append(f"Note: {result['note']}")
-    atomic_write_text(out / f"{stem}.md", "\n".join(lines) + "\n")
-    if not quiet:
-        print("\n".join(lines))
-    _plot(result, out / f"{stem}.png")
+    finish_report(out, stem, lines, lambda path: _plot(result, path), quiet)
 
 
 def _plot(result: dict, path: Path) -> None:

@@ -74,7 +74,6 @@ def _summarize(model: str, rows: list[dict], bit_widths: list[int]) -> dict:
 
 def write(result: dict, out: Path, quiet: bool = False) -> None:
     from llmquant.evals.perplexity import format_table, write_json
-    from llmquant.fsutil import atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
     stem = f"ppl_vs_bits_{result['model']}"
@@ -84,17 +83,7 @@ def write(result: dict, out: Path, quiet: bool = False) -> None:
                                           ("Δ ppl %", "ppl_increase_pct"), ("tokens scored", "tokens_scored"),
                                           ("quantize s", "quantize_seconds")])
     m = result["machine"]
-    lines = [
-        f"# Perplexity vs bits: {result['model']}",
-        "",
-        f"`{m['command']}` ({m['date']}, commit {m['commit']}; {m['cpu']}, {m['cores']} cores, kernels "
-        f"{m['kernels_isa']}, torch {m['torch']}, {m['threads']} threads)",
-        "",
-        table,
-        "",
-        f"Protocol: WikiText-2 raw test (sha256 {p['corpus_sha256']}), first {p['max_tokens']} tokens, "
-        f"context {p['context']}, stride {p['stride']}, BOS {p['bos']}.",
-    ]
+    lines = report_head(f"Perplexity vs bits: {result['model']}", m, table, p)
     gptq = next((r for r in result["rows"] if "calibration" in r), None)
     if gptq:
         calib, cfg = gptq["calibration"], gptq["config"]
@@ -106,10 +95,32 @@ def write(result: dict, out: Path, quiet: bool = False) -> None:
     for bits, g in result["gptq_vs_rtn"].items():
         lines.append(f"INT{bits}: GPTQ closes {g['gap_closed_pct']:.1f}% of RTN's perplexity gap to float "
                      f"(its increase is {g['gptq_increase_over_rtn_increase']:.2f}× RTN's).")
+    finish_report(out, stem, lines, lambda path: _plot(result, path), quiet)
+
+
+def report_head(title: str, m: dict, table: str, p: dict, protocol_extra: str = "") -> list[str]:
+    """The first lines of a results page: title, command and machine, the table, the protocol."""
+    return [
+        f"# {title}",
+        "",
+        f"`{m['command']}` ({m['date']}, commit {m['commit']}; {m['cpu']}, {m['cores']} cores, kernels "
+        f"{m['kernels_isa']}, torch {m['torch']}, {m['threads']} threads)",
+        "",
+        table,
+        "",
+        f"Protocol: WikiText-2 raw test (sha256 {p['corpus_sha256']}), first {p['max_tokens']} tokens, "
+        f"context {p['context']}, stride {p['stride']}, BOS {p['bos']}." + protocol_extra,
+    ]
+
+
+def finish_report(out: Path, stem: str, lines: list[str], plot, quiet: bool) -> None:
+    """Write ``<stem>.md`` (atomically), print it unless ``quiet``, and draw ``<stem>.png`` with ``plot(path)``."""
+    from llmquant.fsutil import atomic_write_text
+
     atomic_write_text(out / f"{stem}.md", "\n".join(lines) + "\n")
     if not quiet:
         print("\n".join(lines))
-    _plot(result, out / f"{stem}.png")
+    plot(out / f"{stem}.png")
 
 
 def _plot(result: dict, path: Path) -> None:

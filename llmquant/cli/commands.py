@@ -309,6 +309,8 @@ def checkpoint_info(path: str | Path) -> dict:
         "quantization_config": qc,
         "layers": layers,
         "linear_bytes": qbytes,
+        # bits per quantized weight: codes, scales, zeros and perm over the layers' weights
+        "bpw": 8 * qbytes / sum(lay["N"] * lay["K_max"] for lay in layers) if layers else None,
         "linear_fp16_bytes_approx": sum(2 * lay["N"] * lay["K_max"] for lay in layers),
         "float_tensor_bytes": float_bytes,
         "disk_bytes": sum(f.stat().st_size for f in files),
@@ -342,8 +344,7 @@ def format_info(info: dict) -> str:
     lines.append("")
     lines.append(f"quantized linear layers: {len(info['layers'])}, {info['linear_bytes'] / 2**20:.2f} MiB "
                  f"({info['linear_bytes'] / fp16:.3f}x of fp16 {fp16 / 2**20:.2f} MiB)")
-    weights = sum(lay["N"] * lay["K_max"] for lay in info["layers"])
-    lines.append(f"bits per quantized weight (codes, scales, zeros, perm): {8 * info['linear_bytes'] / weights:.3f}")
+    lines.append(f"bits per quantized weight (codes, scales, zeros, perm): {info['bpw']:.3f}")
     mixed = info["quantization_config"].get("mixed")
     if mixed:
         budget = (f"target {mixed['target_bpw']} bpw" if mixed.get("target_bpw") is not None
@@ -392,11 +393,11 @@ def bit_map(layers: list[dict]) -> list[str]:
 
 def plot_bits(info: dict, path: str) -> None:
     """Bits per weight of each quantized layer, in model order (a PNG)."""
+    import re
+
     from llmquant.evals.sweep import pyplot, save_figure
 
     plt = pyplot()
-
-    import re
 
     def natural(name: str) -> list:
         return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name)]
@@ -411,7 +412,7 @@ def plot_bits(info: dict, path: str) -> None:
         ax.bar([], [], color=c, label=k)
     ax.set_xlabel("layer (model order)")
     ax.set_ylabel("bits per weight")
-    ax.set_title(f"{Path(info['path']).name}: {8 * info['linear_bytes'] / sum(l['N'] * l['K_max'] for l in lays):.3f} bpw")
+    ax.set_title(f"{Path(info['path']).name}: {info['bpw']:.3f} bpw")
     ax.legend(fontsize=6, ncol=4)
     save_figure(fig, Path(path))
 

@@ -52,17 +52,18 @@ def _fixed_groups(meas: Measurement, config: QuantConfig) -> dict[str, str]:
     return fixed
 
 
-def budget_bytes(meas: Measurement, config: QuantConfig) -> tuple[int, str]:
-    """The bytes the planned layers may take, and how the budget reads to a user (target_bpw, max_size)."""
+def budget_bytes(config: QuantConfig, weights: int, other_bytes: int) -> tuple[int, str]:
+    """The bytes the planned layers (``weights`` weights) may take under a target_bpw or max_size budget,
+    and how the budget reads to a user; ``other_bytes``: what the checkpoint holds outside them."""
     if config.target_bpw is not None:
-        return int(config.target_bpw * total_weights(meas) // 8), f"target of {config.target_bpw} bpw"
-    room = config.max_size - meas.other_bytes
+        return int(config.target_bpw * weights // 8), f"target of {config.target_bpw} bpw"
+    room = config.max_size - other_bytes
     if room <= 0:
         raise BudgetError(
             f"max_size {config.max_size} bytes leaves nothing for the quantized layers: the rest of the checkpoint "
-            f"(embeddings, norms, float layers) already takes {meas.other_bytes} bytes"
+            f"(embeddings, norms, float layers) already takes {other_bytes} bytes"
         )
-    return room, f"max_size of {config.max_size} bytes ({meas.other_bytes} outside the quantized layers)"
+    return room, f"max_size of {config.max_size} bytes ({other_bytes} outside the quantized layers)"
 
 
 def _check_budget_early(model: nn.Module, config: QuantConfig, schemes, table: dict | None) -> None:
@@ -88,17 +89,9 @@ def _check_budget_early(model: nn.Module, config: QuantConfig, schemes, table: d
     costs = [[layer_bytes(n, k, s, config.stores_perm) for s in schemes] for n, k in shapes]
     lo, hi = sum(map(min, costs)), sum(map(max, costs))
     weights = sum(n * k for n, k in shapes)
-    if config.target_bpw is not None:
-        check_budget(config.target_bpw * weights / 8, lo, hi, describe_bytes(weights), f"target of {config.target_bpw} bpw")
-    else:
-        other = _other_bytes(model, {name for name, _, _ in todo}, storage_dtype(model))
-        if config.max_size <= other:
-            raise BudgetError(
-                f"max_size {config.max_size} bytes leaves nothing for the quantized layers: the rest of the checkpoint "
-                f"(embeddings, norms, float layers) already takes {other} bytes"
-            )
-        check_budget(config.max_size - other, lo, hi, describe_bytes(weights),
-                     f"max_size of {config.max_size} bytes ({other} outside the quantized layers)")
+    other = 0 if config.max_size is None else _other_bytes(model, {name for name, _, _ in todo}, storage_dtype(model))
+    budget, what = budget_bytes(config, weights, other)
+    check_budget(budget, lo, hi, describe_bytes(weights), what)
 
 
 def plan_mixed(
@@ -149,7 +142,7 @@ def plan_mixed(
                          budget_name=f"max_latency of {config.max_latency} ms", unit="us",
                          layer_cost=lambda lay, key: entries[shape_key(lay.n, lay.k)][key])
     else:
-        budget, what = budget_bytes(meas, config)
+        budget, what = budget_bytes(config, total_weights(meas), meas.other_bytes)
         alloc = allocate(meas, budget, keys, _fixed_groups(meas, config), budget_name=what)
     t_alloc = time.perf_counter() - t0
     overrides = dict(config.overrides)

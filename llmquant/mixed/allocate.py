@@ -181,7 +181,6 @@ def allocate(
         describe_us if unit == "us" else (lambda c: f"{c:g} {unit}"))
     lo, hi = bounds(meas, keys, fixed, layer_cost)
     check_budget(budget, lo, hi, describe, budget_name)
-    budget_bytes = budget
     unit_size = budget / resolution
     units = np.where(np.isfinite(cost), np.ceil(cost / unit_size - 1e-9), np.inf)
     cap = resolution
@@ -224,5 +223,5 @@ def allocate(
             layers[n] = parse_scheme_key(choice[g.name])
     nbytes = sum(meas.layer(n).bytes[scheme_key(s)] for n, s in layers.items())
     predicted = float(sum(dmg[gi, ci] for gi, ci in enumerate(choice_idx)))
-    return Allocation(choice, layers, nbytes, total_weights(meas), predicted, _lagrangian_bound(cost, dmg, budget_bytes),
+    return Allocation(choice, layers, nbytes, total_weights(meas), predicted, _lagrangian_bound(cost, dmg, budget),
                       budget, spent, unit)

@@ -48,7 +48,7 @@ from llmquant.quantizers.blocks import BlockRunner, capture, find_layer_stack, m
 from llmquant.quantizers.gptq import GPTQ
 from llmquant.quantizers.gptq_model import _final_modules, _output_layer
 from llmquant.quantizers.plan import check_plan, dense_weight_check
-from llmquant.quantizers.grid import CLIP_MIN, CLIP_STEP, _range_qparams, fake_quantize
+from llmquant.quantizers.grid import CLIP_STEP, _range_qparams, clip_search, fake_quantize
 
 logger = logging.getLogger(__name__)
 
@@ -232,7 +232,6 @@ def _rtn_weight(
     wg = padded.view(r, ng, g)
     xmin = wg.amin(dim=2).clamp(max=0)
     xmax = wg.amax(dim=2).clamp(min=0)
-    scale, zero = _range_qparams(xmin, xmax, scheme.bits, scheme.sym)
     if clip:
         imp = torch.ones(ng * g, dtype=torch.float32, device=w.device)
         if importance is not None:
@@ -244,15 +243,9 @@ def _rtn_weight(
             d = fake_quantize(wg, s.unsqueeze(2), z.unsqueeze(2), scheme.bits).sub_(wg)
             return (d * d * imp).sum(2)
 
-        best = err(scale, zero)
-        for i in range(1, int(round((1 - CLIP_MIN) / step)) + 1):
-            p = 1 - i * step
-            s_p, z_p = _range_qparams(p * xmin, p * xmax, scheme.bits, scheme.sym)
-            e = err(s_p, z_p)
-            better = e < best
-            best = torch.where(better, e, best)
-            scale = torch.where(better, s_p, scale)
-            zero = torch.where(better, z_p, zero)
+        scale, zero = clip_search(xmin, xmax, scheme.bits, scheme.sym, err, step)
+    else:
+        scale, zero = _range_qparams(xmin, xmax, scheme.bits, scheme.sym)
     return fake_quantize(wg, scale.unsqueeze(2), zero.unsqueeze(2), scheme.bits).reshape(r, ng * g)[:, :k]
 
 
@@ -469,14 +462,14 @@ def measure(
 
         ref_logp = F.log_softmax(logits_at(hid).float(), dim=-1)
         groups: dict[str, list[str]] = {}
-        for name in planned_order(todo):
+        for name, _, _ in todo:
             groups.setdefault(group_of[name], []).append(name)
         block_of = {}
         for gname, names in groups.items():
             rest = gname[len(stack_name) + 1:] if gname.startswith(stack_name + ".") else None
             block_of[gname] = int(rest.split(".", 1)[0]) if rest is not None else None
         out_groups = []
-        mods = dict(todo_modules(todo))
+        mods = {name: mod for name, mod, _ in todo}
         for gname, names in tqdm(groups.items(), desc="mixed: KL probes", unit="group", disable=not progress):
             saved = {n: mods[n].weight.data for n in names}
             try:
@@ -529,14 +522,6 @@ def measure(
                      "tokens_sha256": ids.hexdigest()},
         seconds=seconds,
     )
-
-
-def planned_order(todo) -> list[str]:
-    return [name for name, _, _ in todo]
-
-
-def todo_modules(todo):
-    return [(name, mod) for name, mod, _ in todo]
 
 
 def _final_hidden(x: torch.Tensor, norm, proj) -> torch.Tensor:

@@ -40,12 +40,21 @@ def qparams(
     if not clip:
         return scale, zero
     imp = torch.ones(w.shape[1], dtype=torch.float32, device=w.device) if importance is None else importance.float()
-    best = _weighted_error(w, scale, zero, bits, imp)
-    steps = int(round((1 - CLIP_MIN) / CLIP_STEP))
-    for i in range(1, steps + 1):
-        p = 1 - i * CLIP_STEP
+    return clip_search(xmin, xmax, bits, sym, lambda s, z: _weighted_error(w, s, z, bits, imp))
+
+
+def clip_search(
+    xmin: torch.Tensor, xmax: torch.Tensor, bits: int, sym: bool, error, step: float = CLIP_STEP
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clipping search: for every range ``[xmin, xmax]`` (any shape) the scale and zero point of the
+    shrunk range ``p * [xmin, xmax]``, p = 1, 1 - step, ... down to CLIP_MIN, with the least
+    ``error(scale, zero)`` (a tensor of the ranges' shape; the first p wins ties)."""
+    scale, zero = _range_qparams(xmin, xmax, bits, sym)
+    best = error(scale, zero)
+    for i in range(1, int(round((1 - CLIP_MIN) / step)) + 1):
+        p = 1 - i * step
         s_p, z_p = _range_qparams(p * xmin, p * xmax, bits, sym)
-        err = _weighted_error(w, s_p, z_p, bits, imp)
+        err = error(s_p, z_p)
         better = err < best
         if better.any():
             best = torch.where(better, err, best)

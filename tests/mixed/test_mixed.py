@@ -18,17 +18,12 @@ from llmquant.quantizers.rtn import quantize_weight_rtn
 from tests.quantizers.tiny_models import tiny_calibration, tiny_model
 
 
-def _stored_bytes(m: QuantLinear) -> int:
-    return sum(torch.Size(shape).numel() * torch.empty((), dtype=dt).element_size()
-               for shape, dt in m.expected_tensors().values())
-
-
 @pytest.mark.parametrize("n,k", [(64, 64), (48, 200), (7, 33)])
 def test_layer_bytes_are_the_stored_bytes(n, k):
     w = torch.randn(n, k)
     for s in candidates():
         q = QuantLinear.from_packed(quantize_weight_rtn(w, s), None)
-        assert layer_bytes(n, k, s, perm=False) == _stored_bytes(q), scheme_key(s)
+        assert layer_bytes(n, k, s, perm=False) == q.weight_bytes(), scheme_key(s)
     # act-order adds one int32 per input column
     assert layer_bytes(n, k, LayerQuant(4, 32, True), perm=True) == layer_bytes(n, k, LayerQuant(4, 32, True), perm=False) + 4 * k
 
@@ -172,7 +167,7 @@ def test_predicted_damage_tracks_the_real_kl():
 # --- budgets end to end ---------------------------------------------------------------------------
 def _bpw(model) -> float:
     qs = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    return 8 * sum(_stored_bytes(m) for m in qs) / sum(m.in_features * m.out_features for m in qs)
+    return 8 * sum(m.weight_bytes() for m in qs) / sum(m.in_features * m.out_features for m in qs)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
