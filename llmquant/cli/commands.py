@@ -348,6 +348,7 @@ def format_info(info: dict) -> str:
     mixed = info["quantization_config"].get("mixed")
     if mixed:
         budget = (f"target {mixed['target_bpw']} bpw" if mixed.get("target_bpw") is not None
+                  else f"max_latency {mixed['max_latency']} ms" if mixed.get("max_latency") is not None
                   else f"max_size {mixed.get('max_size')} bytes")
         lines.append(f"mixed precision: {budget}, predicted KL {mixed.get('predicted_kl', float('nan')):.4g} nats/token, "
                      f"chosen from {len(mixed.get('candidates', []))} schemes")

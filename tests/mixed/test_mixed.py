@@ -314,6 +314,10 @@ def test_latency_budget_from_a_timing_table(tmp_path):
     a = s["mixed"]["allocation"]
     assert a["unit"] == "us" and a["predicted_ms"] <= budget_ms and a["predicted_ms"] > 0.8 * budget_ms
     assert QuantConfig.from_dict(s["quantization_config"]).mixed["max_latency"] == budget_ms
+    from llmquant.cli.commands import checkpoint_info, format_info
+
+    llmquant.save_quantized(model, tmp_path / "lat")
+    assert f"mixed precision: max_latency {budget_ms} ms" in format_info(checkpoint_info(tmp_path / "lat"))
     with pytest.raises(LatencyError, match="needs a timing table"):
         llmquant.quantize(tiny_model("llama"), cfg.replace(max_latency=1.0), calibration=tiny_calibration(),
                           progress=False)
