@@ -228,3 +228,34 @@ def calibration_batches(
         starts = [rng.randrange(len(stream) - body + 1) for _ in range(nsamples)]
     prefix = [bos_id] if bos_id is not None else []
     return [torch.tensor([prefix + stream[s:s + body]], dtype=torch.int64) for s in starts]
+
+
+def training_windows(
+    tokenizer: Any,
+    source: str | os.PathLike = "builtin",
+    seqlen: int = 256,
+    bos: bool | None = None,
+) -> torch.Tensor:
+    """Every disjoint window of ``seqlen`` tokens of ``source``, in stream order: int64 [N, seqlen].
+
+    The training text of distillation and recovery (:mod:`llmquant.distill`): the same sources and
+    BOS rule as :func:`calibration_batches`, but all of the text, cut once, so that an epoch sees each
+    token once. ``source`` may list several sources joined with ``+`` (``"news+pydoc"``).
+    """
+    if seqlen < 2:
+        raise ValueError(f"seqlen must be at least 2, got {seqlen}")
+    docs: list[str] = []
+    for part in str(source).split("+"):
+        docs.extend(load_documents(part))
+    stream = token_stream(tokenizer, docs)
+    bos_id = _leading_bos(tokenizer) if bos is None else (getattr(tokenizer, "bos_token_id", None) if bos else None)
+    if bos and bos_id is None:
+        raise ValueError("bos=True but the tokenizer has no bos_token_id")
+    body = seqlen - 1 if bos_id is not None else seqlen
+    n = len(stream) // body
+    if n == 0:
+        raise ValueError(f"training text {str(source)!r} has {len(stream)} tokens, fewer than one window of {seqlen}")
+    rows = torch.tensor(stream[: n * body], dtype=torch.int64).view(n, body)
+    if bos_id is not None:
+        rows = torch.cat([torch.full((n, 1), bos_id, dtype=torch.int64), rows], dim=1)
+    return rows

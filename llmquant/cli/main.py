@@ -5,6 +5,8 @@
     llmquant eval ppl MODEL [--context 512 --stride 512 --max-tokens N --json FILE]
     llmquant eval compare BASE QUANT [--json FILE]
     llmquant info CKPT [--json FILE]
+    llmquant recover CKPT OUT --teacher MODEL [--steps N --max-minutes M]
+    llmquant distill TEACHER STUDENT OUT [--steps N]
     llmquant export-gptq CKPT OUT
     llmquant export-compressed-tensors CKPT OUT
     llmquant serve MODEL_OR_CKPT [--host 127.0.0.1 --port 8000]
@@ -15,7 +17,7 @@ import argparse
 import logging
 import sys
 
-from llmquant.cli import commands
+from llmquant.cli import commands, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_eval(sub)
     commands.add_info(sub)
     commands.add_timing(sub)
+    train.add_recover(sub)
+    train.add_distill(sub)
     commands.add_export_gptq(sub)
     commands.add_export_compressed_tensors(sub)
     commands.add_demo(sub)
@@ -41,10 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError, FloatingPointError) as e:
         # user errors: one clear line, no traceback (use -v to see the log)
         print(f"llmquant {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # training saves its state first and says how to resume
+        print(f"\nllmquant {args.command}: {e or 'interrupted'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

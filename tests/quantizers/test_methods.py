@@ -177,8 +177,9 @@ LAYERS = [
     ("llmquant.quantizers", "llmquant.calibration"),
     ("llmquant.checkpoint", "llmquant.export", "llmquant.models", "llmquant.mixed"),
     ("llmquant.hf",),
-    ("llmquant.api", "llmquant.evals"),
-    ("llmquant.serving", "llmquant.cli", "llmquant.evals.sweep", "llmquant.evals.pareto", "llmquant"),
+    ("llmquant.api", "llmquant.evals", "llmquant.distill"),
+    ("llmquant.serving", "llmquant.cli", "llmquant.evals.sweep", "llmquant.evals.pareto", "llmquant.evals.recovery",
+     "llmquant"),
 ]
 FOLDERS = {"kernels": "llmquant.kernels", "serving": "llmquant.serving", "evals": "llmquant.evals",
            "llmquant": "llmquant"}

@@ -1,0 +1,161 @@
+"""What ``llmquant recover`` buys back: perplexity of the float teacher, the quantized checkpoint and the
+recovered one, with the training's wall time, and the loss curve. One command per result:
+
+    python -m llmquant.evals.recovery --teacher gemma3-270m --checkpoint CKPT --label gemma3-270m-gptq-int3-g128 \\
+        --steps 300 --max-minutes 60 [--train-norms] [--recovered OUT]
+
+trains (``llmquant.distill.recover``; skipped when ``--recovered`` names an existing output, whose
+``llmquant_training.json`` is then read), scores all three on the same WikiText-2 protocol, and writes
+``evals/results/recover_<label>.{md,json,png}``. "Damage removed" is the share of the checkpoint's
+perplexity increase over float that recovery took away.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+
+
+def run(args: argparse.Namespace) -> dict:
+    import torch
+
+    from llmquant.distill import DataConfig, RecoverConfig, TrainConfig, recover
+    from llmquant.distill.recipes import LOG_FILE
+    from llmquant.evals.machine import machine_info
+    from llmquant.evals.perplexity import perplexity
+    from llmquant.models import bos_for_raw_text, load_model
+
+    out_ckpt = Path(args.recovered or f"{args.checkpoint.rstrip('/')}-recovered")
+    if out_ckpt.exists() and (out_ckpt / LOG_FILE).exists():
+        training = json.loads((out_ckpt / LOG_FILE).read_text())
+    else:
+        config = RecoverConfig(
+            train=TrainConfig(steps=args.steps, max_minutes=args.max_minutes, grad_accum=args.grad_accum,
+                              optimizer=args.optimizer),
+            data=DataConfig(source=args.data, seqlen=args.seqlen, top_k=args.top_k),
+            lr=args.lr, train_norms=args.train_norms, train_codes=args.train_codes, lr_codes=args.lr_codes,
+            blockwise_steps=args.blockwise_steps, blockwise_windows=args.blockwise_windows)
+        training = recover(args.checkpoint, str(out_ckpt), args.teacher, config)
+    proto = dict(corpus=args.corpus, context=args.context, max_tokens=args.max_tokens)
+    rows = []
+    for label, path in (("float", args.teacher), ("quantized", args.checkpoint), ("recovered", str(out_ckpt))):
+        model, tok = load_model(path)
+        bos = bos_for_raw_text(args.teacher, tok)
+        rows.append(dict(perplexity(model, tok, bos=bos, label=label, **proto), run=label, path=str(path)))
+        del model
+        torch.manual_seed(0)
+    base, q, r = (x["ppl"] for x in rows)
+    for x in rows:
+        x["ppl_increase_pct"] = 100 * (x["ppl"] / base - 1)
+    log = training.pop("log", [])
+    # a resumed run's own "seconds" cover only its part: the steps' times add up to all of it
+    training["train_seconds_all_steps"] = round(sum(e["seconds"] for e in log), 1)
+    return {
+        "label": args.label, "teacher": args.teacher, "checkpoint": args.checkpoint,
+        "machine": machine_info(), "rows": rows,
+        "damage_removed_pct": 100 * (q - r) / (q - base) if q > base else None,
+        "training": training, "loss_curve": [(e["step"], e["loss"]) for e in log],
+    }
+
+
+def write(result: dict, out: Path, quiet: bool = False) -> None:
+    from llmquant.evals.perplexity import format_table, write_json
+    from llmquant.evals.sweep import finish_report, report_head
+
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"recover_{result['label']}"
+    write_json(out / f"{stem}.json", result)
+    t = result["training"]
+    table = format_table(result["rows"], [("run", "run"), ("ppl", "ppl"), ("Δ ppl %", "ppl_increase_pct")])
+    cfg = t.get("recover_config", {})
+    data, train = cfg.get("data", {}), cfg.get("train", {})
+    trained = ["scales"] + [k for k in ("codes", "norms") if cfg.get(f"train_{k}")]
+    bw = t.get("blockwise")
+    if bw:
+        trained_bw = (f"block-wise phase first: {bw['steps_per_block']} Adam steps per block on {bw['windows']} windows, "
+                      f"{bw['seconds'] / 60:.1f} min, relative block error summed "
+                      f"{sum(b['rel_error_before'] for b in bw['blocks']):.3g} → "
+                      f"{sum(b['rel_error_after'] for b in bw['blocks']):.3g}; then ")
+    else:
+        trained_bw = ""
+    lines = report_head(f"Quantization-aware recovery: {result['label']}", result["machine"], table,
+                        result["rows"][0]["protocol"])
+    lines += [
+        "",
+        f"Damage removed: **{result['damage_removed_pct']:.1f}%** of the checkpoint's perplexity increase over float.",
+        f"Training: {trained_bw}end to end {t['steps']}/{t['steps_planned']} steps (stopped by {t['stopped_by']}), {t['tokens']} tokens, "
+        f"{t['tokens_per_s']} tokens/s, {t['train_seconds_all_steps'] / 60:.1f} min of training steps"
+        + (f" (resumed at step {t['resumed_at']}: the run was stopped and resumed from its saved state)"
+           if t.get("resumed_at") else "")
+        + f"; this process {t['wall_seconds'] / 60:.1f} min in all (loading, teacher top-k unless cached, "
+        f"evaluations and saving included); trained {', '.join(trained)} "
+        f"({t['trained_parameters']} values), lr {cfg.get('lr')}, optimizer {t['optimizer']} "
+        f"({(t['optimizer_state_bytes'] or 0) / 2**20:.2f} MiB of state), batch {train.get('batch_size')} × "
+        f"{train.get('grad_accum')} windows of {data.get('seqlen')} tokens.",
+        f"Teacher: {result['teacher']}; loss: {data.get('alpha')} × T² × KL on the teacher's top-{data.get('top_k')} "
+        f"at T = {data.get('temperature')}; training text: {data.get('source')!r} (llmquant.calibration; disjoint "
+        "from WikiText-2), the last held-out windows scored for the log.",
+        f"Held-out loss: {(t.get('heldout_first') or {}).get('loss', float('nan')):.4f} → "
+        f"{(t.get('heldout_last') or {}).get('loss', float('nan')):.4f}.",
+    ]
+    if t.get("note"):
+        lines.append(f"Note: {t['note']}.")
+    finish_report(out, stem, lines, lambda path: _plot(result, path), quiet)
+
+
+def _plot(result: dict, path: Path) -> None:
+    from llmquant.evals.sweep import pyplot, save_figure
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    if result["loss_curve"]:
+        steps, loss = zip(*result["loss_curve"])
+        ax.plot(steps, loss, label="train loss (per step)", lw=1)
+    ev = result["training"].get("evals") or []
+    if ev:
+        ax.plot([e["step"] for e in ev], [e["loss"] for e in ev], "o-", label="held-out loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("T² · KL(teacher ‖ student), nats/token")
+    ax.set_yscale("log")
+    ax.set_title(f"recover: {result['label']}")
+    ax.legend()
+    save_figure(fig, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", required=True)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--label", required=True)
+    p.add_argument("--recovered", help="the recovered output folder (reused if it exists)")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--max-minutes", type=float)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--grad-accum", type=int, default=4)
+    p.add_argument("--optimizer", default="adamw8bit")
+    p.add_argument("--train-norms", action="store_true")
+    p.add_argument("--train-codes", action="store_true")
+    p.add_argument("--lr-codes", type=float, default=1e-5)
+    p.add_argument("--blockwise-steps", type=int, default=0)
+    p.add_argument("--blockwise-windows", type=int, default=64)
+    p.add_argument("--data", default="builtin")
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--top-k", type=int, default=64)
+    p.add_argument("--corpus")
+    p.add_argument("--context", type=int, default=512)
+    p.add_argument("--max-tokens", type=int, default=8192)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    result = run(args)
+    result["command"] = "python -m llmquant.evals.recovery " + " ".join(sys.argv[1:] if argv is None else argv)
+    write(result, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

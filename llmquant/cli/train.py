@@ -1,0 +1,104 @@
+"""``llmquant recover`` and ``llmquant distill``: training against a teacher (llmquant.distill)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _add_training_args(p: argparse.ArgumentParser, steps: int, lr: float) -> None:
+    t = p.add_argument_group("training")
+    t.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
+    t.add_argument("--max-minutes", type=float, help="stop after this much wall time, write what was reached")
+    t.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr})")
+    t.add_argument("--batch-size", type=int, default=1, help="windows per micro-batch")
+    t.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
+    t.add_argument("--optimizer", choices=("adamw8bit", "adamw"), default="adamw8bit",
+                   help="adamw8bit: bitsandbytes' 8-bit AdamW (default); adamw: torch's")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--checkpoint-every", type=int, default=25, help="save the resumable state every N steps")
+    t.add_argument("--state-dir", help="resumable state and teacher targets (default OUT.state)")
+    d = p.add_argument_group("data and loss")
+    d.add_argument("--data", default="builtin",
+                   help="training text: a calibration source ('builtin' news, 'pydoc', a file; join with +)")
+    d.add_argument("--seqlen", type=int, default=256)
+    d.add_argument("--heldout", type=int, default=4, help="windows kept out of training and evaluated")
+    d.add_argument("--top-k", type=int, default=64, help="teacher logits kept per token")
+    d.add_argument("--temperature", type=float, default=1.0)
+    d.add_argument("--alpha", type=float, default=1.0, help="weight of the KL term (1 - alpha: cross-entropy)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--json", help="write the summary (with the per-step log) here too")
+
+
+def _configs(args):
+    from llmquant.distill import DataConfig, TrainConfig
+
+    train = TrainConfig(steps=args.steps, max_minutes=args.max_minutes, batch_size=args.batch_size,
+                        grad_accum=args.grad_accum, optimizer=args.optimizer, seed=args.seed,
+                        checkpoint_every=args.checkpoint_every)
+    data = DataConfig(source=args.data, seqlen=args.seqlen, heldout=args.heldout, top_k=args.top_k,
+                      temperature=args.temperature, alpha=args.alpha)
+    return train, data
+
+
+def _report(summary: dict, out: str, path: str | None) -> None:
+    first, last = summary.get("heldout_first") or {}, summary.get("heldout_last") or {}
+    held = (f"held-out loss {first.get('loss', float('nan')):.4f} -> {last.get('loss', float('nan')):.4f}; "
+            if first and last else "")
+    mem = summary.get("optimizer_state_bytes")
+    print(f"\n{summary['job']}: {summary['steps']}/{summary['steps_planned']} steps ({summary['stopped_by']}), "
+          f"{summary['tokens']} tokens, {summary['tokens_per_s']} tokens/s; {held}"
+          f"optimizer {summary['optimizer']} state {mem / 2**20 if mem else 0:.2f} MiB; "
+          f"{summary['wall_seconds']:.0f} s in all; saved to {out}")
+    if path:
+        from llmquant.fsutil import atomic_write_text
+
+        atomic_write_text(path, json.dumps(summary, indent=1))
+
+
+def add_recover(sub) -> None:
+    p = sub.add_parser("recover", help="train a quantized checkpoint's scales against its float teacher")
+    p.add_argument("checkpoint", help="an llmquant checkpoint (RTN, GPTQ or mixed)")
+    p.add_argument("out", help="output checkpoint folder (same format)")
+    p.add_argument("--teacher", required=True, help="the float model: built-in name or folder")
+    p.add_argument("--train-codes", action="store_true", help="also re-round the codes (straight-through)")
+    p.add_argument("--lr-codes", type=float, default=1e-5)
+    p.add_argument("--train-norms", action="store_true", help="also train the float norm weights")
+    p.add_argument("--lr-norms", type=float, default=1e-4)
+    p.add_argument("--blockwise-steps", type=int, default=0,
+                   help="first train each decoder block against the teacher's block outputs, N Adam steps per block")
+    p.add_argument("--blockwise-windows", type=int, default=64, help="training windows the block-wise phase uses")
+    _add_training_args(p, steps=100, lr=1e-3)
+    p.set_defaults(func=run_recover)
+
+
+def run_recover(args: argparse.Namespace) -> int:
+    from llmquant.distill import RecoverConfig, recover
+
+    train, data = _configs(args)
+    config = RecoverConfig(train=train, data=data, lr=args.lr, train_codes=args.train_codes, lr_codes=args.lr_codes,
+                           train_norms=args.train_norms, lr_norms=args.lr_norms,
+                           blockwise_steps=args.blockwise_steps, blockwise_windows=args.blockwise_windows)
+    summary = recover(args.checkpoint, args.out, args.teacher, config, state_dir=args.state_dir,
+                      overwrite=args.overwrite)
+    _report(summary, args.out, args.json)
+    return 0
+
+
+def add_distill(sub) -> None:
+    p = sub.add_parser("distill", help="train a float student against a teacher with the same tokenizer")
+    p.add_argument("teacher", help="built-in name or folder")
+    p.add_argument("student", help="float student: built-in name or folder")
+    p.add_argument("out", help="output folder (a plain Hugging Face checkpoint)")
+    p.add_argument("--train-embeddings", action="store_true", help="also train the embedding and output layer")
+    _add_training_args(p, steps=200, lr=1e-4)
+    p.set_defaults(func=run_distill)
+
+
+def run_distill(args: argparse.Namespace) -> int:
+    from llmquant.distill import DistillConfig, distill
+
+    train, data = _configs(args)
+    config = DistillConfig(train=train, data=data, lr=args.lr, train_embeddings=args.train_embeddings)
+    summary = distill(args.teacher, args.student, args.out, config, state_dir=args.state_dir, overwrite=args.overwrite)
+    _report(summary, args.out, args.json)
+    return 0

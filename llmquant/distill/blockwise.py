@@ -1,0 +1,91 @@
+"""Block-wise reconstruction: each decoder block of the student learns to give the teacher block's outputs.
+
+Before the end-to-end phase (as in EfficientQAT's Block-AP): for block i, the student's input is what
+its already-trained blocks 0..i-1 produce, the target is what the teacher's block i produces from the
+teacher's own input, and the loss is the mean squared error divided by the target's mean square (so
+every block's loss reads as a relative error). No output layer runs, so a step costs one block's
+forward and backward on a few windows: cheap on two cores. Blocks are run outside the model's forward
+with the arguments the model gives each block (attention masks, rotary embeddings), captured by
+:mod:`llmquant.quantizers.blocks`, the same machinery as sequential GPTQ.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from llmquant.quantizers.blocks import BlockRunner, capture, find_layer_stack, make_chunks
+
+logger = logging.getLogger(__name__)
+
+
+def blockwise_phase(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, lrs: dict[int, float],
+                    steps: int, chunk_windows: int = 2, seed: int = 0, progress: bool = True) -> dict:
+    """Train, block by block, the student parameters listed in ``lrs`` (``id(parameter) -> learning
+    rate``) for ``steps`` Adam steps per block on ``windows`` (int64 [N, T]).
+    Returns per-block relative errors before and after."""
+    t0 = time.perf_counter()
+    stack, t_layers = find_layer_stack(teacher)
+    s_layers = student.get_submodule(stack)  # the student's linears are trainable stand-ins now
+    if len(s_layers) != len(t_layers):
+        raise ValueError(f"block-wise phase: the student has {len(s_layers)} blocks, the teacher {len(t_layers)}")
+    rows = list(windows.unbind(0))
+    chunks = make_chunks([r.unsqueeze(0) for r in rows], chunk_windows * windows.shape[1], windows.device)
+    with torch.no_grad():
+        cap_t = capture(teacher, t_layers, chunks)
+        cap_s = capture(student, s_layers, chunks)
+    x_t, x_s = cap_t.inputs, cap_s.inputs
+    g = torch.Generator().manual_seed(seed)
+    report = []
+    bar = tqdm(total=len(s_layers) * steps, desc="block-wise", unit="step", disable=not progress)
+    for i, (sb, tb) in enumerate(zip(s_layers, t_layers)):
+        t_run = BlockRunner(tb, cap_t.calls_of(i), chunks)
+        s_run = BlockRunner(sb, cap_s.calls_of(i), chunks)
+        with torch.no_grad():
+            y_t = [t_run.run(x, j) for j, x in enumerate(x_t)]
+        scale = [float(y.pow(2).mean()) or 1.0 for y in y_t]
+        params = [(p, lrs[id(p)]) for p in sb.parameters() if id(p) in lrs]
+        for p in sb.parameters():
+            p.requires_grad_(False)
+        for p, _ in params:
+            p.requires_grad_(True)
+
+        def rel_error() -> float:
+            with torch.no_grad():
+                return sum(float((s_run.run(x, j) - y_t[j]).pow(2).mean()) / scale[j]
+                           for j, x in enumerate(x_s)) / len(x_s)
+
+        before = rel_error()
+        if params:
+            opt = torch.optim.Adam([{"params": [p], "lr": lr} for p, lr in params])
+            for step in range(steps):
+                j = int(torch.randint(len(x_s), (1,), generator=g))
+                opt.zero_grad(set_to_none=True)
+                loss = (s_run.run(x_s[j], j) - y_t[j]).pow(2).mean() / scale[j]
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"block-wise phase: block {i} loss is {float(loss.detach())} at step "
+                                             f"{step + 1}; lower the learning rate")
+                loss.backward()
+                for group in opt.param_groups:  # cosine decay within the block
+                    group["lr"] = group.setdefault("base_lr", group["lr"]) * 0.5 * (1 + torch.cos(
+                        torch.tensor(torch.pi * step / steps)).item())
+                opt.step()
+                bar.update(1)
+            for p, _ in params:
+                p.requires_grad_(False)
+        after = rel_error()
+        bar.set_postfix(block=i, rel_err=f"{after:.3g}")
+        report.append({"block": i, "rel_error_before": before, "rel_error_after": after})
+        with torch.no_grad():
+            x_s = [s_run.run(x, j) for j, x in enumerate(x_s)]
+        x_t = y_t
+        t_run.close()
+        s_run.close()
+    bar.close()
+    logger.info("block-wise phase: relative error summed over blocks %.4g -> %.4g",
+                sum(r["rel_error_before"] for r in report), sum(r["rel_error_after"] for r in report))
+    return {"steps_per_block": steps, "windows": int(windows.shape[0]), "blocks": report,
+            "seconds": round(time.perf_counter() - t0, 1)}

@@ -1,0 +1,233 @@
+"""The two training jobs: ``recover`` (a quantized checkpoint learns from its float teacher, format
+kept) and ``distill`` (any float student learns from a teacher with the same tokenizer).
+
+Both: check everything that can be checked before the long part (the input is an llmquant checkpoint,
+the tokenizers match, the output does not exist yet), cut the training text into windows (the
+built-in calibration corpora, never the evaluation set; the last ``heldout`` windows are kept out of
+training and evaluated for the log), run the teacher once for its top-k targets (cached in the state
+folder), free the teacher, train (:class:`~llmquant.distill.trainer.Trainer`), and write the result
+atomically. The state folder (``OUT.state`` unless given) holds the teacher targets and the resumable
+training state; it is removed after a successful run. The training log (JSON) is written into the
+output folder as ``llmquant_training.json``.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from llmquant.calibration import training_windows
+from llmquant.checkpoint import save_quantized, storage_dtype, validate_loaded
+from llmquant.distill.blockwise import blockwise_phase
+from llmquant.distill.loss import KDLoss
+from llmquant.distill.teacher import TokenizerMismatch, check_same_tokenizer, load_or_compute
+from llmquant.distill.trainable import TrainableQuantLinear, close_after_training, open_for_training
+from llmquant.distill.trainer import TrainConfig, Trainer, write_log
+from llmquant.fsutil import atomic_directory
+from llmquant.models import bos_for_raw_text, load_model, resolve
+
+logger = logging.getLogger(__name__)
+
+LOG_FILE = "llmquant_training.json"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The training text and the teacher's targets."""
+
+    source: str = "builtin"  # a calibration source (llmquant.calibration); "news+pydoc" joins two
+    seqlen: int = 256
+    heldout: int = 4  # windows kept out of training, evaluated for the log
+    top_k: int = 64
+    temperature: float = 1.0
+    alpha: float = 1.0  # weight of the KL term; 1 - alpha goes to cross-entropy on the text
+
+    def loss(self) -> KDLoss:
+        return KDLoss(self.temperature, self.alpha)
+
+
+@dataclass(frozen=True)
+class RecoverConfig:
+    """What ``recover`` trains. Scales always (relative learning rate ``lr``: s = s0 * exp(u))."""
+
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=100))
+    data: DataConfig = field(default_factory=DataConfig)
+    lr: float = 1e-3
+    train_codes: bool = False  # re-round codes through a latent weight (straight-through)
+    lr_codes: float = 1e-5
+    train_norms: bool = False  # the float norm weights too (stored as they are, format unchanged)
+    lr_norms: float = 1e-4
+    #: block-wise reconstruction first (llmquant.distill.blockwise): Adam steps per block, on this many windows
+    blockwise_steps: int = 0
+    blockwise_windows: int = 64
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """What ``distill`` trains: every float parameter of the student except, by default, the embedding
+    and output layer (the largest matrices of a small model, and the costliest to update on a CPU)."""
+
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=200))
+    data: DataConfig = field(default_factory=DataConfig)
+    lr: float = 1e-4
+    train_embeddings: bool = False
+
+
+def _read_config(path: Path) -> dict:
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise ValueError(f"{path}: not a model folder (no config.json)")
+    try:
+        return json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg}: not valid JSON ({e})") from None
+
+
+def check_llmquant_checkpoint(path: str) -> Path:
+    p = Path(path)
+    qc = _read_config(p).get("quantization_config")
+    if not isinstance(qc, dict) or qc.get("quant_method") != "llmquant":
+        found = "none" if not isinstance(qc, dict) else repr(qc.get("quant_method"))
+        raise ValueError(f"{path}: not an llmquant checkpoint (quantization_config.quant_method is {found}); "
+                         "quantize it first with llmquant quantize")
+    return p
+
+
+def _check_output(out: str, overwrite: bool) -> None:
+    if Path(out).exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+
+
+def _norm_params(model: nn.Module) -> list[nn.Parameter]:
+    return [p for m in model.modules() if type(m).__name__.endswith(("RMSNorm", "LayerNorm"))
+            for p in m.parameters(recurse=False)]
+
+
+def _vocab(model: nn.Module) -> int:
+    head = model.get_output_embeddings()
+    return head.out_features if hasattr(head, "out_features") else head.weight.shape[0]
+
+
+def _prepare_data(teacher_name: str, student, student_tok, data: DataConfig, state_dir: Path, progress: bool,
+                  keep_teacher: bool = False):
+    """(train windows, their targets, held-out windows, their targets, the teacher if ``keep_teacher``
+    else None); the teacher is loaded, run and (unless kept) freed."""
+    teacher, teacher_tok = load_model(teacher_name, dtype=torch.float32)
+    tv, sv = _vocab(teacher), _vocab(student)
+    if tv != sv:
+        raise TokenizerMismatch(f"teacher {teacher_name} has {tv} output logits, the student {sv}: distillation "
+                                "needs the same tokenizer and vocabulary")
+    check_same_tokenizer(teacher_tok, student_tok)
+    windows = training_windows(student_tok, data.source, data.seqlen, bos=bos_for_raw_text(teacher_name, student_tok))
+    if windows.shape[0] <= data.heldout:
+        raise ValueError(f"training text {data.source!r} gives {windows.shape[0]} windows of {data.seqlen} tokens, "
+                         f"not more than the {data.heldout} held out")
+    targets = load_or_compute(state_dir / "teacher_topk.safetensors", teacher, windows, data.top_k,
+                              data.temperature, progress)
+    if not keep_teacher:
+        del teacher
+        gc.collect()
+        teacher = None
+    n = windows.shape[0] - data.heldout
+    return windows[:n], targets[:n], windows[n:], targets[n:], teacher
+
+
+def _identity(teacher: str, data: DataConfig, **more) -> dict:
+    return {"teacher": str(resolve(teacher)), "data": asdict(data), **more}
+
+
+def recover(checkpoint: str, out: str, teacher: str, config: RecoverConfig = RecoverConfig(), *,
+            state_dir: str | None = None, overwrite: bool = False, progress: bool = True) -> dict:
+    """Train the scales (and optionally codes and norms) of llmquant ``checkpoint`` against ``teacher``
+    (a built-in name or a folder), write an ordinary llmquant checkpoint to ``out``; returns the summary."""
+    t0 = time.perf_counter()
+    check_llmquant_checkpoint(checkpoint)
+    _check_output(out, overwrite)
+    state = Path(state_dir) if state_dir else Path(str(out).rstrip("/") + ".state")
+    student, tok = load_model(checkpoint, dtype=torch.float32)
+    blockwise = config.blockwise_steps > 0 and not (state / "state.pt").exists()  # a resumed run did it already
+    train, train_t, held, held_t, teacher_model = _prepare_data(teacher, student, tok, config.data, state, progress,
+                                                                keep_teacher=blockwise)
+    n_layers = open_for_training(student, train_codes=config.train_codes)
+    layers = [m for m in student.modules() if isinstance(m, TrainableQuantLinear)]
+    groups = [{"name": "scales", "params": [m.log_scale for m in layers], "lr": config.lr}]
+    if config.train_codes:
+        groups.append({"name": "codes", "params": [m.latent for m in layers], "lr": config.lr_codes})
+    if config.train_norms:
+        groups.append({"name": "norms", "params": _norm_params(student), "lr": config.lr_norms})
+    block_report = None
+    if blockwise:
+        lrs = {id(p): g["lr"] for g in groups for p in g["params"]}
+        block_report = blockwise_phase(student, teacher_model, train[: config.blockwise_windows], lrs,
+                                       config.blockwise_steps, seed=config.train.seed, progress=progress)
+        del teacher_model
+        gc.collect()
+    trainer = Trainer(student, groups, train, train_t, config.data.loss(), config.train, state, held, held_t,
+                      progress, identity=_identity(teacher, config.data, checkpoint=str(Path(checkpoint).resolve()),
+                                                   train_codes=config.train_codes, train_norms=config.train_norms,
+                                                   blockwise_steps=config.blockwise_steps))
+    summary = trainer.run()
+    close_after_training(student)
+    for p in student.parameters():
+        p.requires_grad_(False)
+    validate_loaded(student)
+    summary.update(job="recover", checkpoint=str(checkpoint), teacher=str(teacher), layers=n_layers, blockwise=block_report,
+                   recover_config=asdict(config), wall_seconds=round(time.perf_counter() - t0, 1))
+    _save(student, tok, out, state, summary, overwrite, quantized=True)
+    return summary
+
+
+def distill(teacher: str, student_path: str, out: str, config: DistillConfig = DistillConfig(), *,
+            state_dir: str | None = None, overwrite: bool = False, progress: bool = True) -> dict:
+    """Train the float model ``student_path`` against ``teacher`` (same tokenizer); write it to ``out``
+    as a plain Hugging Face checkpoint; returns the summary."""
+    t0 = time.perf_counter()
+    _read_config(Path(resolve(student_path)))
+    _check_output(out, overwrite)
+    state = Path(state_dir) if state_dir else Path(str(out).rstrip("/") + ".state")
+    student, tok = load_model(student_path, dtype=torch.float32)
+    if getattr(student.config, "quantization_config", None) is not None:
+        raise ValueError(f"{student_path} is quantized: distill trains float students; use recover for a "
+                         "quantized checkpoint")
+    train, train_t, held, held_t, _ = _prepare_data(teacher, student, tok, config.data, state, progress)
+    frozen = set()
+    if not config.train_embeddings:
+        frozen = {id(p) for m in (student.get_input_embeddings(), student.get_output_embeddings())
+                  for p in m.parameters()}
+    params = [p for p in student.parameters() if p.is_floating_point() and id(p) not in frozen]
+    trainer = Trainer(student, [{"name": "all", "params": params, "lr": config.lr}], train, train_t,
+                      config.data.loss(), config.train, state, held, held_t, progress,
+                      identity=_identity(teacher, config.data, student=str(resolve(student_path)),
+                                         train_embeddings=config.train_embeddings))
+    summary = trainer.run()
+    for p in student.parameters():
+        p.requires_grad_(False)
+    summary.update(job="distill", student=str(student_path), teacher=str(teacher),
+                   distill_config=asdict(config), wall_seconds=round(time.perf_counter() - t0, 1))
+    _save(student, tok, out, state, summary, overwrite, quantized=False)
+    return summary
+
+
+def _save(model, tok, out: str, state: Path, summary: dict, overwrite: bool, quantized: bool) -> None:
+    state.mkdir(parents=True, exist_ok=True)
+    log = state / LOG_FILE
+    write_log(log, summary)
+    model._llmquant_extra_files = [*getattr(model, "_llmquant_extra_files", ()), log]
+    if quantized:
+        save_quantized(model, out, tokenizer=tok, overwrite=overwrite)
+    else:
+        model.to(storage_dtype(model))  # the dtype the student was stored in, not the one it trained in
+        with atomic_directory(out, overwrite=overwrite) as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            for extra in model._llmquant_extra_files:
+                shutil.copy2(extra, tmp / Path(extra).name)
+    shutil.rmtree(state, ignore_errors=True)
+    logger.info("wrote %s; training state %s removed", out, state)

@@ -1,0 +1,267 @@
+"""The training loop, ``recover`` and ``distill`` on tiny models with the real SmolLM2 tokenizer."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import llmquant
+from llmquant import QuantConfig
+from llmquant.calibration import training_windows
+from llmquant.cli.main import main
+from llmquant.distill import (DataConfig, DistillConfig, KDLoss, RecoverConfig, TokenizerMismatch, TopK,
+                              TrainConfig, TrainingDiverged, TrainingInterrupted, distill, recover)
+from llmquant.distill.recipes import LOG_FILE
+from llmquant.distill.trainable import open_for_training
+from llmquant.distill.trainer import Trainer, lr_factor
+from llmquant.modules.quant_linear import QuantLinear
+from tests.conftest import build_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    """English prose (Python's documentation topics): about 30 windows of 64 tokens."""
+    from pydoc_data.topics import topics
+
+    path = tmp_path_factory.mktemp("text") / "train.txt"
+    path.write_text("\n\n".join(topics[k] for k in sorted(topics))[:8000])
+    return path
+
+
+def _windows(tokenizer, text_file, seqlen=64, n=24):
+    return training_windows(tokenizer, str(text_file), seqlen=seqlen, bos=False)[:n]
+
+
+def _setup(tokenizer, text_file, optimizer="adamw"):
+    """A teacher, its INT3 RTN student opened for training, data and targets."""
+    teacher = build_tiny_llama(seed=1)
+    student = build_tiny_llama(seed=1)
+    llmquant.quantize(student, QuantConfig(bits=3, group_size=32), progress=False)
+    open_for_training(student)
+    win = _windows(tokenizer, text_file)
+    with torch.no_grad():
+        targets = TopK.from_logits(teacher(win).logits, 16, 1.0)
+    params = [p for n, p in student.named_parameters() if n.endswith("log_scale")]
+    return student, [{"name": "scales", "params": params, "lr": 3e-2}], win, targets
+
+
+def _trainer(student, groups, win, targets, state, steps=6, optimizer="adamw", **kw):
+    cfg = TrainConfig(steps=steps, grad_accum=2, batch_size=2, optimizer=optimizer, checkpoint_every=2, eval_every=0,
+                      **kw)
+    return Trainer(student, groups, win[:20], targets[:20], KDLoss(), cfg, state, win[20:], targets[20:],
+                   progress=False)
+
+
+def test_training_windows_are_disjoint_and_start_with_bos(tokenizer, text_file):
+    a = training_windows(tokenizer, str(text_file), seqlen=32, bos=False)
+    b = training_windows(tokenizer, str(text_file), seqlen=32, bos=True)
+    assert a.shape[1] == b.shape[1] == 32 and (b[:, 0] == tokenizer.bos_token_id).all()
+    assert torch.equal(a.flatten()[:31], b[0, 1:])
+    joined = training_windows(tokenizer, f"{text_file}+{text_file}", seqlen=32, bos=False)
+    assert joined.shape[0] >= 2 * a.shape[0] - 1
+    with pytest.raises(ValueError, match="seqlen"):
+        training_windows(tokenizer, str(text_file), seqlen=1)
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    cfg = TrainConfig(steps=100)
+    f = [lr_factor(s, cfg) for s in range(100)]
+    assert f[0] < f[5] < f[9] and max(f) == pytest.approx(1.0) and f[-1] < 0.01
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+def test_training_reduces_held_out_kl_and_resume_gives_the_same_tensors(tokenizer, text_file, tmp_path, optimizer):
+    if optimizer == "adamw8bit":
+        pytest.importorskip("bitsandbytes")
+    student, groups, win, targets = _setup(tokenizer, text_file)
+    straight = _trainer(student, groups, win, targets, None, optimizer=optimizer).run()
+    assert straight["heldout_last"]["kl"] < straight["heldout_first"]["kl"]
+    assert straight["optimizer_state_bytes"] > 0 and straight["steps"] == 6
+    want = {n: p.detach().clone() for n, p in student.named_parameters() if n.endswith("log_scale")}
+
+    student, groups, win, targets = _setup(tokenizer, text_file)
+    state = tmp_path / "state"
+
+    def stop(step):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(TrainingInterrupted, match="step 3 of 6"):
+        _trainer(student, groups, win, targets, state, optimizer=optimizer).run(on_step=stop)
+    assert (state / "state.pt").exists()
+    student, groups, win, targets = _setup(tokenizer, text_file)  # a fresh process, in effect
+    resumed = _trainer(student, groups, win, targets, state, optimizer=optimizer).run()
+    assert resumed["resumed_at"] == 3 and resumed["steps"] == 6
+    got = {n: p.detach() for n, p in student.named_parameters() if n.endswith("log_scale")}
+    for n in want:
+        assert torch.equal(got[n], want[n]), n
+    assert [e["loss"] for e in resumed["log"]] == [e["loss"] for e in straight["log"]]
+
+
+def test_resume_refuses_the_state_of_another_run(tokenizer, text_file, tmp_path):
+    student, groups, win, targets = _setup(tokenizer, text_file)
+    _trainer(student, groups, win, targets, tmp_path, steps=2).run()
+    student, groups, win, targets = _setup(tokenizer, text_file)
+    cfg = TrainConfig(steps=2, grad_accum=2, batch_size=1, optimizer="adamw", eval_every=0)
+    with pytest.raises(ValueError, match="another run.*batch_size"):
+        Trainer(student, groups, win[:20], targets[:20], KDLoss(), cfg, tmp_path, progress=False).run()
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_state(tokenizer, text_file, tmp_path):
+    student, groups, win, targets = _setup(tokenizer, text_file)
+
+    def blow_up(step):  # what a too-high learning rate does, at a known step
+        if step == 2:
+            with torch.no_grad():
+                groups[0]["params"][0].fill_(float("inf"))
+
+    with pytest.raises(TrainingDiverged, match="stopped at step 3: the loss is nan; the last good state is kept"):
+        _trainer(student, groups, win, targets, tmp_path).run(on_step=blow_up)
+    state = torch.load(tmp_path / "state.pt", weights_only=False)
+    assert state["step"] == 2 and all(torch.isfinite(t).all() for t in state["params"].values())
+
+
+# --- recover and distill, end to end --------------------------------------------------------------
+def _teacher_model():
+    """A tiny random Llama with confident predictions (a random one is near-uniform: nothing to learn)."""
+    model = build_tiny_llama(seed=3, tie=False)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)  # logits ~30x larger
+    return model
+
+
+@pytest.fixture()
+def teacher_dir(tmp_path, tokenizer):
+    model = _teacher_model()
+    path = tmp_path / "teacher"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture()
+def int3_dir(tmp_path, teacher_dir, tokenizer):
+    model = _teacher_model()
+    llmquant.quantize(model, QuantConfig(bits=3, group_size=32, sym=False), progress=False)
+    path = tmp_path / "int3"
+    llmquant.save_quantized(model, path, tokenizer)
+    return path
+
+
+def _small(text_file, steps=4, **kw):
+    return DataConfig(source=str(text_file), seqlen=64, heldout=2, top_k=16), TrainConfig(
+        steps=steps, grad_accum=1, optimizer="adamw", eval_every=0, **kw)
+
+
+def test_recover_writes_an_ordinary_checkpoint_that_reloads_bit_identically(int3_dir, teacher_dir, tmp_path, text_file):
+    data, train = _small(text_file)
+    out = tmp_path / "rec"
+    summary = recover(str(int3_dir), str(out), str(teacher_dir), RecoverConfig(train=train, data=data, lr=1e-2,
+                                                                               train_norms=True), progress=False)
+    assert summary["steps"] == 4 and summary["heldout_last"]["kl"] < summary["heldout_first"]["kl"]
+    assert not Path(str(out) + ".state").exists()  # state removed after success
+    log = json.loads((out / LOG_FILE).read_text())
+    assert log["job"] == "recover" and len(log["log"]) == 4
+    before, after = load_file(int3_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    assert before.keys() == after.keys()
+    scales = [k for k in before if k.endswith(".scales")]
+    assert any(not torch.equal(before[k], after[k]) for k in scales)  # the scales trained
+    assert all(torch.equal(before[k], after[k]) for k in before if k.endswith((".qweight", ".zeros")))
+    # an ordinary llmquant checkpoint: loads through transformers, and saves back the same bytes
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 14
+    llmquant.save_quantized(model, tmp_path / "again")
+    again = load_file(tmp_path / "again" / "model.safetensors")
+    assert all(torch.equal(after[k], again[k]) for k in after)
+
+
+def test_blockwise_phase_lowers_every_block_error(int3_dir, teacher_dir, tmp_path, text_file):
+    data, train = _small(text_file, steps=1)
+    summary = recover(str(int3_dir), str(tmp_path / "o"), str(teacher_dir),
+                      RecoverConfig(train=train, data=data, lr=1e-2, blockwise_steps=8, blockwise_windows=4),
+                      progress=False)
+    blocks = summary["blockwise"]["blocks"]
+    assert len(blocks) == 2
+    for b in blocks:
+        assert 0 < b["rel_error_after"] < b["rel_error_before"], b
+
+
+def test_recover_with_codes_changes_codes_and_keeps_the_format(int3_dir, teacher_dir, tmp_path, text_file):
+    data, train = _small(text_file, steps=3)
+    out = tmp_path / "rec"
+    recover(str(int3_dir), str(out), str(teacher_dir), RecoverConfig(train=train, data=data, train_codes=True,
+                                                                     lr_codes=1e-2), progress=False)
+    before, after = load_file(int3_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith(".qweight"))
+    assert {k: (v.dtype, v.shape) for k, v in before.items()} == {k: (v.dtype, v.shape) for k, v in after.items()}
+
+
+def test_recover_refuses_bad_input_before_training(int3_dir, teacher_dir, tmp_path, text_file, tokenizer):
+    data, train = _small(text_file)
+    cfg = RecoverConfig(train=train, data=data)
+    with pytest.raises(ValueError, match="not an llmquant checkpoint"):
+        recover(str(teacher_dir), str(tmp_path / "o"), str(teacher_dir), cfg, progress=False)
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(FileExistsError):
+        recover(str(int3_dir), str(tmp_path / "exists"), str(teacher_dir), cfg, progress=False)
+    other = build_tiny_llama(vocab_size=1000)
+    other.save_pretrained(tmp_path / "other")
+    tokenizer.save_pretrained(tmp_path / "other")
+    with pytest.raises(TokenizerMismatch, match="1000 output logits"):
+        recover(str(int3_dir), str(tmp_path / "o"), str(tmp_path / "other"), cfg, progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_recover_nan_writes_no_output(int3_dir, teacher_dir, tmp_path, text_file):
+    data, train = _small(text_file, steps=40, max_grad_norm=1e30)
+    with pytest.raises(TrainingDiverged):
+        recover(str(int3_dir), str(tmp_path / "o"), str(teacher_dir), RecoverConfig(train=train, data=data, lr=1e4),
+                progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_distill_trains_a_smaller_student_loadable_by_plain_transformers(teacher_dir, tmp_path, tokenizer, text_file):
+    student = build_tiny_llama(seed=7, hidden=32, inter=64)
+    student.save_pretrained(tmp_path / "student")
+    tokenizer.save_pretrained(tmp_path / "student")
+    data, train = _small(text_file, steps=4)
+    out = tmp_path / "distilled"
+    summary = distill(str(teacher_dir), str(tmp_path / "student"), str(out),
+                      DistillConfig(train=train, data=data, lr=1e-2), progress=False)
+    assert summary["heldout_last"]["kl"] < summary["heldout_first"]["kl"]
+    from transformers import AutoModelForCausalLM
+
+    back = AutoModelForCausalLM.from_pretrained(out)
+    assert getattr(back.config, "quantization_config", None) is None
+    assert back.config.hidden_size == 32
+
+
+def test_cli_recover(int3_dir, teacher_dir, tmp_path, text_file, capsys):
+    out = tmp_path / "cli"
+    rc = main(["recover", str(int3_dir), str(out), "--teacher", str(teacher_dir), "--steps", "2", "--data",
+               str(text_file), "--seqlen", "64", "--heldout", "2", "--top-k", "8", "--grad-accum", "1",
+               "--optimizer", "adamw", "--json", str(tmp_path / "s.json")])
+    assert rc == 0
+    assert "recover: 2/2 steps" in capsys.readouterr().out
+    assert json.loads((tmp_path / "s.json").read_text())["steps"] == 2
+    rc = main(["recover", str(teacher_dir), str(tmp_path / "x"), "--teacher", str(teacher_dir)])
+    assert rc == 2 and "not an llmquant checkpoint" in capsys.readouterr().err
+
+
+def test_cli_distill_refuses_a_quantized_student_and_another_tokenizer(int3_dir, teacher_dir, tmp_path, capsys,
+                                                                      text_file):
+    rc = main(["distill", str(teacher_dir), str(int3_dir), str(tmp_path / "d"), "--data", str(text_file)])
+    assert rc == 2 and "is quantized: distill trains float students" in capsys.readouterr().err
+    other = build_tiny_llama(vocab_size=1000)
+    other.save_pretrained(tmp_path / "other")
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(tmp_path / "other")
+    rc = main(["distill", str(teacher_dir), str(tmp_path / "other"), str(tmp_path / "d"), "--data", str(text_file)])
+    assert rc == 2 and "the student 1000: distillation needs the same tokenizer" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
