@@ -171,6 +171,18 @@ def _leading_bos(tokenizer: Any) -> int | None:
     return bos if ids[:1] == [bos] else None
 
 
+def _bos_id(tokenizer: Any, bos: bool | None) -> int | None:
+    """The id each sequence starts with: ``None`` follows the tokenizer's default, ``True`` demands BOS."""
+    if bos is None:
+        return _leading_bos(tokenizer)
+    if not bos:
+        return None
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    if bos_id is None:
+        raise ValueError("bos=True but the tokenizer has no bos_token_id")
+    return bos_id
+
+
 def token_stream(tokenizer: Any, documents: Iterable[str]) -> list[int]:
     sep = _encode(tokenizer, "\n\n")
     stream: list[int] = []
@@ -201,14 +213,7 @@ def calibration_batches(
     if seqlen < 2:
         raise ValueError(f"seqlen must be at least 2, got {seqlen}")
     stream = token_stream(tokenizer, load_documents(source))
-    if bos is None:
-        bos_id = _leading_bos(tokenizer)
-    elif bos:
-        bos_id = getattr(tokenizer, "bos_token_id", None)
-        if bos_id is None:
-            raise ValueError("bos=True but the tokenizer has no bos_token_id")
-    else:
-        bos_id = None
+    bos_id = _bos_id(tokenizer, bos)
     body = seqlen - 1 if bos_id is not None else seqlen
     if len(stream) < body:
         raise ValueError(
@@ -248,9 +253,7 @@ def training_windows(
     for part in str(source).split("+"):
         docs.extend(load_documents(part))
     stream = token_stream(tokenizer, docs)
-    bos_id = _leading_bos(tokenizer) if bos is None else (getattr(tokenizer, "bos_token_id", None) if bos else None)
-    if bos and bos_id is None:
-        raise ValueError("bos=True but the tokenizer has no bos_token_id")
+    bos_id = _bos_id(tokenizer, bos)
     body = seqlen - 1 if bos_id is not None else seqlen
     n = len(stream) // body
     if n == 0:

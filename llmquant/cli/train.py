@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 
 def _add_training_args(p: argparse.ArgumentParser, steps: int, lr: float) -> None:
@@ -50,9 +49,9 @@ def _report(summary: dict, out: str, path: str | None) -> None:
           f"optimizer {summary['optimizer']} state {mem / 2**20 if mem else 0:.2f} MiB; "
           f"{summary['wall_seconds']:.0f} s in all; saved to {out}")
     if path:
-        from llmquant.fsutil import atomic_write_text
+        from llmquant.distill.trainer import write_log
 
-        atomic_write_text(path, json.dumps(summary, indent=1))
+        write_log(path, summary)
 
 
 def add_recover(sub) -> None:

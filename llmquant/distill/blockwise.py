@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from llmquant.distill.trainer import TrainConfig, lr_factor
 from llmquant.quantizers.blocks import BlockRunner, capture, find_layer_stack, make_chunks
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ def blockwise_phase(student: nn.Module, teacher: nn.Module, windows: torch.Tenso
         cap_s = capture(student, s_layers, chunks)
     x_t, x_s = cap_t.inputs, cap_s.inputs
     g = torch.Generator().manual_seed(seed)
+    schedule = TrainConfig(steps=steps, warmup_steps=0)
     report = []
     bar = tqdm(total=len(s_layers) * steps, desc="block-wise", unit="step", disable=not progress)
     for i, (sb, tb) in enumerate(zip(s_layers, t_layers)):
@@ -69,9 +71,9 @@ def blockwise_phase(student: nn.Module, teacher: nn.Module, windows: torch.Tenso
                     raise FloatingPointError(f"block-wise phase: block {i} loss is {float(loss.detach())} at step "
                                              f"{step + 1}; lower the learning rate")
                 loss.backward()
-                for group in opt.param_groups:  # cosine decay within the block
-                    group["lr"] = group.setdefault("base_lr", group["lr"]) * 0.5 * (1 + torch.cos(
-                        torch.tensor(torch.pi * step / steps)).item())
+                factor = lr_factor(step, schedule)  # cosine decay within the block
+                for group, (_, lr) in zip(opt.param_groups, params):
+                    group["lr"] = lr * factor
                 opt.step()
                 bar.update(1)
             for p, _ in params:

@@ -26,7 +26,7 @@ from torch import nn
 from llmquant.config import LayerQuant, QuantConfig
 from llmquant.modules.walk import find_linear_layers, set_submodule
 from llmquant.quantizers.rtn import expand_groups, group_qparams
-from llmquant.quantizers.grid import quantize_codes
+from llmquant.quantizers.grid import fake_quantize
 
 
 def fake_quantize_weight(w: torch.Tensor, scheme: LayerQuant) -> torch.Tensor:
@@ -34,9 +34,8 @@ def fake_quantize_weight(w: torch.Tensor, scheme: LayerQuant) -> torch.Tensor:
     n, k = w.shape
     with torch.no_grad():
         scale, zero = group_qparams(w.detach(), scheme)
-        s = expand_groups(scale, k, scheme.group_size)
-        z = expand_groups(zero, k, scheme.group_size)
-        wq = (quantize_codes(w.detach(), s, z, scheme.bits) - z) * s
+        wq = fake_quantize(w.detach(), expand_groups(scale, k, scheme.group_size),
+                           expand_groups(zero, k, scheme.group_size), scheme.bits)
     return w + (wq.to(w.dtype) - w).detach()
 
 

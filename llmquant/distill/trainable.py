@@ -20,20 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmquant.formats.packing import pack_rows, unpack_rows
-from llmquant.kernels.registry import PackedWeight
+from llmquant.config import LayerQuant
+from llmquant.formats.packing import unpack_rows
 from llmquant.modules.quant_linear import QuantLinear
 from llmquant.modules.walk import set_submodule
+from llmquant.quantizers.rtn import expand_groups, make_packed
 
 # float16's largest finite value and smallest normal: a stored scale must lie between them
 _FP16_MAX = 65504.0
 _FP16_MIN_NORMAL = 2.0 ** -14
-
-
-def _expand(t: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
-    """[N, NG] per-group values -> [N, K] per-column values (differentiable)."""
-    g = k if group_size == -1 else group_size
-    return t.repeat_interleave(g, dim=1)[:, :k]
 
 
 class _RoundSTE(torch.autograd.Function):
@@ -80,11 +75,11 @@ class TrainableQuantLinear(nn.Module):
         self._bias_dtype = None if layer.bias is None else layer.bias.dtype
         self.latent = None
         if train_codes:
-            s, z = self._expanded(self.scale0), _expand(self.zero, k, self.group_size)
+            s, z = self._expanded(self.scale0), self._expanded(self.zero)
             self.latent = nn.Parameter((codes.to(torch.float32) - z) * s)
 
     def _expanded(self, t: torch.Tensor) -> torch.Tensor:
-        return _expand(t, self.in_features, self.group_size)
+        return expand_groups(t, self.in_features, self.group_size)  # differentiable
 
     def scales(self) -> torch.Tensor:
         """The current scales as stored (float16 values, float32 tensor) [N, NG], differentiable."""
@@ -115,17 +110,8 @@ class TrainableQuantLinear(nn.Module):
     def to_quant_linear(self) -> QuantLinear:
         """The trained layer in the stored format."""
         scales = self.scales()
-        codes = self.current_codes(self._expanded(scales)).to(torch.int64)
-        packed = PackedWeight(
-            qweight=pack_rows(codes, self.bits),
-            scales=scales.to(torch.float16).contiguous(),
-            zeros=None if self.sym else self.zero.to(torch.uint8).contiguous(),
-            perm=None if self.perm is None else self.perm.to(torch.int32).contiguous(),
-            bits=self.bits,
-            group_size=self.group_size,
-            in_features=self.in_features,
-            out_features=self.out_features,
-        )
+        codes = self.current_codes(self._expanded(scales))
+        packed = make_packed(codes, scales, self.zero, LayerQuant(self.bits, self.group_size, self.sym), self.perm)
         bias = None if self.bias is None else self.bias.to(self._bias_dtype)
         return QuantLinear.from_packed(packed, bias, sym=self.sym, act_int8=self.act_int8)
 
