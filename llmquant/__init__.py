@@ -9,6 +9,7 @@ from llmquant.config import LayerQuant, QuantConfig, QuantConfigError
 from llmquant.hf.integration import LlmQuantConfig, register as _register_with_transformers
 from llmquant.modules.quant_linear import CheckpointError, QuantLinear
 from llmquant.registry import method_names
+from llmquant import prune as _prune  # noqa: F401,E402  (registers the pruning methods)
 
 # The one intended import-time effect: transformers learns the "llmquant" quantization method.
 _register_with_transformers()

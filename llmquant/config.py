@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 from llmquant.formats.packing import SUPPORTED_BITS
-from llmquant.registry import METHOD_OPTIONS, get_method
+from llmquant.registry import METHOD_OPTIONS, get_method, method_names
 
 FORMAT_VERSION = 1
 QUANT_METHOD = "llmquant"
@@ -122,8 +122,13 @@ class QuantConfig:
         _check_scheme(self.bits, self.group_size, self.sym, where="QuantConfig")
         try:
             method = get_method(self.method)
-        except KeyError as e:
-            raise QuantConfigError(f"QuantConfig: {e.args[0]}") from None
+        except KeyError:
+            raise QuantConfigError(f"QuantConfig: unknown method {self.method!r}; known: {method_names()}") from None
+        if method.kind != "quantize":
+            raise QuantConfigError(
+                f"QuantConfig: {self.method!r} is a {method.kind} method, configured by "
+                f"{getattr(method.config_type, '__name__', '?')} (llmquant.prune); quantization methods: "
+                f"{method_names()}")
         for option in METHOD_OPTIONS:
             value = getattr(self, option)
             if value is None:
@@ -193,8 +198,6 @@ class QuantConfig:
                 raise QuantConfigError(f"QuantConfig: {name} {bad} not among {allowed}")
             object.__setattr__(self, name, tuple(sorted(set(value))))
         if self.budgeted and not method.supports_mixed:
-            from llmquant.registry import method_names, get_method
-
             users = [m for m in method_names() if get_method(m).supports_mixed]
             raise QuantConfigError(
                 f"QuantConfig: method {self.method!r} does not choose schemes under a budget; methods that do: {users}"

@@ -33,8 +33,13 @@ METHOD_OPTIONS = ("act_order", "static_groups", "clip_search")
 class Method:
     """One compression method. Subclasses set the class attributes and implement :meth:`apply`."""
 
-    #: the name in ``QuantConfig.method`` and in checkpoints
+    #: the name in ``QuantConfig.method`` (or a pruning config's ``method``) and in checkpoints
     name: ClassVar[str]
+    #: "quantize" (configured by QuantConfig, quantizes in place) or "prune" (configured by the
+    #: ``config_type`` the method names, see :mod:`llmquant.prune`; may return a new, smaller model)
+    kind: ClassVar[str] = "quantize"
+    #: pruning methods: the frozen config class that configures them
+    config_type: ClassVar[type | None] = None
     #: one line for ``--help`` and error messages
     description: ClassVar[str] = ""
     #: data-aware methods need calibration token batches
@@ -93,8 +98,9 @@ def get_method(name: str) -> Method:
     try:
         return _METHODS[name]
     except KeyError:
-        raise KeyError(f"unknown method {name!r}; known: {method_names()}") from None
+        raise KeyError(f"unknown method {name!r}; known: {method_names(None)}") from None
 
 
-def method_names() -> tuple[str, ...]:
-    return tuple(sorted(_METHODS))
+def method_names(kind: str | None = "quantize") -> tuple[str, ...]:
+    """The registered methods of ``kind`` ("quantize", "prune"; None: all), sorted."""
+    return tuple(sorted(n for n, m in _METHODS.items() if kind is None or m.kind == kind))

@@ -7,6 +7,9 @@
     llmquant info CKPT [--json FILE]
     llmquant recover CKPT OUT --teacher MODEL [--steps N --max-minutes M]
     llmquant distill TEACHER STUDENT OUT [--steps N]
+    llmquant prune MODEL OUT --structured --keep 0.75 | --method sparsegpt --sparsity 0.5 [--pattern 2:4]
+    llmquant prune-gradual MODEL OUT --keep 0.5 --rounds 3 [--steps N]
+    llmquant recipe RECIPE.json OUT
     llmquant export-gptq CKPT OUT
     llmquant export-compressed-tensors CKPT OUT
     llmquant serve MODEL_OR_CKPT [--host 127.0.0.1 --port 8000]
@@ -17,7 +20,7 @@ import argparse
 import logging
 import sys
 
-from llmquant.cli import commands, train
+from llmquant.cli import commands, prune, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_timing(sub)
     train.add_recover(sub)
     train.add_distill(sub)
+    prune.add_prune(sub)
+    prune.add_gradual(sub)
+    prune.add_recipe(sub)
     commands.add_export_gptq(sub)
     commands.add_export_compressed_tensors(sub)
     commands.add_demo(sub)

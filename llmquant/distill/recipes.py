@@ -12,6 +12,7 @@ output folder as ``llmquant_training.json``.
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
@@ -32,6 +33,7 @@ from llmquant.distill.trainable import TrainableQuantLinear, close_after_trainin
 from llmquant.distill.trainer import TrainConfig, Trainer, write_log
 from llmquant.fsutil import atomic_directory
 from llmquant.models import bos_for_raw_text, load_model, resolve
+from llmquant.registry import Method, register_method
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +118,7 @@ def _vocab(model: nn.Module) -> int:
 
 
 def _prepare_data(teacher_name: str, student, student_tok, data: DataConfig, state_dir: Path, progress: bool,
-                  keep_teacher: bool = False):
+                  keep_teacher: bool = False, teacher_cache: Path | None = None):
     """(train windows, their targets, held-out windows, their targets, the teacher if ``keep_teacher``
     else None); the teacher is loaded, run and (unless kept) freed."""
     teacher, teacher_tok = load_model(teacher_name, dtype=torch.float32)
@@ -129,7 +131,7 @@ def _prepare_data(teacher_name: str, student, student_tok, data: DataConfig, sta
     if windows.shape[0] <= data.heldout:
         raise ValueError(f"training text {data.source!r} gives {windows.shape[0]} windows of {data.seqlen} tokens, "
                          f"not more than the {data.heldout} held out")
-    targets = load_or_compute(state_dir / "teacher_topk.safetensors", teacher, windows, data.top_k,
+    targets = load_or_compute(teacher_cache or state_dir / "teacher_topk.safetensors", teacher, windows, data.top_k,
                               data.temperature, progress)
     if not keep_teacher:
         del teacher
@@ -185,9 +187,12 @@ def recover(checkpoint: str, out: str, teacher: str, config: RecoverConfig = Rec
 
 
 def distill(teacher: str, student_path: str, out: str, config: DistillConfig = DistillConfig(), *,
-            state_dir: str | None = None, overwrite: bool = False, progress: bool = True) -> dict:
+            state_dir: str | None = None, overwrite: bool = False, progress: bool = True,
+            teacher_cache: str | None = None) -> dict:
     """Train the float model ``student_path`` against ``teacher`` (same tokenizer); write it to ``out``
-    as a plain Hugging Face checkpoint; returns the summary."""
+    as a plain Hugging Face checkpoint; returns the summary. ``teacher_cache``: a file for the teacher's
+    top-k targets that outlives the run (several students of one teacher share it; it is checked
+    against the teacher, windows, k and T before use), instead of one in the state folder."""
     t0 = time.perf_counter()
     _read_config(Path(resolve(student_path)))
     _check_output(out, overwrite)
@@ -196,7 +201,8 @@ def distill(teacher: str, student_path: str, out: str, config: DistillConfig = D
     if getattr(student.config, "quantization_config", None) is not None:
         raise ValueError(f"{student_path} is quantized: distill trains float students; use recover for a "
                          "quantized checkpoint")
-    train, train_t, held, held_t, _ = _prepare_data(teacher, student, tok, config.data, state, progress)
+    train, train_t, held, held_t, _ = _prepare_data(teacher, student, tok, config.data, state, progress,
+                                                    teacher_cache=Path(teacher_cache) if teacher_cache else None)
     frozen = set()
     if not config.train_embeddings:
         frozen = {id(p) for m in (student.get_input_embeddings(), student.get_output_embeddings())
@@ -231,3 +237,47 @@ def _save(model, tok, out: str, state: Path, summary: dict, overwrite: bool, qua
                 shutil.copy2(extra, tmp / Path(extra).name)
     shutil.rmtree(state, ignore_errors=True)
     logger.info("wrote %s; training state %s removed", out, state)
+
+
+# --- the training jobs as registered methods (kind "train"), so that a recipe can chain them ----------
+def config_from_flat(config_type, fields: dict):
+    """A RecoverConfig/DistillConfig from one flat dict: its own fields, TrainConfig's and DataConfig's
+    (``data`` may name the training text, DataConfig's ``source``)."""
+    fields = dict(fields)
+    fields.pop("method", None)
+    if "data" in fields and not isinstance(fields["data"], (dict, DataConfig)):
+        fields["source"] = fields.pop("data")
+    parts = {}
+    for name, cls in (("train", TrainConfig), ("data", DataConfig)):
+        names = {f.name for f in dataclasses.fields(cls)}
+        parts[name] = cls(**{k: fields.pop(k) for k in list(fields) if k in names})
+    own = {f.name for f in dataclasses.fields(config_type)}
+    unknown = set(fields) - own
+    if unknown:
+        raise ValueError(f"{config_type.__name__}: unknown fields {sorted(unknown)}")
+    return config_type(**parts, **fields)
+
+
+class _TrainMethod(Method):
+    kind = "train"
+
+    def problems(self, config) -> list[str]:
+        return []
+
+
+@register_method
+class DistillMethod(_TrainMethod):
+    """``distill``: a float student against a teacher (the recipe's input model unless named)."""
+
+    name = "distill"
+    description = "train a float student against a teacher (KD on top-k logits)"
+    config_type = DistillConfig
+
+
+@register_method
+class RecoverMethod(_TrainMethod):
+    """``recover``: a quantized checkpoint's scales against its float teacher."""
+
+    name = "recover"
+    description = "train a quantized checkpoint's scales against its float teacher"
+    config_type = RecoverConfig

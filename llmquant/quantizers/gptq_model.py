@@ -28,7 +28,7 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +48,7 @@ from llmquant.quantizers.blocks import (
     sequential_stages,
     settled_children,
 )
-from llmquant.modules.walk import find_linear_layers, is_linear, set_submodule
+from llmquant.modules.walk import find_linear_layers, is_linear, linear_weight, set_submodule
 from llmquant.quantizers.gptq import GPTQ
 from llmquant.quantizers.plan import check_plan, dense_weight_check, to_quant_linear, untie_if_quantizing_head
 from llmquant.registry import Method, register_method
@@ -169,6 +169,23 @@ class _FakeQuantLinear(nn.Module):
         return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
 
 
+#: a per-layer solver run in GPTQ's place by another method on the same block-wise machinery (SparseGPT,
+#: Wanda): ``solver(name, gptq, scheme) -> (new weight float32 [N, K], PackedWeight or None, stats)``;
+#: with None the layer stays a float layer holding the new weight
+LayerSolver = Callable[[str, GPTQ, LayerQuant], tuple[torch.Tensor, Any, dict]]
+
+
+def _gptq_solver(config: QuantConfig) -> LayerSolver:
+    def solve(name: str, g: GPTQ, scheme: LayerQuant):
+        packed, st = g.quantize(scheme, block_size=config.block_size, damp_percent=config.damp_percent,
+                                act_order=config.act_order, static_groups=config.static_groups,
+                                clip_search=config.clip_search)
+        st = {"bits": scheme.bits, "group_size": scheme.group_size, "sym": scheme.sym, **st}
+        return g.quantized_weight, packed, st
+
+    return solve
+
+
 def _quantize_block(
     runner: BlockRunner,
     prefix: str,
@@ -176,9 +193,10 @@ def _quantize_block(
     inputs: list[torch.Tensor],
     probes: dict,
     timer: _Timer,
+    solver: LayerSolver,
 ) -> tuple[dict[str, dict], dict]:
-    """GPTQ every planned linear layer of one block, stage by stage. The quantized layers are left in
-    the block as fake-quantized float stand-ins; returns (stats, {rel: (float module, PackedWeight)})."""
+    """Solve (GPTQ) every planned linear layer of one block, stage by stage. The solved layers are left
+    in the block as float stand-ins; returns (stats, {rel: (float module, PackedWeight or None, weight)})."""
     layer = runner.layer
     linears = dict(find_linear_layers(layer))
     schemes: dict[str, LayerQuant] = {}
@@ -205,21 +223,13 @@ def _quantize_block(
         gptq = _hessian_pass(runner, members, linears, probe, prefix, inputs)
         t0 = timer.add("hessian", t0)
         for rel in members:
-            packed, st = gptq[rel].quantize(
-                schemes[rel],
-                block_size=config.block_size,
-                damp_percent=config.damp_percent,
-                act_order=config.act_order,
-                static_groups=config.static_groups,
-                clip_search=config.clip_search,
-            )
+            weight, packed, st = solver(f"{prefix}.{rel}", gptq[rel], schemes[rel])
             mod = linears[rel]
-            stand_in = _FakeQuantLinear(gptq[rel].quantized_weight, getattr(mod, "bias", None), inputs[0].dtype)
+            stand_in = _FakeQuantLinear(weight, getattr(mod, "bias", None), inputs[0].dtype)
             set_submodule(layer, rel, stand_in)
-            done[rel] = (mod, packed)
+            done[rel] = (mod, packed, weight if packed is None else None)
             pending.discard(rel)
-            s = schemes[rel]
-            stats[f"{prefix}.{rel}"] = {"bits": s.bits, "group_size": s.group_size, "sym": s.sym, **st}
+            stats[f"{prefix}.{rel}"] = st
             del gptq[rel]
         if pending:  # more passes over this block follow: replay what can no longer change
             for name in settled_children(layer, linears, probe, pending):
@@ -237,6 +247,8 @@ def quantize_gptq(
     progress: bool = True,
     *,
     chunk_tokens: int = CHUNK_TOKENS,
+    solver: LayerSolver | None = None,
+    desc: str = "GPTQ",
 ) -> dict:
     """Quantize ``model`` in place with GPTQ, block by block; returns a summary dict.
 
@@ -250,6 +262,9 @@ def quantize_gptq(
     config asked for that the driver does not reach, like OPT-350m's ``project_in``/``project_out``:
     they stay in float, a warning is logged, and :func:`llmquant.quantizers.quantize_model` records
     them as skipped in the config the checkpoint gets).
+
+    ``solver``: run this per layer instead of GPTQ (:data:`LayerSolver`; SparseGPT and Wanda use the
+    same block-wise machinery); ``desc`` names the progress bar and the summary's method.
 
     Runs under ``torch.no_grad`` rather than ``inference_mode``: the new QuantLinear buffers must stay
     ordinary tensors so that the model can later load state dicts in place.
@@ -285,19 +300,24 @@ def quantize_gptq(
         modules: dict[str, dict] = {}
         blocks: list[dict] = []
         probes: dict = {}
-        bar = tqdm(range(len(layers)), desc="GPTQ", unit="block", disable=not progress)
+        bar = tqdm(range(len(layers)), desc=desc, unit="block", disable=not progress)
         for i in bar:
             t_block = time.perf_counter()
             layer = layers[i]
             runner = BlockRunner(layer, cap.calls_of(i), chunks)
             try:
-                stats, done = _quantize_block(runner, f"{stack_name}.{i}", config, inputs, probes, timer)
+                stats, done = _quantize_block(runner, f"{stack_name}.{i}", config, inputs, probes, timer,
+                                              solver or _gptq_solver(config))
                 t0 = time.perf_counter()
                 inputs = [runner.run(x, j) for j, x in enumerate(inputs)]
             finally:
                 runner.close()
-            for rel, (mod, packed) in done.items():
-                set_submodule(layer, rel, to_quant_linear(mod, packed, config))
+            for rel, (mod, packed, weight) in done.items():
+                if packed is None:  # a float layer with its new weight (pruned)
+                    _set_weight(mod, weight)
+                    set_submodule(layer, rel, mod)
+                else:
+                    set_submodule(layer, rel, to_quant_linear(mod, packed, config))
             del done
             timer.add("forward", t0)
             modules.update(stats)
@@ -340,7 +360,7 @@ def quantize_gptq(
         model.train(was_training)
 
     summary = {
-        "method": "gptq",
+        "method": desc.lower(),
         "layers": len(modules),
         "seconds": time.perf_counter() - t_start,
         "stages": dict(timer.seconds),
@@ -351,6 +371,11 @@ def quantize_gptq(
     }
     _log_summary(summary)
     return summary
+
+
+def _set_weight(mod: nn.Module, weight: torch.Tensor) -> None:
+    """Write ``weight`` (float32 [N, K]) into a float linear layer, in its dtype and layout."""
+    linear_weight(mod).data.copy_(weight)  # a [N, K] view of the stored weight (GPT-2's Conv1D: [K, N])
 
 
 def _layout(model: nn.Module, config: QuantConfig) -> tuple[str, nn.ModuleList, tuple | None, list[str]]:
@@ -397,4 +422,4 @@ def _log_summary(summary: dict) -> None:
             logger.info("  block %3d: %6.1f s  rel. output error mean %.3e max %.3e",
                         b["index"], b["seconds"], b["mean_rel_err"], b["max_rel_err"])
     for name, m in summary["modules"].items():
-        logger.debug("  %s: rel_err %.3e damp %.3g %.2f s", name, m["rel_err"], m["damp_percent"], m["seconds"])
+        logger.debug("  %s: rel_err %.3e damp %s %s s", name, m.get("rel_err"), m.get("damp_percent"), m.get("seconds"))

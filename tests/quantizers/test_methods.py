@@ -174,12 +174,12 @@ LAYERS = [
     ("llmquant.registry", "llmquant.fsutil", "llmquant.formats"),
     ("llmquant.config",),
     ("llmquant.kernels", "llmquant.modules"),
-    ("llmquant.quantizers", "llmquant.calibration"),
+    ("llmquant.quantizers", "llmquant.calibration", "llmquant.prune"),
     ("llmquant.checkpoint", "llmquant.export", "llmquant.models", "llmquant.mixed"),
     ("llmquant.hf",),
-    ("llmquant.api", "llmquant.evals", "llmquant.distill"),
+    ("llmquant.api", "llmquant.evals", "llmquant.distill", "llmquant.prune.jobs", "llmquant.prune.gradual"),
     ("llmquant.serving", "llmquant.cli", "llmquant.evals.sweep", "llmquant.evals.pareto", "llmquant.evals.recovery",
-     "llmquant"),
+     "llmquant.evals.pruning", "llmquant.recipe", "llmquant"),
 ]
 FOLDERS = {"kernels": "llmquant.kernels", "serving": "llmquant.serving", "evals": "llmquant.evals",
            "llmquant": "llmquant"}
