@@ -1,6 +1,6 @@
 """vLLM loads a structurally pruned SmolLM2 (fewer layers, KV heads, query heads per group and MLP
 channels; ``head_dim`` explicit in the reduced config) and scores text as transformers does, and serves
-its INT4 version through the plugin.
+its INT4 version through the plugin with the log-probabilities llmquant's own kernels give.
 
 Marked ``slow`` and ``vllm`` (the built-in model is converted on first use; two engine start-ups).
 """
@@ -40,6 +40,8 @@ def test_pruned_smollm2_scores_in_vllm_as_in_transformers_and_serves_int4(tmp_pa
         logp = torch.log_softmax(model(ids).logits.float(), -1)[0, :-1].gather(-1, ids[0, 1:, None])[:, 0]
     llmquant.quantize(model, QuantConfig(bits=4, group_size=64), progress=False)
     llmquant.save_quantized(model, tmp_path / "int4", tok)
+    with torch.no_grad():  # llmquant's own kernels on the INT4 model: what the plugin must reproduce
+        logp_q = torch.log_softmax(model(ids).logits.float(), -1)[0, :-1].gather(-1, ids[0, 1:, None])[:, 0]
 
     runs = {"f": {"path": str(out), "dtype": "float32"},
             "q": {"path": str(tmp_path / "int4"), "dtype": "float32", "quantization": "llmquant"}}
@@ -47,5 +49,5 @@ def test_pruned_smollm2_scores_in_vllm_as_in_transformers_and_serves_int4(tmp_pa
     f, q = result(res, "f"), result(res, "q")
     torch.testing.assert_close(torch.tensor(f["scores"][0]), logp, rtol=0, atol=2e-3)
     assert len(q["token_ids"][0]) == 4
-    # INT4 of the pruned model stays close to it (teacher-forced log-probabilities, same text)
-    assert abs(sum(q["scores"][0]) - sum(f["scores"][0])) / len(f["scores"][0]) < 0.5
+    # the INT4 checkpoint of the pruned model scores in vLLM (plugin) as in transformers (llmquant's kernels)
+    torch.testing.assert_close(torch.tensor(q["scores"][0]), logp_q, rtol=0, atol=5e-3)
