@@ -273,7 +273,7 @@ def run_gradual(args: argparse.Namespace) -> dict:
     g = None
     if not (work / "gradual").exists():
         t0 = time.perf_counter()
-        g = gradual(args.model, str(work / "gradual"), final, dcfg, args.rounds, kind=args.schedule)
+        g = gradual(args.model, str(work / "gradual"), final, dcfg, args.rounds, kind=args.schedule, teacher_cache=cache)
         times["gradual"] = time.perf_counter() - t0
     rows = []
     for label, path in (("teacher", args.model), ("one-shot", str(work / "oneshot")), ("gradual", str(work / "gradual"))):

@@ -49,8 +49,10 @@ def schedule(final_keep: float, rounds: int, kind: str = "cubic") -> list[float]
 
 def gradual(model: str, out: str, final: StructuredConfig, distill_config: DistillConfig, rounds: int = 3, *,
             kind: str = "cubic", teacher: str | None = None, state_dir: str | None = None, overwrite: bool = False,
-            progress: bool = True) -> dict:
-    """Prune ``model`` to ``final.keep`` in ``rounds`` prune -> distill rounds; write the student to ``out``."""
+            progress: bool = True, teacher_cache: str | None = None) -> dict:
+    """Prune ``model`` to ``final.keep`` in ``rounds`` prune -> distill rounds; write the student to ``out``.
+    ``teacher_cache``: the teacher's top-k targets file shared with other runs (default: one in the state
+    folder, shared by the rounds)."""
     t0 = time.perf_counter()
     if final.keep is None or any(v is not None for k, v in final.sizes().items() if k != "round_to"):
         raise PruneConfigError("gradual pruning needs a keep fraction, not explicit sizes")
@@ -89,7 +91,7 @@ def gradual(model: str, out: str, final: StructuredConfig, distill_config: Disti
         current_block = rec["block_params"]
         if not student.exists():
             distill(teacher, str(pruned), str(student), round_cfg, state_dir=str(state / f"round{t}.state"),
-                    progress=progress, teacher_cache=str(state / "teacher_topk.safetensors"))
+                    progress=progress, teacher_cache=teacher_cache or str(state / "teacher_topk.safetensors"))
         training = json.loads((student / "llmquant_training.json").read_text())
         history.append({"round": t, "keep_target": keep, "block_params": current_block,
                         "kept_fraction": current_block / original, "shape": rec["shape"],

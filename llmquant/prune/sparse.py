@@ -38,7 +38,7 @@ from llmquant.modules.walk import find_linear_layers, linear_weight
 from llmquant.prune.config import PruneMethod, SparsityConfig
 from llmquant.quantizers.blocks import find_layer_stack
 from llmquant.quantizers.gptq import GPTQ, inverse_hessian_cholesky
-from llmquant.quantizers.gptq_model import quantize_gptq
+from llmquant.quantizers.gptq_model import gptq_solver, quantize_gptq
 from llmquant.quantizers.grid import qparams, quantize_codes
 from llmquant.quantizers.rtn import make_packed
 from llmquant.registry import register_method
@@ -157,10 +157,8 @@ def sparsegpt_solver(config: SparsityConfig):
         if _skipped(config, name):  # dense: quantized by plain GPTQ when quantizing, else left as it is
             if q is None:
                 return linear_weight(g.layer).detach().float(), None, {"sparsity": 0.0, "rel_err": 0.0, "skipped": True}
-            packed, st = g.quantize(scheme, block_size=q.block_size, damp_percent=q.damp_percent,
-                                    act_order=q.act_order, static_groups=q.static_groups, clip_search=q.clip_search)
-            return g.quantized_weight, packed, {"bits": scheme.bits, "group_size": scheme.group_size,
-                                                "sym": scheme.sym, "sparsity": 0.0, "skipped": True, **st}
+            w, packed, st = gptq_solver(q)(name, g, scheme)
+            return w, packed, {**st, "sparsity": 0.0, "skipped": True}
         w, packed, st = sparsegpt_layer(g, config, scheme if q is not None else None,
                                         clip_search=bool(q and q.clip_search))
         if q is not None:

@@ -175,7 +175,8 @@ class _FakeQuantLinear(nn.Module):
 LayerSolver = Callable[[str, GPTQ, LayerQuant], tuple[torch.Tensor, Any, dict]]
 
 
-def _gptq_solver(config: QuantConfig) -> LayerSolver:
+def gptq_solver(config: QuantConfig) -> LayerSolver:
+    """GPTQ as a :data:`LayerSolver` with ``config``'s settings (the driver's default)."""
     def solve(name: str, g: GPTQ, scheme: LayerQuant):
         packed, st = g.quantize(scheme, block_size=config.block_size, damp_percent=config.damp_percent,
                                 act_order=config.act_order, static_groups=config.static_groups,
@@ -307,7 +308,7 @@ def quantize_gptq(
             runner = BlockRunner(layer, cap.calls_of(i), chunks)
             try:
                 stats, done = _quantize_block(runner, f"{stack_name}.{i}", config, inputs, probes, timer,
-                                              solver or _gptq_solver(config))
+                                              solver or gptq_solver(config))
                 t0 = time.perf_counter()
                 inputs = [runner.run(x, j) for j, x in enumerate(inputs)]
             finally:
