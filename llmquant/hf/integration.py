@@ -6,7 +6,9 @@
 * ``AutoModelForCausalLM.from_pretrained(ckpt)`` on an llmquant checkpoint swaps the quantized linear
   layers for :class:`~llmquant.modules.quant_linear.QuantLinear` on the meta device *before* any weight
   is read, checks every quantized tensor's presence, shape and dtype in the safetensors headers, loads
-  the packed tensors as they are (no float weight is built), then checks their values.
+  the packed tensors as they are (no float weight is built), then checks their values. While
+  transformers then initializes what the checkpoint lacks, each QuantLinear shows a stand-in ``weight``
+  (see :func:`_guard_weight_init`).
 * ``from_pretrained(name, quantization_config=LlmQuantConfig(bits=4, group_size=128))`` loads the float
   model and quantizes it before returning (RTN, or GPTQ with the config's calibration settings), so the
   peak memory is that of the float model.
@@ -15,8 +17,10 @@ Tested against transformers >=5.20,<5.24 (the range pinned in pyproject.toml): t
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -107,6 +111,45 @@ def swap_in_quant_linears(model: torch.nn.Module, config: QuantConfig, bias_dtyp
     return len(todo)
 
 
+@contextlib.contextmanager
+def _weight_stand_ins(model: torch.nn.Module) -> Iterator[None]:
+    """Give every QuantLinear of ``model`` a ``weight`` attribute for the duration of the block: an empty
+    meta tensor [N, K] marked as loaded (``_is_hf_initialized``), which transformers' init functions
+    (``transformers.initialization.normal_`` etc.) leave alone. It is a plain attribute, neither a
+    parameter nor a buffer, so it is never saved, loaded or counted, and it is removed afterwards."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    for mod in layers:
+        stand_in = torch.empty(mod.out_features, mod.in_features, device="meta")
+        stand_in._is_hf_initialized = True
+        mod.__dict__["weight"] = stand_in
+    try:
+        yield
+    finally:
+        for mod in layers:
+            mod.__dict__.pop("weight", None)
+
+
+def _guard_weight_init(model: torch.nn.Module) -> None:
+    """Let transformers initialize the weights a pre-quantized checkpoint lacks without tripping over the
+    QuantLinear layers.
+
+    After loading, ``from_pretrained`` calls ``model.initialize_weights()``, which calls the model class's
+    ``_init_weights(module)`` on every module not yet marked initialized. Some of those reach a child's
+    weight by name rather than by type: ``GPT2PreTrainedModel._init_weights`` rescales
+    ``module.c_proj.weight`` of every ``GPT2Attention`` / ``GPT2MLP`` (transformers 5.23,
+    ``models/gpt2/modeling_gpt2.py``), and a QuantLinear has no float ``weight``. So, on this model only
+    and only while ``initialize_weights`` runs, every QuantLinear shows a stand-in (:func:`_weight_stand_ins`).
+    :meth:`LlmQuantHfQuantizer._process_model_after_weight_loading` takes the wrapper off again.
+    """
+    original = model.initialize_weights
+
+    def initialize_weights(*args: Any, **kwargs: Any) -> Any:
+        with _weight_stand_ins(model):
+            return original(*args, **kwargs)
+
+    model.__dict__["initialize_weights"] = initialize_weights  # an instance attribute: the class is untouched
+
+
 class LlmQuantHfQuantizer(HfQuantizer):
     requires_calibration = False
 
@@ -140,12 +183,14 @@ class LlmQuantHfQuantizer(HfQuantizer):
         from llmquant.checkpoint import verify_quantized_tensors
 
         verify_quantized_tensors(model, files)
+        _guard_weight_init(model)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
         if self.pre_quantized:
             from llmquant.checkpoint import validate_loaded
 
+            model.__dict__.pop("initialize_weights", None)  # the loading-time wrapper of _guard_weight_init
             n = validate_loaded(model)
             logger.info("loaded %d llmquant layers", n)
             prepare_model(model)  # kernels chosen and weights repacked now, not in the first forward

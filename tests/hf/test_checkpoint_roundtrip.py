@@ -11,6 +11,7 @@ from llmquant import CheckpointError, LlmQuantConfig, QuantConfig, QuantConfigEr
 from llmquant.cli.commands import checkpoint_info
 
 from ..conftest import build_tiny_llama
+from ..quantizers.tiny_models import VOCAB, tiny_model
 
 IDS = torch.tensor([[1, 345, 2001, 77, 9000, 12, 4242, 31337]])
 
@@ -73,6 +74,30 @@ def test_quantize_while_loading_matches_in_memory(float_ckpt):
     again = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     with torch.no_grad():
         torch.testing.assert_close(again(IDS).logits, ref(IDS).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("head", [False, True], ids=["tied-head", "int8-head"])
+def test_gpt2_conv1d_checkpoint_reloads(tmp_path, head):
+    """GPT-2's Conv1D layers (c_attn, c_proj, c_fc) load as QuantLinear. After loading, transformers
+    initializes what the checkpoint lacks, and GPT2PreTrainedModel._init_weights rescales each block's
+    ``c_proj.weight`` by name: loading used to fail with "'QuantLinear' object has no attribute 'weight'".
+    The layers stay quantized (no float weight, not even the loading-time stand-in)."""
+    config = QuantConfig(bits=8, group_size=-1, quantize_lm_head=True) if head else QuantConfig(bits=4, group_size=32)
+    model = tiny_model("gpt2")
+    llmquant.quantize(model, config, progress=False)
+    ids = IDS % VOCAB
+    with torch.no_grad():
+        logits = model(ids).logits
+    llmquant.save_quantized(model, tmp_path / "q")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32)
+    layers = {n: m for n, m in back.named_modules() if isinstance(m, QuantLinear)}
+    assert len(layers) == 4 * 2 + head, sorted(layers)
+    assert not any(hasattr(m, "weight") for m in layers.values())
+    assert "initialize_weights" not in back.__dict__  # the loading-time wrapper is gone
+    if not head:
+        assert back.lm_head.weight is back.transformer.wte.weight
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, logits, rtol=1e-5, atol=1e-5)
 
 
 # --- bad checkpoints ---------------------------------------------------------------------------
