@@ -3,8 +3,9 @@
 Everything else about the package lives in pyproject.toml. The library is a plain C shared object
 with a C ABI, loaded with ctypes by ``llmquant.kernels.cpu_native``: it includes no Python or torch
 headers, so pip's isolated build never needs torch. It is compiled for the baseline x86-64 (or
-whatever the target is) with no ``-march=native``; the AVX2 and AVX-512 kernels carry their own
-target attributes and are chosen at run time from the CPU's features.
+whatever the target is) with no ``-march=native``; the AVX2 and AVX-512 kernels (and on AArch64 the
+NEON dot-product ones) carry their own target attributes and are chosen at run time from the CPU's
+features.
 
 The extension is optional: without a C compiler the install still succeeds, and the kernel
 registry falls back to the pure-torch reference kernel (with one logged warning). A compiler that
@@ -30,6 +31,7 @@ SOURCES = [
     "kernels/csrc/lq_avx512.c",
     "kernels/csrc/lq_avx512_bf16.c",
     "kernels/csrc/lq_avx512_vnni.c",
+    "kernels/csrc/lq_neon.c",
 ]
 
 

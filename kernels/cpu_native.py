@@ -6,9 +6,10 @@ GIL for the duration of each call. :func:`load` runs once per process: when the 
 warning and every caller gets ``None`` with the reason, so the kernel registry falls back to the
 reference kernel.
 
-Instruction sets, best first: ``avx512_bf16`` > ``avx512`` > ``avx2`` > ``scalar``. The library
-picks the best one the CPU supports; ``LLMQUANT_CPU_ISA=<name>`` caps it (tests, benchmarks, or a
-CPU whose AVX-512 is slower than its AVX2).
+Instruction sets, best first: on x86-64 ``avx512_bf16`` > ``avx512`` > ``avx2`` > ``scalar``, on
+AArch64 ``neon_dotprod`` > ``neon`` > ``scalar``. The library picks the best one the CPU supports;
+``LLMQUANT_CPU_ISA=<name>`` caps it (tests, benchmarks, or a CPU whose AVX-512 is slower than its
+AVX2); a name of the other architecture is refused.
 """
 from __future__ import annotations
 
@@ -17,14 +18,17 @@ import functools
 import importlib.machinery
 import logging
 import os
+import platform
 from pathlib import Path
 
 import torch
 
 logger = logging.getLogger(__name__)
 
-ABI_VERSION = 3  # must match LQ_ABI_VERSION in kernels/csrc/lq_api.c
-ISA_NAMES = ("scalar", "avx2", "avx512", "avx512_bf16")
+ABI_VERSION = 4  # must match LQ_ABI_VERSION in kernels/csrc/lq_api.c
+ISA_NAMES = ("scalar", "avx2", "avx512", "avx512_bf16", "neon", "neon_dotprod")  # LQ_ISA_* in lq_cpu.h
+#: the instruction sets of each architecture, weakest first (each also has "scalar")
+ISA_FAMILIES = {"x86_64": ("scalar", "avx2", "avx512", "avx512_bf16"), "aarch64": ("scalar", "neon", "neon_dotprod")}
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 _STEM = "_lqcpu"
 
@@ -91,7 +95,7 @@ class Native:
         self.detected_isa = ISA_NAMES[lib.lq_detect_isa()]
         #: what layers run on: the detected instruction set, capped by LLMQUANT_CPU_ISA (read at load)
         cap = requested_isa()
-        self.isa = self.detected_isa if cap < 0 else ISA_NAMES[min(cap, ISA_NAMES.index(self.detected_isa))]
+        self.isa = self.detected_isa if cap < 0 else min(ISA_NAMES[cap], self.detected_isa, key=isa_rank)
         # fp32 decode (M = 1) of 4-bit layers runs on integer dot products (see kernels/cpu.py)
         self.has_vnni = bool(lib.lq_has_vnni())
 
@@ -153,9 +157,31 @@ def requested_threads() -> str:
     return v
 
 
+def isa_family(isa: str) -> tuple[str, ...]:
+    """The instruction sets of isa's architecture, weakest first ("scalar": this machine's)."""
+    for fam in ISA_FAMILIES.values():
+        if isa != "scalar" and isa in fam:
+            return fam
+    return ISA_FAMILIES.get(platform.machine().lower().replace("arm64", "aarch64").replace("amd64", "x86_64"), ("scalar",))
+
+
+def isa_rank(isa: str) -> int:
+    """Position of isa in its architecture's order (scalar 0)."""
+    return isa_family(isa).index(isa)
+
+
+def isas_up_to(detected: str) -> tuple[str, ...]:
+    """Every instruction set a CPU whose best is ``detected`` can run, weakest first."""
+    fam = isa_family(detected)
+    return fam[: fam.index(detected) + 1]
+
+
 def isa_index(name: str) -> int:
     if name not in ISA_NAMES:
         raise ValueError(f"unknown CPU instruction set {name!r}; expected one of {ISA_NAMES}")
+    here = isa_family("scalar")
+    if name not in here:
+        raise ValueError(f"CPU instruction set {name!r} is not one of this machine's ({platform.machine()}): {here}")
     return ISA_NAMES.index(name)
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import platform
 
 #: the vector features that matter here, as /proc/cpuinfo names them
-FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile")
+FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile",
+         "asimd", "asimddp")  # the last two: AArch64 ("Features" there)
 
 
 def cpu_name() -> str:
@@ -22,7 +23,7 @@ def cpu_flags() -> list[str]:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
+                if line.startswith(("flags", "Features")):
                     have = set(line.split(":", 1)[1].split())
                     return [w for w in FLAGS if w in have]
     except OSError:

@@ -2,7 +2,7 @@
  *
  *   lq_abi_version()            bumped whenever an exported signature, struct or the layout changes
  *   lq_detect_isa()             best instruction set this CPU and OS support (LQ_ISA_*)
- *   lq_isa_name(isa)            "scalar", "avx2", "avx512", "avx512_bf16"
+ *   lq_isa_name(isa)            "scalar", "avx2", "avx512", "avx512_bf16", "neon", "neon_dotprod"
  *   lq_has_vnni()               1 when fp32 decode (M = 1) can use the VNNI GEMV (lq_avx512_vnni.c)
  *   lq_set_openmp(...)          run parallel parts on torch's OpenMP threads (lq_pool.c)
  *   lq_linear(w, x, ...)        y = x @ W.T + bias, see below
@@ -22,8 +22,11 @@
 #if LQ_X86
 #include <cpuid.h>
 #endif
+#if LQ_ARM64 && defined(__linux__)
+#include <sys/auxv.h>
+#endif
 
-#define LQ_ABI_VERSION 3
+#define LQ_ABI_VERSION 4
 
 /* the least work (multiply-adds) worth a thread: below it, waking one costs more than it saves.
  * Measured on a 2-core VM with the library's own thread pool: in isolation a 640x2048 GEMV runs in
@@ -83,6 +86,14 @@ static int detect_uncached(void) {
     unsigned a1 = 0, b1, c1, d1;
     if (a >= 1) __get_cpuid_count(7, 1, &a1, &b1, &c1, &d1);
     return (((a1 >> 5) & 1) ? LQ_ISA_AVX512_BF16 : LQ_ISA_AVX512) | vnni;
+#elif LQ_ARM64
+    /* Advanced SIMD is part of every ARMv8-A Linux ABI; SDOT is optional (HWCAP_ASIMDDP, bit 20) */
+#if defined(__linux__)
+    const unsigned long hw = getauxval(AT_HWCAP);
+    return (hw & (1ul << 20)) ? LQ_ISA_NEON_DOTPROD : LQ_ISA_NEON;
+#else
+    return LQ_ISA_NEON;
+#endif
 #else
     return LQ_ISA_SCALAR;
 #endif
@@ -111,15 +122,31 @@ static const lq_kernels *kernels_for(int isa) {
     default: break;
     }
 #endif
+#if LQ_ARM64
+    switch (isa) {
+    case LQ_ISA_NEON_DOTPROD: return &lq_kernels_neon_dotprod;
+    case LQ_ISA_NEON: return &lq_kernels_neon;
+    default: break;
+    }
+#endif
     (void)isa;
     return &lq_kernels_scalar;
 }
 
-LQ_API const char *lq_isa_name(int isa) {
-    if (isa < LQ_ISA_SCALAR || isa > LQ_ISA_AVX512_BF16) return "unknown";
-#if !LQ_X86
-    if (isa != LQ_ISA_SCALAR) return "unknown";
+/* whether isa belongs to this build's family (or is scalar) */
+static int isa_here(int isa) {
+    if (isa == LQ_ISA_SCALAR) return 1;
+#if LQ_X86
+    return isa >= LQ_ISA_AVX2 && isa <= LQ_ISA_AVX512_BF16;
+#elif LQ_ARM64
+    return isa == LQ_ISA_NEON || isa == LQ_ISA_NEON_DOTPROD;
+#else
+    return 0;
 #endif
+}
+
+LQ_API const char *lq_isa_name(int isa) {
+    if (isa < LQ_ISA_SCALAR || isa > LQ_ISA_LAST || !isa_here(isa)) return "unknown";
     return kernels_for(isa)->name;
 }
 
@@ -165,7 +192,10 @@ static int setup(lq_layout *L, const lq_kernels **kern, const lq_weights *w, int
     L->qt0 = 0;
     L->zc = zc;
     const int best = lq_detect_isa();
-    if (isa < 0 || isa > best) isa = best;
+    if (isa >= 0 && !isa_here(isa))
+        isa = LQ_ISA_SCALAR; /* a cap from the other family */
+    else if (isa < 0 || isa > best)
+        isa = best;
     /* the vector kernels switch groups at block (32-column) boundaries only */
     if (L->G % LQ_BLK != 0 && L->NG > 1) isa = LQ_ISA_SCALAR;
     *kern = kernels_for(isa);

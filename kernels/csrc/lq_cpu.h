@@ -61,6 +61,11 @@
 #else
 #define LQ_X86 0
 #endif
+#if defined(__aarch64__) && !defined(LQ_PORTABLE_ONLY)
+#define LQ_ARM64 1
+#else
+#define LQ_ARM64 0
+#endif
 
 #define LQ_TILE 4   /* output rows per tile */
 #define LQ_SB 128   /* columns per superblock */
@@ -74,7 +79,11 @@
 #endif
 #define LQ_GEMV_MAX_M_BF16 4
 
-enum { LQ_ISA_SCALAR = 0, LQ_ISA_AVX2 = 1, LQ_ISA_AVX512 = 2, LQ_ISA_AVX512_BF16 = 3 };
+/* x86-64: SCALAR < AVX2 < AVX512 < AVX512_BF16; AArch64: SCALAR < NEON < NEON_DOTPROD. A cap from
+ * the other family means "scalar". */
+enum { LQ_ISA_SCALAR = 0, LQ_ISA_AVX2 = 1, LQ_ISA_AVX512 = 2, LQ_ISA_AVX512_BF16 = 3, LQ_ISA_NEON = 4,
+       LQ_ISA_NEON_DOTPROD = 5 };
+#define LQ_ISA_LAST LQ_ISA_NEON_DOTPROD
 enum { LQ_F32 = 0, LQ_BF16 = 1 };
 enum { LQ_OK = 0, LQ_EINVAL = -1, LQ_ENOMEM = -2 };
 
@@ -203,6 +212,11 @@ typedef struct {
 
 extern const lq_kernels lq_kernels_scalar;
 void lq_expand_tile_scalar(const lq_layout *L, int64_t t, uint8_t *out);
+int lq_prepare_xi_scalar(const float *xr, int64_t nsb, int nlimbs, uint8_t *xi);
+#if LQ_ARM64
+extern const lq_kernels lq_kernels_neon;
+extern const lq_kernels lq_kernels_neon_dotprod;
+#endif
 #if LQ_X86
 void lq_expand_tile_avx2(const lq_layout *L, int64_t t, uint8_t *out);
 extern const lq_kernels lq_kernels_avx2;

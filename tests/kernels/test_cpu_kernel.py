@@ -25,7 +25,7 @@ from llmquant.kernels.registry import PackedWeight
 
 NATIVE, WHY = cpu_native.load()
 needs_native = pytest.mark.skipif(NATIVE is None, reason=f"native CPU library unavailable: {WHY}")
-ISAS = cpu_native.ISA_NAMES[: cpu_native.ISA_NAMES.index(NATIVE.detected_isa) + 1] if NATIVE else ()
+ISAS = cpu_native.isas_up_to(NATIVE.detected_isa) if NATIVE else ()
 #: the instruction sets with the integer GEMV (lq_cpu.h): all but AVX-512 without VNNI
 INT_ISAS = tuple(i for i in ISAS if not (i.startswith("avx512") and not NATIVE.has_vnni))
 
@@ -408,6 +408,10 @@ def test_env_isa_cap(layers, monkeypatch):
     check_fp32(cpu_linear(x, lay, bias), dequant_matmul_ref(x, w, bias))
     monkeypatch.setenv("LLMQUANT_CPU_ISA", "mmx")
     with pytest.raises(ValueError, match="mmx"):
+        cpu_linear(x, lay, bias)
+    other = "avx2" if "neon" in ISAS else "neon"  # another architecture's instruction set
+    monkeypatch.setenv("LLMQUANT_CPU_ISA", other)
+    with pytest.raises(ValueError, match=f"{other}.* not one of this machine's"):
         cpu_linear(x, lay, bias)
 
 
