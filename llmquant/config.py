@@ -96,6 +96,12 @@ class QuantConfig:
     true_sequential: bool = True
     #: quantize the output layer too (it is skipped by default)
     quantize_lm_head: bool = False
+    #: quantize the input embedding table too (its scheme: the defaults, or an override matching its module
+    #: name, e.g. "embed_tokens"). A tied output layer quantized with the same scheme shares the table
+    #: (stored once; GPTQ quantizes it as the head); otherwise the two are untied and the table is
+    #: rounded to nearest. Under a bit or size budget the
+    #: allocation chooses the table's scheme too (under a latency budget it keeps this one).
+    quantize_embedding: bool = False
     #: activations at run time: "float" (as given, fp32 or bf16) or "dynamic_int8" (each row of x
     #: quantized to int8 on the fly and multiplied on integer dot products, where the CPU kernel
     #: can: :mod:`llmquant.kernels.act_int8`). Stored with the checkpoint as its default;
@@ -105,7 +111,8 @@ class QuantConfig:
     #: average bits per quantized weight (codes, scales, zeros and perm included) the layers may take;
     #: each layer's scheme is then chosen by measurement and allocation
     target_bpw: float | None = None
-    #: or: bytes of the whole checkpoint (every tensor, float ones in the storage dtype)
+    #: or: bytes of the whole checkpoint's safetensors files (every tensor, float ones in the storage dtype,
+    #: and an allowance for the files' headers)
     max_size: int | None = None
     #: or: milliseconds the quantized layers may take per decoded token, predicted from a timing
     #: table measured on this machine (:mod:`llmquant.mixed.latency`)
@@ -147,6 +154,8 @@ class QuantConfig:
         for problem in method.problems(self):
             raise QuantConfigError(f"QuantConfig: {problem}")
         self._check_mixed(method)
+        if not isinstance(self.quantize_embedding, bool):
+            raise QuantConfigError(f"QuantConfig: quantize_embedding must be a bool, got {self.quantize_embedding!r}")
         if not 0 <= self.damp_percent < 1:
             raise QuantConfigError(f"QuantConfig: damp_percent must be in [0, 1), got {self.damp_percent}")
         if self.block_size <= 0:
@@ -247,9 +256,9 @@ class QuantConfig:
         # a list of [pattern, spec] pairs: the first match wins, and JSON writers that sort object
         # keys (transformers' save_pretrained does) would otherwise change which one that is
         d["overrides"] = [[k, v if v == "skip" else dict(v)] for k, v in self.overrides.items()]
-        # the mixed-precision fields are written only when they say something, so that a uniform
-        # checkpoint's config is what it was before they existed
-        for f in _MIXED_FIELDS:
+        # the mixed-precision fields and quantize_embedding are written only when they say something, so
+        # that a checkpoint that uses neither has the config it had before they existed
+        for f in _OPTIONAL_FIELDS:
             if getattr(self, f) == _DEFAULTS[f]:
                 del d[f]
             elif isinstance(d[f], tuple):
@@ -279,6 +288,7 @@ class QuantConfig:
         return cls(**d)
 
 
-_MIXED_FIELDS = ("target_bpw", "max_size", "max_latency", "mixed_bits", "mixed_group_sizes", "mixed")
+_OPTIONAL_FIELDS = ("target_bpw", "max_size", "max_latency", "mixed_bits", "mixed_group_sizes", "mixed",
+                 "quantize_embedding")  # written only when set (older configs stay as they were)
 _DEFAULTS = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
              for f in dataclasses.fields(QuantConfig)}

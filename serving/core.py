@@ -127,7 +127,8 @@ class EngineCore:
         self.tokenizer = tokenizer
         self.device = next(itertools.chain(model.parameters(), model.buffers())).device
         emb = model.get_input_embeddings()
-        self.vocab_size = int(emb.num_embeddings) if isinstance(emb, nn.Embedding) else None
+        n = getattr(emb, "num_embeddings", None)  # nn.Embedding, or llmquant's QuantEmbedding
+        self.vocab_size = int(n) if isinstance(n, int) else None
         self.max_batch = max_batch
         #: padded tokens (rows x longest prompt) one batched prefill may take; a longer prompt runs alone
         self.max_prefill_tokens = max_prefill_tokens

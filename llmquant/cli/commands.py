@@ -72,6 +72,9 @@ def add_scheme_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--override", action="append", type=_parse_override, default=[], metavar="PATTERN=SPEC",
                    help="per-module scheme, e.g. 'mlp.down_proj=bits:8' or 're:.*layers\\.0\\..*=skip'")
     g.add_argument("--quantize-lm-head", action="store_true", help="quantize the output layer too")
+    g.add_argument("--quantize-embedding", action="store_true",
+                   help="quantize the input embedding table too (round to nearest; override its scheme with e.g. "
+                        "'embed_tokens=bits:8'); with --quantize-lm-head and the same scheme a tied head shares it")
     g.add_argument("--activations", default="float", choices=("float", "dynamic_int8"),
                    help="run-time activations stored as the checkpoint's default: dynamic_int8 quantizes each row "
                         "of x to int8 on the fly on the CPU kernel (LLMQUANT_ACTIVATIONS overrides it)")
@@ -112,6 +115,7 @@ def config_from_args(args: argparse.Namespace):
         skip=tuple(args.skip) if args.skip is not None else ("lm_head",),
         overrides=dict(args.override),
         quantize_lm_head=args.quantize_lm_head,
+        quantize_embedding=args.quantize_embedding,
         activations=args.activations,
         target_bpw=args.target_bpw,
         max_size=args.max_size,
@@ -342,7 +346,9 @@ def format_info(info: dict) -> str:
         lines.append("")
         lines.extend(bit_map(info["layers"]))
     lines.append("")
-    lines.append(f"quantized linear layers: {len(info['layers'])}, {info['linear_bytes'] / 2**20:.2f} MiB "
+    emb = info["quantization_config"].get("quantize_embedding", False)
+    what = "quantized layers (the embedding table among them)" if emb else "quantized linear layers"
+    lines.append(f"{what}: {len(info['layers'])}, {info['linear_bytes'] / 2**20:.2f} MiB "
                  f"({info['linear_bytes'] / fp16:.3f}x of fp16 {fp16 / 2**20:.2f} MiB)")
     lines.append(f"bits per quantized weight (codes, scales, zeros, perm): {info['bpw']:.3f}")
     mixed = info["quantization_config"].get("mixed")
@@ -438,7 +444,8 @@ def layer_kernels(path: str, dtype_name: str) -> dict[str, str]:
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     model, _ = load_model(path, dtype=dtype)
-    return {name: m.kernel_description(dtype) for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    return {name: (m.kernel_description(dtype) if getattr(m, "serves_head", True) else "lookup (dequantizes the rows asked for)")
+            for name, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
 def run_info(args: argparse.Namespace) -> int:

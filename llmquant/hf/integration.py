@@ -36,7 +36,10 @@ from llmquant.config import QUANT_METHOD, QuantConfig
 from llmquant.modules.quant_linear import QuantLinear, prepare_model
 from llmquant.modules.walk import linear_weight, set_submodule
 from llmquant.mixed import quantize_model
-from llmquant.quantizers.plan import plan, untie_if_quantizing_head
+from llmquant.modules.quant_embedding import QuantEmbedding, TiedQuantHead, embed_scale_of
+from llmquant.quantizers.plan import (
+    drop_tied_keys, embedding_scheme, head_shares_embedding, input_embedding, plan, untie_if_quantizing_head,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +111,29 @@ def swap_in_quant_linears(model: torch.nn.Module, config: QuantConfig, bias_dtyp
                 act_int8=config.activations == "dynamic_int8",
             )
         set_submodule(model, name, q)
-    return len(todo)
+    return len(todo) + swap_in_quant_embedding(model, config, bias_dtype)
+
+
+def swap_in_quant_embedding(model: torch.nn.Module, config: QuantConfig, dtype: torch.dtype) -> int:
+    """Replace the input embedding by an empty QuantEmbedding (meta) if ``config`` quantizes it, and a tied
+    output layer quantized alike by a TiedQuantHead; returns 1 if it did. transformers' own tying of the
+    two is switched off for this model (the checkpoint holds the table once, under the embedding's name)."""
+    scheme = embedding_scheme(model, config)
+    if scheme is None:
+        return 0
+    name, emb = input_embedding(model)  # type: ignore[misc]
+    if not isinstance(emb, torch.nn.Embedding):
+        raise ValueError(f"{name}: the checkpoint's quantized embedding needs an nn.Embedding, the model has "
+                         f"{type(emb).__name__}")
+    shared = head_shares_embedding(model, config)
+    with torch.device("meta"):
+        q = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, scheme, padding_idx=emb.padding_idx,
+                           embed_scale=embed_scale_of(emb), compute_dtype=dtype)
+    set_submodule(model, name, q)
+    if shared:
+        model.lm_head = TiedQuantHead(q)
+    drop_tied_keys(model)
+    return 1
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ from torch import nn
 from llmquant.config import QuantConfig, match_pattern
 from llmquant.mixed.allocate import Allocation, BudgetError, allocate, total_weights
 from llmquant.mixed.cost import candidates, layer_bytes, scheme_key
-from llmquant.mixed.measure import Measurement, MeasurementError, measure
+from llmquant.mixed.measure import Measurement, MeasurementError, measure, table_target
 from llmquant.quantizers import quantize_model as quantize_planned
 from llmquant.registry import get_method
 
@@ -71,7 +71,7 @@ def _check_budget_early(model: nn.Module, config: QuantConfig, schemes, table: d
     by layer, so a necessary condition; the allocation checks the exact bounds of fused groups."""
     from llmquant.checkpoint import storage_dtype
     from llmquant.mixed.allocate import check_budget, describe_bytes, describe_us
-    from llmquant.mixed.measure import _other_bytes
+    from llmquant.mixed.measure import other_bytes
     from llmquant.modules.walk import linear_weight
     from llmquant.quantizers.plan import check_plan
 
@@ -87,9 +87,14 @@ def _check_budget_early(model: nn.Module, config: QuantConfig, schemes, table: d
                      f"max_latency of {config.max_latency} ms")
         return
     costs = [[layer_bytes(n, k, s, config.stores_perm) for s in schemes] for n, k in shapes]
-    lo, hi = sum(map(min, costs)), sum(map(max, costs))
     weights = sum(n * k for n, k in shapes)
-    other = 0 if config.max_size is None else _other_bytes(model, {name for name, _, _ in todo}, storage_dtype(model))
+    target = table_target(model, config)
+    if target is not None:  # the embedding table is allocated too (stored once, no perm)
+        v, d = target[1].weight.shape
+        costs.append([layer_bytes(v, d, s, False) for s in schemes])
+        weights += v * d
+    lo, hi = sum(map(min, costs)), sum(map(max, costs))
+    other = 0 if config.max_size is None else other_bytes(model, config, {name for name, _, _ in todo}, storage_dtype(model))
     budget, what = budget_bytes(config, weights, other)
     check_budget(budget, lo, hi, describe_bytes(weights), what)
 
@@ -148,6 +153,10 @@ def plan_mixed(
     overrides = dict(config.overrides)
     for name, s in alloc.layers.items():
         overrides.setdefault(name, {"bits": s.bits, "group_size": s.group_size, "sym": s.sym})
+    table = table_target(model, config)
+    if table is not None and table[2]:  # the output layer keeps sharing the table: the same scheme
+        s = alloc.layers[table[0]]
+        overrides["lm_head"] = {"bits": s.bits, "group_size": s.group_size, "sym": s.sym}
     record = {
         "target_bpw": config.target_bpw,
         "max_size": config.max_size,

@@ -21,6 +21,12 @@ One pass over the float model, block by block, on a slice of the calibration dat
    into predicted KL. The damage of giving a group scheme s is ``sensitivity * sum of e(s)`` over its
    layers: additive over groups, which is what the allocator (:mod:`llmquant.mixed.allocate`) needs.
 
+4. **The embedding table** (``quantize_embedding``, bit and size budgets): one more group, quantized by
+   round-to-nearest. Its output error is that of its lookups on the calibration tokens plus, when the
+   output layer shares the table, the head's ``tr(D H D^T)``; its probe quantizes the whole table
+   (block 0's input changes by the lookups' error, and a shared head multiplies with the probe table).
+   Its bytes count once.
+
 The result is a :class:`Measurement`, written as JSON (:meth:`Measurement.save`) so that a second
 budget reuses it; :meth:`Measurement.check` refuses a file made for another model, another candidate
 set or other method settings, naming the numbers that differ.
@@ -43,11 +49,14 @@ from tqdm.auto import tqdm
 from llmquant.config import LayerQuant, QuantConfig
 from llmquant.fsutil import atomic_write_text
 from llmquant.mixed.cost import layer_bytes, scheme_key
+from llmquant.modules.quant_embedding import embed_scale_of
 from llmquant.modules.walk import _is_conv1d, find_linear_layers, linear_weight
 from llmquant.quantizers.blocks import BlockRunner, capture, find_layer_stack, make_chunks, probe_block
 from llmquant.quantizers.gptq import GPTQ
 from llmquant.quantizers.gptq_model import _final_modules, _output_layer
-from llmquant.quantizers.plan import check_plan, dense_weight_check
+from llmquant.quantizers.plan import (
+    check_plan, dense_weight_check, embedding_scheme, head_shares_embedding, input_embedding,
+)
 from llmquant.quantizers.grid import CLIP_STEP, _range_qparams, clip_search, fake_quantize
 
 logger = logging.getLogger(__name__)
@@ -171,16 +180,23 @@ class Measurement:
 
 def method_settings(config: QuantConfig) -> dict[str, Any]:
     """The config fields the predicted errors depend on."""
-    return {"method": config.method, "act_order": config.act_order, "static_groups": config.static_groups,
-            "clip_search": config.clip_search, "damp_percent": config.damp_percent}
+    settings = {"method": config.method, "act_order": config.act_order, "static_groups": config.static_groups,
+                "clip_search": config.clip_search, "damp_percent": config.damp_percent}
+    if config.quantize_embedding:  # the embedding table is measured and priced too
+        settings["quantize_embedding"] = True
+    return settings
 
 
 def model_fingerprint(model: nn.Module, config: QuantConfig) -> tuple[str, dict[str, Any]]:
     """A hash of the planned layers' names, shapes and a sample of their weights."""
     h = hashlib.sha256()
     layers = {}
-    for name, mod, _ in check_plan(model, config):
-        w = linear_weight(mod).detach()
+    table = table_target(model, config)
+    entries = [(name, linear_weight(mod)) for name, mod, _ in check_plan(model, config)]
+    if table is not None:
+        entries.append((table[0], table[1].weight))
+    for name, w in entries:
+        w = w.detach()
         layers[name] = list(w.shape)
         h.update(name.encode())
         h.update(repr(tuple(w.shape)).encode())
@@ -190,6 +206,42 @@ def model_fingerprint(model: nn.Module, config: QuantConfig) -> tuple[str, dict[
 
 
 # --- the pass -------------------------------------------------------------------------------------
+def other_bytes(model: nn.Module, config: QuantConfig, planned: set[str], dtype: torch.dtype) -> int:
+    """Bytes the checkpoint will spend outside the allocated layers: :func:`_other_bytes` and the files'
+    header (:func:`header_bytes`), less the float
+    input embedding when ``config.quantize_embedding`` (the allocation prices the table, :func:`table_target`;
+    under a latency budget it keeps its fixed scheme and is counted at that size here) and plus, if that
+    unties a float head from it, the head's own float copy."""
+    total = _other_bytes(model, planned, dtype) + header_bytes(model, config, planned)
+    scheme = embedding_scheme(model, config)
+    if scheme is None:
+        return total
+    _, emb = input_embedding(model)  # type: ignore[misc]
+    v, d = emb.weight.shape
+    total -= v * d * torch.empty((), dtype=dtype).element_size()
+    if config.max_latency is not None:
+        total += layer_bytes(v, d, scheme, False)
+    head = getattr(model, "lm_head", None)
+    w = getattr(head, "weight", None)
+    if "lm_head" not in planned and not head_shares_embedding(model, config) and w is emb.weight:
+        total += w.numel() * torch.empty((), dtype=dtype).element_size()  # untied: the head keeps a float copy
+    return total
+
+
+#: safetensors header bytes allowed per stored tensor (its JSON entry: name, dtype, shape, offsets; about
+#: 110 bytes in the built-in models' files) and per file (metadata), so that a size budget holds for the files
+HEADER_BYTES_PER_TENSOR = 160
+HEADER_BYTES_PER_FILE = 1024
+
+
+def header_bytes(model: nn.Module, config: QuantConfig, planned: set[str]) -> int:
+    """An upper bound on the safetensors header of the checkpoint: every float tensor outside the planned
+    layers, and up to four tensors (qweight, scales, zeros, perm) per planned layer and for the table."""
+    skip = {f"{n}.weight" for n in planned}
+    n = sum(1 for k in model.state_dict() if k not in skip) + 4 * (len(planned) + config.quantize_embedding)
+    return HEADER_BYTES_PER_FILE + HEADER_BYTES_PER_TENSOR * n
+
+
 def _other_bytes(model: nn.Module, planned: set[str], dtype: torch.dtype) -> int:
     """Bytes the checkpoint spends outside the planned layers' packed tensors (shared storage once)."""
     skip = {f"{n}.weight" for n in planned}
@@ -205,6 +257,50 @@ def _other_bytes(model: nn.Module, planned: set[str], dtype: torch.dtype) -> int
         size = torch.empty((), dtype=dtype).element_size() if v.is_floating_point() else v.element_size()
         total += v.numel() * size
     return total
+
+
+def table_target(model: nn.Module, config: QuantConfig) -> tuple[str, nn.Module, bool] | None:
+    """The input embedding the allocation prices (``quantize_embedding``, any budget but latency): its name,
+    module, and whether the output layer shares the table."""
+    if config.max_latency is not None or embedding_scheme(model, config) is None:
+        return None
+    name, emb = input_embedding(model)  # type: ignore[misc]
+    if not isinstance(emb, nn.Embedding):
+        raise MeasurementError(f"{name}: quantize_embedding supports nn.Embedding tables, not {type(emb).__name__}")
+    return name, emb, head_shares_embedding(model, config)
+
+
+def _table_measure(table: torch.Tensor, counts: torch.Tensor, scale: float, head_h: torch.Tensor | None,
+                   head_nsamples: int, schemes: list[LayerQuant], config: QuantConfig, seed: int = 0):
+    """The embedding table's predicted output error per scheme: its lookups' error
+    ``2/N sum_t |dE_t|^2 scale^2`` over the N calibration tokens (a layer's ``tr(D H D^T)`` with GPTQ's
+    ``H = 2/N sum x x^T``; round to nearest), plus, when the output layer shares the table, the head's
+    ``tr(D H D^T)`` as :func:`layer_errors` predicts it for the method (GPTQ quantizes a shared table as
+    the head). Also its energy, the probe table (round to nearest, like every probe) and its error."""
+    w = table.detach().to(torch.float32)
+    used = counts.nonzero().flatten()
+    # per token, as GPTQ's H = 2/N sum x x^T weighs a layer's error: 2/N sum_t |dE_t|^2 scale^2
+    wu, cu = w[used], counts[used].to(torch.float32) * (2.0 * scale * scale / float(counts.sum()))
+    idx = _row_subset(w.shape[0], ROWS, seed)
+    wh = w if idx is None else w[idx]
+    rows_scale = w.shape[0] / wh.shape[0]
+
+    def err(q_used: torch.Tensor, q_head: torch.Tensor | None) -> float:
+        """q_used: the quantized rows ``used``; q_head: the quantized rows ``idx`` (the head's sample)."""
+        e = float((((wu - q_used) ** 2).sum(1) * cu).sum())
+        if q_head is not None:
+            e += _output_error(wh - q_head, head_h) * rows_scale
+        return e
+
+    head_errors = {} if head_h is None else layer_errors("lm_head", w, head_h, head_nsamples, schemes, config, seed)
+    errors = {}
+    for s in schemes:
+        key = scheme_key(s)
+        errors[key] = err(_rtn_weight(wu, s, config.clip_search, None, ESTIMATE_CLIP_STEP), None) + head_errors.get(key, 0.0)
+    energy = float(((wu ** 2).sum(1) * cu).sum()) + (0.0 if head_h is None else _output_error(w, head_h))
+    probe = torch.cat([_rtn_weight(w[i:i + 16384], PROBE, config.clip_search, None) for i in range(0, w.shape[0], 16384)])
+    probe_error = err(probe[used], None if head_h is None else (probe if idx is None else probe[idx]))
+    return errors, energy, probe, probe_error
 
 
 def _row_subset(n: int, rows: int, seed: int) -> torch.Tensor | None:
@@ -442,6 +538,24 @@ def measure(
             _measure_layer(head[0], head[1], g, schemes, config, errors, energy, probe_weight, probe_error)
             del g
             t_err += time.perf_counter() - t0
+        table = table_target(model, config)
+        if table is not None:
+            t0 = time.perf_counter()
+            tname, temb, tshared = table
+            head_h, head_n = None, 0
+            if tshared:
+                g = GPTQ(head[1], name=head[0])
+                for j, x in enumerate(inputs[:jp]):
+                    g.add_batch(_final_hidden(x, norm, proj))
+                head_h, head_n = g.H, g.nsamples
+                del g
+            counts = torch.bincount(torch.cat([s.reshape(-1) for s in hess_seqs]).to(torch.int64),
+                                    minlength=temb.num_embeddings)
+            tscale = embed_scale_of(temb) or 1.0
+            errors[tname], energy[tname], table_probe, probe_error[tname] = _table_measure(
+                temb.weight, counts, tscale, head_h, head_n, schemes, config)
+            group_of[tname] = tname
+            t_err += time.perf_counter() - t0
         seconds["errors"] = t_err
         del inputs
 
@@ -489,6 +603,22 @@ def measure(
                     mods[n].weight.data = saved[n]
             err = sum(probe_error[n] for n in names)
             out_groups.append(GroupMeasure(gname, names, kl / err if err > 0 else 0.0, kl, err))
+        if table is not None:  # the table quantized alone: its lookups (block 0's input) and a shared head
+            w = temb.weight
+            ids = chunks[jp].ids
+            x = probe_inputs[0] + ((table_probe[ids] - w[ids].float()) * tscale).to(probe_inputs[0].dtype)
+            for b in range(len(layers)):
+                x = runners[b].run(x, jp)
+            h = _final_hidden(x, norm, proj)
+            saved = head_mod.weight.data
+            try:
+                if tshared:
+                    head_mod.weight.data = table_probe.to(saved.dtype)
+                kl = _kl(ref_logp, logits_at(h))
+            finally:
+                head_mod.weight.data = saved
+            err = probe_error[tname]
+            out_groups.append(GroupMeasure(tname, [tname], kl / err if err > 0 else 0.0, kl, err))
         seconds["probes"] = time.perf_counter() - t0
         for r in runners:
             r.close()
@@ -505,6 +635,10 @@ def measure(
         layer_list.append(LayerMeasure(
             name, n, k, errors[name],
             {key: layer_bytes(n, k, s, config.stores_perm) for key, s in zip(keys, schemes)}, energy[name]))
+    if table is not None:  # stored once, even when the output layer shares it; never an act-order perm
+        n, k = temb.weight.shape
+        layer_list.append(LayerMeasure(tname, n, k, errors[tname],
+                                       {key: layer_bytes(n, k, s, False) for key, s in zip(keys, schemes)}, energy[tname]))
     seconds["total"] = time.perf_counter() - t_start
     tokens = sum(int(s.numel()) for s in hess_seqs)
     ids = hashlib.sha256(b"".join(s.to(torch.int64).numpy().tobytes() for s in seqs[:probe_sequences + measure_sequences]))
@@ -516,7 +650,7 @@ def measure(
         candidates=keys,
         layers=layer_list,
         groups=out_groups,
-        other_bytes=_other_bytes(model, planned, storage_dtype(model)),
+        other_bytes=other_bytes(model, config, planned, storage_dtype(model)),
         calibration={"hessian_sequences": len(hess_seqs), "hessian_tokens": tokens, "probe_sequences": len(probe_seqs),
                      "probe_positions": int(pos.numel()), "probe_scheme": scheme_key(PROBE), "rows": ROWS,
                      "tokens_sha256": ids.hexdigest()},

@@ -295,7 +295,7 @@ def prepare_model(model: nn.Module, dtype: torch.dtype | None = None) -> dict[st
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     counts: dict[str, int] = {}
     for mod in model.modules():
-        if isinstance(mod, QuantLinear):
+        if isinstance(mod, QuantLinear) and getattr(mod, "serves_head", True):  # a lookup-only embedding: no kernel
             d = mod.kernel_description(dtype)
             counts[d] = counts.get(d, 0) + 1
     if counts:

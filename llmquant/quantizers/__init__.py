@@ -10,6 +10,7 @@ from torch import nn
 
 from llmquant.config import QuantConfig
 from llmquant.quantizers import gptq_model, rtn  # noqa: F401  (registers "gptq" and "rtn")
+from llmquant.quantizers.plan import check_embedding, check_plan, quantize_embedding
 from llmquant.registry import get_method
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,14 @@ def quantize_model(
             "see llmquant.calibration.calibration_batches)"
         )
     method.check_model(model, config)
+    # the embedding first: a calibrated method then sees the inputs the quantized model will have
+    if config.quantize_embedding:
+        check_plan(model, config)  # refused before the embedding changes
+        check_embedding(model, config)
+    # GPTQ quantizes a table the head shares as the head (gptq_model), the others are rounded here
+    embedding = quantize_embedding(model, config, shared_by_method=method.name == "gptq")
     summary = method.apply(model, config, calibration, progress)
+    summary.update(embedding)
     return summary, config.with_kept_float(summary.get("kept_float", ()))
 
 

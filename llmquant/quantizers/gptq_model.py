@@ -50,7 +50,10 @@ from llmquant.quantizers.blocks import (
 )
 from llmquant.modules.walk import find_linear_layers, is_linear, linear_weight, set_submodule
 from llmquant.quantizers.gptq import GPTQ
-from llmquant.quantizers.plan import check_plan, dense_weight_check, to_quant_linear, untie_if_quantizing_head
+from llmquant.quantizers.plan import (
+    check_plan, dense_weight_check, head_shares_embedding, share_table_from_head, to_quant_linear,
+    untie_if_quantizing_head,
+)
 from llmquant.registry import Method, register_method
 
 __all__ = ["FINAL_NORM_NAMES", "GPTQMethod", "UnsupportedModelError", "quantize_gptq"]
@@ -274,6 +277,10 @@ def quantize_gptq(
     timer = _Timer()
     stack_name, layers, head, unreached = _layout(model, config)  # fails before anything changes
     head_scheme = config.resolve(head[0]) if head is not None else None
+    # a tied head that shares the quantized embedding table: GPTQ quantizes the table as the head (its
+    # Hessian: the final hidden states), without a stored perm (act-order groups fixed up front, so the
+    # lookups read columns in order), then the embedding reads the same codes
+    shares_table = head is not None and head_shares_embedding(model, config)
     if head_scheme is not None:
         norm, proj = _final_modules(model, stack_name)
     untie_if_quantizing_head(model, config)
@@ -349,11 +356,14 @@ def quantize_gptq(
                 block_size=config.block_size,
                 damp_percent=config.damp_percent,
                 act_order=config.act_order,
-                static_groups=config.static_groups,
+                static_groups=config.static_groups or (shares_table and config.act_order),
                 clip_search=config.clip_search,
             )
             del g
-            set_submodule(model, name, to_quant_linear(mod, packed, config))
+            if shares_table:
+                share_table_from_head(model, packed, head_scheme)
+            else:
+                set_submodule(model, name, to_quant_linear(mod, packed, config))
             s = head_scheme
             modules[name] = {"bits": s.bits, "group_size": s.group_size, "sym": s.sym, **st}
             timer.add("lm_head", t0)

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
-from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 
 from llmquant.config import LayerQuant, QuantConfig
 from llmquant.serving.vllm import QUANT_METHOD
@@ -75,7 +75,7 @@ class LlmQuantVllmConfig(QuantizationConfig):
         return schemes[0]
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
-        from llmquant.serving.vllm.linear import LlmQuantLinearMethod
+        from llmquant.serving.vllm.linear import LlmQuantEmbeddingMethod, LlmQuantLinearMethod
 
         if isinstance(layer, ParallelLMHead):
             # vLLM computes logits with lm_head.quant_method.apply, so a quantized head is one more
@@ -87,5 +87,8 @@ class LlmQuantVllmConfig(QuantizationConfig):
             if scheme is None:
                 return UnquantizedLinearMethod()
             return LlmQuantLinearMethod(self, scheme)
-        # embeddings, MoE experts, attention: llmquant quantizes only linear layers
+        if isinstance(layer, VocabParallelEmbedding) and self.quant.quantize_embedding:
+            scheme = self.quant.resolve(prefix)
+            return None if scheme is None else LlmQuantEmbeddingMethod(self, scheme)
+        # a float embedding (vLLM's own method), MoE experts, attention
         return None

@@ -1,4 +1,6 @@
-"""``LlmQuantLinearMethod``: one quantized vLLM linear layer (plain, fused, sharded, or the LM head).
+"""``LlmQuantLinearMethod``: one quantized vLLM linear layer (plain, fused, sharded, or the LM head);
+``LlmQuantEmbeddingMethod``: the quantized input embedding table (``quantize_embedding``), which a tied
+LM head shares.
 
 Lifecycle (vLLM's): ``create_weights`` declares the checkpoint tensors with vLLM's parameter classes
 (the table in :mod:`llmquant.serving.vllm`), vLLM's loaders fill them, ``process_weights_after_loading``
@@ -95,6 +97,8 @@ class LlmQuantLinearMethod(LinearMethodBase):
     def __init__(self, quant_config: Any, scheme: LayerQuant) -> None:
         self.quant_config = quant_config  # LlmQuantVllmConfig
         self.scheme = scheme
+        #: whether the layer stores an act-order ``perm`` (an embedding table never does)
+        self.has_perm = quant_config.has_perm
 
     # --- declare -----------------------------------------------------------------------------------
     def create_weights(
@@ -109,7 +113,7 @@ class LlmQuantLinearMethod(LinearMethodBase):
     ) -> None:
         s = self.scheme
         n, k = sum(output_partition_sizes), input_size_per_partition
-        has_perm = self.quant_config.has_perm
+        has_perm = self.has_perm
         check_partition(getattr(layer, "prefix", ""), s, k_part=k, k_full=input_size, has_perm=has_perm)
         loader = extra_weight_attrs["weight_loader"]
 
@@ -199,6 +203,8 @@ class LlmQuantLinearMethod(LinearMethodBase):
                     raise ValueError(f"{where}.perm{part}: not a permutation of 0..{k - 1}, or missing")
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        if getattr(layer, "llmquant_tied_to", None) is not None:
+            return  # the embedding's tensors: checked and prepared with it
         self._check_values(layer)
         dtype = layer.llmquant_params_dtype
         act_int8 = self.quant_config.act_int8
@@ -214,7 +220,8 @@ class LlmQuantLinearMethod(LinearMethodBase):
 
     # --- run -----------------------------------------------------------------------------------------
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        runs = layer.llmquant_runs
+        tied = getattr(layer, "llmquant_tied_to", None)
+        runs = (layer if tied is None else tied).llmquant_runs
         if len(runs) == 1:
             kernel, state = runs[0]
             return kernel.apply(state, x, bias)
@@ -235,7 +242,34 @@ class LlmQuantLinearMethod(LinearMethodBase):
         return torch.cat(out, dim=0).to(layer.llmquant_params_dtype)
 
     def tie_weights(self, layer: torch.nn.Module, embed_tokens: torch.nn.Module):
-        raise ValueError(
-            "llmquant: the LM head is quantized but the model config ties it to the input embedding; "
-            "a quantized checkpoint must have tie_word_embeddings=false (llmquant.quantize unties it)"
-        )
+        """A tied LM head (vLLM's ``ParallelLMHead.tie_weights``) multiplies with the embedding's table: the
+        checkpoint stores it once, under the embedding's name (``quantize_embedding``, same scheme)."""
+        method = getattr(embed_tokens, "quant_method", None)
+        if not isinstance(method, LlmQuantEmbeddingMethod) or method.scheme != self.scheme:
+            raise ValueError(
+                "llmquant: the LM head is quantized and the model config ties it to the input embedding, but the "
+                "embedding is not quantized with the head's scheme; llmquant.quantize unties such a head "
+                "(tie_word_embeddings=false) or quantizes both alike (quantize_embedding)")
+        for name in ("qweight", "scales", "zeros", "perm"):
+            setattr(layer, name, getattr(embed_tokens, name))
+        layer.llmquant_tied_to = embed_tokens
+        return layer
+
+
+class LlmQuantEmbeddingMethod(LlmQuantLinearMethod):
+    """The input embedding table (``quantize_embedding``), declared and loaded like a linear layer's weight
+    [vocabulary, hidden] (vLLM pads the vocabulary with zero rows). ``embedding`` gathers the packed rows of
+    the ids and dequantizes only those; ``apply`` (a model that computes its logits with the embedding, as
+    vLLM's Gemma 3 does) and a head tied to it run the kernel the registry picks."""
+
+    def __init__(self, quant_config: Any, scheme: LayerQuant) -> None:
+        super().__init__(quant_config, scheme)
+        self.has_perm = False
+
+    def embedding(self, layer: torch.nn.Module, input_: torch.Tensor) -> torch.Tensor:
+        rows = input_.reshape(-1).long()
+        z = None if layer.zeros is None else layer.zeros.data.index_select(0, rows)
+        w = dequantize_packed(layer.qweight.data.index_select(0, rows), layer.scales.data.index_select(0, rows), z,
+                              bits=self.scheme.bits, group_size=self.scheme.group_size,
+                              in_features=layer.llmquant_in_features)
+        return w.to(layer.llmquant_params_dtype).view(*input_.shape, layer.llmquant_in_features)

@@ -56,3 +56,17 @@ def test_user_errors_are_one_line(float_ckpt, tmp_path, capsys):
     assert "not a quantized checkpoint" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["quantize", str(float_ckpt), str(tmp_path / "y"), "--override", "nonsense"])
+
+
+def test_quantize_embedding_from_the_cli(float_ckpt, tmp_path, capsys):
+    """--quantize-embedding with --quantize-lm-head on a tied model: one shared table, named by info."""
+    q = tmp_path / "qe"
+    assert main(["quantize", str(float_ckpt), str(q), "--bits", "4", "--group-size", "32", "--quantize-lm-head",
+                 "--quantize-embedding"]) == 0
+    out = capsys.readouterr().out
+    assert "quantized layers (the embedding table among them): 15" in out
+    cfg = json.loads((q / "config.json").read_text())
+    assert cfg["quantization_config"]["quantize_embedding"] is True and cfg["tie_word_embeddings"] is True
+    assert main(["info", str(q), "--kernels", "--json", str(tmp_path / "k.json")]) == 0
+    kern = {lay["name"]: lay["kernel"] for lay in json.loads((tmp_path / "k.json").read_text())["layers"]}
+    assert kern["model.embed_tokens"].startswith(("cpu", "reference"))  # it serves the tied head too

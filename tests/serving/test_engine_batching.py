@@ -235,3 +235,23 @@ def test_mixed_precision_checkpoint_serves_like_generate(tokenizer, prompt_ids, 
     ref = [hf_generate(served, ids, GREEDY.max_tokens) for ids in prompt_ids]
     reqs, _ = run(EngineCore(served, tok, max_batch=8), prompt_ids, GREEDY, [0, 1, 1, 4, 4])
     assert [r.output_ids for r in reqs] == ref
+
+
+def test_quantized_embedding_checkpoint_serves_like_generate(tokenizer, prompt_ids, tmp_path):
+    """Gemma 3 with its tied embedding/head table quantized once (QuantEmbedding + TiedQuantHead) loads the way
+    ``llmquant serve`` loads it, decodes batched what ``generate`` gives, and refuses an out-of-vocabulary id."""
+    from llmquant import QuantConfig, quantize, save_quantized
+    from llmquant.models import load_model
+    from llmquant.modules.quant_embedding import QuantEmbedding, TiedQuantHead
+
+    model = make_tiny_gemma3(len(tokenizer), seed=4)
+    quantize(model, QuantConfig(bits=4, group_size=32, quantize_lm_head=True, quantize_embedding=True), progress=False)
+    save_quantized(model, tmp_path / "q", tokenizer)
+    served, tok = load_model(str(tmp_path / "q"))
+    assert isinstance(served.get_input_embeddings(), QuantEmbedding) and isinstance(served.lm_head, TiedQuantHead)
+    ref = [hf_generate(served, ids, GREEDY.max_tokens) for ids in prompt_ids]
+    core = EngineCore(served, tok, max_batch=8)
+    reqs, _ = run(core, prompt_ids, GREEDY, [0, 1, 1, 4, 4])
+    assert [r.output_ids for r in reqs] == ref
+    with pytest.raises(ValueError, match=rf"outside the vocabulary \[0, {len(tokenizer)}\)"):
+        core.check([1, len(tokenizer)], GREEDY)

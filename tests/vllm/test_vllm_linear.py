@@ -39,16 +39,17 @@ try:
         QUANTIZATION_METHODS,
         get_quantization_config,
     )
-    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 except ImportError as e:  # the base environment has no vLLM; .ci/vllm-setup.sh makes a venv that does
     pytest.skip(f"vLLM is not importable ({e}); run in the venv made by .ci/vllm-setup.sh", allow_module_level=True)
 
 from llmquant.config import LayerQuant, QuantConfig, QuantConfigError
+from llmquant.formats.packing import dequantize_packed
 from llmquant.kernels import dequant_matmul_ref
 from llmquant.kernels.registry import PackedWeight
 from llmquant.quantizers.rtn import quantize_weight_rtn
 from llmquant.serving.vllm import register
-from llmquant.serving.vllm.linear import LlmQuantLinearMethod
+from llmquant.serving.vllm.linear import LlmQuantEmbeddingMethod, LlmQuantLinearMethod
 
 pytestmark = pytest.mark.vllm
 
@@ -147,6 +148,38 @@ def test_from_config_rejects_a_bad_config_by_name():
         cls.from_config(bad)
     with pytest.raises(QuantConfigError, match="unknown fields"):
         cls.from_config(QuantConfig().to_dict() | {"desc_act": True})
+
+
+def test_quantized_embedding_gathers_rows_and_a_tied_head_shares_them():
+    vocab, k = 1000, 64  # vLLM pads the vocabulary to 1024 rows
+    cfg = make_config(bits=4, group_size=32, sym=False, method="gptq", act_order=True, quantize_lm_head=True,
+                      quantize_embedding=True)
+    emb = VocabParallelEmbedding(vocab, k, params_dtype=torch.float32, quant_config=cfg, prefix="model.embed_tokens")
+    assert isinstance(emb.quant_method, LlmQuantEmbeddingMethod) and emb.perm is None  # a table has no perm
+    pw = make_part(vocab, k, cfg.resolve("model.embed_tokens"), seed=0, perm=False)
+    load(emb, pw)
+    finish(emb)
+    ids = torch.tensor([[0, 5, 999], [17, 17, 3]])
+    table = dequantize_packed(pw.qweight, pw.scales, pw.zeros, bits=4, group_size=32, in_features=k)
+    assert torch.equal(emb(ids), table[ids])
+    x = torch.randn(2, k)
+    # logits through the embedding itself (vLLM's Gemma 3), and through a head tied to it (vLLM's Llama)
+    torch.testing.assert_close(emb.quant_method.apply(emb, x)[:, :vocab], dequant_matmul_ref(x, pw), **TOL)
+    head = ParallelLMHead(vocab, k, params_dtype=torch.float32, quant_config=cfg, prefix="lm_head").tie_weights(emb)
+    finish(head)
+    assert head.qweight is emb.qweight and head.scales is emb.scales
+    torch.testing.assert_close(head.quant_method.apply(head, x)[:, :vocab], dequant_matmul_ref(x, pw), **TOL)
+    other = make_config(bits=4, group_size=32, quantize_lm_head=True, quantize_embedding=True,
+                        overrides={"lm_head": {"bits": 8}})
+    head8 = ParallelLMHead(vocab, k, params_dtype=torch.float32, quant_config=other, prefix="lm_head")
+    with pytest.raises(ValueError, match="not quantized with the head's scheme"):
+        head8.tie_weights(emb)
+
+
+def test_float_embedding_stays_vllms():
+    emb = VocabParallelEmbedding(1000, 64, params_dtype=torch.float32, quant_config=make_config(quantize_lm_head=True),
+                                 prefix="model.embed_tokens")
+    assert not isinstance(emb.quant_method, LlmQuantLinearMethod) and emb.weight.shape == (1024, 64)
 
 
 # --- fused and plain layers, one rank --------------------------------------------------------------
