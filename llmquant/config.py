@@ -99,8 +99,8 @@ class QuantConfig:
     #: quantize the input embedding table too (its scheme: the defaults, or an override matching its module
     #: name, e.g. "embed_tokens"). A tied output layer quantized with the same scheme shares the table
     #: (stored once; GPTQ quantizes it as the head); otherwise the two are untied and the table is
-    #: rounded to nearest. Under a bit or size budget the
-    #: allocation chooses the table's scheme too (under a latency budget it keeps this one).
+    #: rounded to nearest. Under a bit or size budget the allocation chooses the table's scheme too (under a
+    #: latency budget it keeps this one, and a head quantized with it is refused).
     quantize_embedding: bool = False
     #: activations at run time: "float" (as given, fp32 or bf16) or "dynamic_int8" (each row of x
     #: quantized to int8 on the fly and multiplied on integer dot products, where the CPU kernel
@@ -156,6 +156,9 @@ class QuantConfig:
         self._check_mixed(method)
         if not isinstance(self.quantize_embedding, bool):
             raise QuantConfigError(f"QuantConfig: quantize_embedding must be a bool, got {self.quantize_embedding!r}")
+        if self.quantize_embedding and self.quantize_lm_head and self.max_latency is not None:
+            raise QuantConfigError("QuantConfig: a latency budget does not price a head that shares the quantized "
+                                   "embedding table yet; use target_bpw or max_size, or quantize the head alone")
         if not 0 <= self.damp_percent < 1:
             raise QuantConfigError(f"QuantConfig: damp_percent must be in [0, 1), got {self.damp_percent}")
         if self.block_size <= 0:

@@ -121,8 +121,12 @@ class TrainableQuantLinear(nn.Module):
 
 
 def open_for_training(model: nn.Module, train_codes: bool = False) -> int:
-    """Replace every QuantLinear of ``model`` by a :class:`TrainableQuantLinear`; returns how many."""
-    todo = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, QuantLinear)]
+    """Replace every QuantLinear of ``model`` by a :class:`TrainableQuantLinear`; returns how many. A
+    quantized embedding table (QuantEmbedding, and a head sharing it) stays as it is, frozen."""
+    from llmquant.modules.quant_embedding import QuantEmbedding
+
+    todo = [(name, mod) for name, mod in model.named_modules()
+            if isinstance(mod, QuantLinear) and not isinstance(mod, QuantEmbedding)]
     if not todo:
         raise ValueError("the model has no quantized layers (QuantLinear) to train")
     for name, mod in todo:

@@ -155,8 +155,8 @@ def plan_mixed(
         overrides.setdefault(name, {"bits": s.bits, "group_size": s.group_size, "sym": s.sym})
     table = table_target(model, config)
     if table is not None and table[2]:  # the output layer keeps sharing the table: the same scheme
-        s = alloc.layers[table[0]]
-        overrides["lm_head"] = {"bits": s.bits, "group_size": s.group_size, "sym": s.sym}
+        s = alloc.layers[table[0]]  # first, so that no broader pattern of the user's wins for the head
+        overrides = {"lm_head": {"bits": s.bits, "group_size": s.group_size, "sym": s.sym}, **overrides}
     record = {
         "target_bpw": config.target_bpw,
         "max_size": config.max_size,

@@ -182,8 +182,9 @@ def method_settings(config: QuantConfig) -> dict[str, Any]:
     """The config fields the predicted errors depend on."""
     settings = {"method": config.method, "act_order": config.act_order, "static_groups": config.static_groups,
                 "clip_search": config.clip_search, "damp_percent": config.damp_percent}
-    if config.quantize_embedding:  # the embedding table is measured and priced too
+    if config.quantize_embedding:  # the embedding table is measured and priced too, with a sharing head or not
         settings["quantize_embedding"] = True
+        settings["quantize_lm_head"] = config.quantize_lm_head
     return settings
 
 
@@ -278,6 +279,7 @@ def _table_measure(table: torch.Tensor, counts: torch.Tensor, scale: float, head
     ``tr(D H D^T)`` as :func:`layer_errors` predicts it for the method (GPTQ quantizes a shared table as
     the head). Also its energy, the probe table (round to nearest, like every probe) and its error."""
     w = table.detach().to(torch.float32)
+    counts = counts.to(w.device)
     used = counts.nonzero().flatten()
     # per token, as GPTQ's H = 2/N sum x x^T weighs a layer's error: 2/N sum_t |dE_t|^2 scale^2
     wu, cu = w[used], counts[used].to(torch.float32) * (2.0 * scale * scale / float(counts.sum()))
@@ -606,6 +608,11 @@ def measure(
         if table is not None:  # the table quantized alone: its lookups (block 0's input) and a shared head
             w = temb.weight
             ids = chunks[jp].ids
+            if probe_inputs[0].shape[-1] != w.shape[1]:
+                raise MeasurementError(
+                    f"mixed precision with quantize_embedding: {tname}'s {w.shape[1]}-wide lookups are transformed "
+                    f"before the first block (its input is {probe_inputs[0].shape[-1]} wide, e.g. OPT-350m's "
+                    "project_in); give the table a fixed scheme under a latency budget, or no budget")
             x = probe_inputs[0] + ((table_probe[ids] - w[ids].float()) * tscale).to(probe_inputs[0].dtype)
             for b in range(len(layers)):
                 x = runners[b].run(x, jp)

@@ -9,7 +9,7 @@ Embeddings that scale their output (Gemma's ``embed_scale``) keep doing so.
 ``TiedQuantHead`` is the output layer of a model whose head is tied to its embedding when both are
 quantized with the same scheme: it owns no tensor and multiplies with the embedding's codes through
 the kernel registry (the CPU kernel keeps its own repacked copy, so the table is in memory twice at
-4 bits, still a quarter of one fp16 copy). The checkpoint stores the table once. GPTQ quantizes such a
+4 bits, together about half of one fp16 copy). The checkpoint stores the table once. GPTQ quantizes such a
 table as the head (:func:`llmquant.quantizers.plan.share_table_from_head`); a table of its own is rounded
 to nearest (:func:`llmquant.quantizers.plan.quantize_embedding`).
 """

@@ -182,6 +182,9 @@ class SparsityConfig(PruneConfig):
                     or self.quantize.budgeted:
                 raise PruneConfigError("SparsityConfig: quantize must be a QuantConfig(method='gptq') without a "
                                        "budget (SparseGPT quantizes with GPTQ's solver)")
+            if self.quantize.quantize_embedding:
+                raise PruneConfigError("SparsityConfig: quantize_embedding is not supported in SparseGPT's pass; "
+                                       "quantize the pruned model with llmquant quantize instead")
             if nm is not None and self.quantize.act_order:
                 raise PruneConfigError("SparsityConfig: act-order reorders the columns, which breaks an N:M "
                                        "pattern; use QuantConfig(method='gptq', act_order=False)")

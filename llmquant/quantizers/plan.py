@@ -44,11 +44,17 @@ def embedding_scheme(model: nn.Module, config: QuantConfig) -> LayerQuant | None
 
 
 def _tied(model: nn.Module) -> bool:
+    """Whether the output layer is tied to the input embedding: the config says so (transformers ties by the
+    top-level flag) and, where both hold loaded float weights, they are one tensor (a model being loaded is
+    on the meta device and tied only after loading: there the flag decides)."""
     cfg = getattr(model, "config", None)
-    if cfg is None:
+    if cfg is None or not getattr(cfg, "tie_word_embeddings", False):
         return False
-    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    return bool(getattr(cfg, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False))
+    found = input_embedding(model)
+    w = getattr(getattr(model, "lm_head", None), "weight", None)
+    ew = getattr(found[1], "weight", None) if found is not None else None
+    loaded = isinstance(w, torch.Tensor) and isinstance(ew, torch.Tensor) and not (w.is_meta or ew.is_meta)
+    return not (loaded and w is not ew)
 
 
 def head_shares_embedding(model: nn.Module, config: QuantConfig) -> bool:

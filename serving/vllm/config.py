@@ -88,7 +88,8 @@ class LlmQuantVllmConfig(QuantizationConfig):
                 return UnquantizedLinearMethod()
             return LlmQuantLinearMethod(self, scheme)
         if isinstance(layer, VocabParallelEmbedding) and self.quant.quantize_embedding:
-            scheme = self.quant.resolve(prefix)
+            # vLLM's Llama family builds embed_tokens without a prefix: its checkpoint name is model.embed_tokens
+            scheme = self.quant.resolve(prefix or "model.embed_tokens")
             return None if scheme is None else LlmQuantEmbeddingMethod(self, scheme)
         # a float embedding (vLLM's own method), MoE experts, attention
         return None

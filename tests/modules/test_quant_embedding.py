@@ -165,8 +165,10 @@ def test_size_budget_counts_the_quantized_table(tmp_path):
     # the table is allocated: outside the layers only the rest remains (under a latency budget it keeps its
     # fixed scheme and is counted at that size)
     assert other_bytes(model, config, planned, storage_dtype(model)) == float_other - v * d * elem
-    fixed = config.replace(max_size=None, max_latency=1.0)
-    assert other_bytes(model, fixed, planned, storage_dtype(model)) == float_other - v * d * elem + v * d // 2 + v * 2 * d // 32
+    fixed = config.replace(max_size=None, max_latency=1.0, quantize_lm_head=False)  # + the untied float head
+    assert other_bytes(model, fixed, planned, storage_dtype(model)) == float_other + v * d // 2 + v * 2 * d // 32
+    with pytest.raises(QuantConfigError, match="latency budget does not price a head that shares"):
+        config.replace(max_size=None, max_latency=1.0)
     llmquant.quantize(model, config, calibration=tiny_calibration(), progress=False)
     assert isinstance(model.lm_head, TiedQuantHead)
     path = llmquant.save_quantized(model, tmp_path / "q")
@@ -204,3 +206,19 @@ def test_the_allocation_prices_the_table(tmp_path):
                progress=False, measurement=plain)
     with pytest.raises(MeasurementError):
         plan_mixed(tiny_model("gemma3"), config, calib, progress=False, measurement=plain)
+
+
+def test_recover_keeps_the_table_frozen():
+    """Quantization-aware training opens the linear layers only: the shared table stays a QuantEmbedding."""
+    from llmquant.distill.trainable import close_after_training, open_for_training
+
+    model = tiny_model("gemma3")
+    llmquant.quantize(model, QuantConfig(bits=4, group_size=32, quantize_lm_head=True, quantize_embedding=True),
+                      progress=False)
+    emb = model.get_input_embeddings()
+    n = open_for_training(model)
+    assert n == sum(1 for m in model.modules() if type(m).__name__ == "TrainableQuantLinear") == 14
+    assert model.get_input_embeddings() is emb and model.lm_head.embedding is emb
+    assert close_after_training(model) == 14
+    with torch.no_grad():
+        assert torch.isfinite(model(IDS).logits).all()

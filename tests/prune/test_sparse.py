@@ -153,6 +153,8 @@ def test_bad_sparsity_configs_are_refused():
         SparsityConfig(pattern="2:4", quantize=QuantConfig(method="gptq", act_order=True))
     with pytest.raises(PruneConfigError, match="sparsegpt"):
         SparsityConfig(method="wanda", quantize=QuantConfig(method="gptq"))
+    with pytest.raises(PruneConfigError, match="quantize_embedding is not supported in SparseGPT"):
+        SparsityConfig(quantize=QuantConfig(method="gptq", quantize_embedding=True))
     with pytest.raises(PruneConfigError, match="unknown method"):
         SparsityConfig(method="nope")
     with pytest.raises(QuantConfigError, match="prune method"):

@@ -176,6 +176,13 @@ def test_quantized_embedding_gathers_rows_and_a_tied_head_shares_them():
         head8.tie_weights(emb)
 
 
+def test_embedding_without_a_prefix_resolves_as_model_embed_tokens():
+    """vLLM's Llama builds embed_tokens without a prefix: its override still applies (bits 8 here)."""
+    cfg = make_config(bits=4, group_size=32, quantize_embedding=True, overrides={"embed_tokens": {"bits": 8}})
+    emb = VocabParallelEmbedding(1000, 64, params_dtype=torch.float32, quant_config=cfg)
+    assert isinstance(emb.quant_method, LlmQuantEmbeddingMethod) and emb.quant_method.scheme.bits == 8
+
+
 def test_float_embedding_stays_vllms():
     emb = VocabParallelEmbedding(1000, 64, params_dtype=torch.float32, quant_config=make_config(quantize_lm_head=True),
                                  prefix="model.embed_tokens")
