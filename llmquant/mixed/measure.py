@@ -533,9 +533,7 @@ def measure(
         final_probe = inputs[jp]
         if head_planned:
             t0 = time.perf_counter()
-            g = GPTQ(head[1], name=head[0])
-            for j, x in enumerate(inputs[:jp]):
-                g.add_batch(_final_hidden(x, norm, proj))
+            g = _head_hessian(head, inputs[:jp], norm, proj)
             group_of[head[0]] = head[0]
             _measure_layer(head[0], head[1], g, schemes, config, errors, energy, probe_weight, probe_error)
             del g
@@ -546,9 +544,7 @@ def measure(
             tname, temb, tshared = table
             head_h, head_n = None, 0
             if tshared:
-                g = GPTQ(head[1], name=head[0])
-                for j, x in enumerate(inputs[:jp]):
-                    g.add_batch(_final_hidden(x, norm, proj))
+                g = _head_hessian(head, inputs[:jp], norm, proj)
                 head_h, head_n = g.H, g.nsamples
                 del g
             counts = torch.bincount(torch.cat([s.reshape(-1) for s in hess_seqs]).to(torch.int64),
@@ -663,6 +659,14 @@ def measure(
                      "tokens_sha256": ids.hexdigest()},
         seconds=seconds,
     )
+
+
+def _head_hessian(head: tuple[str, nn.Module], inputs: list[torch.Tensor], norm, proj) -> GPTQ:
+    """The output layer's Hessian, accumulated on the final hidden states of the last block's outputs."""
+    g = GPTQ(head[1], name=head[0])
+    for x in inputs:
+        g.add_batch(_final_hidden(x, norm, proj))
+    return g
 
 
 def _final_hidden(x: torch.Tensor, norm, proj) -> torch.Tensor:

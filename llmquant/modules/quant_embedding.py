@@ -76,13 +76,8 @@ class QuantEmbedding(QuantLinear):
         if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
             bad = int(flat.max()) if int(flat.max()) >= self.num_embeddings else int(flat.min())
             raise IndexError(f"QuantEmbedding: id {bad} out of range for a vocabulary of {self.num_embeddings}")
-        out = torch.empty(flat.numel(), self.embedding_dim, dtype=self.compute_dtype, device=self.scales.device)
-        for i in range(0, flat.numel(), _CHUNK):
-            rows = flat[i: i + _CHUNK]
-            z = None if self.zeros is None else self.zeros.index_select(0, rows)
-            w = dequantize_packed(self.qweight.index_select(0, rows), self.scales.index_select(0, rows), z,
-                                  bits=self.bits, group_size=self.group_size, in_features=self.embedding_dim)
-            out[i: i + rows.numel()] = w.to(self.compute_dtype)
+        out = dequantize_rows(self.qweight, self.scales, self.zeros, flat, bits=self.bits,
+                              group_size=self.group_size, in_features=self.embedding_dim, dtype=self.compute_dtype)
         if self.embed_scale is not None:
             out = out * torch.tensor(self.embed_scale).to(self.compute_dtype)
         return out.view(*ids.shape, self.embedding_dim)
@@ -121,6 +116,20 @@ class TiedQuantHead(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, tied to the quantized embedding"
+
+
+def dequantize_rows(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, rows: torch.Tensor, *,
+                    bits: int, group_size: int, in_features: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rows ``rows`` (int64 [R]) of a packed matrix, dequantized exactly like the format's reference, as
+    [R, in_features] in ``dtype``; a chunk of rows at a time, so no more than that is ever in fp32."""
+    out = torch.empty(rows.numel(), in_features, dtype=dtype, device=scales.device)
+    for i in range(0, rows.numel(), _CHUNK):
+        r = rows[i: i + _CHUNK]
+        z = None if zeros is None else zeros.index_select(0, r)
+        w = dequantize_packed(qweight.index_select(0, r), scales.index_select(0, r), z, bits=bits,
+                              group_size=group_size, in_features=in_features)
+        out[i: i + r.numel()] = w.to(dtype)
+    return out
 
 
 def embed_scale_of(emb: nn.Module) -> float | None:

@@ -34,6 +34,7 @@ from vllm.model_executor.parameter import (
 from llmquant.config import LayerQuant
 from llmquant.formats.packing import BLOCK, dequantize_packed, num_groups, packed_words
 from llmquant.kernels.registry import PackedWeight, select_kernel
+from llmquant.modules.quant_embedding import dequantize_rows
 
 # a child of vLLM's "vllm" logger, which vLLM gives a handler: the kernel choice shows in vLLM's log
 logger = logging.getLogger("vllm.llmquant")
@@ -267,9 +268,7 @@ class LlmQuantEmbeddingMethod(LlmQuantLinearMethod):
         self.has_perm = False
 
     def embedding(self, layer: torch.nn.Module, input_: torch.Tensor) -> torch.Tensor:
-        rows = input_.reshape(-1).long()
-        z = None if layer.zeros is None else layer.zeros.data.index_select(0, rows)
-        w = dequantize_packed(layer.qweight.data.index_select(0, rows), layer.scales.data.index_select(0, rows), z,
-                              bits=self.scheme.bits, group_size=self.scheme.group_size,
-                              in_features=layer.llmquant_in_features)
-        return w.to(layer.llmquant_params_dtype).view(*input_.shape, layer.llmquant_in_features)
+        w = dequantize_rows(layer.qweight.data, layer.scales.data, None if layer.zeros is None else layer.zeros.data,
+                            input_.reshape(-1).long(), bits=self.scheme.bits, group_size=self.scheme.group_size,
+                            in_features=layer.llmquant_in_features, dtype=layer.llmquant_params_dtype)
+        return w.view(*input_.shape, layer.llmquant_in_features)
