@@ -6,7 +6,13 @@
  * The GEMV of one row of x (decode) runs on integer dot products (the prepared x of lq_cpu.h), as the
  * AVX-512 VNNI one does, with vpmaddubsw + vpmaddwd in place of vpdpbusd: the FMA GEMV spends a
  * shift, a conversion and two FMAs per 8 weights and reached only 20-25% of the memory bandwidth on
- * two cores; the integer one needs about a third of the instructions per weight. */
+ * two cores; the integer one needs about a third of the instructions per weight.
+ *
+ * Prefill (M > 32 in fp32, M >= 12 with dynamic INT8 activations) runs outer-product GEMMs: a panel of
+ * 16 weight rows is dequantized (fp32) or unpacked to one byte per code (INT8) straight into the order
+ * the micro-kernel reads, and each value of a few rows of x is broadcast against a whole panel row:
+ * 6 x 16 fp32 accumulators, or 3 x 8 int32 ones per pass over a half panel. The dot-product GEMM it
+ * replaced (micro_f32: 4 weight rows against 2 rows of x, horizontal sums) ran at 0.65x fp32 F.linear. */
 #include "lq_cpu.h"
 
 #if LQ_X86
@@ -143,6 +149,173 @@ static void micro_f32_avx2(const float *A, int64_t lda, const float *B, int64_t 
             micro_pair(A + i * lda, lda, B, ldb, kc, 2, (float(*)[4])out[i]);
         else
             micro_pair(A + i * lda, lda, B, ldb, kc, 1, (float(*)[4])out[i]);
+    }
+}
+
+/* --- the outer-product fp32 GEMM (lq_cpu.h: pack_f32, micro_op_f32) ------------------------------ */
+
+/* 8 x 8 transpose: v[i] = row i -> v[j] = column j */
+INLINE void transpose8(__m256 v[8]) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(v[i], v[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(v[i], v[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; i++) {
+        v[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+        v[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+    }
+}
+
+/* Rows 8h .. 8h + 7 of a panel starting at tile t0 (rows past `rows`: zero), 4-bit superblock sb, as
+ * uint32 code lanes: d0[l] holds lane l (bytes 4l .. 4l + 3) of each of the 8 rows, d1[l] lane 8 + l */
+INLINE void sb_lanes(const lq_layout *L, int64_t t0, int rows, int h, int64_t sb, __m256 d0[8], __m256 d1[8]) {
+    for (int i = 0; i < 8; i++) {
+        const int j = 8 * h + i;
+        if (j < rows) {
+            const uint8_t *q = lq_sb_row(L, t0 + j / LQ_TILE, sb, j % LQ_TILE);
+            d0[i] = _mm256_loadu_ps((const float *)q);
+            d1[i] = _mm256_loadu_ps((const float *)(q + 32));
+        } else {
+            d0[i] = d1[i] = _mm256_setzero_ps();
+        }
+    }
+    transpose8(d0);
+    transpose8(d1);
+}
+
+/* scale and -zero*scale of rows 8h .. 8h + 7 of a panel starting at tile t0 (tiles t0 + 2h, t0 + 2h + 1;
+ * a tile past the last one, nt, gets zeros) in group g */
+INLINE void panel_scales(const lq_layout *L, int64_t t0, int nt, int h, int64_t g, __m256 *vs, __m256 *vnzs) {
+    __m128i sh = _mm_setzero_si128(), zb = _mm_setzero_si128();
+    for (int u = 0; u < 2; u++) {
+        const int64_t t = t0 + 2 * h + u;
+        if (t >= t0 + nt) break;
+        const int64_t at = (t * L->NG + g) * LQ_TILE;
+        int64_t s4, z4 = 0;
+        memcpy(&s4, L->s + at, 8);
+        if (L->z) {
+            int32_t z;
+            memcpy(&z, L->z + at, 4);
+            z4 = (uint32_t)z;
+        }
+        sh = _mm_insert_epi64(sh, s4, u);
+        zb = _mm_insert_epi32(zb, (int)z4, u);
+    }
+    *vs = _mm256_cvtph_ps(sh);
+    const __m256 z = L->z ? _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(zb)) : _mm256_set1_ps((float)L->zc);
+    *vnzs = _mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(z, *vs));
+}
+
+/* Full 4-bit superblocks: the 64-byte rows of 8 weight rows are transposed as 8 x 8 uint32 (two per
+ * superblock), which puts the same code lane of every row in one vector; each of the 8 nibbles of a
+ * lane is then one column of the panel (shift, mask, convert, w = q s - z s with the rows' scales).
+ * Elsewhere (tails, 8-bit codes): each row's block into a small buffer (block_weights), then an
+ * 8 x 8 transpose per 8 rows and 8 columns. */
+static void dequant_panel_f32_avx2(const lq_layout *L, int64_t t0, int ntl, int64_t k0, int64_t kc, float *P) {
+    const int rows = ntl * LQ_TILE;
+    const int64_t nsb = lq_nsb(L), kend = k0 + kc;
+    const __m256i m15 = _mm256_set1_epi32(15);
+    int64_t kb = k0;
+    if (L->bits == 4) {
+        for (int h = 0; h < LQ_NR / 8; h++) {
+            lq_gcur gc = lq_gcur_at(L, k0);
+            __m256 vs, vnzs;
+            panel_scales(L, t0, ntl, h, gc.g, &vs, &vnzs);
+            for (int64_t sb = k0 / LQ_SB; sb < nsb && (sb + 1) * LQ_SB <= kend; sb++) {
+                __m256 d0[8], d1[8];
+                sb_lanes(L, t0, rows, h, sb, d0, d1);
+                for (int hb = 0; hb < 4; hb++) {
+                    const int64_t k = sb * LQ_SB + hb * LQ_BLK;
+                    if (lq_gcur_step(&gc, k)) panel_scales(L, t0, ntl, h, gc.g, &vs, &vnzs);
+                    float *dst = P + (k - k0) * LQ_NR + 8 * h;
+                    const __m128i se = _mm_cvtsi32_si128(4 * hb), so = _mm_cvtsi32_si128(4 * hb + 16);
+                    for (int l = 0; l < 8; l++) {
+                        const __m256i a = _mm256_castps_si256(d0[l]), b = _mm256_castps_si256(d1[l]);
+                        const __m256i q0 = _mm256_and_si256(_mm256_srl_epi32(a, se), m15);
+                        const __m256i q1 = _mm256_and_si256(_mm256_srl_epi32(b, se), m15);
+                        const __m256i q2 = _mm256_and_si256(_mm256_srl_epi32(a, so), m15);
+                        const __m256i q3 = _mm256_and_si256(_mm256_srl_epi32(b, so), m15);
+                        _mm256_store_ps(dst + l * LQ_NR, _mm256_fmadd_ps(_mm256_cvtepi32_ps(q0), vs, vnzs));
+                        _mm256_store_ps(dst + (8 + l) * LQ_NR, _mm256_fmadd_ps(_mm256_cvtepi32_ps(q1), vs, vnzs));
+                        _mm256_store_ps(dst + (16 + l) * LQ_NR, _mm256_fmadd_ps(_mm256_cvtepi32_ps(q2), vs, vnzs));
+                        _mm256_store_ps(dst + (24 + l) * LQ_NR, _mm256_fmadd_ps(_mm256_cvtepi32_ps(q3), vs, vnzs));
+                    }
+                }
+            }
+        }
+        while (kb < kend && kb / LQ_SB < nsb && (kb / LQ_SB + 1) * LQ_SB <= kend) kb += LQ_SB;
+    }
+    if (kb >= kend) return;
+    float tmp[LQ_NR][LQ_BLK] __attribute__((aligned(32)));
+    memset(tmp, 0, sizeof tmp);
+    lq_gcur gc = lq_gcur_at(L, kb);
+    for (; kb < kend; kb += LQ_BLK) {
+        lq_gcur_step(&gc, kb);
+        for (int j = 0; j < rows; j++) {
+            __m256 vs, vnzs, w[4];
+            const int64_t t = t0 + j / LQ_TILE;
+            const int r = j % LQ_TILE;
+            row_scales(L, t, r, gc.g, &vs, &vnzs);
+            block_weights(L, t, r, kb, vs, vnzs, w);
+            for (int v = 0; v < 4; v++) _mm256_store_ps(tmp[j] + 8 * v, w[v]);
+        }
+        float *dst = P + (kb - k0) * LQ_NR;
+        for (int v = 0; v < 4; v++)
+            for (int h = 0; h < LQ_NR / 8; h++) {
+                __m256 c[8];
+                for (int i = 0; i < 8; i++) c[i] = _mm256_load_ps(tmp[8 * h + i] + 8 * v);
+                transpose8(c);
+                for (int e = 0; e < 8; e++) _mm256_store_ps(dst + (8 * v + e) * LQ_NR + 8 * h, c[e]);
+            }
+    }
+}
+
+/* MR x 16 accumulators (at most 12 of the 16 registers), two panel loads and MR broadcasts a column.
+ * Named variables, not an array: gcc keeps an array of accumulators in memory across the loop. */
+#define OP_ROW(i)                                                  \
+    if (MR > i) {                                                  \
+        const __m256 a = _mm256_broadcast_ss(A + i * lda + k);     \
+        c##i##a = _mm256_fmadd_ps(a, b0, c##i##a);                 \
+        c##i##b = _mm256_fmadd_ps(a, b1, c##i##b);                 \
+    }
+#define OP_STORE(i)                                                           \
+    if (MR > i) {                                                             \
+        if (acc) {                                                            \
+            c##i##a = _mm256_add_ps(c##i##a, _mm256_loadu_ps(C + i * ldc));     \
+            c##i##b = _mm256_add_ps(c##i##b, _mm256_loadu_ps(C + i * ldc + 8)); \
+        }                                                                     \
+        _mm256_storeu_ps(C + i * ldc, c##i##a);                               \
+        _mm256_storeu_ps(C + i * ldc + 8, c##i##b);                           \
+    }
+INLINE void micro_op_k(const float *A, int64_t lda, const float *P, int64_t kc, const int MR, float *C, int64_t ldc,
+                       int acc) {
+    __m256 c0a = _mm256_setzero_ps(), c0b = c0a, c1a = c0a, c1b = c0a, c2a = c0a, c2b = c0a, c3a = c0a, c3b = c0a,
+           c4a = c0a, c4b = c0a, c5a = c0a, c5b = c0a;
+    for (int64_t k = 0; k < kc; k++) {
+        const __m256 b0 = _mm256_load_ps(P + k * LQ_NR), b1 = _mm256_load_ps(P + k * LQ_NR + 8);
+        OP_ROW(0) OP_ROW(1) OP_ROW(2) OP_ROW(3) OP_ROW(4) OP_ROW(5)
+    }
+    OP_STORE(0) OP_STORE(1) OP_STORE(2) OP_STORE(3) OP_STORE(4) OP_STORE(5)
+}
+#undef OP_ROW
+#undef OP_STORE
+
+static void micro_op_f32_avx2(const float *A, int64_t lda, const float *P, int64_t kc, int mr, float *C, int64_t ldc,
+                              int acc) {
+    switch (mr) {
+    case 1: micro_op_k(A, lda, P, kc, 1, C, ldc, acc); break;
+    case 2: micro_op_k(A, lda, P, kc, 2, C, ldc, acc); break;
+    case 3: micro_op_k(A, lda, P, kc, 3, C, ldc, acc); break;
+    case 4: micro_op_k(A, lda, P, kc, 4, C, ldc, acc); break;
+    case 5: micro_op_k(A, lda, P, kc, 5, C, ldc, acc); break;
+    default: micro_op_k(A, lda, P, kc, 6, C, ldc, acc); break;
     }
 }
 
@@ -366,6 +539,107 @@ INLINE void gemv_a8_k(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t 
         for (int r = 0; r < 4; r++) out[i][r] = hsum8(tot[i][r]) + (lq_tail(L) ? tail_dot(L, t, r, gc, xr + i * ldx) : 0.f);
 }
 
+/* --- the outer-product GEMM of dynamic INT8 activations (lq_cpu.h: pack_i8, micro_op_i8) ---------- */
+
+static void pack_i8_avx2(const lq_layout *L, int64_t t0, int ntl, int64_t sb0, int64_t nsbc, uint8_t *P) {
+    const int rows = ntl * LQ_TILE;
+    const __m256i nib = _mm256_set1_epi8(0x0F);
+    for (int64_t sb = sb0; sb < sb0 + nsbc; sb++, P += LQ_I8_PANEL_SB) {
+        for (int h = 0; h < LQ_NR / 8; h++) {
+            __m256 d0[8], d1[8];
+            sb_lanes(L, t0, rows, h, sb, d0, d1);
+            for (int s = 0; s < 8; s++) {
+                const __m256i a = _mm256_castps_si256(d0[s]), b = _mm256_castps_si256(d1[s]);
+                uint8_t *st = P + 4 * s * (4 * LQ_NR) + 32 * h;
+                _mm256_storeu_si256((__m256i *)st, _mm256_and_si256(a, nib));
+                _mm256_storeu_si256((__m256i *)(st + 4 * LQ_NR), _mm256_and_si256(_mm256_srli_epi16(a, 4), nib));
+                _mm256_storeu_si256((__m256i *)(st + 8 * LQ_NR), _mm256_and_si256(b, nib));
+                _mm256_storeu_si256((__m256i *)(st + 12 * LQ_NR), _mm256_and_si256(_mm256_srli_epi16(b, 4), nib));
+            }
+        }
+        float *sc = (float *)(P + LQ_SB * LQ_NR);
+        int32_t *zp = (int32_t *)(sc + LQ_NR);
+        lq_gcur gc = lq_gcur_at(L, sb * LQ_SB);
+        for (int j = 0; j < LQ_NR; j++) {
+            if (j < rows) {
+                const int64_t at = ((t0 + j / LQ_TILE) * L->NG + gc.g) * LQ_TILE + j % LQ_TILE;
+                sc[j] = _cvtsh_ss(L->s[at]);
+                zp[j] = L->z ? L->z[at] : L->zc;
+            } else {
+                sc[j] = 0.f;
+                zp[j] = 0;
+            }
+        }
+    }
+}
+
+/* MR rows of x x 8 panel rows (one half of the panel at a time, so that everything stays in registers):
+ * per scale lane, 4 steps of vpmaddubsw summed in int16 (4 x 2 x 15 x 127 < 2^15), one vpmaddwd to
+ * int32, the zero-point term added exactly, then converted and accumulated with the lane's x scale
+ * times the rows' weight scales. */
+#define I8_STEP(i)                                                                   \
+    if (MR > i) {                                                                    \
+        const __m256i xv = _mm256_castps_si256(_mm256_broadcast_ss((const float *)(xi + i * ldxi + off))); \
+        a##i = _mm256_add_epi16(a##i, _mm256_maddubs_epi16(b, xv));                    \
+    }
+#define I8_ROW(i)                                                                                   \
+    if (MR > i) {                                                                                   \
+        const __m256i zt = _mm256_set1_epi32(zs[i * ldzs + s]);                                     \
+        __m256i t = _mm256_madd_epi16(a##i, ones);                                                  \
+        t = ASYM ? _mm256_sub_epi32(t, _mm256_mullo_epi32(zv, zt)) : _mm256_add_epi32(t, zt);       \
+        const __m256 xs = _mm256_broadcast_ss((const float *)(xi + i * ldxi + 192 + 4 * s));       \
+        c##i = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_mul_ps(xs, ws), c##i);                 \
+    }
+#define I8_LOAD(i) if (MR > i) c##i = _mm256_loadu_ps(C + i * ldc + 8 * h);
+#define I8_STORE(i) if (MR > i) _mm256_storeu_ps(C + i * ldc + 8 * h, c##i);
+
+INLINE void micro_op_i8_k(const uint8_t *xi0, int64_t ldxi, const int32_t *zs0, int64_t ldzs, const uint8_t *P0,
+                          int64_t nsbc, const int MR, const int ASYM, float *C, int64_t ldc) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int h = 0; h < LQ_NR / 8; h++) {
+        __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
+        I8_LOAD(0) I8_LOAD(1) I8_LOAD(2) I8_LOAD(3)
+        const uint8_t *P = P0, *xi = xi0;
+        const int32_t *zs = zs0;
+        for (int64_t sb = 0; sb < nsbc; sb++, P += LQ_I8_PANEL_SB, xi += LQ_XI_SB_BYTES(1), zs += 8) {
+            const float *sc = (const float *)(P + LQ_SB * LQ_NR);
+            const __m256 ws = _mm256_loadu_ps(sc + 8 * h);
+            const __m256i zv = ASYM ? _mm256_loadu_si256((const __m256i *)(sc + LQ_NR + 8 * h)) : ones;
+#pragma GCC unroll 1
+            for (int s = 0; s < 8; s++) {
+                const uint8_t *st = P + 4 * s * (4 * LQ_NR) + 32 * h;
+                __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+                for (int u = 0; u < 4; u++) { /* lo[s], hi[s], lo[s + 8], hi[s + 8] */
+                    const int off = (u & 1) * 64 + (u >> 1) * 32 + 4 * s;
+                    const __m256i b = _mm256_loadu_si256((const __m256i *)(st + u * 4 * LQ_NR));
+                    I8_STEP(0) I8_STEP(1) I8_STEP(2) I8_STEP(3)
+                }
+                I8_ROW(0) I8_ROW(1) I8_ROW(2) I8_ROW(3)
+            }
+        }
+        I8_STORE(0) I8_STORE(1) I8_STORE(2) I8_STORE(3)
+    }
+}
+#undef I8_STEP
+#undef I8_ROW
+#undef I8_LOAD
+#undef I8_STORE
+
+static void micro_op_i8_avx2(const uint8_t *xi, int64_t ldxi, const int32_t *zs, int64_t ldzs, const uint8_t *P,
+                             int64_t nsbc, int mr, int asym, float *C, int64_t ldc) {
+#define I8_CASE(MR)                                                        \
+    case MR:                                                               \
+        if (asym) micro_op_i8_k(xi, ldxi, zs, ldzs, P, nsbc, MR, 1, C, ldc); \
+        else micro_op_i8_k(xi, ldxi, zs, ldzs, P, nsbc, MR, 0, C, ldc);      \
+        break;
+    switch (mr) {
+    I8_CASE(1)
+    I8_CASE(2)
+    default: I8_CASE(3)
+    }
+#undef I8_CASE
+}
+
 #define GEMV_I8_PB(PB)                                                \
     do {                                                              \
         if (nlimbs == 3)                                              \
@@ -430,7 +704,7 @@ void lq_expand_tile_avx2(const lq_layout *L, int64_t t, uint8_t *out) {
 
 const lq_kernels lq_kernels_avx2 = {
     "avx2", gemv_tile_avx2, dequant_f32_avx2, NULL, micro_f32_avx2, NULL, NULL, prepare_xi_avx2, gemv_i8_avx2, 2, 0,
-    lq_expand_tile_avx2, 1,
+    lq_expand_tile_avx2, 1, dequant_panel_f32_avx2, micro_op_f32_avx2, pack_i8_avx2, micro_op_i8_avx2,
 };
 
 #endif /* LQ_X86 */

@@ -71,6 +71,7 @@
 #define LQ_SB 128   /* columns per superblock */
 #define LQ_BLK 32   /* columns per block (the padding unit of K) */
 #define LQ_MR 6     /* rows of x per GEMM micro-kernel call */
+#define LQ_NR 16    /* output rows of one packed panel of the outer-product fp32 GEMM */
 /* M up to this runs the GEMV kernel (weights dequantized in registers, in passes of 4 rows of x
  * over an L1-resident tile) rather than the GEMM (dequantized into a buffer once, then a
  * register-blocked micro-kernel). Measured crossover on Zen 4: about 32 in fp32, 4 in bf16. */
@@ -184,6 +185,33 @@ typedef struct {
     void (*expand_tile)(const lq_layout *L, int64_t t, uint8_t *out);
     /* 1 when gemv_i8 reads packed 2- and 3-bit layouts itself (the others get expanded tiles) */
     int i8_reads_packed;
+    /* The outer-product fp32 GEMM (both NULL: the driver's GEMM multiplies with micro_f32 instead):
+     *   dequant_panel_f32: the rows of tiles [t0, t0 + ntl) (ntl <= LQ_NR / 4), columns [k0, k0 + kc)
+     *                 (k0 % 128 == 0, kc % 32 == 0) -> one panel P[(k - k0) * LQ_NR + j] = row 4 t0 + j's
+     *                 weight at column k, fp32 in xr order (rows 4 ntl .. LQ_NR - 1 zero).
+     *   micro_op_f32: C[i * ldc + j] = sum_{k < kc} A[i * lda + k] * P[k * LQ_NR + j] for i < mr (<= LQ_MR),
+     *                 j < LQ_NR; added to C's values when acc, else stored. One value of each of the mr rows
+     *                 of x at a time is broadcast against a panel row of LQ_NR weights: no horizontal sums,
+     *                 a register block of mr x LQ_NR accumulators. */
+    void (*dequant_panel_f32)(const lq_layout *L, int64_t t0, int ntl, int64_t k0, int64_t kc, float *P);
+    void (*micro_op_f32)(const float *A, int64_t lda, const float *P, int64_t kc, int mr, float *C, int64_t ldc,
+                         int acc);
+    /* The outer-product GEMM of dynamic INT8 activations (4-bit codes, groups constant within a
+     * superblock; both NULL: run_gemv_i8 instead):
+     *   pack_i8:     superblocks [sb0, sb0 + nsbc) of the rows of tiles [t0, t0 + ntl) (ntl <= LQ_NR / 4)
+     *                -> one panel of LQ_I8_PANEL_SB bytes per superblock: 32 steps of 4 columns (scale
+     *                lane s = 0..7 takes steps 4s .. 4s + 3: the lo and hi nibble bytes of code lane s,
+     *                then of lane s + 8, the columns of prepared-x dwords lo[s], hi[s], lo[s+8], hi[s+8]),
+     *                each LQ_NR rows x 4 codes (one byte each); then the LQ_NR rows' fp32 scales and int32
+     *                zero points of the superblock's group (rows past 4 ntl: codes, scales 0).
+     *   micro_op_i8: C[i * ldc + j] += sum over the nsbc superblocks of x row i (prepared, one limb;
+     *                row stride ldxi) times panel row j, for i < mr (<= LQ_I8_MR), j < LQ_NR; zs: per row
+     *                and superblock 8 int32 per scale lane (code lanes l and l + 8): the sums of m when
+     *                asym (the zero points differ by row), else the zero-point term -zc * sum m itself;
+     *                row stride ldzs ints. */
+    void (*pack_i8)(const lq_layout *L, int64_t t0, int ntl, int64_t sb0, int64_t nsbc, uint8_t *P);
+    void (*micro_op_i8)(const uint8_t *xi, int64_t ldxi, const int32_t *zs, int64_t ldzs, const uint8_t *P,
+                        int64_t nsbc, int mr, int asym, float *C, int64_t ldc);
 } lq_kernels;
 
 /* A row of x prepared for the integer GEMV, one block of LQ_XI_SB_BYTES(n) bytes per superblock.
@@ -209,6 +237,9 @@ typedef struct {
  * (at 128 n + 64). The dot product of a row with codes q and zero point z over a superblock is
  * sum_l scale_l * (sum_{k in l} q_k m_k - z * msum_l), the inner sums exact in int32. */
 #define LQ_XI_SB_BYTES(nlimbs) (128 * (nlimbs) + 128)
+/* bytes of one superblock of a pack_i8 panel: codes, then fp32 scales and int32 zero points */
+#define LQ_I8_PANEL_SB (LQ_SB * LQ_NR + 8 * LQ_NR)
+#define LQ_I8_MR 3 /* rows of x per micro_op_i8 call (4 spills accumulators with gcc on AVX2) */
 
 extern const lq_kernels lq_kernels_scalar;
 void lq_expand_tile_scalar(const lq_layout *L, int64_t t, uint8_t *out);

@@ -178,7 +178,126 @@ static int run_gemm(const lq_problem *p, int64_t t_begin, int64_t t_end) {
     return LQ_OK;
 }
 
+/* The outer-product fp32 GEMM (kernels with dequant_panel_f32 / micro_op_f32): per block of LQ_NCB_OP
+ * output rows and LQ_KC_OP columns, each panel of LQ_NR rows is dequantized straight into its packed
+ * form (LQ_KC_OP x LQ_NR fp32 = 32 KiB, in L1/L2) and every block of LQ_MR rows of x is multiplied
+ * against it with the register-blocked micro-kernel, accumulating into C ([M][LQ_NCB_OP]). */
+#ifndef LQ_KC_OP
+#define LQ_KC_OP 512
+#endif
+#ifndef LQ_NCB_OP
+#define LQ_NCB_OP 64
+#endif
+
+/* every row of x (fp32, columns [k0, k0 + kc)) times one packed panel P, into (acc) or over C's column
+ * block ([M][LQ_NCB_OP], C points at the panel's first column); rows in near-equal blocks of <= LQ_MR */
+static void op_f32_panel(const lq_problem *p, const float *P, int64_t k0, int64_t kc, float *C, int acc) {
+    const int64_t M = p->M, nmb = (M + LQ_MR - 1) / LQ_MR;
+    for (int64_t b = 0; b < nmb; b++) {
+        const int64_t m0 = M * b / nmb;
+        const int mr = (int)(M * (b + 1) / nmb - m0);
+        p->kern->micro_op_f32((const float *)p->xp + m0 * p->ldx + k0, p->ldx, P, kc, mr, C + m0 * LQ_NCB_OP, LQ_NCB_OP,
+                              acc);
+    }
+}
+
+static int run_gemm_op(const lq_problem *p, int64_t t_begin, int64_t t_end) {
+    const lq_layout *L = &p->L;
+    const int64_t M = p->M, Kp = L->Kp;
+    const int64_t KC = LQ_KC_OP < Kp ? LQ_KC_OP : Kp;
+    float *pk = (float *)lq_alloc((size_t)KC * LQ_NR * sizeof(float));
+    float *cblk = (float *)lq_alloc((size_t)M * LQ_NCB_OP * sizeof(float));
+    if (!pk || !cblk) {
+        free(pk);
+        free(cblk);
+        return LQ_ENOMEM;
+    }
+    const int64_t tpp = LQ_NR / LQ_TILE; /* tiles per panel */
+    for (int64_t tb = t_begin; tb < t_end; tb += LQ_NCB_OP / LQ_TILE) {
+        const int64_t ntl = t_end - tb < LQ_NCB_OP / LQ_TILE ? t_end - tb : LQ_NCB_OP / LQ_TILE;
+        for (int64_t k0 = 0; k0 < Kp; k0 += KC) {
+            const int64_t kc = Kp - k0 < KC ? Kp - k0 : KC;
+            for (int64_t j = 0; j * tpp < ntl; j++) {
+                const int nt = ntl - j * tpp < tpp ? (int)(ntl - j * tpp) : (int)tpp;
+                p->kern->dequant_panel_f32(L, tb + j * tpp, nt, k0, kc, pk);
+                op_f32_panel(p, pk, k0, kc, cblk + j * LQ_NR, k0 > 0);
+            }
+        }
+        for (int64_t m = 0; m < M; m++) store_rows(p, m, tb * LQ_TILE, ntl * LQ_TILE, cblk + m * LQ_NCB_OP);
+    }
+    free(pk);
+    free(cblk);
+    return LQ_OK;
+}
+
+/* The outer-product GEMM of dynamic INT8 activations (kernels with pack_i8 / micro_op_i8; 4-bit codes
+ * read as they are stored): per panel of LQ_NR output rows, LQ_I8_SBC superblocks at a time are packed
+ * as bytes (pack_i8, 17 KiB, in L1) and every LQ_I8_MR rows of prepared x multiplied against them;
+ * the tail columns (Kp % 128, kept in fp32 by the definition of the INT8 activations) go through the
+ * fp32 outer-product kernels. */
+#ifndef LQ_I8_SBC
+#define LQ_I8_SBC 8
+#endif
+#ifndef LQ_I8_OP_MIN_M
+#define LQ_I8_OP_MIN_M 12 /* measured crossover against run_gemv_i8 (AVX2, 4096 x 4096): between 8 and 12 */
+#endif
+
+static int run_gemm_op_i8(const lq_problem *p, int64_t t_begin, int64_t t_end) {
+    const lq_layout *L = &p->L;
+    const int64_t M = p->M, nsb = lq_nsb(L), tail = lq_tail(L), xi_row = nsb * LQ_XI_SB_BYTES(1), ldzs = nsb * 8;
+    const int64_t sbc = nsb < LQ_I8_SBC ? nsb : LQ_I8_SBC, tpp = LQ_NR / LQ_TILE;
+    uint8_t *pk = (uint8_t *)lq_alloc((size_t)sbc * LQ_I8_PANEL_SB);
+    float *pkf = tail ? (float *)lq_alloc((size_t)tail * LQ_NR * sizeof(float)) : NULL;
+    float *cblk = (float *)lq_alloc((size_t)M * LQ_NCB_OP * sizeof(float));
+    int32_t *zs = (int32_t *)lq_alloc((size_t)M * ldzs * sizeof(int32_t));
+    if (!pk || (tail && !pkf) || !cblk || !zs) {
+        free(pk);
+        free(pkf);
+        free(cblk);
+        free(zs);
+        return LQ_ENOMEM;
+    }
+    /* per row and superblock, the sums of m over each scale lane (code lanes s and s + 8) */
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t sb = 0; sb < nsb; sb++) {
+            const int32_t *ms = (const int32_t *)(p->xi + m * xi_row + sb * LQ_XI_SB_BYTES(1) + 128);
+            for (int s = 0; s < 8; s++) /* asymmetric: the sums; symmetric: the term -zc sum m itself */
+                zs[m * ldzs + sb * 8 + s] = (ms[s] + ms[s + 8]) * (L->z ? 1 : -L->zc);
+        }
+    const int asym = L->z != NULL;
+    for (int64_t tb = t_begin; tb < t_end; tb += LQ_NCB_OP / LQ_TILE) {
+        const int64_t ntl = t_end - tb < LQ_NCB_OP / LQ_TILE ? t_end - tb : LQ_NCB_OP / LQ_TILE;
+        memset(cblk, 0, (size_t)M * LQ_NCB_OP * sizeof(float));
+        for (int64_t j = 0; j * tpp < ntl; j++) {
+            const int64_t t0 = tb + j * tpp;
+            const int nt = ntl - j * tpp < tpp ? (int)(ntl - j * tpp) : (int)tpp;
+            for (int64_t sb0 = 0; sb0 < nsb; sb0 += sbc) {
+                const int64_t n = nsb - sb0 < sbc ? nsb - sb0 : sbc;
+                p->kern->pack_i8(L, t0, nt, sb0, n, pk);
+                for (int64_t m0 = 0; m0 < M; m0 += LQ_I8_MR) {
+                    const int mr = M - m0 < LQ_I8_MR ? (int)(M - m0) : LQ_I8_MR;
+                    p->kern->micro_op_i8(p->xi + m0 * xi_row + sb0 * LQ_XI_SB_BYTES(1), xi_row, zs + m0 * ldzs + sb0 * 8,
+                                         ldzs, pk, n, mr, asym, cblk + m0 * LQ_NCB_OP + j * LQ_NR, LQ_NCB_OP);
+                }
+            }
+            if (tail) {
+                p->kern->dequant_panel_f32(L, t0, nt, nsb * LQ_SB, tail, pkf);
+                op_f32_panel(p, pkf, nsb * LQ_SB, tail, cblk + j * LQ_NR, 1);
+            }
+        }
+        for (int64_t m = 0; m < M; m++) store_rows(p, m, tb * LQ_TILE, ntl * LQ_TILE, cblk + m * LQ_NCB_OP);
+    }
+    free(pk);
+    free(pkf);
+    free(cblk);
+    free(zs);
+    return LQ_OK;
+}
+
 static int run_direct(const lq_problem *p, int64_t t_begin, int64_t t_end) {
+    if (p->xi && p->nlimbs == 1 && p->M >= LQ_I8_OP_MIN_M && p->kern->micro_op_i8 && p->L.pbits == 4 &&
+        p->L.bits == 4)
+        return run_gemm_op_i8(p, t_begin, t_end);
     if (p->xi) {
         run_gemv_i8(p, t_begin, t_end);
         return LQ_OK;
@@ -187,6 +306,7 @@ static int run_direct(const lq_problem *p, int64_t t_begin, int64_t t_end) {
         run_gemv(p, t_begin, t_end);
         return LQ_OK;
     }
+    if (p->mode == LQ_F32 && p->kern->micro_op_f32) return run_gemm_op(p, t_begin, t_end);
     return run_gemm(p, t_begin, t_end);
 }
 

@@ -509,7 +509,7 @@ def test_fp32_greedy_decode_same_on_int_and_fma(monkeypatch, act_order):
 # --- dynamic INT8 activations -----------------------------------------------------------------------
 @needs_native
 @pytest.mark.parametrize("isa", INT_ISAS)
-@pytest.mark.parametrize("m", [1, 2, 3, 5, 40])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 11, 12, 40, 128])
 def test_act_int8_is_exactly_the_emulation(layers, isa, m):
     """act_int8: the kernel computes x quantized as llmquant.kernels.act_int8 defines it (lanes of 8
     columns, power-of-two scales, 7 bits), times the exact weights, to fp32 rounding; layers it does
