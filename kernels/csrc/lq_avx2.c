@@ -27,6 +27,9 @@
 #endif
 
 #define INLINE static inline __attribute__((always_inline))
+#ifndef LQ_PF_DIST
+#define LQ_PF_DIST 2048 /* bytes ahead the integer GEMVs prefetch their tile's codes */
+#endif
 
 INLINE float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -218,7 +221,7 @@ INLINE void panel_scales(const lq_layout *L, int64_t t0, int nt, int h, int64_t 
  * lane is then one column of the panel (shift, mask, convert, w = q s - z s with the rows' scales).
  * Elsewhere (tails, 8-bit codes): each row's block into a small buffer (block_weights), then an
  * 8 x 8 transpose per 8 rows and 8 columns. */
-static void dequant_panel_f32_avx2(const lq_layout *L, int64_t t0, int ntl, int64_t k0, int64_t kc, float *P) {
+void lq_dequant_panel_f32_avx2(const lq_layout *L, int64_t t0, int ntl, int64_t k0, int64_t kc, float *P) {
     const int rows = ntl * LQ_TILE;
     const int64_t nsb = lq_nsb(L), kend = k0 + kc;
     const __m256i m15 = _mm256_set1_epi32(15);
@@ -459,7 +462,7 @@ INLINE void gemv_i8_k(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t 
     const uint8_t *q = lq_tile(L, t);
     for (int64_t sb = 0; sb < nsb; sb++, q += 4 * rowb, xi += LQ_XI_SB_BYTES(NL)) {
         if (lq_gcur_step(&gc, sb * LQ_SB)) group_s_negz(L, t, gc.g, s, nz);
-        for (int r = 0; r < 4 * PB / 4; r++) _mm_prefetch((const char *)q + 2048 + 64 * r, _MM_HINT_T0);
+        for (int r = 0; r < 4 * PB / 4; r++) _mm_prefetch((const char *)q + LQ_PF_DIST + 64 * r, _MM_HINT_T0);
         for (int h = 0; h < 2; h++) { /* lanes 8h .. 8h + 7: bytes 32h .. 32h + 31 of each row */
             /* the zero-point term -z sum m: for a symmetric layer once per row of x, else per row of W */
             __m256i zsym[2];
@@ -510,7 +513,7 @@ INLINE void gemv_a8_k(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t 
     const uint8_t *q = lq_tile(L, t);
     for (int64_t sb = 0; sb < nsb; sb++, q += 4 * rowb, xi += LQ_XI_SB_BYTES(1)) {
         if (lq_gcur_step(&gc, sb * LQ_SB)) group_s_negz(L, t, gc.g, s, nz);
-        for (int r = 0; r < 4 * PB / 4; r++) _mm_prefetch((const char *)q + 2048 + 64 * r, _MM_HINT_T0);
+        for (int r = 0; r < 4 * PB / 4; r++) _mm_prefetch((const char *)q + LQ_PF_DIST + 64 * r, _MM_HINT_T0);
         __m256i zt[2];
         for (int i = 0; i < MM; i++) { /* sum m over both halves; -z sum m once per row when symmetric */
             const uint8_t *xb = xi + i * ldxi;
@@ -575,8 +578,8 @@ static void pack_i8_avx2(const lq_layout *L, int64_t t0, int ntl, int64_t sb0, i
 
 /* MR rows of x x 8 panel rows (one half of the panel at a time, so that everything stays in registers):
  * per scale lane, 4 steps of vpmaddubsw summed in int16 (4 x 2 x 15 x 127 < 2^15), one vpmaddwd to
- * int32, the zero-point term added exactly, then converted and accumulated with the lane's x scale
- * times the rows' weight scales. */
+ * int32, the zero-point term added exactly, then converted and accumulated with the lane's x scale;
+ * at the end of the superblock (its group) times the rows' weight scales. */
 #define I8_STEP(i)                                                                   \
     if (MR > i) {                                                                    \
         const __m256i xv = _mm256_castps_si256(_mm256_broadcast_ss((const float *)(xi + i * ldxi + off))); \
@@ -588,8 +591,9 @@ static void pack_i8_avx2(const lq_layout *L, int64_t t0, int ntl, int64_t sb0, i
         __m256i t = _mm256_madd_epi16(a##i, ones);                                                  \
         t = ASYM ? _mm256_sub_epi32(t, _mm256_mullo_epi32(zv, zt)) : _mm256_add_epi32(t, zt);       \
         const __m256 xs = _mm256_broadcast_ss((const float *)(xi + i * ldxi + 192 + 4 * s));       \
-        c##i = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_mul_ps(xs, ws), c##i);                 \
+        f##i = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), xs, f##i);                                    \
     }
+#define I8_SCALE(i) if (MR > i) c##i = _mm256_fmadd_ps(f##i, ws, c##i);
 #define I8_LOAD(i) if (MR > i) c##i = _mm256_loadu_ps(C + i * ldc + 8 * h);
 #define I8_STORE(i) if (MR > i) _mm256_storeu_ps(C + i * ldc + 8 * h, c##i);
 
@@ -603,8 +607,8 @@ INLINE void micro_op_i8_k(const uint8_t *xi0, int64_t ldxi, const int32_t *zs0, 
         const int32_t *zs = zs0;
         for (int64_t sb = 0; sb < nsbc; sb++, P += LQ_I8_PANEL_SB, xi += LQ_XI_SB_BYTES(1), zs += 8) {
             const float *sc = (const float *)(P + LQ_SB * LQ_NR);
-            const __m256 ws = _mm256_loadu_ps(sc + 8 * h);
             const __m256i zv = ASYM ? _mm256_loadu_si256((const __m256i *)(sc + LQ_NR + 8 * h)) : ones;
+            __m256 f0 = _mm256_setzero_ps(), f1 = f0, f2 = f0, f3 = f0; /* the superblock's sums, x-scaled */
 #pragma GCC unroll 1
             for (int s = 0; s < 8; s++) {
                 const uint8_t *st = P + 4 * s * (4 * LQ_NR) + 32 * h;
@@ -616,12 +620,15 @@ INLINE void micro_op_i8_k(const uint8_t *xi0, int64_t ldxi, const int32_t *zs0, 
                 }
                 I8_ROW(0) I8_ROW(1) I8_ROW(2) I8_ROW(3)
             }
+            const __m256 ws = _mm256_loadu_ps(sc + 8 * h); /* times the rows' weight scales */
+            I8_SCALE(0) I8_SCALE(1) I8_SCALE(2) I8_SCALE(3)
         }
         I8_STORE(0) I8_STORE(1) I8_STORE(2) I8_STORE(3)
     }
 }
 #undef I8_STEP
 #undef I8_ROW
+#undef I8_SCALE
 #undef I8_LOAD
 #undef I8_STORE
 
@@ -704,7 +711,7 @@ void lq_expand_tile_avx2(const lq_layout *L, int64_t t, uint8_t *out) {
 
 const lq_kernels lq_kernels_avx2 = {
     "avx2", gemv_tile_avx2, dequant_f32_avx2, NULL, micro_f32_avx2, NULL, NULL, prepare_xi_avx2, gemv_i8_avx2, 2, 0,
-    lq_expand_tile_avx2, 1, dequant_panel_f32_avx2, micro_op_f32_avx2, pack_i8_avx2, micro_op_i8_avx2,
+    lq_expand_tile_avx2, 1, lq_dequant_panel_f32_avx2, micro_op_f32_avx2, pack_i8_avx2, micro_op_i8_avx2, LQ_MR, 1,
 };
 
 #endif /* LQ_X86 */

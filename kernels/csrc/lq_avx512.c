@@ -239,6 +239,51 @@ void lq_micro_f32_avx512(const float *A, int64_t lda, const float *B, int64_t ld
     }
 }
 
+/* The outer-product micro-kernel (lq_cpu.h) over two consecutive panels (op_np = 2: P and P + kc * 16,
+ * 32 output columns): MR (<= 6) rows of x, two zmm accumulators a row, each x value broadcast once for
+ * both. Named accumulators (gcc keeps an array of them in memory). The panels come from the AVX2
+ * dequantization (lq_dequant_panel_f32_avx2). */
+#define OPZ_ROW(i)                                             \
+    if (MR > i) {                                              \
+        const __m512 a = _mm512_set1_ps(A[i * lda + k]);       \
+        c##i##a = _mm512_fmadd_ps(a, b0, c##i##a);             \
+        c##i##b = _mm512_fmadd_ps(a, b1, c##i##b);             \
+    }
+#define OPZ_STORE(i)                                                                     \
+    if (MR > i) {                                                                        \
+        if (acc) {                                                                       \
+            c##i##a = _mm512_add_ps(c##i##a, _mm512_loadu_ps(C + i * ldc));              \
+            c##i##b = _mm512_add_ps(c##i##b, _mm512_loadu_ps(C + i * ldc + LQ_NR));      \
+        }                                                                                \
+        _mm512_storeu_ps(C + i * ldc, c##i##a);                                          \
+        _mm512_storeu_ps(C + i * ldc + LQ_NR, c##i##b);                                  \
+    }
+INLINE void micro_op_k(const float *A, int64_t lda, const float *P, int64_t kc, const int MR, float *C, int64_t ldc,
+                       int acc) {
+    __m512 c0a = _mm512_setzero_ps(), c0b = c0a, c1a = c0a, c1b = c0a, c2a = c0a, c2b = c0a, c3a = c0a, c3b = c0a,
+           c4a = c0a, c4b = c0a, c5a = c0a, c5b = c0a;
+    const float *P1 = P + kc * LQ_NR;
+    for (int64_t k = 0; k < kc; k++) {
+        const __m512 b0 = _mm512_load_ps(P + k * LQ_NR), b1 = _mm512_load_ps(P1 + k * LQ_NR);
+        OPZ_ROW(0) OPZ_ROW(1) OPZ_ROW(2) OPZ_ROW(3) OPZ_ROW(4) OPZ_ROW(5)
+    }
+    OPZ_STORE(0) OPZ_STORE(1) OPZ_STORE(2) OPZ_STORE(3) OPZ_STORE(4) OPZ_STORE(5)
+}
+#undef OPZ_ROW
+#undef OPZ_STORE
+
+void lq_micro_op_f32_avx512(const float *A, int64_t lda, const float *P, int64_t kc, int mr, float *C, int64_t ldc,
+                            int acc) {
+    switch (mr) {
+    case 1: micro_op_k(A, lda, P, kc, 1, C, ldc, acc); break;
+    case 2: micro_op_k(A, lda, P, kc, 2, C, ldc, acc); break;
+    case 3: micro_op_k(A, lda, P, kc, 3, C, ldc, acc); break;
+    case 4: micro_op_k(A, lda, P, kc, 4, C, ldc, acc); break;
+    case 5: micro_op_k(A, lda, P, kc, 5, C, ldc, acc); break;
+    default: micro_op_k(A, lda, P, kc, 6, C, ldc, acc); break;
+    }
+}
+
 void lq_gemv_tile_avx512(const lq_layout *L, int64_t t, const float *x, int64_t ldx, int mm, float out[4][4]) {
     gemv_tile_avx512(L, t, x, ldx, mm, out);
 }
@@ -251,7 +296,8 @@ void lq_gemv_tile_avx512(const lq_layout *L, int64_t t, const float *x, int64_t 
 
 const lq_kernels lq_kernels_avx512 = {
     "avx512", lq_gemv_tile_avx512, lq_dequant_f32_avx512, NULL, lq_micro_f32_avx512, NULL, NULL,
-    lq_prepare_xi_avx512, lq_gemv_i8_avx512, 4, 1, lq_expand_tile_avx2, 1,
+    lq_prepare_xi_avx512, lq_gemv_i8_avx512, 4, 1, lq_expand_tile_avx2, 1, lq_dequant_panel_f32_avx2,
+    lq_micro_op_f32_avx512, NULL, NULL, LQ_MR, 2,
 };
 
 #endif /* LQ_X86 */

@@ -189,7 +189,7 @@ typedef struct {
      *   dequant_panel_f32: the rows of tiles [t0, t0 + ntl) (ntl <= LQ_NR / 4), columns [k0, k0 + kc)
      *                 (k0 % 128 == 0, kc % 32 == 0) -> one panel P[(k - k0) * LQ_NR + j] = row 4 t0 + j's
      *                 weight at column k, fp32 in xr order (rows 4 ntl .. LQ_NR - 1 zero).
-     *   micro_op_f32: C[i * ldc + j] = sum_{k < kc} A[i * lda + k] * P[k * LQ_NR + j] for i < mr (<= LQ_MR),
+     *   micro_op_f32: C[i * ldc + j] = sum_{k < kc} A[i * lda + k] * P[k * LQ_NR + j] for i < mr (<= op_mr),
      *                 j < LQ_NR; added to C's values when acc, else stored. One value of each of the mr rows
      *                 of x at a time is broadcast against a panel row of LQ_NR weights: no horizontal sums,
      *                 a register block of mr x LQ_NR accumulators. */
@@ -212,6 +212,9 @@ typedef struct {
     void (*pack_i8)(const lq_layout *L, int64_t t0, int ntl, int64_t sb0, int64_t nsbc, uint8_t *P);
     void (*micro_op_i8)(const uint8_t *xi, int64_t ldxi, const int32_t *zs, int64_t ldzs, const uint8_t *P,
                         int64_t nsbc, int mr, int asym, float *C, int64_t ldc);
+    /* rows of x per micro_op_f32 call (at most LQ_MR), and panels per call (1 or 2: the second at
+     * P + kc * LQ_NR, its columns at C + LQ_NR; a missing one is all zeros) */
+    int op_mr, op_np;
 } lq_kernels;
 
 /* A row of x prepared for the integer GEMV, one block of LQ_XI_SB_BYTES(n) bytes per superblock.
@@ -250,6 +253,8 @@ extern const lq_kernels lq_kernels_neon_dotprod;
 #endif
 #if LQ_X86
 void lq_expand_tile_avx2(const lq_layout *L, int64_t t, uint8_t *out);
+/* the AVX2 panel dequantization, shared by the AVX-512 tables (exact: the same weights at every ISA) */
+void lq_dequant_panel_f32_avx2(const lq_layout *L, int64_t t0, int ntl, int64_t k0, int64_t kc, float *P);
 extern const lq_kernels lq_kernels_avx2;
 extern const lq_kernels lq_kernels_avx512;
 extern const lq_kernels lq_kernels_avx512_bf16;
@@ -260,6 +265,8 @@ void lq_dequant_f32_avx512(const lq_layout *L, int64_t t0, int64_t ntl, int64_t 
 void lq_micro_f32_avx512(const float *A, int64_t lda, const float *B, int64_t ldb, int64_t kc, int mr,
                          float out[LQ_MR][4]);
 int lq_prepare_xi_avx512(const float *xr, int64_t nsb, int nlimbs, uint8_t *xi);
+void lq_micro_op_f32_avx512(const float *A, int64_t lda, const float *P, int64_t kc, int mr, float *C, int64_t ldc,
+                            int acc);
 void lq_gemv_i8_avx512(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t ldxi, int mm, int nlimbs,
                        const float *xr, int64_t ldx, float out[4][4]);
 #endif

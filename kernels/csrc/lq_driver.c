@@ -190,9 +190,9 @@ static int run_gemm(const lq_problem *p, int64_t t_begin, int64_t t_end) {
 #endif
 
 /* every row of x (fp32, columns [k0, k0 + kc)) times one packed panel P, into (acc) or over C's column
- * block ([M][LQ_NCB_OP], C points at the panel's first column); rows in near-equal blocks of <= LQ_MR */
+ * block ([M][LQ_NCB_OP], C points at the panel's first column); rows in near-equal blocks of <= op_mr */
 static void op_f32_panel(const lq_problem *p, const float *P, int64_t k0, int64_t kc, float *C, int acc) {
-    const int64_t M = p->M, nmb = (M + LQ_MR - 1) / LQ_MR;
+    const int64_t M = p->M, mrmax = p->kern->op_mr ? p->kern->op_mr : LQ_MR, nmb = (M + mrmax - 1) / mrmax;
     for (int64_t b = 0; b < nmb; b++) {
         const int64_t m0 = M * b / nmb;
         const int mr = (int)(M * (b + 1) / nmb - m0);
@@ -205,7 +205,8 @@ static int run_gemm_op(const lq_problem *p, int64_t t_begin, int64_t t_end) {
     const lq_layout *L = &p->L;
     const int64_t M = p->M, Kp = L->Kp;
     const int64_t KC = LQ_KC_OP < Kp ? LQ_KC_OP : Kp;
-    float *pk = (float *)lq_alloc((size_t)KC * LQ_NR * sizeof(float));
+    const int np = p->kern->op_np > 1 ? p->kern->op_np : 1; /* panels per micro-kernel call */
+    float *pk = (float *)lq_alloc((size_t)np * KC * LQ_NR * sizeof(float));
     float *cblk = (float *)lq_alloc((size_t)M * LQ_NCB_OP * sizeof(float));
     if (!pk || !cblk) {
         free(pk);
@@ -217,9 +218,12 @@ static int run_gemm_op(const lq_problem *p, int64_t t_begin, int64_t t_end) {
         const int64_t ntl = t_end - tb < LQ_NCB_OP / LQ_TILE ? t_end - tb : LQ_NCB_OP / LQ_TILE;
         for (int64_t k0 = 0; k0 < Kp; k0 += KC) {
             const int64_t kc = Kp - k0 < KC ? Kp - k0 : KC;
-            for (int64_t j = 0; j * tpp < ntl; j++) {
-                const int nt = ntl - j * tpp < tpp ? (int)(ntl - j * tpp) : (int)tpp;
-                p->kern->dequant_panel_f32(L, tb + j * tpp, nt, k0, kc, pk);
+            for (int64_t j = 0; j * tpp < ntl; j += np) {
+                for (int u = 0; u < np; u++) {
+                    const int64_t left = ntl - (j + u) * tpp;
+                    const int nt = left < 0 ? 0 : left < tpp ? (int)left : (int)tpp;
+                    p->kern->dequant_panel_f32(L, tb + (j + u) * tpp, nt, k0, kc, pk + u * kc * LQ_NR);
+                }
                 op_f32_panel(p, pk, k0, kc, cblk + j * LQ_NR, k0 > 0);
             }
         }
@@ -295,8 +299,8 @@ static int run_gemm_op_i8(const lq_problem *p, int64_t t_begin, int64_t t_end) {
 }
 
 static int run_direct(const lq_problem *p, int64_t t_begin, int64_t t_end) {
-    if (p->xi && p->nlimbs == 1 && p->M >= LQ_I8_OP_MIN_M && p->kern->micro_op_i8 && p->L.pbits == 4 &&
-        p->L.bits == 4)
+    if (p->xi && p->nlimbs == 1 && p->M >= LQ_I8_OP_MIN_M && p->kern->micro_op_i8 && p->kern->op_np <= 1 &&
+        p->L.pbits == 4 && p->L.bits == 4) /* (its tail columns take one fp32 panel a call) */
         return run_gemm_op_i8(p, t_begin, t_end);
     if (p->xi) {
         run_gemv_i8(p, t_begin, t_end);
