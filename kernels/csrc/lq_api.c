@@ -238,7 +238,8 @@ static void run_part(void *arg, int part, int nparts) {
  * Accumulation is fp32. fp32 x uses exactly dequantized fp32 weights (the reference's); bf16 x on
  * AVX512-BF16 CPUs uses the weights rounded once to bf16 (vdpbf16ps: twice the multiply rate),
  * except an 8-bit layer with M <= 4, and so does fp32 x when flags has LQ_FLAG_F32_VIA_BF16 (x is
- * then rounded to bf16 too). Elsewhere bf16 x is widened to fp32 and computed exactly; at M = 1,
+ * then rounded to bf16 too), up to M = LQ_GEMV_MAX_M_F32 when the kernels have the outer-product fp32
+ * GEMM (faster above). Elsewhere bf16 x is widened to fp32 and computed exactly; at M = 1,
  * on VNNI CPUs, exactly enough by integer dot products (lq_avx512_vnni.c; not with
  * LQ_FLAG_F32_NO_INT). */
 LQ_API int lq_linear(const lq_weights *w, const void *x, int x_dtype, int64_t M, const float *bias, void *y,
@@ -261,7 +262,10 @@ LQ_API int lq_linear(const lq_weights *w, const void *x, int x_dtype, int64_t M,
     p.M = M;
     /* bf16 math (weights rounded to bf16, vdpbf16ps) for bf16 x where the CPU has it, except that
      * the bf16 GEMV reads 4-bit layouts only (8-bit ones then take the exact fp32 GEMV) */
-    const int want_bf16 = (x_dtype == LQ_BF16 || (flags & LQ_FLAG_F32_VIA_BF16)) && p.kern->micro_bf16;
+    /* ... except past the fp32 GEMV's sizes where the outer-product fp32 GEMM exists: it is faster than
+     * the bf16 dot-product GEMM (AVX-512 BF16, 4096 x 4096, M = 128: 17 vs 24 ms) and exact */
+    const int op_f32 = p.kern->micro_op_f32 && M > LQ_GEMV_MAX_M_F32;
+    const int want_bf16 = (x_dtype == LQ_BF16 || (flags & LQ_FLAG_F32_VIA_BF16)) && p.kern->micro_bf16 && !op_f32;
     const int gemv = M <= LQ_GEMV_MAX_M_BF16;
     p.mode = want_bf16 && (!gemv || (p.kern->gemv_tile_bf16 && p.L.bits == 4)) ? LQ_BF16 : LQ_F32;
     /* x on integer dot products (lq_cpu.h) where the layout allows: 4-bit codes whose groups change at

@@ -125,28 +125,35 @@ def test_bf16_matches_reference(layers, isa, m):
 @needs_native
 @pytest.mark.skipif(NATIVE is None or NATIVE.isa != "avx512_bf16",
                     reason=f"needs AVX512-BF16 (kernels run {NATIVE.isa if NATIVE else None})")
-@pytest.mark.parametrize("m", [1, 3, 33])
+@pytest.mark.parametrize("m", [1, 3, 16, 33])
 def test_bf16_math_uses_bf16_rounded_weights(layers, m):
-    """The vdpbf16ps paths (4-bit GEMV, every GEMM) multiply by the weights rounded once to bf16
-    (cpu_dequantize(..., bfloat16)) and sum in fp32: within one bf16 rounding of that product."""
+    """The vdpbf16ps paths (4-bit GEMV, the GEMM up to M = 32) multiply by the weights rounded once to
+    bf16 (cpu_dequantize(..., bfloat16)) and sum in fp32: within one bf16 rounding of that product.
+    Past M = 32 bf16 x is widened and multiplied exactly on the outer-product fp32 GEMM (faster)."""
     for spec, w, lay, bias in layers:
         if spec[0] == 8 and m <= 4:
             continue  # 8-bit layers take the exact fp32 GEMV
         x = torch.randn(m, w.in_features).to(torch.bfloat16)
         xg = x if w.perm is None else x[:, w.perm.long()]  # the kernel reads W in stored column order
         exact = m == 1 and act_int8.applies(w.bits, w.group_size, w.in_features)  # the integer GEMV
+        y = cpu_linear(x, lay)
+        if m > 32:
+            ref = torch.nn.functional.linear(xg.float(), cpu_dequantize(lay))
+            torch.testing.assert_close(y.float(), ref, rtol=2**-8, atol=1e-5 * ref.abs().max().item())
+            assert torch.equal(y, cpu_linear(x.float(), lay).to(torch.bfloat16)), spec  # the fp32 result, rounded
+            continue
         weights = cpu_dequantize(lay) if exact else cpu_dequantize(lay, torch.bfloat16).float()
         ref = torch.nn.functional.linear(xg.float(), weights)
-        y = cpu_linear(x, lay)
         torch.testing.assert_close(y.float(), ref, rtol=2**-8, atol=1e-5 * ref.abs().max().item())
 
 
 @needs_native
 def test_fp32_medium_precision_uses_bf16_and_highest_stays_exact(layers):
-    """torch.set_float32_matmul_precision("medium") lets fp32 prefill run in bf16 (AVX512-BF16)."""
+    """torch.set_float32_matmul_precision("medium") lets fp32 prefill run in bf16 (AVX512-BF16) up to
+    M = 32; past that the exact outer-product GEMM is the faster one and runs."""
     _, w, lay, bias = layers[0]
-    x = torch.randn(33, w.in_features)
-    ref = dequant_matmul_ref(x, w, bias)
+    x, xl = torch.randn(16, w.in_features), torch.randn(40, w.in_features)
+    ref, ref_l = dequant_matmul_ref(x, w, bias), dequant_matmul_ref(xl, w, bias)  # (before "medium": torch's too)
     saved = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("medium")
@@ -154,6 +161,7 @@ def test_fp32_medium_precision_uses_bf16_and_highest_stays_exact(layers):
         assert y.dtype == torch.float32 and rel_mean_abs_err(y, ref) < 1e-2
         if NATIVE.isa == "avx512_bf16":
             assert not torch.equal(y, cpu_linear(x, lay, bias, isa="avx512"))  # really took the bf16 path
+        check_fp32(cpu_linear(xl, lay, bias), ref_l)
     finally:
         torch.set_float32_matmul_precision(saved)
     check_fp32(cpu_linear(x, lay, bias), ref)
