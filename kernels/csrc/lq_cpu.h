@@ -190,7 +190,8 @@ typedef struct {
      *                 (k0 % 128 == 0, kc % 32 == 0) -> one panel P[(k - k0) * LQ_NR + j] = row 4 t0 + j's
      *                 weight at column k, fp32 in xr order (rows 4 ntl .. LQ_NR - 1 zero).
      *   micro_op_f32: C[i * ldc + j] = sum_{k < kc} A[i * lda + k] * P[k * LQ_NR + j] for i < mr (<= op_mr),
-     *                 j < LQ_NR; added to C's values when acc, else stored. One value of each of the mr rows
+     *                 j < LQ_NR (and with op_np = 2 the same for the panel at P + kc * LQ_NR into
+     *                 C + LQ_NR); added to C's values when acc, else stored. One value of each of the mr rows
      *                 of x at a time is broadcast against a panel row of LQ_NR weights: no horizontal sums,
      *                 a register block of mr x LQ_NR accumulators. */
     void (*dequant_panel_f32)(const lq_layout *L, int64_t t0, int ntl, int64_t k0, int64_t kc, float *P);

@@ -179,9 +179,10 @@ static int run_gemm(const lq_problem *p, int64_t t_begin, int64_t t_end) {
 }
 
 /* The outer-product fp32 GEMM (kernels with dequant_panel_f32 / micro_op_f32): per block of LQ_NCB_OP
- * output rows and LQ_KC_OP columns, each panel of LQ_NR rows is dequantized straight into its packed
- * form (LQ_KC_OP x LQ_NR fp32 = 32 KiB, in L1/L2) and every block of LQ_MR rows of x is multiplied
- * against it with the register-blocked micro-kernel, accumulating into C ([M][LQ_NCB_OP]). */
+ * output rows and LQ_KC_OP columns, op_np panels of LQ_NR rows at a time are dequantized straight into
+ * their packed form (LQ_KC_OP x LQ_NR fp32 = 32 KiB each, in L1/L2) and every block of op_mr rows of x
+ * is multiplied against them with the register-blocked micro-kernel, accumulating into C
+ * ([M][LQ_NCB_OP]). */
 #ifndef LQ_KC_OP
 #define LQ_KC_OP 512
 #endif
