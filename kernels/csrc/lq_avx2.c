@@ -155,7 +155,7 @@ static void micro_f32_avx2(const float *A, int64_t lda, const float *B, int64_t 
     }
 }
 
-/* --- the outer-product fp32 GEMM (lq_cpu.h: pack_f32, micro_op_f32) ------------------------------ */
+/* --- the outer-product fp32 GEMM (lq_cpu.h: dequant_panel_f32, micro_op_f32) ---------------------- */
 
 /* 8 x 8 transpose: v[i] = row i -> v[j] = column j */
 INLINE void transpose8(__m256 v[8]) {
