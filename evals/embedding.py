@@ -11,12 +11,10 @@ the safetensors files of the model's own fp16 checkpoint. Table (markdown), JSON
 from __future__ import annotations
 
 import argparse
-import logging
 import tempfile
 import time
 from pathlib import Path
 
-import torch
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
@@ -135,7 +133,7 @@ def _plot(result: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llmquant.evals.sweep import add_protocol_args
+    from llmquant.evals.sweep import sweep_main
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="gemma3-270m")
@@ -145,12 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="mixed runs: max_size as these fractions of the fp16 checkpoint's bytes")
     p.add_argument("--no-baseline", dest="baseline", action="store_false",
                    help="skip GPTQ INT4 g128 with the table in float (evals/results/pareto_* has it, same protocol)")
-    add_protocol_args(p, DEFAULT_OUT)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    torch.manual_seed(0)
-    write(run(args), args.out)
-    return 0
+    return sweep_main(p, argv, run, write, DEFAULT_OUT)
 
 
 if __name__ == "__main__":

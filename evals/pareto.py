@@ -12,7 +12,6 @@ allocation + GPTQ; ``mixed_total_seconds`` of the first budget adds the measurem
 from __future__ import annotations
 
 import argparse
-import logging
 import time
 from pathlib import Path
 
@@ -142,7 +141,7 @@ def _plot(result: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llmquant.evals.sweep import add_protocol_args
+    from llmquant.evals.sweep import sweep_main
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="gemma3-270m")
@@ -150,12 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=["rtn", "gptq"], choices=["rtn", "gptq"])
     p.add_argument("--budgets", type=float, nargs="*", default=DEFAULT_BUDGETS)
     p.add_argument("--measurement", type=Path, help="reuse this measurement file (default: measure in this run)")
-    add_protocol_args(p, DEFAULT_OUT)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    torch.manual_seed(0)
-    write(run(args), args.out)
-    return 0
+    return sweep_main(p, argv, run, write, DEFAULT_OUT)
 
 
 if __name__ == "__main__":

@@ -171,11 +171,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="GPTQ act-order (default: GPTQ's default, on)")
     p.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=None,
                    help="GPTQ clipping search (default: GPTQ's default, on)")
-    add_protocol_args(p)
+    return sweep_main(p, argv, run, write)
+
+
+def sweep_main(p: argparse.ArgumentParser, argv: list[str] | None, run_fn, write_fn, out: Path = DEFAULT_OUT) -> int:
+    """The rest of a sweep's ``main``: the shared protocol options (results under ``out``), parse ``argv``,
+    INFO logging, torch's seed fixed, ``write_fn(run_fn(args), args.out)``."""
+    add_protocol_args(p, out)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.manual_seed(0)
-    write(run(args), args.out)
+    write_fn(run_fn(args), args.out)
     return 0
 
 
