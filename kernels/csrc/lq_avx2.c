@@ -319,14 +319,7 @@ INLINE void micro_op_k(const float *A, int64_t lda, const float *P, int64_t kc, 
 
 static void micro_op_f32_avx2(const float *A, int64_t lda, const float *P, int64_t kc, int mr, float *C, int64_t ldc,
                               int acc) {
-    switch (mr) {
-    case 1: micro_op_k(A, lda, P, kc, 1, C, ldc, acc); break;
-    case 2: micro_op_k(A, lda, P, kc, 2, C, ldc, acc); break;
-    case 3: micro_op_k(A, lda, P, kc, 3, C, ldc, acc); break;
-    case 4: micro_op_k(A, lda, P, kc, 4, C, ldc, acc); break;
-    case 5: micro_op_k(A, lda, P, kc, 5, C, ldc, acc); break;
-    default: micro_op_k(A, lda, P, kc, 6, C, ldc, acc); break;
-    }
+    LQ_MICRO_OP_DISPATCH(micro_op_k)
 }
 
 /* --- x on integer dot products (lq_cpu.h: the prepared row) ------------------------------------- */
@@ -614,29 +607,29 @@ INLINE void micro_op_i8_k(const uint8_t *xi0, int64_t ldxi, const int32_t *zs0, 
                           int64_t nsbc, const int MR, const int ASYM, float *C, int64_t ldc) {
     const __m256i ones = _mm256_set1_epi16(1);
     for (int h = 0; h < LQ_NR / 8; h++) {
-        __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
-        I8_LOAD(0) I8_LOAD(1) I8_LOAD(2) I8_LOAD(3)
+        __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0;
+        I8_LOAD(0) I8_LOAD(1) I8_LOAD(2)
         const uint8_t *P = P0, *xi = xi0;
         const int32_t *zs = zs0;
         for (int64_t sb = 0; sb < nsbc; sb++, P += LQ_I8_PANEL_SB, xi += LQ_XI_SB_BYTES(1), zs += 8) {
             const float *sc = (const float *)(P + LQ_SB * LQ_NR);
             const __m256i zv = ASYM ? _mm256_loadu_si256((const __m256i *)(sc + LQ_NR + 8 * h)) : ones;
-            __m256 f0 = _mm256_setzero_ps(), f1 = f0, f2 = f0, f3 = f0; /* the superblock's sums, x-scaled */
+            __m256 f0 = _mm256_setzero_ps(), f1 = f0, f2 = f0; /* the superblock's sums, x-scaled */
 #pragma GCC unroll 1
             for (int s = 0; s < 8; s++) {
                 const uint8_t *st = P + 4 * s * (4 * LQ_NR) + 32 * h;
-                __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+                __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0;
                 for (int u = 0; u < 4; u++) { /* lo[s], hi[s], lo[s + 8], hi[s + 8] */
                     const int off = (u & 1) * 64 + (u >> 1) * 32 + 4 * s;
                     const __m256i b = _mm256_loadu_si256((const __m256i *)(st + u * 4 * LQ_NR));
-                    I8_STEP(0) I8_STEP(1) I8_STEP(2) I8_STEP(3)
+                    I8_STEP(0) I8_STEP(1) I8_STEP(2)
                 }
-                I8_ROW(0) I8_ROW(1) I8_ROW(2) I8_ROW(3)
+                I8_ROW(0) I8_ROW(1) I8_ROW(2)
             }
             const __m256 ws = _mm256_loadu_ps(sc + 8 * h); /* times the rows' weight scales */
-            I8_SCALE(0) I8_SCALE(1) I8_SCALE(2) I8_SCALE(3)
+            I8_SCALE(0) I8_SCALE(1) I8_SCALE(2)
         }
-        I8_STORE(0) I8_STORE(1) I8_STORE(2) I8_STORE(3)
+        I8_STORE(0) I8_STORE(1) I8_STORE(2)
     }
 }
 #undef I8_STEP
@@ -724,7 +717,7 @@ void lq_expand_tile_avx2(const lq_layout *L, int64_t t, uint8_t *out) {
 
 const lq_kernels lq_kernels_avx2 = {
     "avx2", gemv_tile_avx2, dequant_f32_avx2, NULL, micro_f32_avx2, NULL, NULL, prepare_xi_avx2, gemv_i8_avx2, 2, 0,
-    lq_expand_tile_avx2, 1, lq_dequant_panel_f32_avx2, micro_op_f32_avx2, pack_i8_avx2, micro_op_i8_avx2, LQ_MR, 1,
+    lq_expand_tile_avx2, 1, lq_dequant_panel_f32_avx2, micro_op_f32_avx2, pack_i8_avx2, micro_op_i8_avx2, 1,
 };
 
 #endif /* LQ_X86 */

@@ -274,14 +274,7 @@ INLINE void micro_op_k(const float *A, int64_t lda, const float *P, int64_t kc, 
 
 void lq_micro_op_f32_avx512(const float *A, int64_t lda, const float *P, int64_t kc, int mr, float *C, int64_t ldc,
                             int acc) {
-    switch (mr) {
-    case 1: micro_op_k(A, lda, P, kc, 1, C, ldc, acc); break;
-    case 2: micro_op_k(A, lda, P, kc, 2, C, ldc, acc); break;
-    case 3: micro_op_k(A, lda, P, kc, 3, C, ldc, acc); break;
-    case 4: micro_op_k(A, lda, P, kc, 4, C, ldc, acc); break;
-    case 5: micro_op_k(A, lda, P, kc, 5, C, ldc, acc); break;
-    default: micro_op_k(A, lda, P, kc, 6, C, ldc, acc); break;
-    }
+    LQ_MICRO_OP_DISPATCH(micro_op_k)
 }
 
 void lq_gemv_tile_avx512(const lq_layout *L, int64_t t, const float *x, int64_t ldx, int mm, float out[4][4]) {
@@ -297,7 +290,7 @@ void lq_gemv_tile_avx512(const lq_layout *L, int64_t t, const float *x, int64_t 
 const lq_kernels lq_kernels_avx512 = {
     "avx512", lq_gemv_tile_avx512, lq_dequant_f32_avx512, NULL, lq_micro_f32_avx512, NULL, NULL,
     lq_prepare_xi_avx512, lq_gemv_i8_avx512, 4, 1, lq_expand_tile_avx2, 1, lq_dequant_panel_f32_avx2,
-    lq_micro_op_f32_avx512, NULL, NULL, LQ_MR, 2,
+    lq_micro_op_f32_avx512, NULL, NULL, 2,
 };
 
 #endif /* LQ_X86 */

@@ -189,7 +189,7 @@ typedef struct {
      *   dequant_panel_f32: the rows of tiles [t0, t0 + ntl) (ntl <= LQ_NR / 4), columns [k0, k0 + kc)
      *                 (k0 % 128 == 0, kc % 32 == 0) -> one panel P[(k - k0) * LQ_NR + j] = row 4 t0 + j's
      *                 weight at column k, fp32 in xr order (rows 4 ntl .. LQ_NR - 1 zero).
-     *   micro_op_f32: C[i * ldc + j] = sum_{k < kc} A[i * lda + k] * P[k * LQ_NR + j] for i < mr (<= op_mr),
+     *   micro_op_f32: C[i * ldc + j] = sum_{k < kc} A[i * lda + k] * P[k * LQ_NR + j] for i < mr (<= LQ_MR),
      *                 j < LQ_NR (and with op_np = 2 the same for the panel at P + kc * LQ_NR into
      *                 C + LQ_NR); added to C's values when acc, else stored. One value of each of the mr rows
      *                 of x at a time is broadcast against a panel row of LQ_NR weights: no horizontal sums,
@@ -213,9 +213,9 @@ typedef struct {
     void (*pack_i8)(const lq_layout *L, int64_t t0, int ntl, int64_t sb0, int64_t nsbc, uint8_t *P);
     void (*micro_op_i8)(const uint8_t *xi, int64_t ldxi, const int32_t *zs, int64_t ldzs, const uint8_t *P,
                         int64_t nsbc, int mr, int asym, float *C, int64_t ldc);
-    /* rows of x per micro_op_f32 call (at most LQ_MR), and panels per call (1 or 2: the second at
-     * P + kc * LQ_NR, its columns at C + LQ_NR; a missing one is all zeros) */
-    int op_mr, op_np;
+    /* panels per micro_op_f32 call (1 or 2: the second at P + kc * LQ_NR, its columns at C + LQ_NR; a
+     * missing one is all zeros) */
+    int op_np;
 } lq_kernels;
 
 /* A row of x prepared for the integer GEMV, one block of LQ_XI_SB_BYTES(n) bytes per superblock.
@@ -271,6 +271,19 @@ void lq_micro_op_f32_avx512(const float *A, int64_t lda, const float *P, int64_t
 void lq_gemv_i8_avx512(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t ldxi, int mm, int nlimbs,
                        const float *xr, int64_t ldx, float out[4][4]);
 #endif
+/* The body of a micro_op_f32 entry point (parameters A, lda, P, kc, mr, C, ldc, acc): KERNEL, an inline
+ * function with those parameters and a compile-time row count in place of mr, instantiated for
+ * mr = 1 .. LQ_MR (LQ_MR = 6) */
+#define LQ_MICRO_OP_DISPATCH(KERNEL)                              \
+    switch (mr) {                                                 \
+    case 1: KERNEL(A, lda, P, kc, 1, C, ldc, acc); break;         \
+    case 2: KERNEL(A, lda, P, kc, 2, C, ldc, acc); break;         \
+    case 3: KERNEL(A, lda, P, kc, 3, C, ldc, acc); break;         \
+    case 4: KERNEL(A, lda, P, kc, 4, C, ldc, acc); break;         \
+    case 5: KERNEL(A, lda, P, kc, 5, C, ldc, acc); break;         \
+    default: KERNEL(A, lda, P, kc, 6, C, ldc, acc); break;        \
+    }
+
 /* lq_api.c: whether the CPU has AVX-512 and AVX512-VNNI (cached cpuid) */
 LQ_API int lq_has_vnni(void);
 

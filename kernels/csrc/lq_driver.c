@@ -180,7 +180,7 @@ static int run_gemm(const lq_problem *p, int64_t t_begin, int64_t t_end) {
 
 /* The outer-product fp32 GEMM (kernels with dequant_panel_f32 / micro_op_f32): per block of LQ_NCB_OP
  * output rows and LQ_KC_OP columns, op_np panels of LQ_NR rows at a time are dequantized straight into
- * their packed form (LQ_KC_OP x LQ_NR fp32 = 32 KiB each, in L1/L2) and every block of op_mr rows of x
+ * their packed form (LQ_KC_OP x LQ_NR fp32 = 32 KiB each, in L1/L2) and every block of LQ_MR rows of x
  * is multiplied against them with the register-blocked micro-kernel, accumulating into C
  * ([M][LQ_NCB_OP]). */
 #ifndef LQ_KC_OP
@@ -191,9 +191,9 @@ static int run_gemm(const lq_problem *p, int64_t t_begin, int64_t t_end) {
 #endif
 
 /* every row of x (fp32, columns [k0, k0 + kc)) times one packed panel P, into (acc) or over C's column
- * block ([M][LQ_NCB_OP], C points at the panel's first column); rows in near-equal blocks of <= op_mr */
+ * block ([M][LQ_NCB_OP], C points at the panel's first column); rows in near-equal blocks of <= LQ_MR */
 static void op_f32_panel(const lq_problem *p, const float *P, int64_t k0, int64_t kc, float *C, int acc) {
-    const int64_t M = p->M, mrmax = p->kern->op_mr ? p->kern->op_mr : LQ_MR, nmb = (M + mrmax - 1) / mrmax;
+    const int64_t M = p->M, nmb = (M + LQ_MR - 1) / LQ_MR;
     for (int64_t b = 0; b < nmb; b++) {
         const int64_t m0 = M * b / nmb;
         const int mr = (int)(M * (b + 1) / nmb - m0);
