@@ -7,12 +7,12 @@
  * decode ran at 0.75x the bf16 speed from DRAM. vpdpbusd does 64 u8 x s8 multiply-adds per
  * instruction and the codes need only a mask (and one shift per 128) to become u8.
  *
- * x is carried exactly enough to stay an fp32 computation: every 8 columns that share an int32
- * lane of the dot products (below) get one power-of-two exponent e with max|x| < 2^(e+1), and each
+ * x is carried exactly enough to stay an fp32 computation: the 16 columns of int32 lanes l and l + 8
+ * of the dot products (below) get one power-of-two exponent e with max|x| < 2^(e+1), and each
  * x becomes m = round(x * 2^(21 - e)), |m| <= 2^22, split into three signed bytes
  * m = l0 + 2^8 l1 + 2^16 l2 (l0 and l1 in [-128, 127], "balanced"). So each x is represented to
- * within 2^(e - 22) <= 2^-22 max|x| of its 8 columns: the accuracy of an fp32 number when the
- * 8 values are of one magnitude, and never coarser than half an fp32 ulp of their largest; the
+ * within 2^(e - 22) <= 2^-22 max|x| of its 16 columns: the accuracy of an fp32 number when the
+ * 16 values are of one magnitude, and never coarser than half an fp32 ulp of their largest; the
  * products (q - z) * m and their sums are exact integers (|sum| < 2^30 per lane and superblock),
  * and there are two roundings per lane and superblock (int32 -> fp32, and the scaled fp32
  * accumulation). In a loop-only test with the weights in L1 (one core) this ran 1.9x the fp32
@@ -64,8 +64,8 @@ int lq_prepare_xi_avx512(const float *xr, int64_t nsb, int nlimbs, uint8_t *xi) 
             amax = _mm512_max_ps(amax, _mm512_abs_ps(v[c]));
         }
         if (bad) return 0;
-        if (nlimbs == 1) /* INT8: lanes l and l + 8 share their scale */
-            amax = _mm512_max_ps(amax, _mm512_shuffle_f32x4(amax, amax, 0x4E));
+        /* lanes l and l + 8 share their scale (lq_cpu.h) */
+        amax = _mm512_max_ps(amax, _mm512_shuffle_f32x4(amax, amax, 0x4E));
         /* e = floor(log2 amax), at least -100 (so 2^(e - 21) stays normal); 0 for an all-zero lane */
         const __mmask16 zero = _mm512_cmp_ps_mask(amax, _mm512_setzero_ps(), _CMP_EQ_OQ);
         __m512 e = _mm512_max_ps(_mm512_getexp_ps(amax), _mm512_set1_ps(-100.f));

@@ -168,8 +168,9 @@ typedef struct {
     /* x on integer dot products (4-bit layouts whose groups change at superblock boundaries; the format
      * of a prepared row is below):
      *   prepare_xi: one row of x in xr order, nsb superblocks -> xi (LQ_XI_SB_BYTES(nlimbs) each,
-     *               64-aligned); nlimbs 3: x to within 2^-22 of its 8 columns' largest (the fp32
-     *               path), 1: int8 with a power-of-two scale per 8 columns (dynamic INT8 activations).
+     *               64-aligned); nlimbs 3: x to within 2^-22 of the largest of its 16 columns (the
+     *               fp32 path), 1: int8 with a power-of-two scale per 16 columns (dynamic INT8
+     *               activations).
      *               Returns 0, leaving xi undefined, when some x is NaN or infinite.
      *   gemv_i8:    out[i][r] = sum_k x[i][k] * W[4t + r][k] for mm (<= i8_rows) prepared rows xi (row
      *               stride ldxi bytes; mm = 1 when nlimbs = 3); xr: the same rows in xr order, stride ldx
@@ -224,16 +225,15 @@ typedef struct {
  * j = 0, 1), the columns that share int32 lane l of the dot products against the 4-bit superblock
  * layout above (nibble s of word w is column 32 s + w: the low nibbles of byte pair (2l, 2l+1) ... of
  * a 64-byte row are columns 2l, 64+2l, 2l+1, 65+2l; the high nibbles 32+2l, 96+2l, 33+2l, 97+2l).
- * Each lane gets one power-of-two scale 2^(e - S): e = floor(log2 max|x|) over its 8 columns
- * (with n = 1 over lanes l and l + 8 together, which then share it; at least -100; 0 for an
- * all-zero lane), S = 21 for n = 3 limbs and 6 for n = 1, and each x
+ * Lanes l and l + 8 share one power-of-two scale 2^(e - S): e = floor(log2 max|x|) over their 16
+ * columns (at least -100; 0 when all are zero), S = 21 for n = 3 limbs and 6 for n = 1, and each x
  * becomes the integer m = round(x * 2^(S - e)) (to nearest even; with n = 1 clamped to [-127, 127]),
  * stored as n signed bytes m = l0 + 2^8 l1 + 2^16 l2 (l0 and l1 "balanced", in [-128, 127]).
- *   n = 3: |m| <= 2^22, so x is kept to within 2^(e - 22) <= 2^-22 of its lane's largest value:
- *          the fp32 path, as accurate as fp32 FMA (tests).
- *   n = 1: dynamic INT8 activations: 7 bits per value relative to the largest of its 16 columns
- *          (sharing the scale between lanes l and l + 8 lets AVX2 add the two halves of a row before
- *          converting: a third fewer instructions).
+ *   n = 3: |m| <= 2^22, so x is kept to within 2^(e - 22) <= 2^-22 of the largest of its 16
+ *          columns: the fp32 path, as accurate as fp32 FMA (tests).
+ *   n = 1: dynamic INT8 activations: 7 bits per value relative to the largest of its 16 columns.
+ * The shared scale lets AVX2 add a row's two halves in int16 before widening them to int32 (a third
+ * fewer instructions with one limb; with three, the limbs' products stay under vpmaddubsw's count).
  * Byte order in the block: for limb p, "lo" (64 bytes at 64 p) and "hi" (64 bytes at 64 n + 64 p):
  * byte 4 l + b of lo is limb p of the column paired with low-nibble byte b of lane l (columns 2l,
  * 64+2l, 2l+1, 65+2l), of hi the high-nibble columns (32+2l, 96+2l, 33+2l, 97+2l). Then 16 int32

@@ -180,8 +180,8 @@ int lq_prepare_xi_scalar(const float *xr, int64_t nsb, int nlimbs, uint8_t *xi) 
             const int lane = (i % 32) / 2;
             if (fabsf(x[i]) > amax[lane]) amax[lane] = fabsf(x[i]);
         }
-        if (nlimbs == 1) /* INT8: lanes l and l + 8 share their scale */
-            for (int l = 0; l < 8; l++) amax[l] = amax[l + 8] = fmaxf(amax[l], amax[l + 8]);
+        for (int l = 0; l < 8; l++) /* lanes l and l + 8 share their scale (lq_cpu.h) */
+            amax[l] = amax[l + 8] = fmaxf(amax[l], amax[l + 8]);
         int e[16];
         for (int l = 0; l < 16; l++) {
             int ex = 0;
