@@ -74,7 +74,8 @@ def add_scheme_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantize-lm-head", action="store_true", help="quantize the output layer too")
     g.add_argument("--quantize-embedding", action="store_true",
                    help="quantize the input embedding table too (round to nearest; override its scheme with e.g. "
-                        "'embed_tokens=bits:8'); with --quantize-lm-head and the same scheme a tied head shares it")
+                        "'embed_tokens=bits:8'); with --quantize-lm-head and the same scheme a tied head shares it (a head tied "
+                        "to the embedding must be quantized too: a float one would keep a second, float table)")
     g.add_argument("--activations", default="float", choices=("float", "dynamic_int8"),
                    help="run-time activations stored as the checkpoint's default: dynamic_int8 quantizes each row "
                         "of x to int8 on the fly on the CPU kernel (LLMQUANT_ACTIVATIONS overrides it)")

@@ -128,7 +128,8 @@ def swap_in_quant_embedding(model: torch.nn.Module, config: QuantConfig, dtype: 
     shared = head_shares_embedding(model, config)
     with torch.device("meta"):
         q = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, scheme, padding_idx=emb.padding_idx,
-                           embed_scale=embed_scale_of(emb), compute_dtype=dtype)
+                           embed_scale=embed_scale_of(emb), compute_dtype=dtype,
+                           act_int8=config.activations == "dynamic_int8")
     set_submodule(model, name, q)
     if shared:
         model.lm_head = TiedQuantHead(q)

@@ -24,6 +24,7 @@ from llmquant.mixed.allocate import Allocation, BudgetError, allocate, total_wei
 from llmquant.mixed.cost import candidates, layer_bytes, scheme_key
 from llmquant.mixed.measure import Measurement, MeasurementError, measure, table_target
 from llmquant.quantizers import quantize_model as quantize_planned
+from llmquant.quantizers.plan import check_tied_head
 from llmquant.registry import get_method
 
 logger = logging.getLogger(__name__)
@@ -186,6 +187,7 @@ def quantize_model(
 ) -> tuple[dict, QuantConfig]:
     """:func:`llmquant.quantizers.quantize_model`, with a budget allocated first when ``config`` has one
     (then ``summary["mixed"]`` holds the allocation and ``summary["seconds"]`` includes it)."""
+    check_tied_head(model, config)  # before a measurement pass or anything else
     if not config.budgeted:
         return quantize_planned(model, config, calibration, progress)
     if calibration is None:

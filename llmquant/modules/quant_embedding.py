@@ -34,8 +34,11 @@ class QuantEmbedding(QuantLinear):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, scheme: LayerQuant, *,
                  padding_idx: int | None = None, embed_scale: float | None = None,
-                 compute_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
-        super().__init__(embedding_dim, num_embeddings, scheme, bias=False, device=device)
+                 compute_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 act_int8: bool = False) -> None:
+        # act_int8: dynamic INT8 activations where the table serves as the output layer (a tied head), as
+        # for the model's other quantized layers
+        super().__init__(embedding_dim, num_embeddings, scheme, bias=False, device=device, act_int8=act_int8)
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.padding_idx = padding_idx
@@ -47,9 +50,9 @@ class QuantEmbedding(QuantLinear):
 
     @classmethod
     def from_float(cls, emb: nn.Embedding, qweight: torch.Tensor, scales: torch.Tensor,
-                   zeros: torch.Tensor | None, scheme: LayerQuant) -> "QuantEmbedding":
+                   zeros: torch.Tensor | None, scheme: LayerQuant, act_int8: bool = False) -> "QuantEmbedding":
         mod = cls(emb.num_embeddings, emb.embedding_dim, scheme, padding_idx=emb.padding_idx,
-                  embed_scale=embed_scale_of(emb), compute_dtype=emb.weight.dtype)
+                  embed_scale=embed_scale_of(emb), compute_dtype=emb.weight.dtype, act_int8=act_int8)
         mod.qweight.copy_(qweight)
         mod.scales.copy_(scales)
         if zeros is not None:
@@ -73,9 +76,11 @@ class QuantEmbedding(QuantLinear):
         if ids.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"QuantEmbedding: ids must be an integer tensor, got {ids.dtype}")
         flat = ids.reshape(-1).to(torch.long)
-        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
-            bad = int(flat.max()) if int(flat.max()) >= self.num_embeddings else int(flat.min())
-            raise IndexError(f"QuantEmbedding: id {bad} out of range for a vocabulary of {self.num_embeddings}")
+        if flat.numel():
+            lo, hi = torch.stack(torch.aminmax(flat)).tolist()  # one read back to the host
+            if lo < 0 or hi >= self.num_embeddings:
+                bad = hi if hi >= self.num_embeddings else lo
+                raise IndexError(f"QuantEmbedding: id {bad} out of range for a vocabulary of {self.num_embeddings}")
         out = dequantize_rows(self.qweight, self.scales, self.zeros, flat, bits=self.bits,
                               group_size=self.group_size, in_features=self.embedding_dim, dtype=self.compute_dtype)
         if self.embed_scale is not None:
@@ -92,7 +97,8 @@ class QuantEmbedding(QuantLinear):
     def extra_repr(self) -> str:
         return (f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, bits={self.bits}, "
                 f"group_size={self.group_size}, sym={self.sym}"
-                + (f", embed_scale={self.embed_scale:.6g}" if self.embed_scale is not None else ""))
+                + (f", embed_scale={self.embed_scale:.6g}" if self.embed_scale is not None else "")
+                + (", activations=dynamic_int8 (as the tied head)" if self.act_int8 else ""))
 
 
 class TiedQuantHead(nn.Module):

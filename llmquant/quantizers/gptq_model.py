@@ -361,7 +361,7 @@ def quantize_gptq(
             )
             del g
             if shares_table:
-                share_table_from_head(model, packed, head_scheme)
+                share_table_from_head(model, packed, head_scheme, config)
             else:
                 set_submodule(model, name, to_quant_linear(mod, packed, config))
             s = head_scheme

@@ -83,13 +83,41 @@ def _float_table(model: nn.Module) -> tuple[str, nn.Embedding]:
     return name, emb
 
 
+def check_tied_head(model: nn.Module, config: QuantConfig) -> None:
+    """Refuse quantizing the input embedding of a model whose output layer is tied to it while the head stays
+    float: the head would keep the float table, so the checkpoint (and memory) would hold the table twice,
+    float and quantized, and grow instead of shrinking."""
+    if not (config.quantize_embedding and getattr(model, "lm_head", None) is not None and _tied(model)):
+        return
+    if config.resolve("lm_head") is not None:
+        return
+    found = input_embedding(model)
+    if found is None:
+        return
+    w = getattr(found[1], "weight", None)
+    grow = ""
+    if isinstance(w, torch.Tensor):
+        scheme = embedding_scheme(model, config)
+        v, d = w.shape
+        packed = v * d * scheme.bits / 8 + v * (-(-d // (scheme.group_size if scheme.group_size > 0 else d))) * (
+            2 if scheme.sym else 3)  # codes, fp16 scales (+ uint8 zeros)
+        size = f"{packed / 2**20:.1f} MiB" if packed >= 2**20 else f"{packed / 2**10:.1f} KiB"
+        grow = f" by about {size} (its {v}x{d} table, quantized)"
+    raise ValueError(
+        f"quantize_embedding: the output layer of this model is tied to its input embedding ({found[0]}) and "
+        f"stays float, so it would keep the float table and the checkpoint would store the table twice and "
+        f"grow{grow}. Quantize the head too (quantize_lm_head=True, --quantize-lm-head: with the embedding's "
+        f"scheme it shares the quantized table) or leave the embedding float")
+
+
 def check_embedding(model: nn.Module, config: QuantConfig) -> None:
     """Refuse, before anything changes, an embedding that ``config`` cannot quantize."""
     if embedding_scheme(model, config) is not None:
         _float_table(model)
+        check_tied_head(model, config)
 
 
-def share_table_from_head(model: nn.Module, packed: PackedWeight, scheme: LayerQuant) -> None:
+def share_table_from_head(model: nn.Module, packed: PackedWeight, scheme: LayerQuant, config: QuantConfig) -> None:
     """The tied output layer was quantized (``packed``, no perm): the input embedding becomes a
     QuantEmbedding of the same codes and the head a TiedQuantHead of it."""
     from llmquant.modules.quant_embedding import QuantEmbedding, TiedQuantHead
@@ -97,7 +125,8 @@ def share_table_from_head(model: nn.Module, packed: PackedWeight, scheme: LayerQ
     if packed.perm is not None:
         raise ValueError("a table shared by the embedding and the head cannot store an act-order perm")
     name, emb = _float_table(model)
-    q = QuantEmbedding.from_float(emb, packed.qweight, packed.scales, packed.zeros, scheme)
+    q = QuantEmbedding.from_float(emb, packed.qweight, packed.scales, packed.zeros, scheme,
+                                  act_int8=config.activations == "dynamic_int8")
     set_submodule(model, name, q)
     model.lm_head = TiedQuantHead(q)
     drop_tied_keys(model)
@@ -125,14 +154,14 @@ def quantize_embedding(model: nn.Module, config: QuantConfig, shared_by_method: 
     qweight = torch.cat([p.qweight for p in parts])
     scales = torch.cat([p.scales for p in parts])
     zeros = None if parts[0].zeros is None else torch.cat([p.zeros for p in parts])
-    q = QuantEmbedding.from_float(emb, qweight, scales, zeros, scheme)
+    q = QuantEmbedding.from_float(emb, qweight, scales, zeros, scheme, act_int8=config.activations == "dynamic_int8")
     set_submodule(model, name, q)
     if shared:
         model.lm_head = TiedQuantHead(q)
     elif _tied(model) and getattr(model, "lm_head", None) is not None and isinstance(
         getattr(model.lm_head, "weight", None), nn.Parameter
     ) and model.lm_head.weight is emb.weight:
-        _untie(model)  # the head keeps the float table
+        _untie(model)  # quantized with a scheme of its own by the method, next (check_tied_head: never float)
     return {"embedding": name, "embedding_scheme": str(scheme), "head_shares_embedding": shared}
 
 

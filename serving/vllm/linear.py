@@ -23,6 +23,7 @@ from fractions import Fraction
 from typing import Any
 
 import torch
+from vllm.config import get_current_vllm_config_or_none
 from vllm.model_executor.layers.linear import LinearMethodBase
 from vllm.model_executor.parameter import (
     BasevLLMParameter,
@@ -254,6 +255,7 @@ class LlmQuantLinearMethod(LinearMethodBase):
         for name in ("qweight", "scales", "zeros", "perm"):
             setattr(layer, name, getattr(embed_tokens, name))
         layer.llmquant_tied_to = embed_tokens
+        embed_tokens.llmquant_for_logits = True  # its kernel runs this head
         return layer
 
 
@@ -261,14 +263,49 @@ class LlmQuantEmbeddingMethod(LlmQuantLinearMethod):
     """The input embedding table (``quantize_embedding``), declared and loaded like a linear layer's weight
     [vocabulary, hidden] (vLLM pads the vocabulary with zero rows). ``embedding`` gathers the packed rows of
     the ids and dequantizes only those; ``apply`` (a model that computes its logits with the embedding, as
-    vLLM's Gemma 3 does) and a head tied to it run the kernel the registry picks."""
+    vLLM's Gemma 2 does) and a head tied to it run the kernel the registry picks, prepared only when the
+    model config ties the output layer to the embedding (otherwise the table is in memory once)."""
 
     def __init__(self, quant_config: Any, scheme: LayerQuant) -> None:
         super().__init__(quant_config, scheme)
         self.has_perm = False
+
+    def create_weights(self, layer: torch.nn.Module, *args: Any, **kwargs: Any) -> None:
+        super().create_weights(layer, *args, **kwargs)
+        # logits computed with the table (a tied head, or the model's own code, as vLLM's Gemma 2) need a
+        # kernel's copy of it; lookups read the packed tensors, so an untied model skips that copy
+        layer.llmquant_for_logits = config_ties_embeddings()
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        if getattr(layer, "llmquant_for_logits", True):
+            super().process_weights_after_loading(layer)
+            return
+        self._check_values(layer)
+        layer.llmquant_runs = None
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if getattr(layer, "llmquant_runs", None) is None:
+            raise RuntimeError(
+                f"llmquant: {getattr(layer, 'prefix', '') or 'the input embedding'}: logits asked of the quantized "
+                "embedding, but the model config does not tie the output layer to it (tie_word_embeddings=false), "
+                "so no kernel was prepared for the table")
+        return super().apply(layer, x, bias)
 
     def embedding(self, layer: torch.nn.Module, input_: torch.Tensor) -> torch.Tensor:
         w = dequantize_rows(layer.qweight.data, layer.scales.data, None if layer.zeros is None else layer.zeros.data,
                             input_.reshape(-1).long(), bits=self.scheme.bits, group_size=self.scheme.group_size,
                             in_features=layer.llmquant_in_features, dtype=layer.llmquant_params_dtype)
         return w.view(*input_.shape, layer.llmquant_in_features)
+
+
+def config_ties_embeddings() -> bool:
+    """``tie_word_embeddings`` of the model vLLM is building (it sets its config around model construction;
+    the top-level config or the text one may carry the flag); True when there is none (layers built alone)."""
+    cfg = get_current_vllm_config_or_none()
+    model_config = getattr(cfg, "model_config", None)
+    if model_config is None:
+        return True
+    flags = [getattr(c, "tie_word_embeddings") for c in (getattr(model_config, "hf_config", None),
+                                                         getattr(model_config, "hf_text_config", None))
+             if c is not None and hasattr(c, "tie_word_embeddings")]
+    return not flags or any(bool(f) for f in flags)

@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+import transformers
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
@@ -38,6 +39,13 @@ def test_quantized_embedding_is_exact_and_reloads(tmp_path, family, head):
     ref = copy.deepcopy(model)
     was_tied = tied(model)
     config = QuantConfig(bits=4, group_size=32, sym=False, quantize_lm_head=head, quantize_embedding=True)
+    if was_tied and not head:  # a float head would keep the float table: stored twice, refused, nothing changed
+        with pytest.raises(ValueError, match="store the table twice and grow by about"):
+            llmquant.quantize(model, config, progress=False)
+        assert not isinstance(model.get_input_embeddings(), QuantEmbedding) and tied(model)
+        assert model.lm_head.weight is model.get_input_embeddings().weight
+        assert not any(isinstance(m, QuantLinear) for m in model.modules())
+        return
     llmquant.quantize(model, config, progress=False)
     emb = model.get_input_embeddings()
     assert isinstance(emb, QuantEmbedding)
@@ -45,10 +53,7 @@ def test_quantized_embedding_is_exact_and_reloads(tmp_path, family, head):
     assert isinstance(model.lm_head, TiedQuantHead if shares else (QuantLinear if head else torch.nn.Linear))
     assert tied(model) == shares
     # the same config without the embedding (RTN is deterministic, row by row), then the float table
-    # replaced by the dequantized one; a float head keeps the float table
-    if was_tied and not head:
-        ref.lm_head.weight = torch.nn.Parameter(ref.lm_head.weight.detach().clone())
-        ref.config.tie_word_embeddings = False
+    # replaced by the dequantized one
     llmquant.quantize(ref, config.replace(quantize_embedding=False), progress=False)
     with torch.no_grad():
         ref.get_input_embeddings().weight.copy_(dequantized_table(emb))
@@ -222,3 +227,30 @@ def test_recover_keeps_the_table_frozen():
     assert close_after_training(model) == 14
     with torch.no_grad():
         assert torch.isfinite(model(IDS).logits).all()
+
+
+def test_a_shared_head_takes_the_models_dynamic_int8_activations(tmp_path, monkeypatch):
+    """activations="dynamic_int8" reaches the head that shares the table, as it reaches every other quantized
+    layer: quantized here and reloaded (hidden 128: INT8 activations need a full 128-column superblock)."""
+    cfg = transformers.Gemma3TextConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=16,
+                                        layer_types=["full_attention"], max_position_embeddings=256)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForCausalLM(cfg).eval()
+    assert tied(model)
+    config = QuantConfig(bits=4, group_size=-1, quantize_lm_head=True, quantize_embedding=True,
+                         activations="dynamic_int8")
+    llmquant.quantize(model, config, progress=False)
+    assert isinstance(model.lm_head, TiedQuantHead) and model.lm_head.embedding.act_int8
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        a8 = model.lm_head(x)
+        monkeypatch.setenv("LLMQUANT_ACTIVATIONS", "float")
+        fl = model.lm_head(x)
+        monkeypatch.delenv("LLMQUANT_ACTIVATIONS")
+    assert not torch.allclose(a8, fl, rtol=0, atol=1e-6)  # the INT8 path really ran
+    assert (a8 - fl).abs().max() < 0.05 * fl.abs().max()
+    back = AutoModelForCausalLM.from_pretrained(llmquant.save_quantized(model, tmp_path / "q"), dtype=torch.float32)
+    assert isinstance(back.lm_head, TiedQuantHead) and back.lm_head.embedding.act_int8
+    with torch.no_grad():
+        torch.testing.assert_close(back.lm_head(x), a8, rtol=1e-5, atol=1e-5)

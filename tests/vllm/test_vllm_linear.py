@@ -176,6 +176,40 @@ def test_quantized_embedding_gathers_rows_and_a_tied_head_shares_them():
         head8.tie_weights(emb)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_an_untied_models_embedding_keeps_no_kernel_copy(monkeypatch, tied):
+    """The table's kernel copy is made only when the model config ties the output layer to the embedding
+    (logits through it); an untied model's lookups read the packed tensors alone, and logits asked of it fail
+    clearly. The flag is read from the config vLLM builds the model under (top-level or text config)."""
+    import types
+
+    from llmquant.serving.vllm import linear as vl
+
+    hf = types.SimpleNamespace(tie_word_embeddings=tied)
+    vcfg = types.SimpleNamespace(model_config=types.SimpleNamespace(hf_config=hf, hf_text_config=hf))
+    monkeypatch.setattr(vl, "get_current_vllm_config_or_none", lambda: vcfg)
+    vocab, k = 1000, 64
+    cfg = make_config(bits=4, group_size=32, quantize_lm_head=True, quantize_embedding=True)
+    emb = VocabParallelEmbedding(vocab, k, params_dtype=torch.float32, quant_config=cfg, prefix="model.embed_tokens")
+    pw = make_part(vocab, k, cfg.resolve("model.embed_tokens"), seed=1, perm=False)
+    load(emb, pw)
+    finish(emb)
+    ids = torch.tensor([[0, 5, 999]])
+    table = dequantize_packed(pw.qweight, pw.scales, pw.zeros, bits=4, group_size=32, in_features=k)
+    assert torch.equal(emb(ids), table[ids])
+    x = torch.randn(2, k)
+    if tied:
+        assert emb.llmquant_runs
+        torch.testing.assert_close(emb.quant_method.apply(emb, x)[:, :vocab], dequant_matmul_ref(x, pw), **TOL)
+    else:
+        assert emb.llmquant_runs is None
+        with pytest.raises(RuntimeError, match="does not tie the output layer"):
+            emb.quant_method.apply(emb, x)
+    assert vl.config_ties_embeddings() is tied
+    monkeypatch.setattr(vl, "get_current_vllm_config_or_none", lambda: None)
+    assert vl.config_ties_embeddings()  # a layer built outside a model: prepared, as before
+
+
 def test_embedding_without_a_prefix_resolves_as_model_embed_tokens():
     """vLLM's Llama builds embed_tokens without a prefix: its override still applies (bits 8 here)."""
     cfg = make_config(bits=4, group_size=32, quantize_embedding=True, overrides={"embed_tokens": {"bits": 8}})
