@@ -89,9 +89,10 @@ def _convert(spec: BuiltinModel, target: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder, gguf_file, extras = _gguf_location(spec)
-    if importlib.util.find_spec("gguf") is None:
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]  # transformers' GGUF reader
+    if missing:
         raise ModuleNotFoundError(f"converting the built-in model {spec.name!r} from its GGUF file needs the "
-                                  "'gguf' package: pip install 'llmquant[models]'")
+                                  f"{' and '.join(repr(m) for m in missing)} package(s): pip install 'llmquant[models]'")
     logger.info("converting %s from %s (first use only)", spec.name, gguf_file)
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     src = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float16)
