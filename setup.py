@@ -28,6 +28,7 @@ SOURCES = [
     "kernels/csrc/lq_pool.c",
     "kernels/csrc/lq_scalar.c",
     "kernels/csrc/lq_avx2.c",
+    "kernels/csrc/lq_avx2_vnni.c",
     "kernels/csrc/lq_avx512.c",
     "kernels/csrc/lq_avx512_bf16.c",
     "kernels/csrc/lq_avx512_vnni.c",

@@ -15,6 +15,9 @@ from llmquant.evals.machine import SIMULATED_ENV, cpu_name, header, machine_info
 SIMULATE = {
     "avx2": {"LLMQUANT_CPU_ISA": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
              "ATEN_CPU_CAPABILITY": "avx2"},
+    # AVX2 with AVX-VNNI (Intel cores without AVX-512, e.g. Sierra Forest): needs a CPU that has AVX-VNNI
+    "avx2_vnni": {"LLMQUANT_CPU_ISA": "avx2_vnni", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2_VNNI",
+                  "ATEN_CPU_CAPABILITY": "avx2"},
 }
 
 

@@ -25,10 +25,13 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-ABI_VERSION = 4  # must match LQ_ABI_VERSION in kernels/csrc/lq_api.c
-ISA_NAMES = ("scalar", "avx2", "avx512", "avx512_bf16", "neon", "neon_dotprod")  # LQ_ISA_* in lq_cpu.h
-#: the instruction sets of each architecture, weakest first (each also has "scalar")
-ISA_FAMILIES = {"x86_64": ("scalar", "avx2", "avx512", "avx512_bf16"), "aarch64": ("scalar", "neon", "neon_dotprod")}
+ABI_VERSION = 5  # must match LQ_ABI_VERSION in kernels/csrc/lq_api.c
+#: LQ_ISA_* in lq_cpu.h, by number ("avx2_vnni", numbered last, ranks between avx2 and avx512)
+ISA_NAMES = ("scalar", "avx2", "avx512", "avx512_bf16", "neon", "neon_dotprod", "avx2_vnni")
+#: the instruction sets of each architecture, weakest first (each also has "scalar"); avx2_vnni is AVX2 with
+#: AVX-VNNI, which some AVX-512 CPUs lack (a cap at it runs avx2 there)
+ISA_FAMILIES = {"x86_64": ("scalar", "avx2", "avx2_vnni", "avx512", "avx512_bf16"),
+                "aarch64": ("scalar", "neon", "neon_dotprod")}
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 _STEM = "_lqcpu"
 
@@ -90,14 +93,20 @@ class Native:
         lib.lq_dequantize.argtypes = [ctypes.POINTER(Weights), _i32, _vp, _i32]
         lib.lq_has_vnni.restype = _i32
         lib.lq_has_vnni.argtypes = []
+        lib.lq_has_avx_vnni.restype = _i32
+        lib.lq_has_avx_vnni.argtypes = []
         lib.lq_set_openmp.restype = _i32
         lib.lq_set_openmp.argtypes = [_vp, _vp, _vp]
         self.detected_isa = ISA_NAMES[lib.lq_detect_isa()]
+        # fp32 decode (M = 1) of 4-bit layers runs on integer dot products (see kernels/cpu.py)
+        self.has_vnni = bool(lib.lq_has_vnni())
+        #: AVX-VNNI (vpdpbusd on ymm): the avx2_vnni table
+        self.has_avx_vnni = bool(lib.lq_has_avx_vnni())
         #: what layers run on: the detected instruction set, capped by LLMQUANT_CPU_ISA (read at load)
         cap = requested_isa()
         self.isa = self.detected_isa if cap < 0 else min(ISA_NAMES[cap], self.detected_isa, key=isa_rank)
-        # fp32 decode (M = 1) of 4-bit layers runs on integer dot products (see kernels/cpu.py)
-        self.has_vnni = bool(lib.lq_has_vnni())
+        if self.isa == "avx2_vnni" and not self.has_avx_vnni:
+            self.isa = "avx2"
 
     def _check(self, rc: int, what: str) -> None:
         if rc == 0:
@@ -170,10 +179,11 @@ def isa_rank(isa: str) -> int:
     return isa_family(isa).index(isa)
 
 
-def isas_up_to(detected: str) -> tuple[str, ...]:
-    """Every instruction set a CPU whose best is ``detected`` can run, weakest first."""
+def isas_up_to(detected: str, avx_vnni: bool = True) -> tuple[str, ...]:
+    """Every instruction set a CPU whose best is ``detected`` can run, weakest first (``avx_vnni``: whether
+    it has AVX-VNNI, which an AVX-512 CPU may lack)."""
     fam = isa_family(detected)
-    return fam[: fam.index(detected) + 1]
+    return tuple(i for i in fam[: fam.index(detected) + 1] if avx_vnni or i != "avx2_vnni")
 
 
 def isa_index(name: str) -> int:

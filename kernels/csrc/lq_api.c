@@ -4,6 +4,7 @@
  *   lq_detect_isa()             best instruction set this CPU and OS support (LQ_ISA_*)
  *   lq_isa_name(isa)            "scalar", "avx2", "avx512", "avx512_bf16", "neon", "neon_dotprod"
  *   lq_has_vnni()               1 when fp32 decode (M = 1) can use the VNNI GEMV (lq_avx512_vnni.c)
+ *   lq_has_avx_vnni()           1 when the CPU has AVX-VNNI (the avx2_vnni table, lq_avx2_vnni.c)
  *   lq_set_openmp(...)          run parallel parts on torch's OpenMP threads (lq_pool.c)
  *   lq_linear(w, x, ...)        y = x @ W.T + bias, see below
  *   lq_dequantize(w, ...)       W in natural column order (tests and debugging)
@@ -26,7 +27,7 @@
 #include <sys/auxv.h>
 #endif
 
-#define LQ_ABI_VERSION 4
+#define LQ_ABI_VERSION 5
 
 /* the least work (multiply-adds) worth a thread: below it, waking one costs more than it saves.
  * Measured on a 2-core VM with the library's own thread pool: in isolation a 640x2048 GEMV runs in
@@ -70,6 +71,7 @@ static uint64_t xgetbv0(void) {
 /* The CPU's features as LQ_ISA_* | LQ_FEAT_VNNI. cpuid traps to the hypervisor in a VM
  * (microseconds): detected once. */
 #define LQ_FEAT_VNNI 0x100 /* AVX512-VNNI, with the AVX-512 of LQ_ISA_AVX512 */
+#define LQ_FEAT_AVX_VNNI 0x200 /* AVX-VNNI (vpdpbusd on ymm, VEX), beside AVX2 */
 static int detect_uncached(void) {
 #if LQ_X86
     unsigned a, b, c, d;
@@ -82,10 +84,12 @@ static int detect_uncached(void) {
     const int avx2 = (b >> 5) & 1, f = (b >> 16) & 1, bw = (b >> 30) & 1, vl = (b >> 31) & 1;
     const int vnni = (c >> 11) & 1 ? LQ_FEAT_VNNI : 0;
     if (!avx2) return LQ_ISA_SCALAR;
-    if (!(f && bw && vl) || (xcr0 & 0xe6) != 0xe6) return LQ_ISA_AVX2; /* no AVX-512, or no zmm state */
     unsigned a1 = 0, b1, c1, d1;
     if (a >= 1) __get_cpuid_count(7, 1, &a1, &b1, &c1, &d1);
-    return (((a1 >> 5) & 1) ? LQ_ISA_AVX512_BF16 : LQ_ISA_AVX512) | vnni;
+    const int avx_vnni = (a1 >> 4) & 1 ? LQ_FEAT_AVX_VNNI : 0;
+    if (!(f && bw && vl) || (xcr0 & 0xe6) != 0xe6) /* no AVX-512, or no zmm state */
+        return avx_vnni ? LQ_ISA_AVX2_VNNI | avx_vnni : LQ_ISA_AVX2;
+    return (((a1 >> 5) & 1) ? LQ_ISA_AVX512_BF16 : LQ_ISA_AVX512) | vnni | avx_vnni;
 #elif LQ_ARM64
     /* Advanced SIMD is part of every ARMv8-A Linux ABI; SDOT is optional (HWCAP_ASIMDDP, bit 20) */
 #if defined(__linux__)
@@ -113,11 +117,27 @@ LQ_API int lq_detect_isa(void) { return cpu_features() & 0xff; }
 
 LQ_API int lq_has_vnni(void) { return (cpu_features() & LQ_FEAT_VNNI) != 0; }
 
+LQ_API int lq_has_avx_vnni(void) { return (cpu_features() & LQ_FEAT_AVX_VNNI) != 0; }
+
+/* position in the family's order (lq_cpu.h) */
+static int isa_rank(int isa) {
+    switch (isa) {
+    case LQ_ISA_AVX2: return 1;
+    case LQ_ISA_AVX2_VNNI: return 2;
+    case LQ_ISA_AVX512: return 3;
+    case LQ_ISA_AVX512_BF16: return 4;
+    case LQ_ISA_NEON: return 1;
+    case LQ_ISA_NEON_DOTPROD: return 2;
+    default: return 0;
+    }
+}
+
 static const lq_kernels *kernels_for(int isa) {
 #if LQ_X86
     switch (isa) {
     case LQ_ISA_AVX512_BF16: return &lq_kernels_avx512_bf16;
     case LQ_ISA_AVX512: return &lq_kernels_avx512;
+    case LQ_ISA_AVX2_VNNI: return &lq_kernels_avx2_vnni;
     case LQ_ISA_AVX2: return &lq_kernels_avx2;
     default: break;
     }
@@ -137,7 +157,7 @@ static const lq_kernels *kernels_for(int isa) {
 static int isa_here(int isa) {
     if (isa == LQ_ISA_SCALAR) return 1;
 #if LQ_X86
-    return isa >= LQ_ISA_AVX2 && isa <= LQ_ISA_AVX512_BF16;
+    return (isa >= LQ_ISA_AVX2 && isa <= LQ_ISA_AVX512_BF16) || isa == LQ_ISA_AVX2_VNNI;
 #elif LQ_ARM64
     return isa == LQ_ISA_NEON || isa == LQ_ISA_NEON_DOTPROD;
 #else
@@ -194,8 +214,9 @@ static int setup(lq_layout *L, const lq_kernels **kern, const lq_weights *w, int
     const int best = lq_detect_isa();
     if (isa >= 0 && !isa_here(isa))
         isa = LQ_ISA_SCALAR; /* a cap from the other family */
-    else if (isa < 0 || isa > best)
+    else if (isa < 0 || isa_rank(isa) > isa_rank(best))
         isa = best;
+    if (isa == LQ_ISA_AVX2_VNNI && !lq_has_avx_vnni()) isa = LQ_ISA_AVX2; /* an AVX-512 CPU without AVX-VNNI */
     /* the vector kernels switch groups at block (32-column) boundaries only */
     if (L->G % LQ_BLK != 0 && L->NG > 1) isa = LQ_ISA_SCALAR;
     *kern = kernels_for(isa);

@@ -19,11 +19,19 @@
 #include <immintrin.h>
 #include <string.h>
 
-#if defined(__clang__)
+/* lq_avx2_vnni.c builds this file a second time with LQ_AVX2_VNNI: the table of CPUs with AVX-VNNI,
+ * whose integer GEMVs take vpdpbusd on ymm instead of its vpmaddubsw + vpmaddwd emulation */
+#if defined(__clang__) && defined(LQ_AVX2_VNNI)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c,avxvnni"))), apply_to = function)
+#elif defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
 #elif defined(__GNUC__)
 #pragma GCC push_options
+#ifdef LQ_AVX2_VNNI
+#pragma GCC target("avx2,fma,f16c,avxvnni")
+#else
 #pragma GCC target("avx2,fma,f16c")
+#endif
 #endif
 
 #define INLINE static inline __attribute__((always_inline))
@@ -247,6 +255,7 @@ INLINE void panel_scales(const lq_layout *L, int64_t t0, int nt, int h, int64_t 
     *vnzs = _mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(z, *vs));
 }
 
+#ifndef LQ_AVX2_VNNI /* defined once, by the plain AVX2 build of this file */
 /* Full 4-bit superblocks: the 64-byte rows of 8 weight rows are transposed as 8 x 8 uint32 (two per
  * superblock), which puts the same code lane of every row in one vector; each of the 8 nibbles of a
  * lane is then one column of the panel (shift, mask, convert, w = q s - z s with the rows' scales).
@@ -310,6 +319,7 @@ void lq_dequant_panel_f32_avx2(const lq_layout *L, int64_t t0, int ntl, int64_t 
             }
     }
 }
+#endif /* !LQ_AVX2_VNNI */
 
 /* MR x 16 accumulators (at most 12 of the 16 registers), two panel loads and MR broadcasts a column.
  * Named variables, not an array: gcc keeps an array of accumulators in memory across the loop. */
@@ -486,6 +496,12 @@ INLINE void row_codes(const uint8_t *p, int h, const int PB, __m256i *lo, __m256
         _mm256_add_epi16(_mm256_maddubs_epi16(lo1, _mm256_load_si256((const __m256i *)(xi + 32 + 64 * (p)))), \
                          _mm256_maddubs_epi16(hi1, _mm256_load_si256((const __m256i *)(xi + 224 + 64 * (p))))))
 
+#define X3_DOT(acc, p)                                                                                        \
+    acc = _mm256_dpbusd_avx_epi32(acc, lo0, _mm256_load_si256((const __m256i *)(xi + 64 * (p))));               \
+    acc = _mm256_dpbusd_avx_epi32(acc, hi0, _mm256_load_si256((const __m256i *)(xi + 192 + 64 * (p))));         \
+    acc = _mm256_dpbusd_avx_epi32(acc, lo1, _mm256_load_si256((const __m256i *)(xi + 32 + 64 * (p))));          \
+    acc = _mm256_dpbusd_avx_epi32(acc, hi1, _mm256_load_si256((const __m256i *)(xi + 224 + 64 * (p))));
+
 INLINE void gemv_x3_k(const lq_layout *L, int64_t t, const uint8_t *xi, const int PB, const int ASYM,
                       const float *xr, float out[4][4]) {
     const int64_t rowb = 16 * PB; /* bytes of a row of a superblock */
@@ -513,9 +529,19 @@ INLINE void gemv_x3_k(const lq_layout *L, int64_t t, const uint8_t *xi, const in
             __m256i lo0, hi0, lo1, hi1;
             row_codes(q + rowb * r, 0, PB, &lo0, &hi0);
             row_codes(q + rowb * r, 1, PB, &lo1, &hi1);
+#ifdef LQ_AVX2_VNNI /* each limb's products straight into int32 (|sum| <= 16 x 15 x 128 for limb 1) */
+            (void)ones;
+            (void)c256;
+            __m256i a2 = _mm256_setzero_si256(), a1 = a2, T = a2;
+            X3_DOT(a2, 2)
+            X3_DOT(a1, 1)
+            X3_DOT(T, 0)
+            T = _mm256_add_epi32(T, _mm256_slli_epi32(_mm256_add_epi32(a1, _mm256_slli_epi32(a2, 8)), 8));
+#else
             __m256i T = _mm256_slli_epi32(_mm256_madd_epi16(X3_LIMB(2), ones), 16);
             T = _mm256_add_epi32(T, _mm256_madd_epi16(X3_LIMB(1), c256));
             T = _mm256_add_epi32(T, _mm256_madd_epi16(X3_LIMB(0), ones));
+#endif
             /* sum (q - z) m = sum q m - z sum m */
             T = _mm256_add_epi32(T, ASYM ? _mm256_mullo_epi32(zsym, _mm256_set1_epi32(nz[r])) : zsym);
             tot[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(T), _mm256_mul_ps(ex, _mm256_set1_ps(s[r])), tot[r]);
@@ -524,6 +550,7 @@ INLINE void gemv_x3_k(const lq_layout *L, int64_t t, const uint8_t *xi, const in
     for (int r = 0; r < 4; r++) out[0][r] = hsum8(tot[r]) + (lq_tail(L) ? tail_dot(L, t, r, gc, xr) : 0.f);
 }
 #undef X3_LIMB
+#undef X3_DOT
 
 /* INT8 activations (one limb): lanes l and l + 8 share their scale, so each row's two halves are added
  * in int16 (4 x 2 x 15 x 127 < 2^15) and converted once */
@@ -559,11 +586,19 @@ INLINE void gemv_a8_k(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t 
             row_codes(q + rowb * r, 1, PB, &lo1, &hi1);
             for (int i = 0; i < MM; i++) {
                 const uint8_t *xb = xi + i * ldxi;
+#ifdef LQ_AVX2_VNNI
+                (void)ones;
+                __m256i T = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), lo0, _mm256_load_si256((const __m256i *)xb));
+                T = _mm256_dpbusd_avx_epi32(T, hi0, _mm256_load_si256((const __m256i *)(xb + 64)));
+                T = _mm256_dpbusd_avx_epi32(T, lo1, _mm256_load_si256((const __m256i *)(xb + 32)));
+                T = _mm256_dpbusd_avx_epi32(T, hi1, _mm256_load_si256((const __m256i *)(xb + 96)));
+#else
                 __m256i s16 = _mm256_maddubs_epi16(lo0, _mm256_load_si256((const __m256i *)xb));
                 s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(hi0, _mm256_load_si256((const __m256i *)(xb + 64))));
                 s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(lo1, _mm256_load_si256((const __m256i *)(xb + 32))));
                 s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(hi1, _mm256_load_si256((const __m256i *)(xb + 96))));
                 __m256i T = _mm256_madd_epi16(s16, ones);
+#endif
                 T = _mm256_add_epi32(T, L->z ? _mm256_mullo_epi32(zt[i], _mm256_set1_epi32(nz[r])) : zt[i]);
                 const __m256 ex = _mm256_load_ps((const float *)(xb + 192)); /* = the other half's */
                 tot[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(T), _mm256_mul_ps(ex, _mm256_set1_ps(s[r])), tot[i][r]);
@@ -701,6 +736,7 @@ static void gemv_i8_avx2(const lq_layout *L, int64_t t, const uint8_t *xi, int64
 #undef GEMV_I8_PB
 
 
+#ifndef LQ_AVX2_VNNI /* defined once, by the plain AVX2 build of this file */
 /* Packed 2- or 3-bit tile -> 4-bit tile (lq_cpu.h): per row-superblock, two 16-entry table lookups
  * spread byte w's four 2-bit fields into word w's nibbles; a 3-bit row ORs in its third bits the same
  * way. Also used by the AVX-512 tables (every AVX-512 CPU has AVX2). */
@@ -735,6 +771,7 @@ void lq_expand_tile_avx2(const lq_layout *L, int64_t t, uint8_t *out) {
     }
     memcpy(out + rows * 64, src + rows * row_bytes, (size_t)(LQ_TILE * lq_tail(L) / 2));
 }
+#endif /* !LQ_AVX2_VNNI */
 
 #if defined(__clang__)
 #pragma clang attribute pop
@@ -742,9 +779,16 @@ void lq_expand_tile_avx2(const lq_layout *L, int64_t t, uint8_t *out) {
 #pragma GCC pop_options
 #endif
 
+#ifdef LQ_AVX2_VNNI
+const lq_kernels lq_kernels_avx2_vnni = {
+    "avx2_vnni", gemv_tile_avx2, dequant_f32_avx2, NULL, micro_f32_avx2, NULL, NULL, prepare_xi_avx2, gemv_i8_avx2, 2, 0,
+    lq_expand_tile_avx2, 1, lq_dequant_panel_f32_avx2, micro_op_f32_avx2, pack_i8_avx2, micro_op_i8_avx2, 1,
+};
+#else
 const lq_kernels lq_kernels_avx2 = {
     "avx2", gemv_tile_avx2, dequant_f32_avx2, NULL, micro_f32_avx2, NULL, NULL, prepare_xi_avx2, gemv_i8_avx2, 2, 0,
     lq_expand_tile_avx2, 1, lq_dequant_panel_f32_avx2, micro_op_f32_avx2, pack_i8_avx2, micro_op_i8_avx2, 1,
 };
+#endif
 
 #endif /* LQ_X86 */

@@ -80,11 +80,12 @@
 #endif
 #define LQ_GEMV_MAX_M_BF16 4
 
-/* x86-64: SCALAR < AVX2 < AVX512 < AVX512_BF16; AArch64: SCALAR < NEON < NEON_DOTPROD. A cap from
- * the other family means "scalar". */
+/* x86-64: SCALAR < AVX2 < AVX2_VNNI < AVX512 < AVX512_BF16 (lq_isa_rank; AVX2_VNNI, numbered last, is
+ * AVX2 with the VEX-encoded vpdpbusd of AVX-VNNI, which some AVX-512 CPUs lack: a cap at it runs AVX2
+ * there); AArch64: SCALAR < NEON < NEON_DOTPROD. A cap from the other family means "scalar". */
 enum { LQ_ISA_SCALAR = 0, LQ_ISA_AVX2 = 1, LQ_ISA_AVX512 = 2, LQ_ISA_AVX512_BF16 = 3, LQ_ISA_NEON = 4,
-       LQ_ISA_NEON_DOTPROD = 5 };
-#define LQ_ISA_LAST LQ_ISA_NEON_DOTPROD
+       LQ_ISA_NEON_DOTPROD = 5, LQ_ISA_AVX2_VNNI = 6 };
+#define LQ_ISA_LAST LQ_ISA_AVX2_VNNI
 enum { LQ_F32 = 0, LQ_BF16 = 1 };
 enum { LQ_OK = 0, LQ_EINVAL = -1, LQ_ENOMEM = -2 };
 
@@ -257,6 +258,7 @@ void lq_expand_tile_avx2(const lq_layout *L, int64_t t, uint8_t *out);
 /* the AVX2 panel dequantization, shared by the AVX-512 tables (exact: the same weights at every ISA) */
 void lq_dequant_panel_f32_avx2(const lq_layout *L, int64_t t0, int ntl, int64_t k0, int64_t kc, float *P);
 extern const lq_kernels lq_kernels_avx2;
+extern const lq_kernels lq_kernels_avx2_vnni;
 extern const lq_kernels lq_kernels_avx512;
 extern const lq_kernels lq_kernels_avx512_bf16;
 /* the fp32 AVX-512 blocks, shared by the AVX-512 BF16 table */

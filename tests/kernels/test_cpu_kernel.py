@@ -25,7 +25,7 @@ from llmquant.kernels.registry import PackedWeight
 
 NATIVE, WHY = cpu_native.load()
 needs_native = pytest.mark.skipif(NATIVE is None, reason=f"native CPU library unavailable: {WHY}")
-ISAS = cpu_native.isas_up_to(NATIVE.detected_isa) if NATIVE else ()
+ISAS = cpu_native.isas_up_to(NATIVE.detected_isa, NATIVE.has_avx_vnni) if NATIVE else ()
 #: the instruction sets with the integer GEMV (lq_cpu.h): all but AVX-512 without VNNI
 INT_ISAS = tuple(i for i in ISAS if not (i.startswith("avx512") and not NATIVE.has_vnni))
 
@@ -561,3 +561,19 @@ def test_act_int8_with_nonfinite_x_falls_back_to_fp32(bad):
     x[1, 300] = bad
     torch.testing.assert_close(cpu_linear(x, lay, act_int8=True), dequant_matmul_ref(x, w), equal_nan=True,
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif("avx2_vnni" not in ISAS, reason="the CPU lacks AVX-VNNI (vpdpbusd on ymm)")
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("sym", [True, False])
+def test_avx_vnni_gemv_is_bit_equal_to_the_avx2_one(bits, sym):
+    """The avx2_vnni table's integer GEMVs (vpdpbusd) sum the same exact integers as AVX2's vpmaddubsw +
+    vpmaddwd emulation and convert and scale them alike: fp32 decode and INT8 activations, bit for bit."""
+    k = 4192  # 32 superblocks and a 96-column tail
+    lay = repack(make_packed(bits, 128, sym, False, 70, k, seed=bits))
+    x = torch.randn(3, k) * torch.exp(2 * torch.randn(1, k))
+    for act in (False, True):
+        for m in (1, 3):
+            y = cpu_linear(x[:m], lay, isa="avx2_vnni", act_int8=act)
+            assert torch.equal(y, cpu_linear(x[:m], lay, isa="avx2", act_int8=act)), (act, m)
+    assert not torch.equal(cpu_linear(x[:1], lay, isa="avx2_vnni"), cpu_linear(x[:1], lay, isa="avx2", act_int8=True))
