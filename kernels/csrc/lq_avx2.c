@@ -647,15 +647,22 @@ static void pack_i8_avx2(const lq_layout *L, int64_t t0, int ntl, int64_t sb0, i
  * per scale lane, 4 steps of vpmaddubsw summed in int16 (4 x 2 x 15 x 127 < 2^15), one vpmaddwd to
  * int32, the zero-point term added exactly, then converted and accumulated with the lane's x scale;
  * at the end of the superblock (its group) times the rows' weight scales. */
+#ifdef LQ_AVX2_VNNI /* vpdpbusd sums the four products of a lane straight into int32 */
+#define I8_DOT(acc, b, xv) _mm256_dpbusd_avx_epi32(acc, b, xv)
+#define I8_WIDEN(a) (a)
+#else
+#define I8_DOT(acc, b, xv) _mm256_add_epi16(acc, _mm256_maddubs_epi16(b, xv))
+#define I8_WIDEN(a) _mm256_madd_epi16(a, ones)
+#endif
 #define I8_STEP(i)                                                                   \
     if (MR > i) {                                                                    \
         const __m256i xv = _mm256_castps_si256(_mm256_broadcast_ss((const float *)(xi + i * ldxi + off))); \
-        a##i = _mm256_add_epi16(a##i, _mm256_maddubs_epi16(b, xv));                    \
+        a##i = I8_DOT(a##i, b, xv);                                                  \
     }
 #define I8_ROW(i)                                                                                   \
     if (MR > i) {                                                                                   \
         const __m256i zt = _mm256_set1_epi32(zs[i * ldzs + s]);                                     \
-        __m256i t = _mm256_madd_epi16(a##i, ones);                                                  \
+        __m256i t = I8_WIDEN(a##i);                                                                 \
         t = ASYM ? _mm256_sub_epi32(t, _mm256_mullo_epi32(zv, zt)) : _mm256_add_epi32(t, zt);       \
         const __m256 xs = _mm256_broadcast_ss((const float *)(xi + i * ldxi + 192 + 4 * s));       \
         f##i = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), xs, f##i);                                    \
@@ -667,6 +674,7 @@ static void pack_i8_avx2(const lq_layout *L, int64_t t0, int ntl, int64_t sb0, i
 INLINE void micro_op_i8_k(const uint8_t *xi0, int64_t ldxi, const int32_t *zs0, int64_t ldzs, const uint8_t *P0,
                           int64_t nsbc, const int MR, const int ASYM, float *C, int64_t ldc) {
     const __m256i ones = _mm256_set1_epi16(1);
+    (void)ones;
     for (int h = 0; h < LQ_NR / 8; h++) {
         __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0;
         I8_LOAD(0) I8_LOAD(1) I8_LOAD(2)
@@ -693,6 +701,8 @@ INLINE void micro_op_i8_k(const uint8_t *xi0, int64_t ldxi, const int32_t *zs0, 
         I8_STORE(0) I8_STORE(1) I8_STORE(2)
     }
 }
+#undef I8_DOT
+#undef I8_WIDEN
 #undef I8_STEP
 #undef I8_ROW
 #undef I8_SCALE

@@ -566,14 +566,15 @@ def test_act_int8_with_nonfinite_x_falls_back_to_fp32(bad):
 @pytest.mark.skipif("avx2_vnni" not in ISAS, reason="the CPU lacks AVX-VNNI (vpdpbusd on ymm)")
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("sym", [True, False])
-def test_avx_vnni_gemv_is_bit_equal_to_the_avx2_one(bits, sym):
-    """The avx2_vnni table's integer GEMVs (vpdpbusd) sum the same exact integers as AVX2's vpmaddubsw +
-    vpmaddwd emulation and convert and scale them alike: fp32 decode and INT8 activations, bit for bit."""
+def test_avx_vnni_kernels_are_bit_equal_to_the_avx2_ones(bits, sym):
+    """The avx2_vnni table's integer GEMVs and INT8 GEMM (vpdpbusd) sum the same exact integers as AVX2's
+    vpmaddubsw + vpmaddwd emulation and convert and scale them alike: fp32 decode and INT8 activations at
+    M = 1 and 3 (GEMV) and 16 and 40 (the outer-product GEMM of 4-bit layers), bit for bit."""
     k = 4192  # 32 superblocks and a 96-column tail
     lay = repack(make_packed(bits, 128, sym, False, 70, k, seed=bits))
-    x = torch.randn(3, k) * torch.exp(2 * torch.randn(1, k))
+    x = torch.randn(40, k) * torch.exp(2 * torch.randn(1, k))
     for act in (False, True):
-        for m in (1, 3):
+        for m in (1, 3, 16, 40):
             y = cpu_linear(x[:m], lay, isa="avx2_vnni", act_int8=act)
             assert torch.equal(y, cpu_linear(x[:m], lay, isa="avx2", act_int8=act)), (act, m)
     assert not torch.equal(cpu_linear(x[:1], lay, isa="avx2_vnni"), cpu_linear(x[:1], lay, isa="avx2", act_int8=True))
