@@ -2,7 +2,7 @@
  *
  *   lq_abi_version()            bumped whenever an exported signature, struct or the layout changes
  *   lq_detect_isa()             best instruction set this CPU and OS support (LQ_ISA_*)
- *   lq_isa_name(isa)            "scalar", "avx2", "avx512", "avx512_bf16", "neon", "neon_dotprod"
+ *   lq_isa_name(isa)            "scalar", "avx2", "avx2_vnni", "avx512", "avx512_bf16", "neon", "neon_dotprod"
  *   lq_has_vnni()               1 when fp32 decode (M = 1) can use the VNNI GEMV (lq_avx512_vnni.c)
  *   lq_has_avx_vnni()           1 when the CPU has AVX-VNNI (the avx2_vnni table, lq_avx2_vnni.c)
  *   lq_set_openmp(...)          run parallel parts on torch's OpenMP threads (lq_pool.c)

@@ -98,7 +98,7 @@ class QuantEmbedding(QuantLinear):
         return (f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, bits={self.bits}, "
                 f"group_size={self.group_size}, sym={self.sym}"
                 + (f", embed_scale={self.embed_scale:.6g}" if self.embed_scale is not None else "")
-                + (", activations=dynamic_int8 (as the tied head)" if self.act_int8 else ""))
+                + (", activations=dynamic_int8 (as the tied head)" if self.act_int8 and self.serves_head else ""))
 
 
 class TiedQuantHead(nn.Module):
