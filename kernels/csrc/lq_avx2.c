@@ -61,15 +61,6 @@ INLINE void row_scales(const lq_layout *L, int64_t t, int r, int64_t g, __m256 *
     *vnzs = _mm256_set1_ps(-(z * s));
 }
 
-/* scale and -zero * scale of rows 4t..4t+3 in group g */
-INLINE void group_s_nzs_f(const lq_layout *L, int64_t t, int64_t g, float s[4], float nzs[4]) {
-    const int64_t at = (t * L->NG + g) * LQ_TILE;
-    for (int r = 0; r < 4; r++) {
-        s[r] = _cvtsh_ss(L->s[at + r]);
-        nzs[r] = -((L->z ? (float)L->z[at + r] : (float)L->zc) * s[r]);
-    }
-}
-
 INLINE __m256i load8_u8(const uint8_t *p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
 
 /* The 32 dequantized weights of the block at column kb of row r, in xr order, as 4 vectors. */
@@ -111,11 +102,12 @@ INLINE void gemv_k(const lq_layout *L, int64_t t, const float *x, int64_t ldx, c
     for (int i = 0; i < MM; i++)
         for (int r = 0; r < 4; r++) acc[i][r][0] = acc[i][r][1] = _mm256_setzero_ps();
     lq_gcur gc = lq_gcur_at(L, 0);
-    float s[4], nzs[4];
-    group_s_nzs_f(L, t, gc.g, s, nzs);
+    __m256 vs[4], vnzs[4];
+    for (int r = 0; r < 4; r++) row_scales(L, t, r, gc.g, &vs[r], &vnzs[r]);
     const int64_t nsb = lq_nsb(L), sbb = 4 * lq_row_sb_bytes(L);
     for (int64_t kb = 0; kb < L->Kp; kb += LQ_BLK) {
-        if (lq_gcur_step(&gc, kb)) group_s_nzs_f(L, t, gc.g, s, nzs);
+        if (lq_gcur_step(&gc, kb))
+            for (int r = 0; r < 4; r++) row_scales(L, t, r, gc.g, &vs[r], &vnzs[r]);
         if (kb % LQ_SB == 0 && kb / LQ_SB < nsb) {
             const uint8_t *q = lq_sb_row(L, t, kb / LQ_SB, 0);
             for (int64_t j = 0; j < sbb; j += 64) {
@@ -125,7 +117,7 @@ INLINE void gemv_k(const lq_layout *L, int64_t t, const float *x, int64_t ldx, c
         }
         for (int r = 0; r < 4; r++) {
             __m256 w[4];
-            block_weights(L, t, r, kb, _mm256_set1_ps(s[r]), _mm256_set1_ps(nzs[r]), w);
+            block_weights(L, t, r, kb, vs[r], vnzs[r], w);
             for (int i = 0; i < MM; i++) {
                 const float *xb = x + i * ldx + kb;
                 acc[i][r][0] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xb), acc[i][r][0]);
@@ -428,13 +420,6 @@ INLINE void group_s_negz(const lq_layout *L, int64_t t, int64_t g, float s[4], i
         s[r] = _cvtsh_ss(L->s[at + r]);
         nz[r] = -(L->z ? (int)L->z[at + r] : L->zc);
     }
-}
-
-/* the emulated vpdpbusd: sum over each int32 lane of the four u8 x s8 products, for the lo and the hi
- * nibbles (|sum| <= 2 * 2 * 15 * 128, so the int16 step cannot saturate) */
-INLINE __m256i dot_u4s8(__m256i lo, __m256i xl, __m256i hi, __m256i xh) {
-    const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
-    return _mm256_madd_epi16(s16, _mm256_set1_epi16(1));
 }
 
 /* the fp32 GEMV over the tail columns (Kp % 128) of rows r of tile t, from group cursor gc on */
@@ -791,14 +776,13 @@ void lq_expand_tile_avx2(const lq_layout *L, int64_t t, uint8_t *out) {
 
 #ifdef LQ_AVX2_VNNI
 const lq_kernels lq_kernels_avx2_vnni = {
-    "avx2_vnni", gemv_tile_avx2, dequant_f32_avx2, NULL, micro_f32_avx2, NULL, NULL, prepare_xi_avx2, gemv_i8_avx2, 2, 0,
-    lq_expand_tile_avx2, 1, lq_dequant_panel_f32_avx2, micro_op_f32_avx2, pack_i8_avx2, micro_op_i8_avx2, 1,
-};
+    "avx2_vnni",
 #else
 const lq_kernels lq_kernels_avx2 = {
-    "avx2", gemv_tile_avx2, dequant_f32_avx2, NULL, micro_f32_avx2, NULL, NULL, prepare_xi_avx2, gemv_i8_avx2, 2, 0,
+    "avx2",
+#endif
+    gemv_tile_avx2, dequant_f32_avx2, NULL, micro_f32_avx2, NULL, NULL, prepare_xi_avx2, gemv_i8_avx2, 2, 0,
     lq_expand_tile_avx2, 1, lq_dequant_panel_f32_avx2, micro_op_f32_avx2, pack_i8_avx2, micro_op_i8_avx2, 1,
 };
-#endif
 
 #endif /* LQ_X86 */
