@@ -187,9 +187,9 @@ def quantize_model(
 ) -> tuple[dict, QuantConfig]:
     """:func:`llmquant.quantizers.quantize_model`, with a budget allocated first when ``config`` has one
     (then ``summary["mixed"]`` holds the allocation and ``summary["seconds"]`` includes it)."""
-    check_tied_head(model, config)  # before a measurement pass or anything else
     if not config.budgeted:
-        return quantize_planned(model, config, calibration, progress)
+        return quantize_planned(model, config, calibration, progress)  # it checks the tied head itself
+    check_tied_head(model, config)  # before the measurement pass
     if calibration is None:
         raise ValueError(
             "a budget (target_bpw/max_size) chooses each layer's scheme by measuring it on calibration data: "

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from llmquant.config import LayerQuant, QuantConfig
+from llmquant.formats.packing import num_groups, packed_words
 from llmquant.kernels.registry import PackedWeight
 from llmquant.modules.quant_linear import QuantLinear
 from llmquant.modules.walk import find_linear_layers, linear_weight, set_submodule
@@ -97,10 +98,10 @@ def check_tied_head(model: nn.Module, config: QuantConfig) -> None:
     w = getattr(found[1], "weight", None)
     grow = ""
     if isinstance(w, torch.Tensor):
-        scheme = embedding_scheme(model, config)
         v, d = w.shape
-        packed = v * d * scheme.bits / 8 + v * (-(-d // (scheme.group_size if scheme.group_size > 0 else d))) * (
-            2 if scheme.sym else 3)  # codes, fp16 scales (+ uint8 zeros)
+        scheme = embedding_scheme(model, config)
+        ng = num_groups(d, scheme.group_size)  # the table as stored: int32 code words, fp16 scales, uint8 zeros
+        packed = v * packed_words(d, scheme.bits) * 4 + v * ng * (2 if scheme.sym else 3)
         size = f"{packed / 2**20:.1f} MiB" if packed >= 2**20 else f"{packed / 2**10:.1f} KiB"
         grow = f" by about {size} (its {v}x{d} table, quantized)"
     raise ValueError(
