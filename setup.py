@@ -60,7 +60,7 @@ setup(
         Extension(
             "llmquant.kernels._lqcpu",
             sources=SOURCES,
-            depends=["kernels/csrc/lq_cpu.h", "kernels/csrc/lq_avx512_inl.h"],
+            depends=["kernels/csrc/lq_cpu.h", "kernels/csrc/lq_x86_inl.h", "kernels/csrc/lq_avx512_inl.h"],
             optional=True,
             libraries=["m"],
         )

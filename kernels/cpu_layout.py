@@ -10,9 +10,11 @@ The exact byte order, and why, is documented at the top of ``kernels/csrc/lq_cpu
 * 4-bit tail: 16 bytes per block of 32 columns; byte b holds columns 2b (low) and 2b+1 (high);
 * 8-bit: per block of 32 columns, the 16 even columns' bytes, then the 16 odd ones'.
 
-* 2- and 3-bit superblock: 32 bytes per row, byte w the low two bits of 4-bit word w's four codes
-  (bits 2s, 2s+1: column ``base + 32*s + w``); 3-bit rows then 16 bytes of third bits (byte j: word
-  j's four in the low nibble, word j+16's in the high one). The tail is stored as 4-bit. The integer
+* 2- and 3-bit superblock: 32 bytes per row of the codes' low two bits, then (3-bit) 16 bytes of
+  their third bits, arranged so that the decode kernels get the 4-bit row's byte positions (low and
+  high nibbles apart) with one shift and one mask per vector: bit pair f of byte b is the low
+  (f < 2) or high nibble of 4-bit byte 32 (f % 2) + b, bit j of third-bit byte k that of byte
+  16 (j % 4) + k (low nibble for j < 4). The tail is stored as 4-bit. The integer
   GEMV (decode) reads them as they are; the other paths expand a few tiles at a time into the 4-bit
   layout, in cache. Such a layer's memory and bytes read per token are its packed size.
 
@@ -102,26 +104,45 @@ def tile_bytes(kp: int, bits: int) -> int:
     return TILE * (nsb * SB * bits + tail * (8 if bits == 8 else 4)) // 8
 
 
+def _positions_from_nibbles(m: torch.Tensor) -> torch.Tensor:
+    """Codes [..., s=4, w=32] -> [..., h=2, j=64]: the low (h = 0) and high nibble of byte j of the
+    4-bit row, i.e. code s = 2 (j % 2) + h of word j // 2 (the kernels' lo and hi vectors)."""
+    v = m.unflatten(-2, (2, 2))  # [..., e, h, w] with s = 2e + h
+    return v.permute(*range(v.dim() - 3), -2, -1, -3).flatten(-2)  # [..., h, w, e] -> [..., h, j = 2w + e]
+
+
+def _nibbles_from_positions(v: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_positions_from_nibbles`."""
+    m = v.unflatten(-1, (32, 2))  # [..., h, w, e]
+    return m.permute(*range(m.dim() - 3), -1, -3, -2).flatten(-3, -2)  # [..., e, h, w] -> [..., s, w]
+
+
 def _planes_from_nibbles(m: torch.Tensor, bits: int) -> torch.Tensor:
-    """Codes [..., s=4, w=32] of row-superblocks -> their packed 2- or 3-bit bytes [..., 32 or 48]."""
-    low = m & 3
-    plane = low[..., 0, :] | (low[..., 1, :] << 2) | (low[..., 2, :] << 4) | (low[..., 3, :] << 6)
+    """Codes [..., s=4, w=32] of row-superblocks -> their packed 2- or 3-bit bytes [..., 32 or 48]:
+    bit pair f of byte b is byte position 32 (f % 2) + b of nibble h = f // 2; bit j of third-bit
+    byte k is position 16 (j % 4) + k of nibble j // 4 (lq_cpu.h)."""
+    v = _positions_from_nibbles(m)
+    pairs = (v & 3).unflatten(-1, (2, 32)).flatten(-3, -2)  # [..., f = 2h + half, b]
+    plane = pairs[..., 0, :] | (pairs[..., 1, :] << 2) | (pairs[..., 2, :] << 4) | (pairs[..., 3, :] << 6)
     if bits == 2:
         return plane
-    third = (m >> 2) & 1
-    h = third[..., 0, :] | (third[..., 1, :] << 1) | (third[..., 2, :] << 2) | (third[..., 3, :] << 3)  # [..., w]
-    return torch.cat((plane, h[..., :16] | (h[..., 16:] << 4)), dim=-1)
+    third = ((v >> 2) & 1).unflatten(-1, (4, 16)).flatten(-3, -2)  # [..., j = 4h + L, k]
+    t = third[..., 0, :]
+    for j in range(1, 8):
+        t = t | (third[..., j, :] << j)
+    return torch.cat((plane, t), dim=-1)
 
 
 def _nibbles_from_planes(b: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of :func:`_planes_from_nibbles`: bytes [..., 32 or 48] -> codes [..., s=4, w=32]."""
     plane = b[..., :32]
-    m = torch.stack([(plane >> (2 * s)) & 3 for s in range(4)], dim=-2)
+    pairs = torch.stack([(plane >> (2 * f)) & 3 for f in range(4)], dim=-2)  # [..., f, b]
+    v = pairs.unflatten(-2, (2, 2)).flatten(-2)  # [..., h, j = 32 half + b]
     if bits == 3:
-        hb = b[..., 32:48]
-        h = torch.cat((hb & 15, hb >> 4), dim=-1)  # [..., w]
-        m = m | torch.stack([((h >> s) & 1) << 2 for s in range(4)], dim=-2)
-    return m
+        tb = b[..., 32:48]
+        third = torch.stack([(tb >> j) & 1 for j in range(8)], dim=-2)  # [..., j, k]
+        v = v | (third.unflatten(-2, (2, 4)).flatten(-2) << 2)  # [..., h, 16 L + k]
+    return _nibbles_from_positions(v)
 
 
 def _tiles_from_codes(c: torch.Tensor, code_bits: int) -> torch.Tensor:

@@ -34,7 +34,7 @@
 #endif
 #endif
 
-#define INLINE static inline __attribute__((always_inline))
+#include "lq_x86_inl.h"
 /* bytes ahead the integer GEMVs prefetch their codes into L1 and, further, into L2: measured cold
  * (weights from DRAM), 4096 x 4096, 2 threads, 1024-8192 into L1 alone (2048 best), then + 8192 or
  * 16384 into L2: INT8 activations 0.67 -> 0.48 ms, the exact fp32 decode (three limbs, more compute
@@ -414,13 +414,6 @@ static int prepare_xi_avx2(const float *xr, int64_t nsb, int nlimbs, uint8_t *xi
 }
 
 /* scale and -zero of rows 4t..4t+3 in group g */
-INLINE void group_s_negz(const lq_layout *L, int64_t t, int64_t g, float s[4], int nz[4]) {
-    const int64_t at = (t * L->NG + g) * LQ_TILE;
-    for (int r = 0; r < 4; r++) {
-        s[r] = _cvtsh_ss(L->s[at + r]);
-        nz[r] = -(L->z ? (int)L->z[at + r] : L->zc);
-    }
-}
 
 /* the fp32 GEMV over the tail columns (Kp % 128) of rows r of tile t, from group cursor gc on */
 INLINE float tail_dot(const lq_layout *L, int64_t t, int r, lq_gcur gc, const float *xr) {
@@ -437,33 +430,38 @@ INLINE float tail_dot(const lq_layout *L, int64_t t, int r, lq_gcur gc, const fl
     return hsum8(_mm256_add_ps(acc0, acc1));
 }
 
-/* The code bytes of words 16h .. 16h + 15 of one row of a superblock (p: the row's first byte) at PB
- * bits a code, as the integer dot products take them: lo = nibbles 0 and 2 of each word (bytes 2w, 2w+1),
- * hi = nibbles 1 and 3. A 2- or 3-bit row (lq_cpu.h) has byte w = the low two bits of word w's codes
- * (bits 2s, 2s+1 for nibble s); widened to 16 bits, u = w | w << 4 has nibble 0's bits at 0-1, nibble
- * 2's at 8-9, and u >> 2 nibble 1's and 3's there. Third bits: 4 a word (bit s for nibble s), shifted
- * to bit 2 of each byte the same way. */
-INLINE void row_codes(const uint8_t *p, int h, const int PB, __m256i *lo, __m256i *hi) {
+/* The code bytes of one row of a superblock (p: the row's first byte) at PB bits a code, as the
+ * integer dot products take them: lo = nibbles 0 and 2 of each 4-bit word (byte positions 2w, 2w + 1),
+ * hi = nibbles 1 and 3; lo0/hi0 are byte positions 0..31, lo1/hi1 32..63. A 2- or 3-bit row (lq_cpu.h)
+ * is laid out for this: bit pair f of byte b is position 32 (f & 1) + b of lo (f < 2) or hi, so the
+ * 32 bytes need one shift and one mask a vector; third bit j of byte k is position 16 (j & 3) + k of
+ * lo (j < 4) or hi, moved to bit 2 by a shift per 128-bit lane (left for bits 0 and 1). */
+INLINE void row_codes(const uint8_t *p, const int PB, __m256i *lo0, __m256i *hi0, __m256i *lo1, __m256i *hi1) {
     if (PB == 4) {
-        const __m256i nib = _mm256_set1_epi8(0x0F), W = _mm256_loadu_si256((const __m256i *)(p + 32 * h));
-        *lo = _mm256_and_si256(W, nib);
-        *hi = _mm256_and_si256(_mm256_srli_epi16(W, 4), nib);
+        const __m256i nib = _mm256_set1_epi8(0x0F);
+        const __m256i W0 = _mm256_loadu_si256((const __m256i *)p), W1 = _mm256_loadu_si256((const __m256i *)(p + 32));
+        *lo0 = _mm256_and_si256(W0, nib);
+        *hi0 = _mm256_and_si256(_mm256_srli_epi16(W0, 4), nib);
+        *lo1 = _mm256_and_si256(W1, nib);
+        *hi1 = _mm256_and_si256(_mm256_srli_epi16(W1, 4), nib);
         return;
     }
-    const __m256i two = _mm256_set1_epi16(0x0303);
-    const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(p + 16 * h)));
-    const __m256i u = _mm256_or_si256(w, _mm256_slli_epi16(w, 4));
-    __m256i l = _mm256_and_si256(u, two), hh = _mm256_and_si256(_mm256_srli_epi16(u, 2), two);
+    const __m256i two = _mm256_set1_epi8(3), B = _mm256_loadu_si256((const __m256i *)p);
+    __m256i l0 = _mm256_and_si256(B, two), l1 = _mm256_and_si256(_mm256_srli_epi16(B, 2), two);
+    __m256i h0 = _mm256_and_si256(_mm256_srli_epi16(B, 4), two), h1 = _mm256_and_si256(_mm256_srli_epi16(B, 6), two);
     if (PB == 3) {
-        const __m256i bit2 = _mm256_set1_epi16(0x0404);
-        __m256i z = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(p + 32)));
-        z = h ? _mm256_srli_epi16(z, 4) : _mm256_and_si256(z, _mm256_set1_epi16(0x0F)); /* words 16h + j */
-        const __m256i v = _mm256_or_si256(_mm256_slli_epi16(z, 2), _mm256_slli_epi16(z, 8));
-        l = _mm256_or_si256(l, _mm256_and_si256(v, bit2));
-        hh = _mm256_or_si256(hh, _mm256_and_si256(_mm256_srli_epi16(v, 1), bit2));
+        const __m256i bit2 = _mm256_set1_epi8(4);
+        const __m256i T = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(p + 32)));
+        /* lane L of lo0, lo1, hi0, hi1 takes bit L, 2 + L, 4 + L, 6 + L of each byte */
+        l0 = _mm256_or_si256(l0, _mm256_and_si256(_mm256_sllv_epi32(T, _mm256_setr_epi32(2, 2, 2, 2, 1, 1, 1, 1)), bit2));
+        l1 = _mm256_or_si256(l1, _mm256_and_si256(_mm256_srlv_epi32(T, _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1)), bit2));
+        h0 = _mm256_or_si256(h0, _mm256_and_si256(_mm256_srlv_epi32(T, _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3)), bit2));
+        h1 = _mm256_or_si256(h1, _mm256_and_si256(_mm256_srlv_epi32(T, _mm256_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5)), bit2));
     }
-    *lo = l;
-    *hi = hh;
+    *lo0 = l0;
+    *hi0 = h0;
+    *lo1 = l1;
+    *hi1 = h1;
 }
 
 /* The exact fp32 GEMV (three limbs of x, lq_cpu.h) of one row of x against tile t. Its speed is set
@@ -495,12 +493,12 @@ INLINE void gemv_x3_k(const lq_layout *L, int64_t t, const uint8_t *xi, const in
     for (int r = 0; r < 4; r++) tot[r] = _mm256_setzero_ps();
     lq_gcur gc = lq_gcur_at(L, 0);
     float s[4];
-    int nz[4];
-    group_s_negz(L, t, gc.g, s, nz);
+    int32_t nz[4] = {-L->zc, -L->zc, -L->zc, -L->zc};
+    group_s_nz4(L, t, gc.g, s, nz);
     const int64_t nsb = lq_nsb(L);
     const uint8_t *q = lq_tile(L, t);
     for (int64_t sb = 0; sb < nsb; sb++, q += 4 * rowb, xi += LQ_XI_SB_BYTES(3)) {
-        if (lq_gcur_step(&gc, sb * LQ_SB)) group_s_negz(L, t, gc.g, s, nz);
+        if (lq_gcur_step(&gc, sb * LQ_SB)) group_s_nz4(L, t, gc.g, s, nz);
         for (int r = 0; r < 4 * PB / 4; r++) {
             _mm_prefetch((const char *)q + LQ_PF_DIST + 64 * r, _MM_HINT_T0);
             _mm_prefetch((const char *)q + LQ_PF2_DIST + 64 * r, _MM_HINT_T1);
@@ -512,8 +510,7 @@ INLINE void gemv_x3_k(const lq_layout *L, int64_t t, const uint8_t *xi, const in
         const __m256 ex = _mm256_load_ps((const float *)(xi + 448)); /* = the other half's */
         for (int r = 0; r < 4; r++) {
             __m256i lo0, hi0, lo1, hi1;
-            row_codes(q + rowb * r, 0, PB, &lo0, &hi0);
-            row_codes(q + rowb * r, 1, PB, &lo1, &hi1);
+            row_codes(q + rowb * r, PB, &lo0, &hi0, &lo1, &hi1);
 #ifdef LQ_AVX2_VNNI /* each limb's products straight into int32 (|sum| <= 16 x 15 x 128 for limb 1) */
             (void)ones;
             (void)c256;
@@ -548,12 +545,12 @@ INLINE void gemv_a8_k(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t 
         for (int r = 0; r < 4; r++) tot[i][r] = _mm256_setzero_ps();
     lq_gcur gc = lq_gcur_at(L, 0);
     float s[4];
-    int nz[4];
-    group_s_negz(L, t, gc.g, s, nz);
+    int32_t nz[4] = {-L->zc, -L->zc, -L->zc, -L->zc};
+    group_s_nz4(L, t, gc.g, s, nz);
     const int64_t nsb = lq_nsb(L);
     const uint8_t *q = lq_tile(L, t);
     for (int64_t sb = 0; sb < nsb; sb++, q += 4 * rowb, xi += LQ_XI_SB_BYTES(1)) {
-        if (lq_gcur_step(&gc, sb * LQ_SB)) group_s_negz(L, t, gc.g, s, nz);
+        if (lq_gcur_step(&gc, sb * LQ_SB)) group_s_nz4(L, t, gc.g, s, nz);
         for (int r = 0; r < 4 * PB / 4; r++) {
             _mm_prefetch((const char *)q + LQ_PF_DIST + 64 * r, _MM_HINT_T0);
             _mm_prefetch((const char *)q + LQ_PF2_DIST + 64 * r, _MM_HINT_T1);
@@ -567,8 +564,7 @@ INLINE void gemv_a8_k(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t 
         }
         for (int r = 0; r < 4; r++) {
             __m256i lo0, hi0, lo1, hi1;
-            row_codes(q + rowb * r, 0, PB, &lo0, &hi0);
-            row_codes(q + rowb * r, 1, PB, &lo1, &hi1);
+            row_codes(q + rowb * r, PB, &lo0, &hi0, &lo1, &hi1);
             for (int i = 0; i < MM; i++) {
                 const uint8_t *xb = xi + i * ldxi;
 #ifdef LQ_AVX2_VNNI
@@ -732,37 +728,19 @@ static void gemv_i8_avx2(const lq_layout *L, int64_t t, const uint8_t *xi, int64
 
 
 #ifndef LQ_AVX2_VNNI /* defined once, by the plain AVX2 build of this file */
-/* Packed 2- or 3-bit tile -> 4-bit tile (lq_cpu.h): per row-superblock, two 16-entry table lookups
- * spread byte w's four 2-bit fields into word w's nibbles; a 3-bit row ORs in its third bits the same
- * way. Also used by the AVX-512 tables (every AVX-512 CPU has AVX2). */
+/* Packed 2- or 3-bit tile -> 4-bit tile (lq_cpu.h): byte position j of a 4-bit row is lo[j] | hi[j] << 4
+ * (row_codes). Also used by the AVX-512 tables (every AVX-512 CPU has AVX2). */
 void lq_expand_tile_avx2(const lq_layout *L, int64_t t, uint8_t *out) {
     const int64_t rows = lq_nsb(L) * LQ_TILE, row_bytes = lq_prow_sb_bytes(L);
     const uint8_t *src = lq_tile(L, t);
-    /* two 2-bit fields (x & 3, x >> 2) -> two nibbles; bits 0, 1 of a 4-bit group -> bit 2 of nibble 0, 1
-     * (low byte of a word), bits 2, 3 -> bit 2 of nibbles 2, 3 (high byte) */
-    const __m256i spread2 = _mm256_setr_epi8(0, 1, 2, 3, 16, 17, 18, 19, 32, 33, 34, 35, 48, 49, 50, 51, 0, 1, 2, 3,
-                                             16, 17, 18, 19, 32, 33, 34, 35, 48, 49, 50, 51);
-    const __m256i third_lo = _mm256_setr_epi8(0, 4, 64, 68, 0, 4, 64, 68, 0, 4, 64, 68, 0, 4, 64, 68, 0, 4, 64, 68,
-                                              0, 4, 64, 68, 0, 4, 64, 68, 0, 4, 64, 68);
-    const __m256i third_hi = _mm256_setr_epi8(0, 0, 0, 0, 4, 4, 4, 4, 64, 64, 64, 64, 68, 68, 68, 68, 0, 0, 0, 0, 4,
-                                              4, 4, 4, 64, 64, 64, 64, 68, 68, 68, 68);
-    const __m256i m4 = _mm256_set1_epi8(15);
     for (int64_t i = 0; i < rows; i++) {
-        const uint8_t *p = src + i * row_bytes;
-        const __m256i v = _mm256_loadu_si256((const __m256i *)p);
-        __m256i lo = _mm256_shuffle_epi8(spread2, _mm256_and_si256(v, m4));
-        __m256i hi = _mm256_shuffle_epi8(spread2, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
-        if (L->pbits == 3) {
-            /* byte j of both lanes = third-bit byte j; lane 0 (words 0..15) takes its low nibble, lane 1 its high */
-            const __m256i hv = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(p + 32)));
-            const __m256i h = _mm256_and_si256(_mm256_blend_epi32(hv, _mm256_srli_epi16(hv, 4), 0xF0), m4);
-            lo = _mm256_or_si256(lo, _mm256_shuffle_epi8(third_lo, h));
-            hi = _mm256_or_si256(hi, _mm256_shuffle_epi8(third_hi, h));
-        }
-        /* words w = lo[w] | hi[w] << 8: the unpacks give words 0..7 | 16..23 and 8..15 | 24..31 */
-        const __m256i a = _mm256_unpacklo_epi8(lo, hi), b = _mm256_unpackhi_epi8(lo, hi);
-        _mm256_storeu_si256((__m256i *)(out + i * 64), _mm256_permute2x128_si256(a, b, 0x20));
-        _mm256_storeu_si256((__m256i *)(out + i * 64 + 32), _mm256_permute2x128_si256(a, b, 0x31));
+        __m256i lo0, hi0, lo1, hi1;
+        if (L->pbits == 3)
+            row_codes(src + i * row_bytes, 3, &lo0, &hi0, &lo1, &hi1);
+        else
+            row_codes(src + i * row_bytes, 2, &lo0, &hi0, &lo1, &hi1);
+        _mm256_storeu_si256((__m256i *)(out + i * 64), _mm256_or_si256(lo0, _mm256_slli_epi16(hi0, 4)));
+        _mm256_storeu_si256((__m256i *)(out + i * 64 + 32), _mm256_or_si256(lo1, _mm256_slli_epi16(hi1, 4)));
     }
     memcpy(out + rows * 64, src + rows * row_bytes, (size_t)(LQ_TILE * lq_tail(L) / 2));
 }

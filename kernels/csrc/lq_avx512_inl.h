@@ -4,11 +4,7 @@
 #ifndef LQ_AVX512_INL_H
 #define LQ_AVX512_INL_H
 
-#include <immintrin.h>
-
-#include "lq_cpu.h"
-
-#define INLINE static inline __attribute__((always_inline))
+#include "lq_x86_inl.h"
 
 /* {sum a, sum b, sum c, sum d} */
 INLINE __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {

@@ -98,15 +98,11 @@ int lq_prepare_xi_avx512(const float *xr, int64_t nsb, int nlimbs, uint8_t *xi) 
     return 1;
 }
 
-/* -z of rows 4t..4t+3 in group g, and their scales */
-INLINE void group_s_negz(const lq_layout *L, int64_t t, int64_t g, float s[4], int nz[4]) {
-    float z[4];
-    group_params(L, t, g, s, z);
-    for (int r = 0; r < 4; r++) nz[r] = -(int)z[r];
-}
-
 /* The code bytes of one row of a superblock (p: its first byte) at PB bits a code, as vpdpbusd takes
- * them: lo = nibbles 0 and 2 of each word, hi = nibbles 1 and 3 (as lq_avx2.c's row_codes, 32 words) */
+ * them: lo = nibbles 0 and 2 of each word, hi = nibbles 1 and 3 (as lq_avx2.c's row_codes: byte
+ * positions 0..63). A 2- or 3-bit row's 32 bytes of bit pairs, put in both halves, need one variable
+ * shift (by 0 | 2 for lo, 4 | 6 for hi) and a mask; its 16 bytes of third bits, put in all four
+ * 128-bit lanes, one rotation per lane that brings bit L (lo) or 4 + L (hi) of each byte to bit 2. */
 INLINE void row_codes(const uint8_t *p, const int PB, __m512i *lo, __m512i *hi) {
     if (PB == 4) {
         const __m512i nib = _mm512_set1_epi8(0x0F), W = _mm512_loadu_si512(p);
@@ -114,21 +110,24 @@ INLINE void row_codes(const uint8_t *p, const int PB, __m512i *lo, __m512i *hi) 
         *hi = _mm512_and_si512(_mm512_srli_epi16(W, 4), nib);
         return;
     }
-    const __m512i two = _mm512_set1_epi16(0x0303);
-    const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p));
-    const __m512i u = _mm512_or_si512(w, _mm512_slli_epi16(w, 4));
-    __m512i l = _mm512_and_si512(u, two), h = _mm512_and_si512(_mm512_srli_epi16(u, 2), two);
-    if (PB == 3) { /* words 0..15: low nibbles of the 16 third-bit bytes, words 16..31: high nibbles */
-        const __m512i bit2 = _mm512_set1_epi16(0x0404);
-        const __m256i z = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(p + 32)));
-        const __m512i zz = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(z, _mm256_set1_epi16(0x0F))),
-                                              _mm256_srli_epi16(z, 4), 1);
-        const __m512i v = _mm512_or_si512(_mm512_slli_epi16(zz, 2), _mm512_slli_epi16(zz, 8));
-        l = _mm512_ternarylogic_epi32(l, v, bit2, 0xF8);                       /* l | (v & bit2) */
-        h = _mm512_ternarylogic_epi32(h, _mm512_srli_epi16(v, 1), bit2, 0xF8); /* h | (v >> 1 & bit2) */
+    const __m512i two = _mm512_set1_epi8(3);
+    const __m512i B = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)p));
+    const __m512i l = _mm512_srlv_epi32(B, _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2));
+    const __m512i h = _mm512_srlv_epi32(B, _mm512_setr_epi32(4, 4, 4, 4, 4, 4, 4, 4, 6, 6, 6, 6, 6, 6, 6, 6));
+    if (PB == 2) {
+        *lo = _mm512_and_si512(l, two);
+        *hi = _mm512_and_si512(h, two);
+        return;
     }
-    *lo = l;
-    *hi = h;
+    const __m512i bit2 = _mm512_set1_epi8(4);
+    const __m512i T = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(p + 32)));
+    /* rotating a dword right by L - 2 (mod 32) brings bit L of each of its bytes to bit 2 (L <= 7) */
+    const __m512i tl = _mm512_and_si512(
+        _mm512_rorv_epi32(T, _mm512_setr_epi32(30, 30, 30, 30, 31, 31, 31, 31, 0, 0, 0, 0, 1, 1, 1, 1)), bit2);
+    const __m512i th = _mm512_and_si512(
+        _mm512_rorv_epi32(T, _mm512_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5)), bit2);
+    *lo = _mm512_ternarylogic_epi32(l, two, tl, 0xEA); /* (l & two) | tl */
+    *hi = _mm512_ternarylogic_epi32(h, two, th, 0xEA);
 }
 
 /* MM rows of x against tile t; each W row's codes are unpacked once for all MM rows */
@@ -140,12 +139,12 @@ INLINE void gemv_i8_k(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t 
         for (int r = 0; r < 4; r++) tot[i][r] = acc[i][r] = _mm512_setzero_ps();
     lq_gcur gc = lq_gcur_at(L, 0);
     float s[4];
-    int nz[4];
-    group_s_negz(L, t, gc.g, s, nz);
+    int32_t nz[4] = {-L->zc, -L->zc, -L->zc, -L->zc};
+    group_s_nz4(L, t, gc.g, s, nz);
     const int64_t nsb = lq_nsb(L);
     const uint8_t *q = lq_tile(L, t);
     for (int64_t sb = 0; sb < nsb; sb++, q += 4 * rowb, xi += LQ_XI_SB_BYTES(NL)) {
-        if (lq_gcur_step(&gc, sb * LQ_SB)) group_s_negz(L, t, gc.g, s, nz);
+        if (lq_gcur_step(&gc, sb * LQ_SB)) group_s_nz4(L, t, gc.g, s, nz);
         prefetch_superblock(q);
         /* the zero-point term -z sum m: for a symmetric layer once per row of x, else per row of W */
         __m512i zsym[4];
@@ -161,15 +160,15 @@ INLINE void gemv_i8_k(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t 
                 const __m512 ex = _mm512_load_ps(xb + 128 * NL + 64);
                 /* sum (q - z) m = sum q m - z sum m, exact in int32 */
                 __m512i T = L->z ? _mm512_mullo_epi32(zsym[i], _mm512_set1_epi32(nz[r])) : zsym[i];
+                if (NL == 3) { /* T + 2^8 (limb 1 + 2^8 limb 2): each limb's sums start from the next one's, shifted */
+                    __m512i a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_load_si512(xb + 128));
+                    a = _mm512_slli_epi32(_mm512_dpbusd_epi32(a, hi, _mm512_load_si512(xb + 64 * NL + 128)), 8);
+                    a = _mm512_dpbusd_epi32(a, lo, _mm512_load_si512(xb + 64));
+                    a = _mm512_dpbusd_epi32(a, hi, _mm512_load_si512(xb + 64 * NL + 64));
+                    T = _mm512_add_epi32(T, _mm512_slli_epi32(a, 8));
+                }
                 T = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(T, lo, _mm512_load_si512(xb)), hi,
                                         _mm512_load_si512(xb + 64 * NL));
-                if (NL == 3) {
-                    __m512i a1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_load_si512(xb + 64));
-                    __m512i a2 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_load_si512(xb + 128));
-                    a1 = _mm512_dpbusd_epi32(a1, hi, _mm512_load_si512(xb + 64 * NL + 64));
-                    a2 = _mm512_dpbusd_epi32(a2, hi, _mm512_load_si512(xb + 64 * NL + 128));
-                    T = _mm512_add_epi32(T, _mm512_add_epi32(_mm512_slli_epi32(a1, 8), _mm512_slli_epi32(a2, 16)));
-                }
                 tot[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(T), _mm512_mul_ps(ex, _mm512_set1_ps(s[r])), tot[i][r]);
             }
         }

@@ -29,10 +29,13 @@
  * 2- and 3-bit codes (stored packed; the integer GEMVs of AVX2 and AVX512-VNNI read them as they are,
  * for every other kernel the driver expands a few tiles at a time into the 4-bit layout above, in a
  * buffer that stays in L1/L2):
- *   superblock, 32 bytes (2-bit) or 48 bytes (3-bit) per row. Byte w (w < 32) holds the low two
- *     bits of the 4 columns of 4-bit word w (column base + 32*s + w at bits 2s, 2s+1); a 3-bit row
- *     then has 16 more bytes of third bits: the low nibble of byte j holds bit 2 of word j's 4 codes
- *     (bit s for column base + 32*s + j), the high nibble those of word j + 16.
+ *   superblock, 32 bytes (2-bit) or 48 bytes (3-bit) per row, laid out for the decode kernels, which
+ *     unpack a 4-bit row's 64 bytes as two vectors of byte positions j = 0..63: lo[j] = byte j & 15
+ *     and hi[j] = byte j >> 4 (so lo[2w], lo[2w + 1], hi[2w], hi[2w + 1] are nibbles 0, 2, 1, 3 of
+ *     word w). Bit pair f (bits 2f, 2f + 1) of byte b (b < 32) holds the low two bits of lo[32 f + b]
+ *     for f < 2 and of hi[32 (f - 2) + b] for f >= 2, so one shift and one mask give 32 positions;
+ *     a 3-bit row's 16 more bytes hold the third bits: bit j of byte 32 + k that of lo[16 j + k] for
+ *     j < 4 and of hi[16 (j - 4) + k] for j >= 4 (one shift or rotation per 128-bit lane).
  *   tail: as the 4-bit tail (at most 96 columns a row).
  *
  * The fp32 kernels therefore read x in "xr order": inside every block of 32 columns, the 16 even

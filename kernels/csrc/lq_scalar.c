@@ -43,14 +43,15 @@ void lq_expand_tile_scalar(const lq_layout *L, int64_t t, uint8_t *out) {
     const int64_t rows = lq_nsb(L) * LQ_TILE, row_bytes = lq_prow_sb_bytes(L);
     const uint8_t *src = lq_tile(L, t);
     for (int64_t i = 0; i < rows; i++) { /* row-superblocks in stored order: [sb][r] */
-        const uint8_t *lo = src + i * row_bytes, *hi = L->pbits == 3 ? lo + 32 : NULL;
+        const uint8_t *pairs = src + i * row_bytes, *third = L->pbits == 3 ? pairs + 32 : NULL;
         uint8_t *o = out + i * 64;
-        for (int w = 0; w < 32; w++) {
-            const unsigned h = hi ? (w < 16 ? hi[w] & 15u : hi[w - 16] >> 4) : 0u;
-            unsigned c[4];
-            for (int s = 0; s < 4; s++) c[s] = ((lo[w] >> (2 * s)) & 3u) | (((h >> s) & 1u) << 2);
-            o[2 * w] = (uint8_t)(c[0] | (c[1] << 4));
-            o[2 * w + 1] = (uint8_t)(c[2] | (c[3] << 4));
+        for (int j = 0; j < 64; j++) { /* byte position j: lo (nibbles 0, 2 of the words) | hi << 4 */
+            unsigned c[2];
+            for (int h = 0; h < 2; h++) {
+                c[h] = (pairs[j % 32] >> (4 * h + 2 * (j / 32))) & 3u;
+                if (third) c[h] |= ((third[j % 16] >> (4 * h + j / 16)) & 1u) << 2;
+            }
+            o[j] = (uint8_t)(c[0] | (c[1] << 4));
         }
     }
     memcpy(out + rows * 64, src + rows * row_bytes, (size_t)(LQ_TILE * lq_tail(L) / 2));

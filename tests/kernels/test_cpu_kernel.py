@@ -270,29 +270,39 @@ def test_layout_golden_bytes():
 
 
 def test_layout_golden_bytes_2_and_3_bit():
-    """Packed 2- and 3-bit superblocks (lq_cpu.h): byte w holds the low two bits of the codes of 4-bit
-    word w (columns w, 32+w, 64+w, 96+w at bits 0-1, 2-3, 4-5, 6-7); 3-bit rows then 16 bytes of third
-    bits (byte j: word j's in the low nibble, word j+16's in the high); the tail stays 4-bit."""
+    """Packed 2- and 3-bit superblocks (lq_cpu.h). Byte position j of a 4-bit row splits into lo[j] (low
+    nibble) and hi[j]; lo[2w + e] is column 64e + w, hi[2w + e] column 32 + 64e + w. Bit pair f of byte b
+    holds lo[32f + b] (f < 2) or hi[32(f - 2) + b]; 3-bit rows then 16 bytes of third bits, bit j of byte
+    32 + k that of lo[16j + k] (j < 4) or hi[16(j - 4) + k]. The tail stays 4-bit."""
     k = 160
-    codes = (torch.arange(k) // 32 + 2 * (torch.arange(k) % 2)).repeat(4, 1)  # column c: c // 32 + 2 (c % 2)
-    w2 = PackedWeight(pack_rows(codes % 4, 2), torch.ones(4, 2, dtype=torch.float16), None, None, 2, 128, k, 4)
+    c2 = torch.zeros(4, k, dtype=torch.int64)
+    c2[0, 0] = 1  # lo[0]: byte 0, bits 0-1
+    c2[0, 32 + 17] = 2  # hi[34]: f = 3, b = 2 -> byte 2, bits 6-7
+    c2[0, 64 + 5] = 3  # lo[11]: f = 0, b = 11 -> byte 11, bits 0-1
+    c2[0, 96 + 20] = 1  # hi[41]: f = 3, b = 9 -> byte 9, bits 6-7
+    c2[0, 64 + 16] = 2  # lo[33]: f = 1, b = 1 -> byte 1, bits 2-3
+    c2[1, 129] = 3  # row 1, tail column 1: high nibble of its first tail byte
+    w2 = PackedWeight(pack_rows(c2, 2), torch.ones(4, 2, dtype=torch.float16), None, None, 2, 128, k, 4)
     q2 = repack(w2).qdata[0]
     assert q2.numel() == 4 * (32 + 16)  # 128 columns at 2 bits + a 32-column 4-bit tail, per row
-    # word 0: columns 0, 32, 64, 96 -> codes 0, 1, 2, 3; word 1: columns 1, 33, 65, 97 -> 2, 3, 0, 1
-    assert q2[0].item() == 0b11100100 and q2[1].item() == 0b01001110
-    assert q2[32].item() == q2[0].item()  # row 1 follows after 32 bytes
-    # tail: column 128 + 2b (low nibble) | 129 + 2b (high): codes (4 % 4, 6 % 4) = (0, 2)
-    assert q2[128].item() == 0x20
+    assert q2[:4].tolist() == [0b01, 0b1000, 0b1000_0000, 0]
+    assert q2[9].item() == 0b0100_0000 and q2[11].item() == 0b11
+    assert q2[:32].count_nonzero().item() == 5 and q2[32:128].count_nonzero().item() == 0
+    assert q2[128 + 16].item() == 0x30 and q2[128:].count_nonzero().item() == 1  # row 1's tail
 
     c3 = torch.zeros(4, k, dtype=torch.int64)
-    c3[0, 32] = 7  # word 0, s = 1: low bits 3 at bits 2-3, third bit in bit 1 of byte 32's low nibble
-    c3[0, 17 + 96] = 4  # word 17, s = 3: third bit only, bit 3 of byte 33's high nibble
+    c3[0, 32] = 6  # hi[0]: low bits 2 at byte 0 bits 4-5; third bit j = 4, k = 0 -> byte 32 bit 4
+    c3[0, 32 + 17] = 5  # hi[34]: low bits 1 at byte 2 bits 6-7; third: j = 4 + 2, k = 2 -> byte 34 bit 6
+    c3[0, 64 + 5] = 7  # lo[11]: low bits 3 at byte 11 bits 0-1; third: j = 0, k = 11 -> byte 43 bit 0
+    c3[0, 64 + 16] = 4  # lo[33]: third bit only, j = 2, k = 1 -> byte 33 bit 2
     c3[0, 128] = 5  # tail column 0: code 5 in the low nibble
     w3 = PackedWeight(pack_rows(c3, 3), torch.ones(4, 2, dtype=torch.float16), None, None, 3, 128, k, 4)
     q3 = repack(w3).qdata[0]
     assert q3.numel() == 4 * (48 + 16)
-    assert q3[0].item() == 0b1100 and q3[32].item() == 0b0010 and q3[33].item() == 0b1000_0000
-    assert q3[:48].count_nonzero().item() == 3 and q3[48:192].count_nonzero().item() == 0
+    assert q3[0].item() == 0b10_0000 and q3[2].item() == 0b0100_0000 and q3[11].item() == 0b11
+    assert q3[32].item() == 0b1_0000 and q3[33].item() == 0b100 and q3[34].item() == 0b100_0000
+    assert q3[43].item() == 1
+    assert q3[:48].count_nonzero().item() == 7 and q3[48:192].count_nonzero().item() == 0
     assert q3[192].item() == 0x05
 
 
