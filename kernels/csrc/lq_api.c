@@ -239,10 +239,14 @@ static void prep_part(void *arg, int part, int nparts) {
     const int64_t M = j->p->M, m0 = M * part / nparts, m1 = M * (part + 1) / nparts;
     lq_prepare_x(j->x, j->x_dtype, m0, m1, j->p->L.K, j->p->L.Kp, j->p->mode, j->xp, j->p->ldx);
     if (!j->xi) return;
-    const int64_t nsb = lq_nsb(&j->p->L), row = nsb * LQ_XI_SB_BYTES(j->nlimbs);
-    for (int64_t m = m0; m < m1 && !atomic_load_explicit(&j->xi_bad, memory_order_relaxed); m++)
-        if (!j->p->kern->prepare_xi((const float *)j->xp + m * j->p->ldx, nsb, j->nlimbs, j->xi + m * row))
+    const lq_layout *L = &j->p->L;
+    const int64_t nsb = lq_nsb(L), row = lq_xi_row_bytes(L, j->nlimbs);
+    for (int64_t m = m0; m < m1 && !atomic_load_explicit(&j->xi_bad, memory_order_relaxed); m++) {
+        const float *xr = (const float *)j->xp + m * j->p->ldx;
+        if (!(L->bits == 8 ? lq_prepare_xi8(xr, nsb, j->xi + m * row)
+                           : j->p->kern->prepare_xi(xr, nsb, j->nlimbs, j->xi + m * row)))
             atomic_store(&j->xi_bad, 1);
+    }
 }
 
 static void run_part(void *arg, int part, int nparts) {
@@ -293,11 +297,15 @@ LQ_API int lq_linear(const lq_weights *w, const void *x, int x_dtype, int64_t M,
      * superblock boundaries. Dynamic INT8 activations (LQ_FLAG_A8) at every M; else
      * decode (M = 1) in 24-bit block floating point, fp32 and bf16 x alike (bf16 x is widened: exact,
      * and at M = 1 faster than the bf16 GEMV where measured), unless LQ_FLAG_F32_NO_INT. */
-    const int i8_layout = p.L.bits == 4 && (p.L.NG == 1 || p.L.G % LQ_SB == 0) && lq_nsb(&p.L) > 0 &&
-                          p.kern->gemv_i8 && (!p.kern->i8_needs_vnni || lq_has_vnni());
+    const int i8_groups = (p.L.NG == 1 || p.L.G % LQ_SB == 0) && lq_nsb(&p.L) > 0 &&
+                          (!p.kern->i8_needs_vnni || lq_has_vnni());
     const int a8 = (flags & LQ_FLAG_A8) != 0;
-    const int int_path = i8_layout && (a8 || (M == 1 && !(flags & LQ_FLAG_F32_NO_INT)));
-    if (int_path) p.mode = LQ_F32;
+    const int int_path = p.L.bits == 4 && i8_groups && p.kern->gemv_i8 &&
+                         (a8 || (M == 1 && !(flags & LQ_FLAG_F32_NO_INT)));
+    /* 8-bit layouts: the fp32 decode alone (dynamic INT8 activations cover 2- to 4-bit codes) */
+    const int x8_path = p.L.bits == 8 && i8_groups && p.kern->gemv_x8 && M == 1 && !a8 &&
+                        !(flags & LQ_FLAG_F32_NO_INT);
+    if (int_path || x8_path) p.mode = LQ_F32;
     p.bias = bias;
     p.y = y;
     p.y_dtype = x_dtype;
@@ -312,9 +320,9 @@ LQ_API int lq_linear(const lq_weights *w, const void *x, int x_dtype, int64_t M,
     p.xp = xp;
     /* NaN or infinite x keep the fp32 paths */
     uint8_t *xi = NULL;
-    if (int_path) {
+    if (int_path || x8_path) {
         p.nlimbs = a8 ? 1 : 3;
-        const size_t row = (size_t)lq_nsb(&p.L) * LQ_XI_SB_BYTES(p.nlimbs);
+        const size_t row = (size_t)lq_xi_row_bytes(&p.L, p.nlimbs);
         if (posix_memalign((void **)&xi, 64, row * (size_t)M) != 0) {
             free(xp);
             snprintf(last_error, sizeof last_error, "out of memory allocating %zu bytes for x", row * (size_t)M);

@@ -184,6 +184,44 @@ INLINE void gemv_i8_k(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t 
     }
 }
 
+/* fp32 decode of an 8-bit layout (lq_cpu.h: LQ_XI8_SB_BYTES): per row and superblock, each limb's
+ * int32 sums from 2 vpdpbusd (the row's 128 code bytes as they are stored), combined in fp32 */
+void lq_gemv_x8_avx512(const lq_layout *L, int64_t t, const uint8_t *xi, const float *xr, float out[4][4]) {
+    const __m512 c256 = _mm512_set1_ps(256.f);
+    __m512 tot[4];
+    for (int r = 0; r < 4; r++) tot[r] = _mm512_setzero_ps();
+    lq_gcur gc = lq_gcur_at(L, 0);
+    float s[4];
+    int32_t nz[4] = {-L->zc, -L->zc, -L->zc, -L->zc};
+    group_s_nz4(L, t, gc.g, s, nz);
+    const int64_t nsb = lq_nsb(L);
+    const uint8_t *q = lq_tile(L, t);
+    for (int64_t sb = 0; sb < nsb; sb++, q += 4 * LQ_SB, xi += LQ_XI8_SB_BYTES) {
+        if (lq_gcur_step(&gc, sb * LQ_SB)) group_s_nz4(L, t, gc.g, s, nz);
+        prefetch_superblock(q);
+        prefetch_superblock(q + 4 * 64);
+        __m512i ms[3], zs[3];
+        for (int p = 0; p < 3; p++) {
+            ms[p] = _mm512_load_si512(xi + 384 + 64 * p);
+            zs[p] = _mm512_mullo_epi32(ms[p], _mm512_set1_epi32(nz[0]));
+        }
+        const __m512 ex = _mm512_load_ps(xi + 576);
+        for (int r = 0; r < 4; r++) {
+            const __m512i c0 = _mm512_loadu_si512(q + LQ_SB * r), c1 = _mm512_loadu_si512(q + LQ_SB * r + 64);
+            __m512 f = _mm512_setzero_ps();
+            for (int p = 2; p >= 0; p--) {
+                __m512i T = L->z ? _mm512_mullo_epi32(ms[p], _mm512_set1_epi32(nz[r])) : zs[p];
+                T = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(T, c0, _mm512_load_si512(xi + 128 * p)), c1,
+                                        _mm512_load_si512(xi + 128 * p + 64));
+                f = p == 2 ? _mm512_cvtepi32_ps(T) : _mm512_fmadd_ps(f, c256, _mm512_cvtepi32_ps(T));
+            }
+            tot[r] = _mm512_fmadd_ps(f, _mm512_mul_ps(ex, _mm512_set1_ps(s[r])), tot[r]);
+        }
+    }
+    for (int r = 0; r < 4; r++)
+        out[0][r] = _mm512_reduce_add_ps(tot[r]) + (lq_tail(L) ? lq_tail_dot_avx2(L, t, r, gc, xr) : 0.f);
+}
+
 void lq_gemv_i8_avx512(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t ldxi, int mm, int nlimbs,
                        const float *xr, int64_t ldx, float out[4][4]) {
 #define GEMV_I8_PB(PB)                                                         \

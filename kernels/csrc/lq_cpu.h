@@ -221,6 +221,10 @@ typedef struct {
     /* panels per micro_op_f32 call (1 or 2: the second at P + kc * LQ_NR, its columns at C + LQ_NR; a
      * missing one is all zeros) */
     int op_np;
+    /* fp32 decode (M = 1) of 8-bit layouts whose groups change at superblock boundaries, on integer dot
+     * products (NULL: the FMA GEMV; needs VNNI where i8_needs_vnni): out[0][r] = x . W[4t + r] for one
+     * row of x prepared by lq_prepare_xi8 (xi) and in xr order (xr: the tail columns, done in fp32) */
+    void (*gemv_x8)(const lq_layout *L, int64_t t, const uint8_t *xi, const float *xr, float out[4][4]);
 } lq_kernels;
 
 /* A row of x prepared for the integer GEMV, one block of LQ_XI_SB_BYTES(n) bytes per superblock.
@@ -245,6 +249,22 @@ typedef struct {
  * (at 128 n + 64). The dot product of a row with codes q and zero point z over a superblock is
  * sum_l scale_l * (sum_{k in l} q_k m_k - z * msum_l), the inner sums exact in int32. */
 #define LQ_XI_SB_BYTES(nlimbs) (128 * (nlimbs) + 128)
+/* A row of x prepared for gemv_x8 (8-bit layouts), one block of LQ_XI8_SB_BYTES bytes per superblock.
+ * An 8-bit superblock row is in xr order, so code byte b multiplies xr[b], and int32 lane L of the dot
+ * products over a 64-byte half h takes xr positions 64 h + 4 L + j (j = 0..3). Lanes L and L + 8 share
+ * one scale 2^(e - 21), e over the 16 positions 32 q + 4 (L % 8) + j (q = 0..3) as for 4-bit, and x
+ * becomes the same three balanced signed bytes of m = round(x 2^(21 - e)). Limb p: 128 bytes at 128 p
+ * (byte b: limb p of xr[b]); then per limb 16 int32 lane sums of that limb (at 384 + 64 p, over both
+ * halves); then the 16 fp32 lane scales (at 576). A code is up to 255, so the sum of q m over a lane
+ * could overflow int32: each limb's sum T_p = sum q l_p - z sum l_p (|T_p| < 2^20) is converted to
+ * fp32 exactly and they are combined there, (T_2 2^8 + T_1) 2^8 + T_0 (two roundings). */
+#define LQ_XI8_SB_BYTES 640
+int lq_prepare_xi8(const float *xr, int64_t nsb, uint8_t *xi); /* lq_scalar.c; 0 when some x is not finite */
+/* bytes of one prepared row of x for layout L: gemv_x8's for an 8-bit layout, else gemv_i8's */
+static inline int64_t lq_xi_row_bytes(const lq_layout *L, int nlimbs) {
+    return lq_nsb(L) * (L->bits == 8 ? LQ_XI8_SB_BYTES : LQ_XI_SB_BYTES(nlimbs));
+}
+
 /* bytes of one superblock of a pack_i8 panel: codes, then fp32 scales and int32 zero points */
 #define LQ_I8_PANEL_SB (LQ_SB * LQ_NR + 8 * LQ_NR)
 #define LQ_I8_MR 3 /* rows of x per micro_op_i8 call (4 spills accumulators with gcc on AVX2) */
@@ -275,6 +295,9 @@ void lq_micro_op_f32_avx512(const float *A, int64_t lda, const float *P, int64_t
                             int acc);
 void lq_gemv_i8_avx512(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t ldxi, int mm, int nlimbs,
                        const float *xr, int64_t ldx, float out[4][4]);
+void lq_gemv_x8_avx512(const lq_layout *L, int64_t t, const uint8_t *xi, const float *xr, float out[4][4]);
+/* the fp32 dot product of row r of tile t with xr over the tail columns (Kp % 128), from group cursor gc */
+float lq_tail_dot_avx2(const lq_layout *L, int64_t t, int r, lq_gcur gc, const float *xr);
 #endif
 /* The body of a micro_op_f32 entry point (parameters A, lda, P, kc, mr, C, ldc, acc): KERNEL, an inline
  * function with those parameters and a compile-time row count in place of mr, instantiated for
@@ -300,7 +323,7 @@ typedef struct {
     int mode;        /* LQ_F32: xp is fp32 [M][Kp] in xr order; LQ_BF16: bf16 [M][Kp] natural */
     const void *xp;
     int64_t ldx;       /* row stride of xp, in elements (>= Kp) */
-    const uint8_t *xi; /* rows of x prepared for gemv_i8 ([M][nsb * LQ_XI_SB_BYTES(nlimbs)]), or NULL */
+    const uint8_t *xi; /* rows of x prepared for gemv_i8 or gemv_x8 ([M][lq_xi_row_bytes]), or NULL */
     int nlimbs;
     const float *bias; /* [N] or NULL */
     void *y;           /* [M][N] */

@@ -98,7 +98,14 @@ static void store_rows(const lq_problem *p, int64_t m, int64_t n0, int64_t nn, c
 static void run_gemv_i8(const lq_problem *p, int64_t t_begin, int64_t t_end) {
     const lq_layout *L = &p->L;
     float out[4][4];
-    const int64_t xi_row = lq_nsb(L) * LQ_XI_SB_BYTES(p->nlimbs);
+    if (L->bits == 8) { /* gemv_x8: M = 1 */
+        for (int64_t t = t_begin; t < t_end; t++) {
+            p->kern->gemv_x8(L, t, p->xi, (const float *)p->xp, out);
+            store_rows(p, 0, t * LQ_TILE, LQ_TILE, out[0]);
+        }
+        return;
+    }
+    const int64_t xi_row = lq_xi_row_bytes(L, p->nlimbs);
     const int R = p->nlimbs == 1 ? p->kern->i8_rows : 1;
     int64_t tb = LQ_I8_BLOCK_BYTES / lq_tile_bytes(L);
     if (tb < 1) tb = 1;

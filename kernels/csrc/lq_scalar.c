@@ -212,6 +212,17 @@ int lq_prepare_xi_scalar(const float *xr, int64_t nsb, int nlimbs, uint8_t *xi) 
     return 1;
 }
 
+/* the integer GEMVs' tail columns (Kp % 128) of tile t in fp32, as gemv_tile_scalar does them */
+static void tail_f32_scalar(const lq_layout *L, int64_t t, const float *xr, float tail[4]) {
+    const int64_t nsb = lq_nsb(L);
+    for (int r = 0; r < 4; r++) tail[r] = 0.f;
+    if (!lq_tail(L)) return;
+    float w[LQ_TILE][LQ_SB];
+    dequant_f32_scalar(L, t, 1, nsb * LQ_SB, lq_tail(L), &w[0][0], LQ_SB);
+    for (int r = 0; r < 4; r++)
+        for (int64_t k = 0; k < lq_tail(L); k++) tail[r] += w[r][k] * xr[nsb * LQ_SB + k];
+}
+
 static void gemv1_i8_scalar(const lq_layout *L, int64_t t, const uint8_t *xi, int nlimbs, const float *xr,
                             float out[4]) {
     const int64_t nsb = lq_nsb(L);
@@ -240,18 +251,82 @@ static void gemv1_i8_scalar(const lq_layout *L, int64_t t, const uint8_t *xi, in
             for (int l = 0; l < 16; l++) lanes[r][l] += (float)T[l] * (scale[l] * s);
         }
     }
-    /* the tail columns in fp32, as gemv_tile_scalar does them */
-    float tail[4] = {0};
-    if (lq_tail(L)) {
-        float w[LQ_TILE][LQ_SB];
-        dequant_f32_scalar(L, t, 1, nsb * LQ_SB, lq_tail(L), &w[0][0], LQ_SB);
-        for (int r = 0; r < 4; r++)
-            for (int64_t k = 0; k < lq_tail(L); k++) tail[r] += w[r][k] * xr[nsb * LQ_SB + k];
-    }
+    float tail[4];
+    tail_f32_scalar(L, t, xr, tail);
     for (int r = 0; r < 4; r++) {
         float sum = 0.f;
         for (int l = 0; l < 16; l++) sum += lanes[r][l];
         out[r] = sum + tail[r];
+    }
+}
+
+int lq_prepare_xi8(const float *xr, int64_t nsb, uint8_t *xi) {
+    for (int64_t sb = 0; sb < nsb; sb++, xr += LQ_SB, xi += LQ_XI8_SB_BYTES) {
+        float amax[8] = {0};
+        for (int b = 0; b < LQ_SB; b++) {
+            if (!isfinite(xr[b])) return 0;
+            const int g = (b % 32) / 4;
+            if (fabsf(xr[b]) > amax[g]) amax[g] = fabsf(xr[b]);
+        }
+        int e[8];
+        for (int g = 0; g < 8; g++) {
+            int ex = 0;
+            if (amax[g] > 0.f) {
+                frexpf(amax[g], &ex);
+                ex -= 1; /* floor(log2 amax) */
+                if (ex < -100) ex = -100;
+            }
+            e[g] = ex;
+        }
+        int32_t msum[3][16] = {{0}};
+        for (int b = 0; b < LQ_SB; b++) {
+            const int32_t m = (int32_t)rintf(ldexpf(xr[b], 21 - e[(b % 32) / 4])); /* |m| <= 2^22 */
+            const int32_t m1 = (m + 128) >> 8, m2 = (m1 + 128) >> 8;
+            const int32_t limb[3] = {m - 256 * m1, m1 - 256 * m2, m2}; /* balanced: m = l0 + 2^8 l1 + 2^16 l2 */
+            for (int p = 0; p < 3; p++) {
+                xi[128 * p + b] = (uint8_t)(limb[p] & 0xFF);
+                msum[p][(b % 64) / 4] += limb[p];
+            }
+        }
+        memcpy(xi + 384, msum, sizeof msum);
+        float scale[16];
+        for (int l = 0; l < 16; l++) scale[l] = ldexpf(1.f, e[l % 8] - 21);
+        memcpy(xi + 576, scale, sizeof scale);
+    }
+    return 1;
+}
+
+/* the C reference of gemv_x8 (lq_cpu.h): the same integer sums and the same fp32 combination */
+static void gemv_x8_scalar(const lq_layout *L, int64_t t, const uint8_t *xi, const float *xr, float out[4][4]) {
+    const int64_t nsb = lq_nsb(L);
+    float tail[4];
+    tail_f32_scalar(L, t, xr, tail);
+    for (int r = 0; r < 4; r++) {
+        float acc[16] = {0};
+        for (int64_t sb = 0; sb < nsb; sb++) {
+            const uint8_t *q = lq_sb_row(L, t, sb, r), *x = xi + sb * LQ_XI8_SB_BYTES;
+            const int64_t g = lq_gcur_at(L, sb * LQ_SB).g, at = (t * L->NG + g) * LQ_TILE + r;
+            const float s = lq_f16_to_f32(L->s[at]);
+            const int32_t z = L->z ? L->z[at] : L->zc;
+            const int32_t *msum = (const int32_t *)(x + 384);
+            const float *scale = (const float *)(x + 576);
+            for (int l = 0; l < 16; l++) {
+                float f = 0.f;
+                for (int p = 2; p >= 0; p--) {
+                    int32_t T = -z * msum[16 * p + l];
+                    for (int h = 0; h < 2; h++)
+                        for (int j = 0; j < 4; j++) {
+                            const int b = 64 * h + 4 * l + j;
+                            T += (int32_t)q[b] * (int32_t)(int8_t)x[128 * p + b];
+                        }
+                    f = p == 2 ? (float)T : fmaf(f, 256.f, (float)T);
+                }
+                acc[l] = fmaf(f, scale[l] * s, acc[l]);
+            }
+        }
+        float sum = 0.f;
+        for (int l = 0; l < 16; l++) sum += acc[l];
+        out[0][r] = sum + tail[r];
     }
 }
 
@@ -262,5 +337,6 @@ static void gemv_i8_scalar(const lq_layout *L, int64_t t, const uint8_t *xi, int
 
 const lq_kernels lq_kernels_scalar = {
     "scalar", gemv_tile_scalar, dequant_f32_scalar, dequant_bf16_scalar, micro_f32_scalar, NULL, NULL,
-    lq_prepare_xi_scalar, gemv_i8_scalar, 4, 0, lq_expand_tile_scalar, 0,
+    lq_prepare_xi_scalar, gemv_i8_scalar, 4, 0, lq_expand_tile_scalar, 0, NULL, NULL, NULL, NULL, 0,
+    gemv_x8_scalar,
 };

@@ -188,18 +188,19 @@ def decode_inputs(k: int) -> dict:
 
 
 @pytest.mark.parametrize("isa", INT_ISAS)
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("k, group_size", [(4096, 128), (1000, -1), (640, 128), (4192, 256), (160, -1), (300, 128)])
-def test_fp32_decode_int_is_as_accurate_as_fma(monkeypatch, isa, sym, k, group_size):
+def test_fp32_decode_int_is_as_accurate_as_fma(monkeypatch, isa, bits, sym, k, group_size):
     """The integer GEMV carries x as 24-bit block floating point: its error against the float64
     product stays at fp32 rounding level, for outliers and wide ranges too (worst over these cases, of
-    max|y|: integer GEMV 7.8e-7 scalar and VNNI, 9.6e-7 AVX2; FMA 7.6e-7; torch's own fp32 F.linear
-    1.3e-6; bound 2e-6), and its results
+    max|y|: 4-bit integer GEMV 7.8e-7 scalar and VNNI, 9.6e-7 AVX2, 8-bit (gemv_x8, limbs combined in
+    fp32) 9.1e-7; FMA 7.6e-7; torch's own fp32 F.linear 1.3e-6; bound 2e-6), and its results
     differ from the FMA GEMV's (it really ran). On every instruction set that has it (AVX2 emulates
     vpdpbusd with vpmaddubsw + vpmaddwd; the scalar code is the C reference)."""
-    w = make_packed(4, group_size, sym, False, 64, k, seed=k)
+    w = make_packed(bits, group_size, sym, False, 64, k, seed=k)
     lay = repack(w)
-    wd = dequantize_packed(w.qweight, w.scales, w.zeros, bits=4, group_size=group_size, in_features=k).double()
+    wd = dequantize_packed(w.qweight, w.scales, w.zeros, bits=bits, group_size=group_size, in_features=k).double()
     differs = False
     for name, x in decode_inputs(k).items():
         exact = x.double() @ wd.T
@@ -216,11 +217,12 @@ def test_fp32_decode_int_is_as_accurate_as_fma(monkeypatch, isa, sym, k, group_s
 
 
 @needs_native
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-def test_fp32_decode_propagates_nan_and_inf(bad):
-    """A NaN or infinite activation gives what the reference gives (the VNNI GEMV, which cannot carry
-    them, hands such rows to the FMA GEMV)."""
-    w = make_packed(4, 128, True, False, 16, 512, seed=3)
+def test_fp32_decode_propagates_nan_and_inf(bad, bits):
+    """A NaN or infinite activation gives what the reference gives (the integer GEMVs, which cannot
+    carry them, hand such rows to the FMA GEMV)."""
+    w = make_packed(bits, 128, True, False, 16, 512, seed=3)
     lay = repack(w)
     x = torch.randn(1, 512)
     x[0, 200] = bad
@@ -574,7 +576,7 @@ def test_act_int8_with_nonfinite_x_falls_back_to_fp32(bad):
 
 
 @pytest.mark.skipif("avx2_vnni" not in ISAS, reason="the CPU lacks AVX-VNNI (vpdpbusd on ymm)")
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("sym", [True, False])
 def test_avx_vnni_kernels_are_bit_equal_to_the_avx2_ones(bits, sym):
     """The avx2_vnni table's integer GEMVs and INT8 GEMM (vpdpbusd) sum the same exact integers as AVX2's
