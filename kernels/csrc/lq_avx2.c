@@ -491,14 +491,14 @@ INLINE void gemv_x3_k(const lq_layout *L, int64_t t, const uint8_t *xi, const in
     const __m256i ones = _mm256_set1_epi16(1), c256 = _mm256_set1_epi16(256);
     __m256 tot[4];
     for (int r = 0; r < 4; r++) tot[r] = _mm256_setzero_ps();
-    lq_gcur gc = lq_gcur_at(L, 0);
-    float s[4];
-    int32_t nz[4] = {-L->zc, -L->zc, -L->zc, -L->zc};
-    group_s_nz4(L, t, gc.g, s, nz);
+    lq_igroups G;
+    igroups_start(&G, L, t);
+    const float *s = G.s;
+    const int32_t *nz = G.nz;
     const int64_t nsb = lq_nsb(L);
     const uint8_t *q = lq_tile(L, t);
     for (int64_t sb = 0; sb < nsb; sb++, q += 4 * rowb, xi += LQ_XI_SB_BYTES(3)) {
-        if (lq_gcur_step(&gc, sb * LQ_SB)) group_s_nz4(L, t, gc.g, s, nz);
+        igroups_at(&G, L, t, sb);
         for (int r = 0; r < 4 * PB / 4; r++) {
             _mm_prefetch((const char *)q + LQ_PF_DIST + 64 * r, _MM_HINT_T0);
             _mm_prefetch((const char *)q + LQ_PF2_DIST + 64 * r, _MM_HINT_T1);
@@ -529,7 +529,7 @@ INLINE void gemv_x3_k(const lq_layout *L, int64_t t, const uint8_t *xi, const in
             tot[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(T), _mm256_mul_ps(ex, _mm256_set1_ps(s[r])), tot[r]);
         }
     }
-    for (int r = 0; r < 4; r++) out[0][r] = hsum8(tot[r]) + (lq_tail(L) ? tail_dot(L, t, r, gc, xr) : 0.f);
+    for (int r = 0; r < 4; r++) out[0][r] = hsum8(tot[r]) + (lq_tail(L) ? tail_dot(L, t, r, G.gc, xr) : 0.f);
 }
 #undef X3_LIMB
 #undef X3_DOT
@@ -543,14 +543,14 @@ static void gemv_x8_avx2(const lq_layout *L, int64_t t, const uint8_t *xi, const
     const __m256 c256 = _mm256_set1_ps(256.f);
     __m256 tot[4];
     for (int r = 0; r < 4; r++) tot[r] = _mm256_setzero_ps();
-    lq_gcur gc = lq_gcur_at(L, 0);
-    float s[4];
-    int32_t nz[4] = {-L->zc, -L->zc, -L->zc, -L->zc};
-    group_s_nz4(L, t, gc.g, s, nz);
+    lq_igroups G;
+    igroups_start(&G, L, t);
+    const float *s = G.s;
+    const int32_t *nz = G.nz;
     const int64_t nsb = lq_nsb(L);
     const uint8_t *q = lq_tile(L, t);
     for (int64_t sb = 0; sb < nsb; sb++, q += 4 * LQ_SB, xi += LQ_XI8_SB_BYTES) {
-        if (lq_gcur_step(&gc, sb * LQ_SB)) group_s_nz4(L, t, gc.g, s, nz);
+        igroups_at(&G, L, t, sb);
         for (int j = 0; j < 8; j++) {
             _mm_prefetch((const char *)q + LQ_PF_DIST + 64 * j, _MM_HINT_T0);
             _mm_prefetch((const char *)q + LQ_PF2_DIST + 64 * j, _MM_HINT_T1);
@@ -595,7 +595,7 @@ static void gemv_x8_avx2(const lq_layout *L, int64_t t, const uint8_t *xi, const
             tot[r] = _mm256_fmadd_ps(f, _mm256_mul_ps(ex, _mm256_set1_ps(s[r])), tot[r]);
         }
     }
-    for (int r = 0; r < 4; r++) out[0][r] = hsum8(tot[r]) + (lq_tail(L) ? tail_dot(L, t, r, gc, xr) : 0.f);
+    for (int r = 0; r < 4; r++) out[0][r] = hsum8(tot[r]) + (lq_tail(L) ? tail_dot(L, t, r, G.gc, xr) : 0.f);
 }
 
 #ifndef LQ_AVX2_VNNI /* defined once, by the plain AVX2 build of this file */
@@ -613,14 +613,14 @@ INLINE void gemv_a8_k(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t 
     __m256 tot[2][4];
     for (int i = 0; i < MM; i++)
         for (int r = 0; r < 4; r++) tot[i][r] = _mm256_setzero_ps();
-    lq_gcur gc = lq_gcur_at(L, 0);
-    float s[4];
-    int32_t nz[4] = {-L->zc, -L->zc, -L->zc, -L->zc};
-    group_s_nz4(L, t, gc.g, s, nz);
+    lq_igroups G;
+    igroups_start(&G, L, t);
+    const float *s = G.s;
+    const int32_t *nz = G.nz;
     const int64_t nsb = lq_nsb(L);
     const uint8_t *q = lq_tile(L, t);
     for (int64_t sb = 0; sb < nsb; sb++, q += 4 * rowb, xi += LQ_XI_SB_BYTES(1)) {
-        if (lq_gcur_step(&gc, sb * LQ_SB)) group_s_nz4(L, t, gc.g, s, nz);
+        igroups_at(&G, L, t, sb);
         for (int r = 0; r < 4 * PB / 4; r++) {
             _mm_prefetch((const char *)q + LQ_PF_DIST + 64 * r, _MM_HINT_T0);
             _mm_prefetch((const char *)q + LQ_PF2_DIST + 64 * r, _MM_HINT_T1);
@@ -657,7 +657,7 @@ INLINE void gemv_a8_k(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t 
         }
     }
     for (int i = 0; i < MM; i++)
-        for (int r = 0; r < 4; r++) out[i][r] = hsum8(tot[i][r]) + (lq_tail(L) ? tail_dot(L, t, r, gc, xr + i * ldx) : 0.f);
+        for (int r = 0; r < 4; r++) out[i][r] = hsum8(tot[i][r]) + (lq_tail(L) ? tail_dot(L, t, r, G.gc, xr + i * ldx) : 0.f);
 }
 
 /* --- the outer-product GEMM of dynamic INT8 activations (lq_cpu.h: pack_i8, micro_op_i8) ---------- */

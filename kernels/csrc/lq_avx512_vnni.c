@@ -137,14 +137,14 @@ INLINE void gemv_i8_k(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t 
     __m512 tot[4][4], acc[4][4];
     for (int i = 0; i < 4; i++)
         for (int r = 0; r < 4; r++) tot[i][r] = acc[i][r] = _mm512_setzero_ps();
-    lq_gcur gc = lq_gcur_at(L, 0);
-    float s[4];
-    int32_t nz[4] = {-L->zc, -L->zc, -L->zc, -L->zc};
-    group_s_nz4(L, t, gc.g, s, nz);
+    lq_igroups G;
+    igroups_start(&G, L, t);
+    const float *s = G.s;
+    const int32_t *nz = G.nz;
     const int64_t nsb = lq_nsb(L);
     const uint8_t *q = lq_tile(L, t);
     for (int64_t sb = 0; sb < nsb; sb++, q += 4 * rowb, xi += LQ_XI_SB_BYTES(NL)) {
-        if (lq_gcur_step(&gc, sb * LQ_SB)) group_s_nz4(L, t, gc.g, s, nz);
+        igroups_at(&G, L, t, sb);
         prefetch_superblock(q);
         /* the zero-point term -z sum m: for a symmetric layer once per row of x, else per row of W */
         __m512i zsym[4];
@@ -175,8 +175,8 @@ INLINE void gemv_i8_k(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t 
     }
     if (lq_tail(L)) { /* the tail, in fp32 as lq_avx512.c does it */
         __m512 tab[4];
-        tables16(L, t, gc.g, tab);
-        gemv4_tail_f32(L, t, xr, ldx, MM, &gc, tab, acc);
+        tables16(L, t, G.gc.g, tab);
+        gemv4_tail_f32(L, t, xr, ldx, MM, &G.gc, tab, acc);
     }
     for (int i = 0; i < MM; i++) {
         for (int r = 0; r < 4; r++) tot[i][r] = _mm512_add_ps(tot[i][r], acc[i][r]);
@@ -190,14 +190,14 @@ void lq_gemv_x8_avx512(const lq_layout *L, int64_t t, const uint8_t *xi, const f
     const __m512 c256 = _mm512_set1_ps(256.f);
     __m512 tot[4];
     for (int r = 0; r < 4; r++) tot[r] = _mm512_setzero_ps();
-    lq_gcur gc = lq_gcur_at(L, 0);
-    float s[4];
-    int32_t nz[4] = {-L->zc, -L->zc, -L->zc, -L->zc};
-    group_s_nz4(L, t, gc.g, s, nz);
+    lq_igroups G;
+    igroups_start(&G, L, t);
+    const float *s = G.s;
+    const int32_t *nz = G.nz;
     const int64_t nsb = lq_nsb(L);
     const uint8_t *q = lq_tile(L, t);
     for (int64_t sb = 0; sb < nsb; sb++, q += 4 * LQ_SB, xi += LQ_XI8_SB_BYTES) {
-        if (lq_gcur_step(&gc, sb * LQ_SB)) group_s_nz4(L, t, gc.g, s, nz);
+        igroups_at(&G, L, t, sb);
         prefetch_superblock(q);
         prefetch_superblock(q + 4 * 64);
         __m512i ms[3], zs[3];
@@ -219,7 +219,7 @@ void lq_gemv_x8_avx512(const lq_layout *L, int64_t t, const uint8_t *xi, const f
         }
     }
     for (int r = 0; r < 4; r++)
-        out[0][r] = _mm512_reduce_add_ps(tot[r]) + (lq_tail(L) ? lq_tail_dot_avx2(L, t, r, gc, xr) : 0.f);
+        out[0][r] = _mm512_reduce_add_ps(tot[r]) + (lq_tail(L) ? lq_tail_dot_avx2(L, t, r, G.gc, xr) : 0.f);
 }
 
 void lq_gemv_i8_avx512(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t ldxi, int mm, int nlimbs,

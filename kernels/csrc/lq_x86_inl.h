@@ -24,4 +24,22 @@ INLINE void group_s_nz4(const lq_layout *L, int64_t t, int64_t g, float s[4], in
     }
 }
 
+/* The integer GEMVs' walk over the groups of tile t: the current group's scales s and negated zero
+ * points nz (a symmetric layer's -zc throughout), updated where a superblock starts a new group. */
+typedef struct {
+    lq_gcur gc;
+    float s[4];
+    int32_t nz[4];
+} lq_igroups;
+
+INLINE void igroups_start(lq_igroups *G, const lq_layout *L, int64_t t) {
+    G->gc = lq_gcur_at(L, 0);
+    for (int r = 0; r < 4; r++) G->nz[r] = -L->zc;
+    group_s_nz4(L, t, G->gc.g, G->s, G->nz);
+}
+
+INLINE void igroups_at(lq_igroups *G, const lq_layout *L, int64_t t, int64_t sb) {
+    if (lq_gcur_step(&G->gc, sb * LQ_SB)) group_s_nz4(L, t, G->gc.g, G->s, G->nz);
+}
+
 #endif
