@@ -45,13 +45,18 @@ def machine_info() -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": commit,
         "command": " ".join(["python", prog, *sys.argv[1:]]),
+        # llmquant's own switches in effect (e.g. LLMQUANT_CPU_FP32_GEMV=fma picks another decode kernel)
+        # (LLMQUANT_CPU_ISA is implied by a simulated --isa)
+        "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("LLMQUANT_") and k != SIMULATED_ENV
+                and not (k == "LLMQUANT_CPU_ISA" and os.environ.get(SIMULATED_ENV))},
         "loadavg_at_start": os.getloadavg(),
     }
 
 
 def header(info: dict) -> str:
     sim = f" (simulated: --isa {info['simulated_isa']}, every library capped)" if info["simulated_isa"] else ""
-    return (f"# {info['command']}  ({info['date']}, commit {info['commit']})\n"
+    env = "".join(f" {k}={v}" for k, v in info.get("env", {}).items())
+    return (f"# {'env' + env + ' ' if env else ''}{info['command']}  ({info['date']}, commit {info['commit']})\n"
             f"# {info['cpu']}, {info['cores']} cores, flags {' '.join(info['cpu_flags'])}; llmquant kernels run "
             f"{info['kernels_isa']}{sim}; torch {info['torch']}, {info['threads']} threads, "
             f"load average {info['loadavg_at_start'][0]:.2f}")
