@@ -265,8 +265,8 @@ static void run_part(void *arg, int part, int nparts) {
  * except an 8-bit layer with M <= 4, and so does fp32 x when flags has LQ_FLAG_F32_VIA_BF16 (x is
  * then rounded to bf16 too), up to M = LQ_GEMV_MAX_M_F32 when the kernels have the outer-product fp32
  * GEMM (faster above). Elsewhere bf16 x is widened to fp32 and computed exactly; at M = 1,
- * on VNNI CPUs, exactly enough by integer dot products (lq_avx512_vnni.c; not with
- * LQ_FLAG_F32_NO_INT). */
+ * exactly enough by integer dot products (gemv_i8 for 2- to 4-bit codes, gemv_x8 for 8-bit ones;
+ * lq_avx512_vnni.c, lq_avx2.c; not with LQ_FLAG_F32_NO_INT). */
 LQ_API int lq_linear(const lq_weights *w, const void *x, int x_dtype, int64_t M, const float *bias, void *y,
                      int nthreads, int isa, int flags) {
     char msg[256];
