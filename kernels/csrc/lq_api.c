@@ -243,7 +243,7 @@ static void prep_part(void *arg, int part, int nparts) {
     const int64_t nsb = lq_nsb(L), row = lq_xi_row_bytes(L, j->nlimbs);
     for (int64_t m = m0; m < m1 && !atomic_load_explicit(&j->xi_bad, memory_order_relaxed); m++) {
         const float *xr = (const float *)j->xp + m * j->p->ldx;
-        if (!(L->bits == 8 ? lq_prepare_xi8(xr, nsb, j->xi + m * row)
+        if (!(L->bits == 8 ? j->p->kern->prepare_x8(xr, nsb, j->xi + m * row)
                            : j->p->kern->prepare_xi(xr, nsb, j->nlimbs, j->xi + m * row)))
             atomic_store(&j->xi_bad, 1);
     }

@@ -415,6 +415,14 @@ static int prepare_xi_avx2(const float *xr, int64_t nsb, int nlimbs, uint8_t *xi
 
 /* scale and -zero of rows 4t..4t+3 in group g */
 
+/* the 8 cache lines of an 8-bit superblock's 4 rows, ahead into L1 and further into L2 */
+INLINE void prefetch_8bit_superblock(const uint8_t *q) {
+    for (int j = 0; j < 8; j++) {
+        _mm_prefetch((const char *)q + LQ_PF_DIST + 64 * j, _MM_HINT_T0);
+        _mm_prefetch((const char *)q + LQ_PF2_DIST + 64 * j, _MM_HINT_T1);
+    }
+}
+
 /* the fp32 GEMV over the tail columns (Kp % 128) of rows r of tile t, from group cursor gc on */
 INLINE float tail_dot(const lq_layout *L, int64_t t, int r, lq_gcur gc, const float *xr) {
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), vs, vnzs, w[4];
@@ -535,68 +543,67 @@ INLINE void gemv_x3_k(const lq_layout *L, int64_t t, const uint8_t *xi, const in
 #undef X3_DOT
 
 /* fp32 decode of an 8-bit layout on integer dot products (lq_cpu.h: LQ_XI8_SB_BYTES): per row and
- * superblock, three limb sums T_p = sum q l_p - z sum l_p in int32, combined in fp32. With VNNI each
- * limb takes 4 vpdpbusd; without it a code's two nibbles go through vpmaddubsw apart (a whole code
- * times a limb byte would overflow its int16 pair sums): 8 per limb, the high nibbles' sums weighted
- * by 16 in the vpmaddwd that widens them. */
+ * superblock, limb sums T_p = sum q l_p - z sum l_p in int32, combined in fp32. With AVX-VNNI, x in
+ * three int8 limbs (lq_prepare_xi8) on vpdpbusd, 4 per limb. Without it, whose vpmaddubsw cannot take a
+ * whole code (its int16 pair sums would overflow), x in two int16 limbs (lq_prepare_xw8) against the
+ * codes widened to 16 bits on vpmaddwd, 8 per limb (|T_0| <= 2 x 16 x 255 x 2^15 < 2^31); a code's
+ * two nibbles on vpmaddubsw apart took 24 multiplies and ran no faster than the FMA GEMV on one core. */
+#ifdef LQ_AVX2_VNNI
+#define X8_LIMBS 3
+#define X8_RADIX 256.f
+#define PREPARE_X8 lq_prepare_xi8
+#else
+#define X8_LIMBS 2
+#define X8_RADIX 65536.f
+#define PREPARE_X8 lq_prepare_xw8
+#endif
 static void gemv_x8_avx2(const lq_layout *L, int64_t t, const uint8_t *xi, const float *xr, float out[4][4]) {
-    const __m256 c256 = _mm256_set1_ps(256.f);
     __m256 tot[4];
     for (int r = 0; r < 4; r++) tot[r] = _mm256_setzero_ps();
     lq_igroups G;
     igroups_start(&G, L, t);
-    const float *s = G.s;
-    const int32_t *nz = G.nz;
     const int64_t nsb = lq_nsb(L);
     const uint8_t *q = lq_tile(L, t);
     for (int64_t sb = 0; sb < nsb; sb++, q += 4 * LQ_SB, xi += LQ_XI8_SB_BYTES) {
         igroups_at(&G, L, t, sb);
-        for (int j = 0; j < 8; j++) {
-            _mm_prefetch((const char *)q + LQ_PF_DIST + 64 * j, _MM_HINT_T0);
-            _mm_prefetch((const char *)q + LQ_PF2_DIST + 64 * j, _MM_HINT_T1);
-        }
-        __m256i ms[3], zs[3];
-        for (int p = 0; p < 3; p++) { /* lanes L and L + 8 together; -zc sum l_p once for a symmetric layer */
+        prefetch_8bit_superblock(q);
+        __m256i ms[X8_LIMBS], zs[X8_LIMBS]; /* lane sums of each limb; -zc times them (symmetric) */
+        for (int p = 0; p < X8_LIMBS; p++) {
+#ifdef LQ_AVX2_VNNI /* lanes L and L + 8 together */
             ms[p] = _mm256_add_epi32(_mm256_load_si256((const __m256i *)(xi + 384 + 64 * p)),
                                      _mm256_load_si256((const __m256i *)(xi + 416 + 64 * p)));
-            zs[p] = _mm256_mullo_epi32(ms[p], _mm256_set1_epi32(nz[0]));
+#else
+            ms[p] = _mm256_load_si256((const __m256i *)(xi + 512 + 32 * p));
+#endif
+            zs[p] = _mm256_mullo_epi32(ms[p], _mm256_set1_epi32(G.nz[0]));
         }
         const __m256 ex = _mm256_load_ps((const float *)(xi + 576));
         for (int r = 0; r < 4; r++) {
-            __m256i c[4];
-            for (int v = 0; v < 4; v++) c[v] = _mm256_loadu_si256((const __m256i *)(q + LQ_SB * r + 32 * v));
-#ifndef LQ_AVX2_VNNI
-            const __m256i nib = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), c16 = _mm256_set1_epi16(16);
-            __m256i lo[4], hi[4];
-            for (int v = 0; v < 4; v++) {
-                lo[v] = _mm256_and_si256(c[v], nib);
-                hi[v] = _mm256_and_si256(_mm256_srli_epi16(c[v], 4), nib);
-            }
-#endif
-            __m256 f = _mm256_setzero_ps();
-            for (int p = 2; p >= 0; p--) {
-                const uint8_t *xb = xi + 128 * p;
-                __m256i T = L->z ? _mm256_mullo_epi32(ms[p], _mm256_set1_epi32(nz[r])) : zs[p];
+            const uint8_t *qr = q + LQ_SB * r;
+            __m256i T[X8_LIMBS];
+            for (int p = 0; p < X8_LIMBS; p++) T[p] = L->z ? _mm256_mullo_epi32(ms[p], _mm256_set1_epi32(G.nz[r])) : zs[p];
 #ifdef LQ_AVX2_VNNI
-                for (int v = 0; v < 4; v++)
-                    T = _mm256_dpbusd_avx_epi32(T, c[v], _mm256_load_si256((const __m256i *)(xb + 32 * v)));
-#else
-                /* |int16 sums| <= 4 x 2 x 15 x 128 */
-                __m256i sl = _mm256_setzero_si256(), sh = sl;
-                for (int v = 0; v < 4; v++) {
-                    const __m256i xv = _mm256_load_si256((const __m256i *)(xb + 32 * v));
-                    sl = _mm256_add_epi16(sl, _mm256_maddubs_epi16(lo[v], xv));
-                    sh = _mm256_add_epi16(sh, _mm256_maddubs_epi16(hi[v], xv));
-                }
-                T = _mm256_add_epi32(T, _mm256_add_epi32(_mm256_madd_epi16(sl, ones), _mm256_madd_epi16(sh, c16)));
-#endif
-                f = p == 2 ? _mm256_cvtepi32_ps(T) : _mm256_fmadd_ps(f, c256, _mm256_cvtepi32_ps(T));
+            for (int v = 0; v < 4; v++) {
+                const __m256i c = _mm256_loadu_si256((const __m256i *)(qr + 32 * v));
+                for (int p = 0; p < 3; p++)
+                    T[p] = _mm256_dpbusd_avx_epi32(T[p], c, _mm256_load_si256((const __m256i *)(xi + 128 * p + 32 * v)));
             }
-            tot[r] = _mm256_fmadd_ps(f, _mm256_mul_ps(ex, _mm256_set1_ps(s[r])), tot[r]);
+#else
+            for (int i = 0; i < 8; i++) {
+                const __m256i c = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(qr + 16 * i)));
+                for (int p = 0; p < 2; p++)
+                    T[p] = _mm256_add_epi32(T[p], _mm256_madd_epi16(c, _mm256_load_si256((const __m256i *)(xi + 256 * p + 32 * i))));
+            }
+#endif
+            __m256 f = _mm256_cvtepi32_ps(T[X8_LIMBS - 1]);
+            for (int p = X8_LIMBS - 2; p >= 0; p--) f = _mm256_fmadd_ps(f, _mm256_set1_ps(X8_RADIX), _mm256_cvtepi32_ps(T[p]));
+            tot[r] = _mm256_fmadd_ps(f, _mm256_mul_ps(ex, _mm256_set1_ps(G.s[r])), tot[r]);
         }
     }
     for (int r = 0; r < 4; r++) out[0][r] = hsum8(tot[r]) + (lq_tail(L) ? tail_dot(L, t, r, G.gc, xr) : 0.f);
 }
+#undef X8_LIMBS
+#undef X8_RADIX
 
 #ifndef LQ_AVX2_VNNI /* defined once, by the plain AVX2 build of this file */
 float lq_tail_dot_avx2(const lq_layout *L, int64_t t, int r, lq_gcur gc, const float *xr) {
@@ -831,7 +838,7 @@ const lq_kernels lq_kernels_avx2 = {
 #endif
     gemv_tile_avx2, dequant_f32_avx2, NULL, micro_f32_avx2, NULL, NULL, prepare_xi_avx2, gemv_i8_avx2, 2, 0,
     lq_expand_tile_avx2, 1, lq_dequant_panel_f32_avx2, micro_op_f32_avx2, pack_i8_avx2, micro_op_i8_avx2, 1,
-    gemv_x8_avx2,
+    gemv_x8_avx2, PREPARE_X8,
 };
 
 #endif /* LQ_X86 */

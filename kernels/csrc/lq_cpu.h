@@ -223,8 +223,10 @@ typedef struct {
     int op_np;
     /* fp32 decode (M = 1) of 8-bit layouts whose groups change at superblock boundaries, on integer dot
      * products (NULL: the FMA GEMV; needs VNNI where i8_needs_vnni): out[0][r] = x . W[4t + r] for one
-     * row of x prepared by lq_prepare_xi8 (xi) and in xr order (xr: the tail columns, done in fp32) */
+     * row of x prepared by prepare_x8 (xi: lq_prepare_xi8 or lq_prepare_xw8, LQ_XI8_SB_BYTES a
+     * superblock) and in xr order (xr: the tail columns, done in fp32) */
     void (*gemv_x8)(const lq_layout *L, int64_t t, const uint8_t *xi, const float *xr, float out[4][4]);
+    int (*prepare_x8)(const float *xr, int64_t nsb, uint8_t *xi);
 } lq_kernels;
 
 /* A row of x prepared for the integer GEMV, one block of LQ_XI_SB_BYTES(n) bytes per superblock.
@@ -260,6 +262,13 @@ typedef struct {
  * fp32 exactly and they are combined there, (T_2 2^8 + T_1) 2^8 + T_0 (two roundings). */
 #define LQ_XI8_SB_BYTES 640
 int lq_prepare_xi8(const float *xr, int64_t nsb, uint8_t *xi); /* lq_scalar.c; 0 when some x is not finite */
+/* The same for AVX2 without VNNI, whose vpmaddubsw cannot take a whole 8-bit code (its int16 pair sums
+ * would overflow): x as two int16 limbs for vpmaddwd against the codes widened to 16 bits. Int32 lane L
+ * of vpmaddwd over 16 codes at 16 i takes xr positions 16 i + 2 L + j (j = 0, 1; L = 0..7); its 16
+ * positions (i = 0..7) share one scale 2^(e - 21), and m = round(x 2^(21 - e)) = l0 + 2^16 l1 (l0 in
+ * [-2^15, 2^15), |l1| <= 64). Limb p: 128 int16 at 256 p (element b: limb p of xr[b]); 8 int32 lane
+ * sums of each limb at 512 + 32 p; 8 fp32 lane scales at 576. */
+int lq_prepare_xw8(const float *xr, int64_t nsb, uint8_t *xi); /* lq_scalar.c */
 /* bytes of one prepared row of x for layout L: gemv_x8's for an 8-bit layout, else gemv_i8's */
 static inline int64_t lq_xi_row_bytes(const lq_layout *L, int nlimbs) {
     return lq_nsb(L) * (L->bits == 8 ? LQ_XI8_SB_BYTES : LQ_XI_SB_BYTES(nlimbs));

@@ -171,6 +171,17 @@ static void xi_place(int i, int *lane, int *hi, int *byte) {
     *byte = rowbyte;
 }
 
+/* the exponent of a prepared lane (lq_cpu.h): floor(log2 amax), at least -100; 0 when amax is 0 */
+static int xi_exponent(float amax) {
+    int ex = 0;
+    if (amax > 0.f) {
+        frexpf(amax, &ex); /* amax = f 2^ex with f in [0.5, 1): floor(log2 amax) = ex - 1 */
+        ex -= 1;
+        if (ex < -100) ex = -100;
+    }
+    return ex;
+}
+
 int lq_prepare_xi_scalar(const float *xr, int64_t nsb, int nlimbs, uint8_t *xi) {
     const int S = nlimbs == 3 ? 21 : 6;
     for (int64_t sb = 0; sb < nsb; sb++, xr += LQ_SB, xi += LQ_XI_SB_BYTES(nlimbs)) {
@@ -184,15 +195,7 @@ int lq_prepare_xi_scalar(const float *xr, int64_t nsb, int nlimbs, uint8_t *xi) 
         for (int l = 0; l < 8; l++) /* lanes l and l + 8 share their scale (lq_cpu.h) */
             amax[l] = amax[l + 8] = fmaxf(amax[l], amax[l + 8]);
         int e[16];
-        for (int l = 0; l < 16; l++) {
-            int ex = 0;
-            if (amax[l] > 0.f) {
-                frexpf(amax[l], &ex);
-                ex -= 1; /* amax = f 2^ex with f in [0.5, 1): floor(log2 amax) = ex - 1 */
-                if (ex < -100) ex = -100;
-            }
-            e[l] = ex;
-        }
+        for (int l = 0; l < 16; l++) e[l] = xi_exponent(amax[l]);
         int32_t msum[16] = {0};
         for (int i = 0; i < LQ_SB; i++) {
             int lane, hi, byte;
@@ -269,15 +272,7 @@ int lq_prepare_xi8(const float *xr, int64_t nsb, uint8_t *xi) {
             if (fabsf(xr[b]) > amax[g]) amax[g] = fabsf(xr[b]);
         }
         int e[8];
-        for (int g = 0; g < 8; g++) {
-            int ex = 0;
-            if (amax[g] > 0.f) {
-                frexpf(amax[g], &ex);
-                ex -= 1; /* floor(log2 amax) */
-                if (ex < -100) ex = -100;
-            }
-            e[g] = ex;
-        }
+        for (int g = 0; g < 8; g++) e[g] = xi_exponent(amax[g]);
         int32_t msum[3][16] = {{0}};
         for (int b = 0; b < LQ_SB; b++) {
             const int32_t m = (int32_t)rintf(ldexpf(xr[b], 21 - e[(b % 32) / 4])); /* |m| <= 2^22 */
@@ -291,6 +286,36 @@ int lq_prepare_xi8(const float *xr, int64_t nsb, uint8_t *xi) {
         memcpy(xi + 384, msum, sizeof msum);
         float scale[16];
         for (int l = 0; l < 16; l++) scale[l] = ldexpf(1.f, e[l % 8] - 21);
+        memcpy(xi + 576, scale, sizeof scale);
+    }
+    return 1;
+}
+
+int lq_prepare_xw8(const float *xr, int64_t nsb, uint8_t *xi) {
+    for (int64_t sb = 0; sb < nsb; sb++, xr += LQ_SB, xi += LQ_XI8_SB_BYTES) {
+        float amax[8] = {0};
+        for (int b = 0; b < LQ_SB; b++) {
+            if (!isfinite(xr[b])) return 0;
+            const int l = (b % 16) / 2;
+            if (fabsf(xr[b]) > amax[l]) amax[l] = fabsf(xr[b]);
+        }
+        int e[8];
+        for (int l = 0; l < 8; l++) e[l] = xi_exponent(amax[l]);
+        int16_t limb[2][LQ_SB];
+        int32_t msum[2][8] = {{0}};
+        for (int b = 0; b < LQ_SB; b++) {
+            const int l = (b % 16) / 2;
+            const int32_t m = (int32_t)rintf(ldexpf(xr[b], 21 - e[l])); /* |m| <= 2^22 */
+            const int32_t m1 = (m + 32768) >> 16;
+            limb[0][b] = (int16_t)(m - 65536 * m1);
+            limb[1][b] = (int16_t)m1;
+            msum[0][l] += limb[0][b];
+            msum[1][l] += m1;
+        }
+        memcpy(xi, limb, sizeof limb);
+        memcpy(xi + 512, msum, sizeof msum);
+        float scale[8];
+        for (int l = 0; l < 8; l++) scale[l] = ldexpf(1.f, e[l] - 21);
         memcpy(xi + 576, scale, sizeof scale);
     }
     return 1;
@@ -338,5 +363,5 @@ static void gemv_i8_scalar(const lq_layout *L, int64_t t, const uint8_t *xi, int
 const lq_kernels lq_kernels_scalar = {
     "scalar", gemv_tile_scalar, dequant_f32_scalar, dequant_bf16_scalar, micro_f32_scalar, NULL, NULL,
     lq_prepare_xi_scalar, gemv_i8_scalar, 4, 0, lq_expand_tile_scalar, 0, NULL, NULL, NULL, NULL, 0,
-    gemv_x8_scalar,
+    gemv_x8_scalar, lq_prepare_xi8,
 };
