@@ -14,8 +14,10 @@ Measured on gemma3-270m INT4 g128 (WikiText-2, 4096 tokens, emulated): perplexit
 weight-only INT4; one scale per 8 columns gave +0.23% (but AVX2 then converts twice as often), one
 per row of x +5.3%, one per 128 columns +0.86%.
 
-The kernel's fp32 path at M = 1 uses lanes of 8 with 22 bits instead of 7 (three int8 limbs):
-:func:`quantize_x` with ``bits=22`` is that representation, within fp32 rounding of x itself.
+The kernel's fp32 path at M = 1 uses the same lanes with 22 bits instead of 7 (three int8 limbs):
+:func:`quantize_x` with ``bits=22`` is that representation, within fp32 rounding of x itself. 8-bit
+layers are not covered: their decode carries x in limbs of their own byte order, and with the option
+on they run their fp32 paths.
 """
 from __future__ import annotations
 
@@ -44,8 +46,8 @@ def quantize_x(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
     if nsb == 0:
         return out
     body = out[..., : nsb * SB].reshape(*x.shape[:-1], nsb, 4, 2, 8, 2)  # [.., sb, c, lane // 8, lane % 8, j]
-    # one scale per lane of 8 columns; INT8 shares it between lanes l and l + 8
-    amax = body.abs().amax(dim=(-4, -3, -1) if bits == 8 else (-4, -1), keepdim=True)
+    # one scale per lane of 8 columns, shared between lanes l and l + 8
+    amax = body.abs().amax(dim=(-4, -3, -1), keepdim=True)
     _, ex = torch.frexp(amax)  # amax = f 2^ex, f in [0.5, 1)
     e = torch.where(amax > 0, (ex - 1).clamp_min(-100), torch.zeros_like(ex))
     m = torch.round(torch.ldexp(body, shift - e))
