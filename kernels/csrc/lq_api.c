@@ -303,7 +303,7 @@ LQ_API int lq_linear(const lq_weights *w, const void *x, int x_dtype, int64_t M,
     const int int_path = p.L.bits == 4 && i8_groups && p.kern->gemv_i8 &&
                          (a8 || (M == 1 && !(flags & LQ_FLAG_F32_NO_INT)));
     /* 8-bit layouts: the fp32 decode alone (dynamic INT8 activations cover 2- to 4-bit codes) */
-    const int x8_path = p.L.bits == 8 && i8_groups && p.kern->gemv_x8 && M == 1 && !a8 &&
+    const int x8_path = p.L.bits == 8 && i8_groups && p.kern->gemv_x8 && p.kern->prepare_x8 && M == 1 && !a8 &&
                         !(flags & LQ_FLAG_F32_NO_INT);
     if (int_path || x8_path) p.mode = LQ_F32;
     p.bias = bias;

@@ -171,6 +171,11 @@ static void xi_place(int i, int *lane, int *hi, int *byte) {
     *byte = rowbyte;
 }
 
+/* round(v) to nearest even for |v| <= 2^22, without a libm call: adding and taking away 1.5 * 2^23
+ * leaves v rounded to an integer (fp32 has 23 fraction bits). The 8-bit prepares (below) run on every
+ * x86 table, so this is their speed. */
+static inline int32_t round_small(float v) { return (int32_t)((v + 12582912.f) - 12582912.f); }
+
 /* the exponent of a prepared lane (lq_cpu.h): floor(log2 amax), at least -100; 0 when amax is 0 */
 static int xi_exponent(float amax) {
     int ex = 0;
@@ -272,10 +277,14 @@ int lq_prepare_xi8(const float *xr, int64_t nsb, uint8_t *xi) {
             if (fabsf(xr[b]) > amax[g]) amax[g] = fabsf(xr[b]);
         }
         int e[8];
-        for (int g = 0; g < 8; g++) e[g] = xi_exponent(amax[g]);
+        float up[8]; /* 2^(21 - e): a product with it is exact (|x up| <= 2^22; tiny ones round to 0) */
+        for (int g = 0; g < 8; g++) {
+            e[g] = xi_exponent(amax[g]);
+            up[g] = ldexpf(1.f, 21 - e[g]);
+        }
         int32_t msum[3][16] = {{0}};
         for (int b = 0; b < LQ_SB; b++) {
-            const int32_t m = (int32_t)rintf(ldexpf(xr[b], 21 - e[(b % 32) / 4])); /* |m| <= 2^22 */
+            const int32_t m = round_small(xr[b] * up[(b % 32) / 4]); /* |m| <= 2^22 */
             const int32_t m1 = (m + 128) >> 8, m2 = (m1 + 128) >> 8;
             const int32_t limb[3] = {m - 256 * m1, m1 - 256 * m2, m2}; /* balanced: m = l0 + 2^8 l1 + 2^16 l2 */
             for (int p = 0; p < 3; p++) {
@@ -300,12 +309,16 @@ int lq_prepare_xw8(const float *xr, int64_t nsb, uint8_t *xi) {
             if (fabsf(xr[b]) > amax[l]) amax[l] = fabsf(xr[b]);
         }
         int e[8];
-        for (int l = 0; l < 8; l++) e[l] = xi_exponent(amax[l]);
+        float up[8];
+        for (int l = 0; l < 8; l++) {
+            e[l] = xi_exponent(amax[l]);
+            up[l] = ldexpf(1.f, 21 - e[l]);
+        }
         int16_t limb[2][LQ_SB];
         int32_t msum[2][8] = {{0}};
         for (int b = 0; b < LQ_SB; b++) {
             const int l = (b % 16) / 2;
-            const int32_t m = (int32_t)rintf(ldexpf(xr[b], 21 - e[l])); /* |m| <= 2^22 */
+            const int32_t m = round_small(xr[b] * up[l]); /* |m| <= 2^22 */
             const int32_t m1 = (m + 32768) >> 16;
             limb[0][b] = (int16_t)(m - 65536 * m1);
             limb[1][b] = (int16_t)m1;
