@@ -98,6 +98,52 @@ int lq_prepare_xi_avx512(const float *xr, int64_t nsb, int nlimbs, uint8_t *xi) 
     return 1;
 }
 
+/* lq_prepare_xi8 (lq_cpu.h) in AVX-512: the same bytes. Vector c of xr (16 values, positions 16 c + i)
+ * has lane group 4 (c % 2) + i / 4, so each group's max is one 128-bit lane of the max over even or
+ * over odd vectors; the limb lane sums come from vpdpbusd against ones. */
+int lq_prepare_xi8_avx512(const float *xr, int64_t nsb, uint8_t *xi) {
+    const __m512i c128 = _mm512_set1_epi32(128), ones = _mm512_set1_epi8(1);
+    const __m512 S = _mm512_set1_ps(21.f);
+    const __m512i ex_idx = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
+    for (int64_t sb = 0; sb < nsb; sb++, xr += LQ_SB, xi += LQ_XI8_SB_BYTES) {
+        __m512 v[8], a[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+        __mmask16 bad = 0;
+        for (int c = 0; c < 8; c++) {
+            v[c] = _mm512_loadu_ps(xr + 16 * c);
+            const __m512i ex = _mm512_set1_epi32(0x7F800000);
+            bad |= _mm512_cmpeq_epi32_mask(_mm512_and_si512(_mm512_castps_si512(v[c]), ex), ex);
+            a[c & 1] = _mm512_max_ps(a[c & 1], _mm512_abs_ps(v[c]));
+        }
+        if (bad) return 0;
+        __m512 e[2];
+        for (int h = 0; h < 2; h++) { /* the max over each 128-bit lane, then its exponent (as lq_cpu.h) */
+            a[h] = _mm512_max_ps(a[h], _mm512_permute_ps(a[h], 0xB1));
+            a[h] = _mm512_max_ps(a[h], _mm512_permute_ps(a[h], 0x4E));
+            const __mmask16 zero = _mm512_cmp_ps_mask(a[h], _mm512_setzero_ps(), _CMP_EQ_OQ);
+            e[h] = _mm512_max_ps(_mm512_getexp_ps(a[h]), _mm512_set1_ps(-100.f));
+            e[h] = _mm512_mask_blend_ps(zero, e[h], _mm512_setzero_ps());
+        }
+        __m512i l[3][8];
+        for (int c = 0; c < 8; c++) {
+            const __m512i m = _mm512_cvtps_epi32(_mm512_scalef_ps(v[c], _mm512_sub_ps(S, e[c & 1])));
+            const __m512i m1 = _mm512_srai_epi32(_mm512_add_epi32(m, c128), 8);
+            l[0][c] = m; /* only the low bytes are stored: m mod 256 is the balanced limb 0 */
+            l[1][c] = m1;
+            l[2][c] = _mm512_srai_epi32(_mm512_add_epi32(m1, c128), 8);
+        }
+        for (int p = 0; p < 3; p++) {
+            for (int c = 0; c < 8; c++) _mm_store_si128((__m128i *)(xi + 128 * p + 16 * c), _mm512_cvtepi32_epi8(l[p][c]));
+            const __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones,
+                                                                       _mm512_load_si512(xi + 128 * p)),
+                                                  ones, _mm512_load_si512(xi + 128 * p + 64));
+            _mm512_store_si512(xi + 384 + 64 * p, s);
+        }
+        const __m512 eg = _mm512_permutex2var_ps(e[0], ex_idx, e[1]); /* lane L: group L % 8 */
+        _mm512_store_ps(xi + 576, _mm512_scalef_ps(_mm512_set1_ps(1.f), _mm512_sub_ps(eg, S)));
+    }
+    return 1;
+}
+
 /* The code bytes of one row of a superblock (p: its first byte) at PB bits a code, as vpdpbusd takes
  * them: lo = nibbles 0 and 2 of each word, hi = nibbles 1 and 3 (as lq_avx2.c's row_codes: byte
  * positions 0..63). A 2- or 3-bit row's 32 bytes of bit pairs, put in both halves, need one variable

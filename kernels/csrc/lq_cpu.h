@@ -305,6 +305,7 @@ void lq_micro_op_f32_avx512(const float *A, int64_t lda, const float *P, int64_t
 void lq_gemv_i8_avx512(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t ldxi, int mm, int nlimbs,
                        const float *xr, int64_t ldx, float out[4][4]);
 void lq_gemv_x8_avx512(const lq_layout *L, int64_t t, const uint8_t *xi, const float *xr, float out[4][4]);
+int lq_prepare_xi8_avx512(const float *xr, int64_t nsb, uint8_t *xi);
 /* the fp32 dot product of row r of tile t with xr over the tail columns (Kp % 128), from group cursor gc */
 float lq_tail_dot_avx2(const lq_layout *L, int64_t t, int r, lq_gcur gc, const float *xr);
 #endif
