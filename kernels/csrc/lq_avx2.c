@@ -501,8 +501,6 @@ INLINE void gemv_x3_k(const lq_layout *L, int64_t t, const uint8_t *xi, const in
     for (int r = 0; r < 4; r++) tot[r] = _mm256_setzero_ps();
     lq_igroups G;
     igroups_start(&G, L, t);
-    const float *s = G.s;
-    const int32_t *nz = G.nz;
     const int64_t nsb = lq_nsb(L);
     const uint8_t *q = lq_tile(L, t);
     for (int64_t sb = 0; sb < nsb; sb++, q += 4 * rowb, xi += LQ_XI_SB_BYTES(3)) {
@@ -514,7 +512,7 @@ INLINE void gemv_x3_k(const lq_layout *L, int64_t t, const uint8_t *xi, const in
         /* the zero-point term -z sum m over both halves: for a symmetric layer the same for every row */
         const __m256i msum = _mm256_add_epi32(_mm256_load_si256((const __m256i *)(xi + 384)),
                                               _mm256_load_si256((const __m256i *)(xi + 416)));
-        const __m256i zsym = ASYM ? msum : _mm256_mullo_epi32(msum, _mm256_set1_epi32(nz[0]));
+        const __m256i zsym = ASYM ? msum : _mm256_mullo_epi32(msum, _mm256_set1_epi32(G.nz[0]));
         const __m256 ex = _mm256_load_ps((const float *)(xi + 448)); /* = the other half's */
         for (int r = 0; r < 4; r++) {
             __m256i lo0, hi0, lo1, hi1;
@@ -533,8 +531,8 @@ INLINE void gemv_x3_k(const lq_layout *L, int64_t t, const uint8_t *xi, const in
             T = _mm256_add_epi32(T, _mm256_madd_epi16(X3_LIMB(0), ones));
 #endif
             /* sum (q - z) m = sum q m - z sum m */
-            T = _mm256_add_epi32(T, ASYM ? _mm256_mullo_epi32(zsym, _mm256_set1_epi32(nz[r])) : zsym);
-            tot[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(T), _mm256_mul_ps(ex, _mm256_set1_ps(s[r])), tot[r]);
+            T = _mm256_add_epi32(T, ASYM ? _mm256_mullo_epi32(zsym, _mm256_set1_epi32(G.nz[r])) : zsym);
+            tot[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(T), _mm256_mul_ps(ex, _mm256_set1_ps(G.s[r])), tot[r]);
         }
     }
     for (int r = 0; r < 4; r++) out[0][r] = hsum8(tot[r]) + (lq_tail(L) ? tail_dot(L, t, r, G.gc, xr) : 0.f);
@@ -622,8 +620,6 @@ INLINE void gemv_a8_k(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t 
         for (int r = 0; r < 4; r++) tot[i][r] = _mm256_setzero_ps();
     lq_igroups G;
     igroups_start(&G, L, t);
-    const float *s = G.s;
-    const int32_t *nz = G.nz;
     const int64_t nsb = lq_nsb(L);
     const uint8_t *q = lq_tile(L, t);
     for (int64_t sb = 0; sb < nsb; sb++, q += 4 * rowb, xi += LQ_XI_SB_BYTES(1)) {
@@ -637,7 +633,7 @@ INLINE void gemv_a8_k(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t 
             const uint8_t *xb = xi + i * ldxi;
             const __m256i msum = _mm256_add_epi32(_mm256_load_si256((const __m256i *)(xb + 128)),
                                                   _mm256_load_si256((const __m256i *)(xb + 160)));
-            zt[i] = L->z ? msum : _mm256_mullo_epi32(msum, _mm256_set1_epi32(nz[0]));
+            zt[i] = L->z ? msum : _mm256_mullo_epi32(msum, _mm256_set1_epi32(G.nz[0]));
         }
         for (int r = 0; r < 4; r++) {
             __m256i lo0, hi0, lo1, hi1;
@@ -657,9 +653,9 @@ INLINE void gemv_a8_k(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t 
                 s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(hi1, _mm256_load_si256((const __m256i *)(xb + 96))));
                 __m256i T = _mm256_madd_epi16(s16, ones);
 #endif
-                T = _mm256_add_epi32(T, L->z ? _mm256_mullo_epi32(zt[i], _mm256_set1_epi32(nz[r])) : zt[i]);
+                T = _mm256_add_epi32(T, L->z ? _mm256_mullo_epi32(zt[i], _mm256_set1_epi32(G.nz[r])) : zt[i]);
                 const __m256 ex = _mm256_load_ps((const float *)(xb + 192)); /* = the other half's */
-                tot[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(T), _mm256_mul_ps(ex, _mm256_set1_ps(s[r])), tot[i][r]);
+                tot[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(T), _mm256_mul_ps(ex, _mm256_set1_ps(G.s[r])), tot[i][r]);
             }
         }
     }

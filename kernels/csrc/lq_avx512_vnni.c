@@ -185,8 +185,6 @@ INLINE void gemv_i8_k(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t 
         for (int r = 0; r < 4; r++) tot[i][r] = acc[i][r] = _mm512_setzero_ps();
     lq_igroups G;
     igroups_start(&G, L, t);
-    const float *s = G.s;
-    const int32_t *nz = G.nz;
     const int64_t nsb = lq_nsb(L);
     const uint8_t *q = lq_tile(L, t);
     for (int64_t sb = 0; sb < nsb; sb++, q += 4 * rowb, xi += LQ_XI_SB_BYTES(NL)) {
@@ -196,7 +194,7 @@ INLINE void gemv_i8_k(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t 
         __m512i zsym[4];
         for (int i = 0; i < MM; i++) {
             const __m512i msum = _mm512_load_si512(xi + i * ldxi + 128 * NL);
-            zsym[i] = L->z ? msum : _mm512_mullo_epi32(msum, _mm512_set1_epi32(nz[0]));
+            zsym[i] = L->z ? msum : _mm512_mullo_epi32(msum, _mm512_set1_epi32(G.nz[0]));
         }
         for (int r = 0; r < 4; r++) {
             __m512i lo, hi;
@@ -205,7 +203,7 @@ INLINE void gemv_i8_k(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t 
                 const uint8_t *xb = xi + i * ldxi;
                 const __m512 ex = _mm512_load_ps(xb + 128 * NL + 64);
                 /* sum (q - z) m = sum q m - z sum m, exact in int32 */
-                __m512i T = L->z ? _mm512_mullo_epi32(zsym[i], _mm512_set1_epi32(nz[r])) : zsym[i];
+                __m512i T = L->z ? _mm512_mullo_epi32(zsym[i], _mm512_set1_epi32(G.nz[r])) : zsym[i];
                 if (NL == 3) { /* T + 2^8 (limb 1 + 2^8 limb 2): each limb's sums start from the next one's, shifted */
                     __m512i a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_load_si512(xb + 128));
                     a = _mm512_slli_epi32(_mm512_dpbusd_epi32(a, hi, _mm512_load_si512(xb + 64 * NL + 128)), 8);
@@ -215,7 +213,7 @@ INLINE void gemv_i8_k(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t 
                 }
                 T = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(T, lo, _mm512_load_si512(xb)), hi,
                                         _mm512_load_si512(xb + 64 * NL));
-                tot[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(T), _mm512_mul_ps(ex, _mm512_set1_ps(s[r])), tot[i][r]);
+                tot[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(T), _mm512_mul_ps(ex, _mm512_set1_ps(G.s[r])), tot[i][r]);
             }
         }
     }
@@ -238,8 +236,6 @@ void lq_gemv_x8_avx512(const lq_layout *L, int64_t t, const uint8_t *xi, const f
     for (int r = 0; r < 4; r++) tot[r] = _mm512_setzero_ps();
     lq_igroups G;
     igroups_start(&G, L, t);
-    const float *s = G.s;
-    const int32_t *nz = G.nz;
     const int64_t nsb = lq_nsb(L);
     const uint8_t *q = lq_tile(L, t);
     for (int64_t sb = 0; sb < nsb; sb++, q += 4 * LQ_SB, xi += LQ_XI8_SB_BYTES) {
@@ -249,19 +245,19 @@ void lq_gemv_x8_avx512(const lq_layout *L, int64_t t, const uint8_t *xi, const f
         __m512i ms[3], zs[3];
         for (int p = 0; p < 3; p++) {
             ms[p] = _mm512_load_si512(xi + 384 + 64 * p);
-            zs[p] = _mm512_mullo_epi32(ms[p], _mm512_set1_epi32(nz[0]));
+            zs[p] = _mm512_mullo_epi32(ms[p], _mm512_set1_epi32(G.nz[0]));
         }
         const __m512 ex = _mm512_load_ps(xi + 576);
         for (int r = 0; r < 4; r++) {
             const __m512i c0 = _mm512_loadu_si512(q + LQ_SB * r), c1 = _mm512_loadu_si512(q + LQ_SB * r + 64);
             __m512 f = _mm512_setzero_ps();
             for (int p = 2; p >= 0; p--) {
-                __m512i T = L->z ? _mm512_mullo_epi32(ms[p], _mm512_set1_epi32(nz[r])) : zs[p];
+                __m512i T = L->z ? _mm512_mullo_epi32(ms[p], _mm512_set1_epi32(G.nz[r])) : zs[p];
                 T = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(T, c0, _mm512_load_si512(xi + 128 * p)), c1,
                                         _mm512_load_si512(xi + 128 * p + 64));
                 f = p == 2 ? _mm512_cvtepi32_ps(T) : _mm512_fmadd_ps(f, c256, _mm512_cvtepi32_ps(T));
             }
-            tot[r] = _mm512_fmadd_ps(f, _mm512_mul_ps(ex, _mm512_set1_ps(s[r])), tot[r]);
+            tot[r] = _mm512_fmadd_ps(f, _mm512_mul_ps(ex, _mm512_set1_ps(G.s[r])), tot[r]);
         }
     }
     for (int r = 0; r < 4; r++)

@@ -268,20 +268,28 @@ static void gemv1_i8_scalar(const lq_layout *L, int64_t t, const uint8_t *xi, in
     }
 }
 
+/* The 8-bit prepares' lane scales (lq_cpu.h): value b of a superblock is in group (b % span) / width
+ * (8 groups); e[g] its exponent and up[g] = 2^(21 - e[g]), by which a product is exact (|x up| <= 2^22,
+ * tiny ones round to 0). 0 when some x is not finite. */
+static int x8_group_scales(const float *xr, int span, int width, int e[8], float up[8]) {
+    float amax[8] = {0};
+    for (int b = 0; b < LQ_SB; b++) {
+        if (!isfinite(xr[b])) return 0;
+        const int g = (b % span) / width;
+        if (fabsf(xr[b]) > amax[g]) amax[g] = fabsf(xr[b]);
+    }
+    for (int g = 0; g < 8; g++) {
+        e[g] = xi_exponent(amax[g]);
+        up[g] = ldexpf(1.f, 21 - e[g]);
+    }
+    return 1;
+}
+
 int lq_prepare_xi8(const float *xr, int64_t nsb, uint8_t *xi) {
     for (int64_t sb = 0; sb < nsb; sb++, xr += LQ_SB, xi += LQ_XI8_SB_BYTES) {
-        float amax[8] = {0};
-        for (int b = 0; b < LQ_SB; b++) {
-            if (!isfinite(xr[b])) return 0;
-            const int g = (b % 32) / 4;
-            if (fabsf(xr[b]) > amax[g]) amax[g] = fabsf(xr[b]);
-        }
         int e[8];
-        float up[8]; /* 2^(21 - e): a product with it is exact (|x up| <= 2^22; tiny ones round to 0) */
-        for (int g = 0; g < 8; g++) {
-            e[g] = xi_exponent(amax[g]);
-            up[g] = ldexpf(1.f, 21 - e[g]);
-        }
+        float up[8];
+        if (!x8_group_scales(xr, 32, 4, e, up)) return 0;
         int32_t msum[3][16] = {{0}};
         for (int b = 0; b < LQ_SB; b++) {
             const int32_t m = round_small(xr[b] * up[(b % 32) / 4]); /* |m| <= 2^22 */
@@ -302,18 +310,9 @@ int lq_prepare_xi8(const float *xr, int64_t nsb, uint8_t *xi) {
 
 int lq_prepare_xw8(const float *xr, int64_t nsb, uint8_t *xi) {
     for (int64_t sb = 0; sb < nsb; sb++, xr += LQ_SB, xi += LQ_XI8_SB_BYTES) {
-        float amax[8] = {0};
-        for (int b = 0; b < LQ_SB; b++) {
-            if (!isfinite(xr[b])) return 0;
-            const int l = (b % 16) / 2;
-            if (fabsf(xr[b]) > amax[l]) amax[l] = fabsf(xr[b]);
-        }
         int e[8];
         float up[8];
-        for (int l = 0; l < 8; l++) {
-            e[l] = xi_exponent(amax[l]);
-            up[l] = ldexpf(1.f, 21 - e[l]);
-        }
+        if (!x8_group_scales(xr, 16, 2, e, up)) return 0;
         int16_t limb[2][LQ_SB];
         int32_t msum[2][8] = {{0}};
         for (int b = 0; b < LQ_SB; b++) {
