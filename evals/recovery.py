@@ -37,8 +37,9 @@ def run(args: argparse.Namespace) -> dict:
             train=TrainConfig(steps=args.steps, max_minutes=args.max_minutes, grad_accum=args.grad_accum,
                               optimizer=args.optimizer),
             data=DataConfig(source=args.data, seqlen=args.seqlen, top_k=args.top_k),
-            lr=args.lr, train_norms=args.train_norms, train_codes=args.train_codes, lr_codes=args.lr_codes,
-            blockwise_steps=args.blockwise_steps, blockwise_windows=args.blockwise_windows)
+            lr=args.lr, train_norms=args.train_norms, lr_norms=args.lr_norms, train_codes=args.train_codes,
+            lr_codes=args.lr_codes, blockwise_steps=args.blockwise_steps, blockwise_windows=args.blockwise_windows,
+            blockwise_lr_mult=args.blockwise_lr_mult)
         training = recover(args.checkpoint, str(out_ckpt), args.teacher, config)
     proto = dict(corpus=args.corpus, context=args.context, max_tokens=args.max_tokens)
     rows = []
@@ -77,7 +78,8 @@ def write(result: dict, out: Path, quiet: bool = False) -> None:
     bw = t.get("blockwise")
     if bw:
         trained_bw = (f"block-wise phase first: {bw['steps_per_block']} Adam steps per block on {bw['windows']} windows, "
-                      f"{bw['seconds'] / 60:.1f} min, relative block error summed "
+                      f"learning rates ×{cfg.get('blockwise_lr_mult')}, {bw['seconds'] / 60:.1f} min, "
+                      "relative block error summed "
                       f"{sum(b['rel_error_before'] for b in bw['blocks']):.3g} → "
                       f"{sum(b['rel_error_after'] for b in bw['blocks']):.3g}; then ")
     else:
@@ -93,7 +95,10 @@ def write(result: dict, out: Path, quiet: bool = False) -> None:
            if t.get("resumed_at") else "")
         + f"; this process {t['wall_seconds'] / 60:.1f} min in all (loading, teacher top-k unless cached, "
         f"evaluations and saving included); trained {', '.join(trained)} "
-        f"({t['trained_parameters']} values), lr {cfg.get('lr')}, optimizer {t['optimizer']} "
+        f"({t['trained_parameters']} values), lr {cfg.get('lr')}"
+        + (f" (norms {cfg.get('lr_norms')})" if cfg.get("train_norms") else "")
+        + (f" (codes {cfg.get('lr_codes')})" if cfg.get("train_codes") else "")
+        + f", optimizer {t['optimizer']} "
         f"({(t['optimizer_state_bytes'] or 0) / 2**20:.2f} MiB of state), batch {train.get('batch_size')} × "
         f"{train.get('grad_accum')} windows of {data.get('seqlen')} tokens.",
         f"Teacher: {result['teacher']}; loss: {data.get('alpha')} × T² × KL on the teacher's top-{data.get('top_k')} "
@@ -102,6 +107,9 @@ def write(result: dict, out: Path, quiet: bool = False) -> None:
         f"Held-out loss: {(t.get('heldout_first') or {}).get('loss', float('nan')):.4f} → "
         f"{(t.get('heldout_last') or {}).get('loss', float('nan')):.4f}.",
     ]
+    if bw:
+        lines.append(f"Training time in all (block-wise and end-to-end steps): "
+                     f"{(bw['seconds'] + t['train_seconds_all_steps']) / 60:.1f} min.")
     if t.get("note"):
         lines.append(f"Note: {t['note']}.")
     finish_report(out, stem, lines, lambda path: _plot(result, path), quiet)
@@ -142,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr-codes", type=float, default=1e-5)
     p.add_argument("--blockwise-steps", type=int, default=0)
     p.add_argument("--blockwise-windows", type=int, default=64)
+    p.add_argument("--blockwise-lr-mult", type=float, default=5.0)
+    p.add_argument("--lr-norms", type=float, default=1e-4)
     p.add_argument("--data", default="builtin")
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--top-k", type=int, default=64)

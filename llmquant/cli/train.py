@@ -66,6 +66,8 @@ def add_recover(sub) -> None:
     p.add_argument("--blockwise-steps", type=int, default=0,
                    help="first train each decoder block against the teacher's block outputs, N Adam steps per block")
     p.add_argument("--blockwise-windows", type=int, default=64, help="training windows the block-wise phase uses")
+    p.add_argument("--blockwise-lr-mult", type=float, default=5.0,
+                   help="the block-wise phase's learning rates are the end-to-end ones times this (default 5)")
     _add_training_args(p, steps=100, lr=1e-3)
     p.set_defaults(func=run_recover)
 
@@ -76,7 +78,8 @@ def run_recover(args: argparse.Namespace) -> int:
     train, data = _configs(args)
     config = RecoverConfig(train=train, data=data, lr=args.lr, train_codes=args.train_codes, lr_codes=args.lr_codes,
                            train_norms=args.train_norms, lr_norms=args.lr_norms,
-                           blockwise_steps=args.blockwise_steps, blockwise_windows=args.blockwise_windows)
+                           blockwise_steps=args.blockwise_steps, blockwise_windows=args.blockwise_windows,
+                           blockwise_lr_mult=args.blockwise_lr_mult)
     summary = recover(args.checkpoint, args.out, args.teacher, config, state_dir=args.state_dir,
                       overwrite=args.overwrite)
     _report(summary, args.out, args.json)

@@ -69,6 +69,9 @@ class RecoverConfig:
     #: block-wise reconstruction first (llmquant.distill.blockwise): Adam steps per block, on this many windows
     blockwise_steps: int = 0
     blockwise_windows: int = 64
+    #: the block phase's learning rates are the end-to-end ones times this (its loss, a relative MSE of one
+    #: block's output, gives much smaller gradients than the KL of the logits)
+    blockwise_lr_mult: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -166,15 +169,23 @@ def recover(checkpoint: str, out: str, teacher: str, config: RecoverConfig = Rec
         groups.append({"name": "norms", "params": _norm_params(student), "lr": config.lr_norms})
     block_report = None
     if blockwise:
-        lrs = {id(p): g["lr"] for g in groups for p in g["params"]}
+        lrs = {id(p): g["lr"] * config.blockwise_lr_mult for g in groups for p in g["params"]}
         block_report = blockwise_phase(student, teacher_model, train[: config.blockwise_windows], lrs,
                                        config.blockwise_steps, seed=config.train.seed, progress=progress)
         del teacher_model
         gc.collect()
-    trainer = Trainer(student, groups, train, train_t, config.data.loss(), config.train, state, held, held_t,
+    train_config = config.train
+    if blockwise and train_config.max_minutes is not None:  # the time limit covers both phases
+        left = train_config.max_minutes - block_report["seconds"] / 60
+        if left <= 0:
+            logger.warning("the block-wise phase took %.1f min of the %.1f min allowed; no end-to-end step runs",
+                           block_report["seconds"] / 60, train_config.max_minutes)
+        train_config = dataclasses.replace(train_config, max_minutes=max(left, 1e-6))
+    trainer = Trainer(student, groups, train, train_t, config.data.loss(), train_config, state, held, held_t,
                       progress, identity=_identity(teacher, config.data, checkpoint=str(Path(checkpoint).resolve()),
                                                    train_codes=config.train_codes, train_norms=config.train_norms,
-                                                   blockwise_steps=config.blockwise_steps))
+                                                   blockwise_steps=config.blockwise_steps,
+                                                   blockwise_lr_mult=config.blockwise_lr_mult))
     summary = trainer.run()
     close_after_training(student)
     for p in student.parameters():

@@ -191,6 +191,21 @@ def test_blockwise_phase_lowers_every_block_error(int3_dir, teacher_dir, tmp_pat
         assert 0 < b["rel_error_after"] < b["rel_error_before"], b
 
 
+def test_max_minutes_covers_the_blockwise_phase_too(int3_dir, teacher_dir, tmp_path, text_file):
+    # the block phase alone outlasts the limit: the end-to-end phase gets no time, the output is still written
+    data, train = _small(text_file, steps=5, max_minutes=1e-6)
+    out = tmp_path / "o"
+    summary = recover(str(int3_dir), str(out), str(teacher_dir),
+                      RecoverConfig(train=train, data=data, lr=1e-2, blockwise_steps=2, blockwise_windows=4),
+                      progress=False)
+    assert summary["steps"] == 0 and summary["stopped_by"] == "max_minutes"
+    assert len(summary["blockwise"]["blocks"]) == 2
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 14
+
+
 def test_recover_with_codes_changes_codes_and_keeps_the_format(int3_dir, teacher_dir, tmp_path, text_file):
     data, train = _small(text_file, steps=3)
     out = tmp_path / "rec"
