@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> dict:
             lr=args.lr, train_norms=args.train_norms, lr_norms=args.lr_norms, train_codes=args.train_codes,
             lr_codes=args.lr_codes, blockwise_steps=args.blockwise_steps, blockwise_windows=args.blockwise_windows,
             blockwise_lr_mult=args.blockwise_lr_mult)
-        training = recover(args.checkpoint, str(out_ckpt), args.teacher, config)
+        training = recover(args.checkpoint, str(out_ckpt), args.teacher, config, teacher_cache=args.teacher_cache)
     proto = dict(corpus=args.corpus, context=args.context, max_tokens=args.max_tokens)
     rows = []
     for label, path in (("float", args.teacher), ("quantized", args.checkpoint), ("recovered", str(out_ckpt))):
@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--optimizer", default="adamw8bit")
     p.add_argument("--train-norms", action="store_true")
     p.add_argument("--train-codes", action="store_true")
-    p.add_argument("--lr-codes", type=float, default=1e-5)
+    p.add_argument("--lr-codes", type=float, default=1e-2)
+    p.add_argument("--teacher-cache", help="a file for the teacher's top-k targets that outlives the run")
     p.add_argument("--blockwise-steps", type=int, default=0)
     p.add_argument("--blockwise-windows", type=int, default=64)
     p.add_argument("--blockwise-lr-mult", type=float, default=5.0)

@@ -16,6 +16,8 @@ def _add_training_args(p: argparse.ArgumentParser, steps: int, lr: float) -> Non
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--checkpoint-every", type=int, default=25, help="save the resumable state every N steps")
     t.add_argument("--state-dir", help="resumable state and teacher targets (default OUT.state)")
+    t.add_argument("--teacher-cache", help="keep the teacher's top-k targets in this file, beyond the run, and "
+                   "reuse them when teacher, text, k and T match (several runs against one teacher)")
     d = p.add_argument_group("data and loss")
     d.add_argument("--data", default="builtin",
                    help="training text: a calibration source ('builtin' news, 'pydoc', a file; join with +)")
@@ -60,7 +62,8 @@ def add_recover(sub) -> None:
     p.add_argument("out", help="output checkpoint folder (same format)")
     p.add_argument("--teacher", required=True, help="the float model: built-in name or folder")
     p.add_argument("--train-codes", action="store_true", help="also re-round the codes (straight-through)")
-    p.add_argument("--lr-codes", type=float, default=1e-5)
+    p.add_argument("--lr-codes", type=float, default=1e-2,
+                   help="learning rate of the codes' latent, in quantization steps (default 1e-2)")
     p.add_argument("--train-norms", action="store_true", help="also train the float norm weights")
     p.add_argument("--lr-norms", type=float, default=1e-4)
     p.add_argument("--blockwise-steps", type=int, default=0,
@@ -81,7 +84,7 @@ def run_recover(args: argparse.Namespace) -> int:
                            blockwise_steps=args.blockwise_steps, blockwise_windows=args.blockwise_windows,
                            blockwise_lr_mult=args.blockwise_lr_mult)
     summary = recover(args.checkpoint, args.out, args.teacher, config, state_dir=args.state_dir,
-                      overwrite=args.overwrite)
+                      overwrite=args.overwrite, teacher_cache=args.teacher_cache)
     _report(summary, args.out, args.json)
     return 0
 
@@ -101,6 +104,7 @@ def run_distill(args: argparse.Namespace) -> int:
 
     train, data = _configs(args)
     config = DistillConfig(train=train, data=data, lr=args.lr, train_embeddings=args.train_embeddings)
-    summary = distill(args.teacher, args.student, args.out, config, state_dir=args.state_dir, overwrite=args.overwrite)
+    summary = distill(args.teacher, args.student, args.out, config, state_dir=args.state_dir, overwrite=args.overwrite,
+                      teacher_cache=args.teacher_cache)
     _report(summary, args.out, args.json)
     return 0

@@ -2,8 +2,12 @@
 
 Before the end-to-end phase (as in EfficientQAT's Block-AP): for block i, the student's input is what
 its already-trained blocks 0..i-1 produce, the target is what the teacher's block i produces from the
-teacher's own input, and the loss is the mean squared error divided by the target's mean square (so
-every block's loss reads as a relative error). No output layer runs, so a step costs one block's
+teacher's own input, and the loss is each token's squared error divided by that token's target mean
+square, averaged over the tokens (a relative error per token). Dividing the whole error by the whole
+target's mean square instead lets a few tokens decide everything: in smollm2-135m the first token's
+hidden state grows to thousands of times the others' norm from block 11 on ("massive activations"),
+and a whole-tensor relative error then reads 0.001 while the other tokens' outputs are as wrong as in
+the blocks before. No output layer runs, so a step costs one block's
 forward and backward on a few windows: cheap on two cores. Blocks are run outside the model's forward
 with the arguments the model gives each block (attention masks, rotary embeddings), captured by
 :mod:`llmquant.quantizers.blocks`, the same machinery as sequential GPTQ.
@@ -21,6 +25,16 @@ from llmquant.distill.trainer import TrainConfig, lr_factor
 from llmquant.quantizers.blocks import BlockRunner, capture, find_layer_stack, make_chunks
 
 logger = logging.getLogger(__name__)
+
+
+def relative_error(y: torch.Tensor, target: torch.Tensor, target_ms: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of ``|y - target|^2 / |target|^2`` (``target_ms``: the target's mean square per token)."""
+    return ((y - target).pow(2).mean(-1) / target_ms).mean()
+
+
+def _token_mean_square(y: torch.Tensor) -> torch.Tensor:
+    ms = y.pow(2).mean(-1)
+    return ms.clamp_min(float(ms.mean()) * 1e-6 + torch.finfo(ms.dtype).tiny)  # an all-zero token counts, not divides by 0
 
 
 def blockwise_phase(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, lrs: dict[int, float],
@@ -48,7 +62,7 @@ def blockwise_phase(student: nn.Module, teacher: nn.Module, windows: torch.Tenso
         s_run = BlockRunner(sb, cap_s.calls_of(i), chunks)
         with torch.no_grad():
             y_t = [t_run.run(x, j) for j, x in enumerate(x_t)]
-        scale = [float(y.pow(2).mean()) or 1.0 for y in y_t]
+        scale = [_token_mean_square(y) for y in y_t]
         params = [(p, lrs[id(p)]) for p in sb.parameters() if id(p) in lrs]
         for p in sb.parameters():
             p.requires_grad_(False)
@@ -57,7 +71,7 @@ def blockwise_phase(student: nn.Module, teacher: nn.Module, windows: torch.Tenso
 
         def rel_error() -> float:
             with torch.no_grad():
-                return sum(float((s_run.run(x, j) - y_t[j]).pow(2).mean()) / scale[j]
+                return sum(float(relative_error(s_run.run(x, j), y_t[j], scale[j]))
                            for j, x in enumerate(x_s)) / len(x_s)
 
         before = rel_error()
@@ -66,7 +80,7 @@ def blockwise_phase(student: nn.Module, teacher: nn.Module, windows: torch.Tenso
             for step in range(steps):
                 j = int(torch.randint(len(x_s), (1,), generator=g))
                 opt.zero_grad(set_to_none=True)
-                loss = (s_run.run(x_s[j], j) - y_t[j]).pow(2).mean() / scale[j]
+                loss = relative_error(s_run.run(x_s[j], j), y_t[j], scale[j])
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"block-wise phase: block {i} loss is {float(loss.detach())} at step "
                                              f"{step + 1}; lower the learning rate")

@@ -62,8 +62,8 @@ class RecoverConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=100))
     data: DataConfig = field(default_factory=DataConfig)
     lr: float = 1e-3
-    train_codes: bool = False  # re-round codes through a latent weight (straight-through)
-    lr_codes: float = 1e-5
+    train_codes: bool = False  # re-round codes through a float latent (straight-through)
+    lr_codes: float = 1e-2  # in quantization steps (the latent starts at the codes)
     train_norms: bool = False  # the float norm weights too (stored as they are, format unchanged)
     lr_norms: float = 1e-4
     #: block-wise reconstruction first (llmquant.distill.blockwise): Adam steps per block, on this many windows
@@ -149,17 +149,20 @@ def _identity(teacher: str, data: DataConfig, **more) -> dict:
 
 
 def recover(checkpoint: str, out: str, teacher: str, config: RecoverConfig = RecoverConfig(), *,
-            state_dir: str | None = None, overwrite: bool = False, progress: bool = True) -> dict:
+            state_dir: str | None = None, overwrite: bool = False, progress: bool = True,
+            teacher_cache: str | None = None) -> dict:
     """Train the scales (and optionally codes and norms) of llmquant ``checkpoint`` against ``teacher``
-    (a built-in name or a folder), write an ordinary llmquant checkpoint to ``out``; returns the summary."""
+    (a built-in name or a folder), write an ordinary llmquant checkpoint to ``out``; returns the summary.
+    ``teacher_cache``: as for :func:`distill`."""
     t0 = time.perf_counter()
     check_llmquant_checkpoint(checkpoint)
     _check_output(out, overwrite)
     state = Path(state_dir) if state_dir else Path(str(out).rstrip("/") + ".state")
     student, tok = load_model(checkpoint, dtype=torch.float32)
     blockwise = config.blockwise_steps > 0 and not (state / "state.pt").exists()  # a resumed run did it already
-    train, train_t, held, held_t, teacher_model = _prepare_data(teacher, student, tok, config.data, state, progress,
-                                                                keep_teacher=blockwise)
+    train, train_t, held, held_t, teacher_model = _prepare_data(
+        teacher, student, tok, config.data, state, progress, keep_teacher=blockwise,
+        teacher_cache=Path(teacher_cache) if teacher_cache else None)
     n_layers = open_for_training(student, train_codes=config.train_codes)
     layers = [m for m in student.modules() if isinstance(m, TrainableQuantLinear)]
     groups = [{"name": "scales", "params": [m.log_scale for m in layers], "lr": config.lr}]

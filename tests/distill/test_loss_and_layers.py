@@ -9,6 +9,7 @@ from hypothesis import given, settings, strategies as st
 import llmquant
 from llmquant import LayerQuant, QuantConfig
 from llmquant.distill import KDLoss, TopK, prepare_qat
+from llmquant.distill.blockwise import _token_mean_square, relative_error
 from llmquant.distill.loss import IGNORE, next_token_labels, topk_kl
 from llmquant.distill.trainable import TrainableQuantLinear, close_after_training, open_for_training
 from llmquant.kernels.reference import dequant_matmul_ref
@@ -103,7 +104,10 @@ def test_trained_layer_stores_what_it_computed(train_codes):
     """After training steps, the packed layer (fp16 scales, codes) computes exactly the trained forward."""
     q = _layer(LayerQuant(3, 32, False), perm=True)
     t = TrainableQuantLinear(q, train_codes=train_codes)
-    opt = torch.optim.Adam([p for p in t.parameters() if p.requires_grad], lr=0.05)
+    groups = [{"params": [t.log_scale], "lr": 0.05}]
+    if train_codes:  # the latent is in quantization steps: 5 steps of 0.2 move codes across a rounding boundary
+        groups.append({"params": [t.latent], "lr": 0.2})
+    opt = torch.optim.Adam(groups)
     x, y = torch.randn(16, 72), torch.randn(16, 24)
     for _ in range(5):
         opt.zero_grad()
@@ -161,6 +165,24 @@ def test_qat_refuses_grids_it_cannot_reproduce(tiny_llama):
         prepare_qat(tiny_llama, QuantConfig(method="gptq", bits=4))
     with pytest.raises(ValueError, match="clip_search"):
         prepare_qat(tiny_llama, QuantConfig(method="rtn", bits=4, clip_search=True))
+
+
+def test_block_loss_weighs_every_token_alike():
+    """One token a thousand times larger than the rest (a "massive activation") must not hide the others' error."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(2, 8, 16, generator=g)
+    y[:, 0] *= 1000
+    err = 0.1 * torch.randn(2, 8, 16, generator=g)
+    err[:, 0] = 0  # the large token is exact, every other token is off by about 10%
+    got = relative_error(y + err, y, _token_mean_square(y))
+    want = (err.pow(2).mean(-1) / y.pow(2).mean(-1)).mean()
+    torch.testing.assert_close(got, want)
+    assert 0.005 < float(got) < 0.02  # 7/8 of the tokens at ~1% squared error
+    whole = (err.pow(2).mean() / y.pow(2).mean()).item()
+    assert whole < 1e-6  # what a whole-tensor relative error would have read
+    # an all-zero target token is counted without dividing by zero
+    y[1, 3] = 0
+    assert torch.isfinite(relative_error(y + err, y, _token_mean_square(y)))
 
 
 def test_log1mexp_has_finite_gradients_next_to_zero():

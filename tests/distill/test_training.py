@@ -211,11 +211,25 @@ def test_max_minutes_covers_the_blockwise_phase_too(int3_dir, teacher_dir, tmp_p
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 14
 
 
+def test_recover_reuses_a_teacher_cache_across_runs(int3_dir, teacher_dir, tmp_path, text_file, caplog):
+    data, train = _small(text_file, steps=1)
+    cache = tmp_path / "teacher.safetensors"
+    cfg = RecoverConfig(train=train, data=data, lr=1e-2)
+    recover(str(int3_dir), str(tmp_path / "a"), str(teacher_dir), cfg, progress=False, teacher_cache=str(cache))
+    assert cache.exists()  # outlives the run (the state folder is removed)
+    first = cache.stat().st_mtime_ns
+    with caplog.at_level("INFO", logger="llmquant.distill.teacher"):
+        recover(str(int3_dir), str(tmp_path / "b"), str(teacher_dir), cfg, progress=False, teacher_cache=str(cache))
+    assert "teacher targets read from" in caplog.text and cache.stat().st_mtime_ns == first
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # same targets, same seed: the same result
+
+
 def test_recover_with_codes_changes_codes_and_keeps_the_format(int3_dir, teacher_dir, tmp_path, text_file):
     data, train = _small(text_file, steps=3)
     out = tmp_path / "rec"
     recover(str(int3_dir), str(out), str(teacher_dir), RecoverConfig(train=train, data=data, train_codes=True,
-                                                                     lr_codes=1e-2), progress=False)
+                                                                     lr_codes=0.3), progress=False)
     before, after = load_file(int3_dir / "model.safetensors"), load_file(out / "model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith(".qweight"))
     assert {k: (v.dtype, v.shape) for k, v in before.items()} == {k: (v.dtype, v.shape) for k, v in after.items()}
