@@ -13,6 +13,13 @@ shape [1, seqlen], cut at random positions out of one long token stream. Sources
 * ``"pydoc"``: the English prose of the Python documentation's topic pages, which ships with every
   Python as ``pydoc_data.topics`` (about 0.5 MB); technical text, for machines without the corpus
   above. Its content follows the Python version.
+* ``"wiki"``: 106 English Wikipedia articles (Anarchism to Algorithm, about 2.8 MB of plain text, ~600k
+  tokens) from the dump excerpt in the same gensim wheel's test data (``enwiki-latest-pages-articles1.xml-
+  p000000010p000030302-shortened.bz2``, sha256 checked), markup stripped with ``mwparserfromhell``;
+  citations, tables, image captions and the reference sections are dropped. Encyclopedic prose like
+  the evaluation text but other articles: none of WikiText-2's test articles is among them and the
+  two texts share no 13-word sequence (checked by ``tests/quantizers/test_calibration.py``). Meant as
+  training text for :mod:`llmquant.distill` (about 8 times the news corpus); 10-15 s to read (once per process).
 * a path: a text file (``.jsonl`` files: one JSON object per line, its ``"text"`` field), or a directory
   whose ``*.txt``, ``*.md`` and ``*.jsonl`` files are read in name order.
 * ``"hf:<dataset>[:<config>][:<split>]"``: a Hugging Face dataset's ``"text"`` column (split ``train``
@@ -27,6 +34,7 @@ positions (overlapping) and this is logged.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -45,31 +53,121 @@ _TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
 NEWS_PACKAGE = "gensim"
 NEWS_FILE = "test/test_data/lee_background.cor"
 NEWS_SHA256 = "5d78d6dafd953bbf65797bef09a9ffb9ec430583381be705f8fd460000f370fb"
+#: an excerpt of an English Wikipedia dump in the same wheel's test data, and its sha256
+WIKI_FILE = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+WIKI_SHA256 = "a53f4648dec40467ebdcbc7a1307eddb51fe6e28e9309f6ebde81ba0d04bea2d"
+
+
+def _package_file(package: str, rel: str, sha256: str, what: str, instead: str = "") -> bytes:
+    """The bytes of ``rel`` inside the installed ``package`` (found, not imported), checked against ``sha256``."""
+    import hashlib
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)  # locates the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            f"the built-in {what} comes with the {package!r} package, which is not installed: "
+            "pip install 'llmquant[calibration]' (or use --calibration pydoc, or a text file)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / rel
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"the built-in {what} {path} cannot be read ({e}); reinstall {package}") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256:
+        raise ValueError(
+            f"the built-in {what} {path} has sha256 {digest}, expected {sha256}: a different "
+            f"{package} version? pip install {package}==4.4.0{instead}"
+        )
+    return data
 
 
 def news_documents() -> list[str]:
     """The Lee news corpus (one article per line) from the installed gensim package's files."""
-    import hashlib
-    import importlib.util
-
-    spec = importlib.util.find_spec(NEWS_PACKAGE)  # locates the package without importing it
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError(
-            f"the built-in calibration corpus comes with the {NEWS_PACKAGE!r} package, which is not installed: "
-            "pip install 'llmquant[calibration]' (or use --calibration pydoc, or a text file)"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / NEWS_FILE
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise ValueError(f"the built-in calibration corpus {path} cannot be read ({e}); reinstall {NEWS_PACKAGE}") from None
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != NEWS_SHA256:
-        raise ValueError(
-            f"the built-in calibration corpus {path} has sha256 {digest}, expected {NEWS_SHA256}: a different "
-            f"{NEWS_PACKAGE} version? pip install {NEWS_PACKAGE}==4.4.0, or pass the file explicitly"
-        )
+    data = _package_file(NEWS_PACKAGE, NEWS_FILE, NEWS_SHA256, "calibration corpus", ", or pass the file explicitly")
     return [line for line in data.decode("utf-8").splitlines() if line.strip()]
+
+
+#: sections at the end of an article that are lists of sources and links, not prose
+_WIKI_SKIPPED_SECTIONS = frozenset(
+    {"references", "see also", "external links", "notes", "further reading", "bibliography", "sources",
+     "footnotes", "citations"}
+)
+#: tags whose content is not running text (citations, tables, galleries, formulas)
+_WIKI_SKIPPED_TAGS = frozenset({"ref", "references", "gallery", "table", "math", "timeline", "imagemap"})
+
+
+def _wiki_plain_text(wikitext: str) -> str:
+    """One article's running text: markup stripped, citations, tables, images and categories dropped."""
+    import re
+
+    import mwparserfromhell
+
+    # the end matter (see also, references, further reading, links) is lists, not prose: cut it off at
+    # its first heading, on the raw text (an unclosed template elsewhere can hide headings from the parser)
+    names = "|".join(re.escape(n) for n in sorted(_WIKI_SKIPPED_SECTIONS))
+    end = re.search(rf"^==\s*(?:{names})\b[^=\n]*==\s*$", wikitext, flags=re.M | re.I)
+    code = mwparserfromhell.parse(wikitext[: end.start()] if end else wikitext)
+    for node in code.filter_tags(recursive=True):
+        if str(node.tag).strip().lower() in _WIKI_SKIPPED_TAGS:
+            try:
+                code.remove(node)
+            except ValueError:  # already gone with an enclosing node
+                pass
+    for link in code.filter_wikilinks(recursive=True):
+        # File:, Image:, Category: and interlanguage links ("de:Anarchismus") carry no running text
+        if re.match(r"^\s*[A-Za-z\-]{2,12}\s*:", str(link.title)):
+            try:
+                code.remove(link)
+            except ValueError:
+                pass
+    text = _wiki_leftovers(code.strip_code(normalize=True, collapse=True))
+    return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
+def _wiki_leftovers(text: str) -> str:
+    """What the parser leaves as text where the markup is malformed (an unclosed table or citation)."""
+    import re
+
+    text = re.sub(r"<ref[^>]*/>|<ref[^>]*>.*?</ref>", "", text, flags=re.S)
+    text = re.sub(r"\{\{[^{}]*\}\}", "", text)
+    text = re.sub(r"\[\[[A-Za-z]+:[^\[\]]*\]\]", "", text)  # File:/Image: links
+    text = re.sub(r"\[\[(?:[^\[\]|]*\|)?([^\[\]]*)\]\]", r"\1", text)  # [[target|label]] -> label
+    text = re.sub(r"'{2,}", "", text)  # bold and italic quotes
+    lines = [ln for ln in text.split("\n") if not re.match(r"\s*(\{\||\|\}|\|-|\||!)", ln)]  # table rows
+    return "\n".join(lines)
+
+
+def wiki_documents() -> list[str]:
+    """The English Wikipedia articles of the dump excerpt in gensim's test data, as plain text."""
+    return list(_wiki_documents(WIKI_SHA256))
+
+
+@functools.lru_cache(maxsize=1)
+def _wiki_documents(sha256: str) -> tuple[str, ...]:
+    """(Parsing takes 10-15 s; kept once per process, keyed by the checksum it was read against.)"""
+    import bz2
+    import xml.etree.ElementTree as ET
+
+    try:
+        import mwparserfromhell  # noqa: F401
+    except ImportError:
+        raise ValueError(
+            "the 'wiki' training text needs the mwparserfromhell package to strip Wikipedia markup: "
+            "pip install 'llmquant[calibration]'"
+        ) from None
+    data = _package_file(NEWS_PACKAGE, WIKI_FILE, sha256, "Wikipedia excerpt")
+    root = ET.fromstring(bz2.decompress(data))  # a checked file of ours, not user input
+    ns = root.tag.split("}")[0] + "}" if root.tag.startswith("{") else ""
+    docs = []
+    for page in root.iter(f"{ns}page"):
+        if page.find(f"{ns}redirect") is not None or page.findtext(f"{ns}ns") != "0":
+            continue  # redirects and talk, user or template pages
+        text = _wiki_plain_text(page.findtext(f"{ns}revision/{ns}text") or "")
+        if text.strip():
+            docs.append(text)
+    return tuple(docs)
 
 
 def pydoc_documents() -> list[str]:
@@ -143,13 +241,15 @@ def load_documents(source: str | os.PathLike) -> list[str]:
         docs = news_documents()
     elif isinstance(source, str) and source == "pydoc":
         docs = pydoc_documents()
+    elif isinstance(source, str) and source == "wiki":
+        docs = wiki_documents()
     elif isinstance(source, str) and source.startswith("hf:"):
         docs = _hf_documents(source[3:])
     else:
         path = Path(source)
         if not path.exists():
             raise ValueError(
-                f"calibration source {str(source)!r} is not 'builtin', 'news', 'pydoc', 'hf:<dataset>' or an existing path"
+                f"calibration source {str(source)!r} is not 'builtin', 'news', 'pydoc', 'wiki', 'hf:<dataset>' or an existing path"
             )
         docs = _path_documents(path)
     docs = [d for d in docs if d.strip()]

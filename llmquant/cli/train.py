@@ -20,8 +20,10 @@ def _add_training_args(p: argparse.ArgumentParser, steps: int, lr: float) -> Non
                    "reuse them when teacher, text, k and T match (several runs against one teacher)")
     d = p.add_argument_group("data and loss")
     d.add_argument("--data", default="builtin",
-                   help="training text: a calibration source ('builtin' news, 'pydoc', a file; join with +)")
+                   help="training text: a calibration source ('builtin' news, 'pydoc', 'wiki', a file; join with +)")
     d.add_argument("--seqlen", type=int, default=256)
+    d.add_argument("--max-windows", type=int, help="use at most this many windows of the text, drawn at random "
+                   "(seed 0) from all of it: a large source such as 'wiki' without a teacher pass over all of it")
     d.add_argument("--heldout", type=int, default=4, help="windows kept out of training and evaluated")
     d.add_argument("--top-k", type=int, default=64, help="teacher logits kept per token")
     d.add_argument("--temperature", type=float, default=1.0)
@@ -37,7 +39,7 @@ def _configs(args):
                         grad_accum=args.grad_accum, optimizer=args.optimizer, seed=args.seed,
                         checkpoint_every=args.checkpoint_every)
     data = DataConfig(source=args.data, seqlen=args.seqlen, heldout=args.heldout, top_k=args.top_k,
-                      temperature=args.temperature, alpha=args.alpha)
+                      temperature=args.temperature, alpha=args.alpha, max_windows=args.max_windows)
     return train, data
 
 

@@ -50,6 +50,9 @@ class DataConfig:
     top_k: int = 64
     temperature: float = 1.0
     alpha: float = 1.0  # weight of the KL term; 1 - alpha goes to cross-entropy on the text
+    #: at most this many windows (held-out ones included), drawn evenly at random from the whole text with a
+    #: fixed seed and kept in text order: a large source without a teacher pass over all of it
+    max_windows: int | None = None
 
     def loss(self) -> KDLoss:
         return KDLoss(self.temperature, self.alpha)
@@ -131,6 +134,10 @@ def _prepare_data(teacher_name: str, student, student_tok, data: DataConfig, sta
                                 "needs the same tokenizer and vocabulary")
     check_same_tokenizer(teacher_tok, student_tok)
     windows = training_windows(student_tok, data.source, data.seqlen, bos=bos_for_raw_text(teacher_name, student_tok))
+    if data.max_windows is not None:
+        if data.max_windows <= data.heldout:
+            raise ValueError(f"max_windows={data.max_windows} leaves no window beside the {data.heldout} held out")
+        windows = subsample_windows(windows, data.max_windows)
     if windows.shape[0] <= data.heldout:
         raise ValueError(f"training text {data.source!r} gives {windows.shape[0]} windows of {data.seqlen} tokens, "
                          f"not more than the {data.heldout} held out")
@@ -142,6 +149,14 @@ def _prepare_data(teacher_name: str, student, student_tok, data: DataConfig, sta
         teacher = None
     n = windows.shape[0] - data.heldout
     return windows[:n], targets[:n], windows[n:], targets[n:], teacher
+
+
+def subsample_windows(windows: torch.Tensor, n: int) -> torch.Tensor:
+    """``n`` of ``windows``' rows drawn at random (seed 0), in their original order; all if there are fewer."""
+    if windows.shape[0] <= n:
+        return windows
+    rows = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(0))[:n].sort().values
+    return windows[rows]
 
 
 def _identity(teacher: str, data: DataConfig, **more) -> dict:

@@ -225,6 +225,28 @@ def test_recover_reuses_a_teacher_cache_across_runs(int3_dir, teacher_dir, tmp_p
     assert all(torch.equal(a[k], b[k]) for k in a)  # same targets, same seed: the same result
 
 
+def test_max_windows_draws_a_fixed_subset_of_the_whole_text(int3_dir, teacher_dir, tmp_path, text_file, tokenizer):
+    from dataclasses import replace
+
+    from llmquant.distill.recipes import subsample_windows
+
+    windows = training_windows(tokenizer, str(text_file), seqlen=64)
+    n = windows.shape[0]
+    assert n > 8
+    picked = subsample_windows(windows, 6)
+    rows = [next(i for i in range(n) if torch.equal(windows[i], r)) for r in picked]
+    assert rows == sorted(rows) and len(set(rows)) == 6 and rows[-1] > 5  # in text order, not just the first six
+    assert torch.equal(picked, subsample_windows(windows, 6)) and subsample_windows(windows, n + 1) is windows
+    data, train = _small(text_file, steps=1)
+    cache = tmp_path / "t.safetensors"
+    recover(str(int3_dir), str(tmp_path / "a"), str(teacher_dir),
+            RecoverConfig(train=train, data=replace(data, max_windows=6)), progress=False, teacher_cache=str(cache))
+    assert json.loads(cache.with_suffix(".json").read_text())["windows"] == [6, 64]  # the teacher saw only those
+    with pytest.raises(ValueError, match="max_windows=2 leaves no window beside the 2 held out"):
+        recover(str(int3_dir), str(tmp_path / "b"), str(teacher_dir),
+                RecoverConfig(train=train, data=replace(data, max_windows=2)), progress=False)
+
+
 def test_recover_with_codes_changes_codes_and_keeps_the_format(int3_dir, teacher_dir, tmp_path, text_file):
     data, train = _small(text_file, steps=3)
     out = tmp_path / "rec"

@@ -64,6 +64,24 @@ def test_named_sources():
     assert pydoc and not set(pydoc) & set(news)
 
 
+def test_wiki_source_is_plain_running_text():
+    wiki = load_documents("wiki")
+    assert len(wiki) == 106 and 2_500_000 < sum(map(len, wiki)) < 3_100_000
+    assert wiki[0].startswith("Anarchism is a political philosophy")
+    text = "\n".join(wiki)
+    # markup, citations, image captions, categories and reference sections are gone
+    for mark in ("[[", "]]", "{{", "}}", "<ref", "thumb|", "Category:", "{|", "\'\'\'"):
+        assert mark not in text, mark
+    # the end matter is cut off (about 100 such headings in the raw articles; one survives in a malformed one)
+    assert len(re.findall(r"^(References|External links|Further reading|See also)\s*$", text, re.M)) <= 2
+
+
+def test_wiki_source_is_checked(monkeypatch):
+    monkeypatch.setattr(calibration, "WIKI_SHA256", "0" * 64)
+    with pytest.raises(ValueError, match="Wikipedia excerpt .* has sha256 a53f4648.*expected 0000"):
+        load_documents("wiki")
+
+
 def test_news_corpus_is_checked(monkeypatch):
     monkeypatch.setattr(calibration, "NEWS_SHA256", "0" * 64)
     with pytest.raises(ValueError, match="has sha256 5d78d6da.*expected 0000.*gensim==4.4.0"):
@@ -112,6 +130,26 @@ def test_builtin_text_is_not_the_evaluation_set(source):
     assert not any(line in text for line in wiki_lines)
 
 
+@pytest.mark.skipif(not (WIKITEXT / "wiki.test.raw").exists(), reason="WikiText-2 test split not present")
+def test_wikipedia_training_text_is_not_the_evaluation_set():
+    """The 'wiki' text is Wikipedia too, so lines are not enough: no shared article, no shared 13 words."""
+    raw = (WIKITEXT / "wiki.test.raw").read_text(encoding="utf-8")
+    titles = {t.strip() for t in re.findall(r"^ = ([^=].*?) = *$", raw, re.M)}
+    assert len(titles) > 50
+    leads = [d[:200] for d in load_documents("wiki")]
+    assert not any(lead.startswith(t + " ") for t in titles for lead in leads if len(t) > 6)
+
+    def words(s: str) -> list[str]:
+        return re.findall(r"[a-z0-9]+", s.lower())  # WikiText's " @-@ " and spaced punctuation drop out
+
+    n = 13
+    ev = words(raw)
+    eval_grams = {tuple(ev[i : i + n]) for i in range(len(ev) - n + 1)}
+    tr = words("\n".join(load_documents("wiki")))
+    assert len(tr) > 400_000
+    assert not any(tuple(tr[i : i + n]) in eval_grams for i in range(len(tr) - n + 1))
+
+
 def test_file_directory_and_jsonl_sources(tmp_path, tok, caplog):
     (tmp_path / "a.txt").write_text("The object is a class and the function is a method . " * 20)
     (tmp_path / "b.jsonl").write_text(
@@ -131,7 +169,7 @@ def test_errors_are_clear(tmp_path, tok):
     (tmp_path / "short.txt").write_text("too short")
     with pytest.raises(ValueError, match=r"has 2 tokens, fewer than one sequence of seqlen=64"):
         calibration_batches(tok, tmp_path / "short.txt", nsamples=1, seqlen=64)
-    with pytest.raises(ValueError, match="not 'builtin', 'news', 'pydoc', 'hf:<dataset>' or an existing path"):
+    with pytest.raises(ValueError, match="not 'builtin', 'news', 'pydoc', 'wiki', 'hf:<dataset>' or an existing path"):
         calibration_batches(tok, "wikitxt", nsamples=1)
     with pytest.raises(ValueError, match="nsamples must be positive"):
         calibration_batches(tok, nsamples=0)
