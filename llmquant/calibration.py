@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import random
+import re
 from pathlib import Path
 from typing import Any
 from collections.abc import Iterable
@@ -96,18 +97,19 @@ _WIKI_SKIPPED_SECTIONS = frozenset(
 )
 #: tags whose content is not running text (citations, tables, galleries, formulas)
 _WIKI_SKIPPED_TAGS = frozenset({"ref", "references", "gallery", "table", "math", "timeline", "imagemap"})
+#: the first end-matter heading, found on the raw text (an unclosed template elsewhere can hide headings
+#: from the parser)
+_WIKI_END_MATTER = re.compile(
+    rf"^==\s*(?:{'|'.join(re.escape(n) for n in sorted(_WIKI_SKIPPED_SECTIONS))})\b[^=\n]*==\s*$", re.M | re.I
+)
 
 
 def _wiki_plain_text(wikitext: str) -> str:
     """One article's running text: markup stripped, citations, tables, images and categories dropped."""
-    import re
-
     import mwparserfromhell
 
-    # the end matter (see also, references, further reading, links) is lists, not prose: cut it off at
-    # its first heading, on the raw text (an unclosed template elsewhere can hide headings from the parser)
-    names = "|".join(re.escape(n) for n in sorted(_WIKI_SKIPPED_SECTIONS))
-    end = re.search(rf"^==\s*(?:{names})\b[^=\n]*==\s*$", wikitext, flags=re.M | re.I)
+    # the end matter (see also, references, further reading, links) is lists, not prose: cut it off
+    end = _WIKI_END_MATTER.search(wikitext)
     code = mwparserfromhell.parse(wikitext[: end.start()] if end else wikitext)
     for node in code.filter_tags(recursive=True):
         if str(node.tag).strip().lower() in _WIKI_SKIPPED_TAGS:
@@ -128,8 +130,6 @@ def _wiki_plain_text(wikitext: str) -> str:
 
 def _wiki_leftovers(text: str) -> str:
     """What the parser leaves as text where the markup is malformed (an unclosed table or citation)."""
-    import re
-
     text = re.sub(r"<ref[^>]*/>|<ref[^>]*>.*?</ref>", "", text, flags=re.S)
     text = re.sub(r"\{\{[^{}]*\}\}", "", text)
     text = re.sub(r"\[\[[A-Za-z]+:[^\[\]]*\]\]", "", text)  # File:/Image: links

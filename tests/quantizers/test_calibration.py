@@ -136,7 +136,8 @@ def test_wikipedia_training_text_is_not_the_evaluation_set():
     raw = (WIKITEXT / "wiki.test.raw").read_text(encoding="utf-8")
     titles = {t.strip() for t in re.findall(r"^ = ([^=].*?) = *$", raw, re.M)}
     assert len(titles) > 50
-    leads = [d[:200] for d in load_documents("wiki")]
+    wiki = load_documents("wiki")
+    leads = [d[:200] for d in wiki]
     assert not any(lead.startswith(t + " ") for t in titles for lead in leads if len(t) > 6)
 
     def words(s: str) -> list[str]:
@@ -145,7 +146,7 @@ def test_wikipedia_training_text_is_not_the_evaluation_set():
     n = 13
     ev = words(raw)
     eval_grams = {tuple(ev[i : i + n]) for i in range(len(ev) - n + 1)}
-    tr = words("\n".join(load_documents("wiki")))
+    tr = words("\n".join(wiki))
     assert len(tr) > 400_000
     assert not any(tuple(tr[i : i + n]) in eval_grams for i in range(len(tr) - n + 1))
 
