@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from llmquant.kernels.registry import env_switch
+
 logger = logging.getLogger(__name__)
 
 ABI_VERSION = 5  # must match LQ_ABI_VERSION in kernels/csrc/lq_api.c
@@ -197,14 +199,17 @@ def isa_index(name: str) -> int:
 
 def requested_isa() -> int:
     """The cap from LLMQUANT_CPU_ISA, or -1 (the best the CPU has)."""
-    v = os.environ.get("LLMQUANT_CPU_ISA", "").strip()
-    return isa_index(v) if v else -1
+    v = env_switch("LLMQUANT_CPU_ISA")
+    return _isa_index_cached(v) if v else -1
+
+
+_isa_index_cached = functools.cache(isa_index)  # read on every call of a layer (an error is not cached)
 
 
 def fp32_gemv_flags() -> int:
     """LLMQUANT_CPU_FP32_GEMV=fma keeps fp32 decode (M = 1) on the FMA GEMV instead of the VNNI
     integer one ("int", the default where the CPU has VNNI); for comparisons and diagnosis."""
-    v = os.environ.get("LLMQUANT_CPU_FP32_GEMV", "").strip()
+    v = env_switch("LLMQUANT_CPU_FP32_GEMV")
     if v in ("", "int"):
         return 0
     if v == "fma":

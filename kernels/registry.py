@@ -12,6 +12,7 @@ what every other kernel is tested against.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -104,6 +105,21 @@ def get_kernel(name: str) -> Kernel:
         if k.name == name:
             return k
     raise NoKernelError(f"no kernel named {name!r}; registered: {[k.name for k in kernels()]}")
+
+
+# os.environ.get() of a variable that is not set raises and catches a KeyError inside it, about 1 us;
+# a decode step reads the kernels' switches hundreds of times, so on POSIX env_switch() looks in the
+# dict of bytes that os.environ keeps current (os.environ[...] = and monkeypatch.setenv update it)
+_ENVIRON_BYTES = getattr(os.environ, "_data", None) if os.name == "posix" else None
+_env_key = functools.cache(os.fsencode)
+
+
+def env_switch(name: str) -> str:
+    """``os.environ.get(name, "").strip()``, about ten times faster where the variable is not set."""
+    if isinstance(_ENVIRON_BYTES, dict):
+        v = _ENVIRON_BYTES.get(_env_key(name))
+        return os.fsdecode(v).strip() if v is not None else ""
+    return os.environ.get(name, "").strip()
 
 
 def select_kernel(spec: KernelSpec) -> Kernel:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from typing import Any
 
 import torch
@@ -20,7 +19,7 @@ from torch import nn
 
 from llmquant.config import LayerQuant
 from llmquant.formats.packing import num_groups, packed_words
-from llmquant.kernels.registry import PackedWeight, select_kernel
+from llmquant.kernels.registry import PackedWeight, env_switch, select_kernel
 
 
 logger = logging.getLogger(__name__)
@@ -231,7 +230,7 @@ class QuantLinear(nn.Module):
     def uses_act_int8(self) -> bool:
         """Dynamic INT8 activations: ``LLMQUANT_ACTIVATIONS`` ("float" / "dynamic_int8") if set, else the
         layer's own setting."""
-        v = os.environ.get("LLMQUANT_ACTIVATIONS", "").strip()
+        v = env_switch("LLMQUANT_ACTIVATIONS")
         if not v:
             return self.act_int8
         if v not in ("float", "dynamic_int8"):
@@ -241,7 +240,8 @@ class QuantLinear(nn.Module):
     def kernel_for(self, dtype: torch.dtype) -> tuple[Any, Any]:
         """(kernel, its state) for activations of ``dtype``: picked and prepared once, then cached."""
         act_int8 = self.uses_act_int8()
-        device = self.scales.device
+        scales = self._buffers.get("scales")  # nn.Module.__getattr__ costs about 1 us a call
+        device = (scales if scales is not None else self.scales).device
         key = (dtype, device, act_int8)
         hit = self._kernel_cache.get(key)
         if hit is None:

@@ -2,13 +2,14 @@
 LLMQUANT_DISABLE_KERNELS switches, and the fallback (with one warning) when the native library is
 missing."""
 import logging
+import os
 
 import pytest
 import torch
 
 from llmquant.config import LayerQuant
 from llmquant.kernels import NoKernelError, cpu_native, dequant_matmul_ref, get_kernel, select_kernel
-from llmquant.kernels.registry import KernelSpec
+from llmquant.kernels.registry import KernelSpec, env_switch
 from llmquant.modules.quant_linear import QuantLinear
 from llmquant.quantizers.rtn import quantize_weight_rtn
 
@@ -97,3 +98,22 @@ def test_dynamic_int8_activations_pick_a_kernel_that_runs_them():
                       dtype=torch.float32, device_type="cuda", act_int8=True)
     ok, why = TritonKernel().can_implement(spec)
     assert not ok and "dynamic INT8 activations run on the CPU kernel" in why
+
+
+def test_env_switch_follows_the_environment_as_it_changes(monkeypatch):
+    """The kernels' switches are read on every call through env_switch (the fast lookup): it must see
+    what os.environ and monkeypatch set and unset, not a value from earlier."""
+    name = "LLMQUANT_TEST_ENV_SWITCH"
+    monkeypatch.delenv(name, raising=False)
+    assert env_switch(name) == ""
+    monkeypatch.setenv(name, "  avx2 ")
+    assert env_switch(name) == "avx2"
+    os.environ[name] = "fma"
+    assert env_switch(name) == "fma"
+    del os.environ[name]
+    assert env_switch(name) == ""
+    monkeypatch.setenv("LLMQUANT_CPU_ISA", "no-such-isa")
+    with pytest.raises(ValueError, match="no-such-isa"):
+        cpu_native.requested_isa()
+    monkeypatch.setenv("LLMQUANT_CPU_ISA", "scalar")
+    assert cpu_native.requested_isa() == cpu_native.ISA_NAMES.index("scalar")
