@@ -111,20 +111,22 @@ def get_kernel(name: str) -> Kernel:
 # a decode step reads the kernels' switches hundreds of times, so on POSIX env_switch() looks in the
 # dict of bytes that os.environ keeps current (os.environ[...] = and monkeypatch.setenv update it)
 _ENVIRON_BYTES = getattr(os.environ, "_data", None) if os.name == "posix" else None
+if not isinstance(_ENVIRON_BYTES, dict):
+    _ENVIRON_BYTES = None
 _env_key = functools.cache(os.fsencode)
 
 
 def env_switch(name: str) -> str:
     """``os.environ.get(name, "").strip()``, about ten times faster where the variable is not set."""
-    if isinstance(_ENVIRON_BYTES, dict):
+    if _ENVIRON_BYTES is not None:
         v = _ENVIRON_BYTES.get(_env_key(name))
         return os.fsdecode(v).strip() if v is not None else ""
     return os.environ.get(name, "").strip()
 
 
 def select_kernel(spec: KernelSpec) -> Kernel:
-    forced = os.environ.get("LLMQUANT_KERNEL", "").strip()
-    disabled = {s.strip() for s in os.environ.get("LLMQUANT_DISABLE_KERNELS", "").split(",") if s.strip()}
+    forced = env_switch("LLMQUANT_KERNEL")
+    disabled = {s.strip() for s in env_switch("LLMQUANT_DISABLE_KERNELS").split(",") if s.strip()}
     if forced:
         k = get_kernel(forced)
         ok, why = k.can_implement(spec)
