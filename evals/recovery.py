@@ -74,14 +74,17 @@ def write(result: dict, out: Path, quiet: bool = False) -> None:
     table = format_table(result["rows"], [("run", "run"), ("ppl", "ppl"), ("Δ ppl %", "ppl_increase_pct")])
     cfg = t.get("recover_config", {})
     data, train = cfg.get("data", {}), cfg.get("train", {})
-    trained = ["scales"] + [k for k in ("codes", "norms") if cfg.get(f"train_{k}")]
+    trained = ["scales"] + [k for k in ("norms",) if cfg.get(f"train_{k}")]
     bw = t.get("blockwise")
     if bw:
         trained_bw = (f"block-wise phase first: {bw['steps_per_block']} Adam steps per block on {bw['windows']} windows, "
                       f"learning rates ×{cfg.get('blockwise_lr_mult')}, {bw['seconds'] / 60:.1f} min, "
                       "relative block error summed "
                       f"{sum(b['rel_error_before'] for b in bw['blocks']):.3g} → "
-                      f"{sum(b['rel_error_after'] for b in bw['blocks']):.3g}; then ")
+                      f"{sum(b['rel_error_after'] for b in bw['blocks']):.3g}"
+                      + (f", {bw['codes_changed']} of {bw['codes']} codes moved one step by signed gradient "
+                         f"(step {cfg.get('lr_codes')})" if "codes_changed" in bw else "")
+                      + "; then ")
     else:
         trained_bw = ""
     lines = report_head(f"Quantization-aware recovery: {result['label']}", result["machine"], table,
@@ -97,7 +100,6 @@ def write(result: dict, out: Path, quiet: bool = False) -> None:
         f"evaluations and saving included); trained {', '.join(trained)} "
         f"({t['trained_parameters']} values), lr {cfg.get('lr')}"
         + (f" (norms {cfg.get('lr_norms')})" if cfg.get("train_norms") else "")
-        + (f" (codes {cfg.get('lr_codes')})" if cfg.get("train_codes") else "")
         + f", optimizer {t['optimizer']} "
         f"({(t['optimizer_state_bytes'] or 0) / 2**20:.2f} MiB of state), batch {train.get('batch_size')} × "
         f"{train.get('grad_accum')} windows of {data.get('seqlen')} tokens.",
@@ -149,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--optimizer", default="adamw8bit")
     p.add_argument("--train-norms", action="store_true")
     p.add_argument("--train-codes", action="store_true")
-    p.add_argument("--lr-codes", type=float, default=1e-2)
+    p.add_argument("--lr-codes", type=float, default=2e-2)
     p.add_argument("--teacher-cache", help="a file for the teacher's top-k targets that outlives the run")
     p.add_argument("--blockwise-steps", type=int, default=0)
     p.add_argument("--blockwise-windows", type=int, default=64)

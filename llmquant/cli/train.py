@@ -63,9 +63,12 @@ def add_recover(sub) -> None:
     p.add_argument("checkpoint", help="an llmquant checkpoint (RTN, GPTQ or mixed)")
     p.add_argument("out", help="output checkpoint folder (same format)")
     p.add_argument("--teacher", required=True, help="the float model: built-in name or folder")
-    p.add_argument("--train-codes", action="store_true", help="also re-round the codes (straight-through)")
-    p.add_argument("--lr-codes", type=float, default=1e-2,
-                   help="learning rate of the codes' latent, in quantization steps (default 1e-2)")
+    p.add_argument("--train-codes", action="store_true",
+                   help="in the block-wise phase, let every code move one step up or down (signed gradient on a "
+                        "bounded offset); needs --blockwise-steps")
+    p.add_argument("--lr-codes", type=float, default=2e-2,
+                   help="the code offsets' signed-gradient step, in quantization steps (default 2e-2; a code "
+                        "moves once its offset passes 0.5)")
     p.add_argument("--train-norms", action="store_true", help="also train the float norm weights")
     p.add_argument("--lr-norms", type=float, default=1e-4)
     p.add_argument("--blockwise-steps", type=int, default=0,

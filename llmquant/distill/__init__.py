@@ -1,7 +1,7 @@
 """Distillation: a teacher buys back what low bits cost.
 
 * :func:`recover`: an llmquant checkpoint (RTN, GPTQ, mixed) learns from its float teacher; scales
-  train (optionally codes, through a straight-through latent, and norms); the output is an ordinary
+  train (optionally norms, and codes moved one step at most in the block-wise phase); the output is an ordinary
   llmquant checkpoint (:mod:`llmquant.distill.trainable`).
 * :func:`distill`: any float student learns from a teacher with the same tokenizer.
 * :mod:`llmquant.distill.qat`: fake quantization on the exact grid, for any training loop.

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from llmquant.distill.trainable import SignDescent
 from llmquant.distill.trainer import TrainConfig, lr_factor
 from llmquant.quantizers.blocks import BlockRunner, capture, find_layer_stack, make_chunks
 
@@ -39,10 +40,17 @@ def _token_mean_square(y: torch.Tensor) -> torch.Tensor:
 
 
 def blockwise_phase(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, lrs: dict[int, float],
-                    steps: int, chunk_windows: int = 2, seed: int = 0, progress: bool = True) -> dict:
+                    steps: int, chunk_windows: int = 2, seed: int = 0, progress: bool = True,
+                    sign_lrs: dict[int, float] | None = None) -> dict:
     """Train, block by block, the student parameters listed in ``lrs`` (``id(parameter) -> learning
-    rate``) for ``steps`` Adam steps per block on ``windows`` (int64 [N, T]).
-    Returns per-block relative errors before and after."""
+    rate``) with Adam for ``steps`` steps per block on ``windows`` (int64 [N, T]). With ``sign_lrs``
+    (code offsets -> step), a second stage of ``steps`` steps trains those by
+    :class:`~llmquant.distill.trainable.SignDescent` together with the Adam parameters, and is kept only
+    if it lowers the block's error below the first stage's (else the block goes back to the first
+    stage's values, codes as stored): a block's codes move only where that helps the block.
+    Returns per-block relative errors before and after (and, with codes, without them and whether they
+    were kept)."""
+    sign_lrs = sign_lrs or {}
     t0 = time.perf_counter()
     stack, t_layers = find_layer_stack(teacher)
     s_layers = student.get_submodule(stack)  # the student's linears are trainable stand-ins now
@@ -57,7 +65,8 @@ def blockwise_phase(student: nn.Module, teacher: nn.Module, windows: torch.Tenso
     g = torch.Generator().manual_seed(seed)
     schedule = TrainConfig(steps=steps, warmup_steps=0)
     report = []
-    bar = tqdm(total=len(s_layers) * steps, desc="block-wise", unit="step", disable=not progress)
+    stages = int(bool(lrs)) + int(bool(sign_lrs))
+    bar = tqdm(total=len(s_layers) * steps * max(stages, 1), desc="block-wise", unit="step", disable=not progress)
     for i, (sb, tb) in enumerate(zip(s_layers, t_layers)):
         t_run = BlockRunner(tb, cap_t.calls_of(i), chunks)
         s_run = BlockRunner(sb, cap_s.calls_of(i), chunks)
@@ -65,37 +74,65 @@ def blockwise_phase(student: nn.Module, teacher: nn.Module, windows: torch.Tenso
             y_t = [t_run.run(x, j) for j, x in enumerate(x_t)]
         scale = [_token_mean_square(y) for y in y_t]
         params = [(p, lrs[id(p)]) for p in sb.parameters() if id(p) in lrs]
+        signed = [(p, sign_lrs[id(p)]) for p in sb.parameters() if id(p) in sign_lrs]
         for p in sb.parameters():
             p.requires_grad_(False)
-        for p, _ in params:
-            p.requires_grad_(True)
 
         def rel_error() -> float:
             with torch.no_grad():
                 return sum(float(relative_error(s_run.run(x, j), y_t[j], scale[j]))
                            for j, x in enumerate(x_s)) / len(x_s)
 
-        before = rel_error()
-        if params:
-            opt = torch.optim.Adam([{"params": [p], "lr": lr} for p, lr in params])
+        def train(adam: list, sign: list) -> None:
+            """``steps`` steps on one block: Adam for ``adam``, SignDescent for ``sign`` ((param, lr) pairs)."""
+            for p, _ in adam + sign:
+                p.requires_grad_(True)
+            opts = []
+            if adam:
+                opts.append((torch.optim.Adam([{"params": [p], "lr": lr} for p, lr in adam]), [lr for _, lr in adam]))
+            if sign:
+                opts.append((SignDescent([{"params": [p], "lr": lr} for p, lr in sign], lr=1.0),
+                             [lr for _, lr in sign]))
             for step in range(steps):
                 j = int(torch.randint(len(x_s), (1,), generator=g))
-                opt.zero_grad(set_to_none=True)
+                for opt, _ in opts:
+                    opt.zero_grad(set_to_none=True)
                 loss = relative_error(s_run.run(x_s[j], j), y_t[j], scale[j])
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"block-wise phase: block {i} loss is {float(loss.detach())} at step "
                                              f"{step + 1}; lower the learning rate")
                 loss.backward()
                 factor = lr_factor(step, schedule)  # cosine decay within the block
-                for group, (_, lr) in zip(opt.param_groups, params):
-                    group["lr"] = lr * factor
-                opt.step()
+                for opt, base in opts:
+                    for group, lr in zip(opt.param_groups, base):
+                        group["lr"] = lr * factor
+                    opt.step()
                 bar.update(1)
-            for p, _ in params:
+            for p, _ in adam + sign:
                 p.requires_grad_(False)
+                p.grad = None
+
+        before = rel_error()
+        entry = {"block": i, "rel_error_before": before}
+        if params:
+            train(params, [])
+        if signed:  # a second stage: codes move too; kept only if the block's error is lower than without them
+            without = rel_error() if params else before
+            saved = [p.detach().clone() for p, _ in params]
+            train(params, signed)
+            with_codes = rel_error()
+            kept = with_codes < without
+            if not kept:
+                with torch.no_grad():
+                    for (p, _), v in zip(params, saved):
+                        p.copy_(v)
+                    for p, _ in signed:
+                        p.zero_()
+            entry.update(rel_error_without_codes=without, codes_kept=kept)
         after = rel_error()
+        entry["rel_error_after"] = after
         bar.set_postfix(block=i, rel_err=f"{after:.3g}")
-        report.append({"block": i, "rel_error_before": before, "rel_error_after": after})
+        report.append(entry)
         with torch.no_grad():
             x_s = [s_run.run(x, j) for j, x in enumerate(x_s)]
         x_t = y_t

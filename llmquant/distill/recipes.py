@@ -65,8 +65,12 @@ class RecoverConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=100))
     data: DataConfig = field(default_factory=DataConfig)
     lr: float = 1e-3
-    train_codes: bool = False  # re-round codes through a float latent (straight-through)
-    lr_codes: float = 1e-2  # in quantization steps (the latent starts at the codes)
+    #: in the block-wise phase, let every code move one step up or down (signed gradient on a bounded offset,
+    #: llmquant.distill.trainable); the end-to-end phase keeps the codes the block-wise phase left
+    train_codes: bool = False
+    #: the offsets' signed-gradient step, in quantization steps, at the top of each block's cosine schedule
+    #: (not multiplied by blockwise_lr_mult): within a block an offset moves at most about lr_codes * steps / 2
+    lr_codes: float = 2e-2
     train_norms: bool = False  # the float norm weights too (stored as they are, format unchanged)
     lr_norms: float = 1e-4
     #: block-wise reconstruction first (llmquant.distill.blockwise): Adam steps per block, on this many windows
@@ -75,6 +79,13 @@ class RecoverConfig:
     #: the block phase's learning rates are the end-to-end ones times this (its loss, a relative MSE of one
     #: block's output, gives much smaller gradients than the KL of the logits)
     blockwise_lr_mult: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.train_codes and self.blockwise_steps <= 0:
+            raise ValueError("train_codes re-rounds codes in the block-wise phase: set blockwise_steps "
+                             "(--blockwise-steps) too")
+        if not self.lr_codes > 0:
+            raise ValueError(f"lr_codes must be positive, got {self.lr_codes}")
 
 
 @dataclass(frozen=True)
@@ -181,17 +192,26 @@ def recover(checkpoint: str, out: str, teacher: str, config: RecoverConfig = Rec
     n_layers = open_for_training(student, train_codes=config.train_codes)
     layers = [m for m in student.modules() if isinstance(m, TrainableQuantLinear)]
     groups = [{"name": "scales", "params": [m.log_scale for m in layers], "lr": config.lr}]
-    if config.train_codes:
-        groups.append({"name": "codes", "params": [m.latent for m in layers], "lr": config.lr_codes})
     if config.train_norms:
         groups.append({"name": "norms", "params": _norm_params(student), "lr": config.lr_norms})
     block_report = None
     if blockwise:
         lrs = {id(p): g["lr"] * config.blockwise_lr_mult for g in groups for p in g["params"]}
+        sign_lrs = {id(m.offset): config.lr_codes for m in layers} if config.train_codes else None
         block_report = blockwise_phase(student, teacher_model, train[: config.blockwise_windows], lrs,
-                                       config.blockwise_steps, seed=config.train.seed, progress=progress)
+                                       config.blockwise_steps, seed=config.train.seed, progress=progress,
+                                       sign_lrs=sign_lrs)
         del teacher_model
         gc.collect()
+    codes = None
+    if config.train_codes:  # the end-to-end phase trains scales (and norms) on the codes the block phase left
+        if block_report is not None:
+            with torch.no_grad():
+                block_report["codes_changed"] = sum(int(m.current_codes().ne(m.codes).sum()) for m in layers)
+            block_report["codes"] = sum(m.codes.numel() for m in layers)
+        for m in layers:
+            m.freeze_codes()
+        codes = {f"{name}.codes": m.codes for name, m in student.named_modules() if isinstance(m, TrainableQuantLinear)}
     train_config = config.train
     if blockwise and train_config.max_minutes is not None:  # the time limit covers both phases
         left = train_config.max_minutes - block_report["seconds"] / 60
@@ -203,7 +223,8 @@ def recover(checkpoint: str, out: str, teacher: str, config: RecoverConfig = Rec
                       progress, identity=_identity(teacher, config.data, checkpoint=str(Path(checkpoint).resolve()),
                                                    train_codes=config.train_codes, train_norms=config.train_norms,
                                                    blockwise_steps=config.blockwise_steps,
-                                                   blockwise_lr_mult=config.blockwise_lr_mult))
+                                                   blockwise_lr_mult=config.blockwise_lr_mult),
+                      buffers=codes)
     summary = trainer.run()
     close_after_training(student)
     for p in student.parameters():

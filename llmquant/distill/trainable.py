@@ -6,15 +6,21 @@ trained from 0, so one learning rate means the same *relative* step for every la
 size of its weights; the forward rounds ``s`` to float16 (straight-through), so what trains is
 exactly what is stored. Zero points stay as they are (they are integers in the format).
 
-With ``train_codes`` the codes are re-derived each forward from a float latent in units of the
-quantization step, ``q = clamp(round(v), 0, 2**b - 1)``, rounding with a straight-through gradient;
-``v`` starts at the stored codes, so training starts from them exactly, and its learning rate reads as
-a fraction of a step, the same for every layer. The latent is deliberately not a weight divided by
-the current scale (LSQ's ``round(w / s)``): starting on the grid, that form gives the scale only the
-rounding residual as gradient (zero at the start), Adam turns that noise into full-size steps, and
-the scales drift while the codes stay put (measured in the block-wise phase on smollm2-135m INT3:
-block errors rose instead of falling, at latent learning rates 5e-6 and 5e-5). Here the scale keeps
-the gradient it has without ``train_codes``.
+With ``train_codes`` each code may move one step up or down from the stored one, and no further:
+``q = clamp(q0 + round(d), 0, 2**b - 1)`` with a float offset ``d`` kept in ``[-1, 1]`` (rounding with a
+straight-through gradient), starting at 0, so training starts from the stored codes exactly. The offset
+is trained by signed gradient descent (:class:`SignDescent`: every offset moves by the learning rate
+against its gradient's sign, then is clamped), with a learning rate that bounds how far an offset can
+go: a code moves only where its gradient keeps one sign for most steps (AutoRound's form, on a
+quantizer's codes instead of a float weight). ``recover`` trains offsets in the block-wise phase only,
+and keeps a block's moved codes only where they lower that block's error
+(:func:`~llmquant.distill.blockwise.blockwise_phase`). Free Adam on an unbounded latent was tried
+first and had no good setting: at a latent learning rate of 1e-3 not one code moved in a 10-minute run
+(smollm2-135m INT3); at 5e-2 in the block-wise phase codes moved by several steps and block errors
+doubled (gemma3-270m INT4). The form is also not LSQ's ``round(w / s)``: starting on the grid, that
+gives the scale only the rounding residual as gradient (zero at the start), Adam turns that noise into
+full-size steps, and the scales drift while the codes stay put. Here the scale keeps the gradient it
+has without ``train_codes``.
 
 :meth:`TrainableQuantLinear.to_quant_linear` packs the result back: same scheme, same tensors, new
 values; every kernel, the server and the vLLM plugin run it unchanged.
@@ -34,6 +40,8 @@ from llmquant.quantizers.rtn import expand_groups, make_packed
 # float16's largest finite value and smallest normal: a stored scale must lie between them
 _FP16_MAX = 65504.0
 _FP16_MIN_NORMAL = 2.0 ** -14
+#: how far (in quantization steps) a trained code may move from the stored one
+CODE_BOUND = 1.0
 
 
 class _RoundSTE(torch.autograd.Function):
@@ -57,6 +65,25 @@ def fp16_ste(s: torch.Tensor) -> torch.Tensor:
     return s + (stored - s.detach())
 
 
+class SignDescent(torch.optim.Optimizer):
+    """``p <- clamp(p - lr * sign(grad), -bound, bound)``: every value moves by exactly the learning rate
+    (or not at all, where its gradient is 0), so ``lr`` times the number of steps bounds the whole move.
+    No state; weight decay and momentum are not supported."""
+
+    def __init__(self, params, lr: float, bound: float = CODE_BOUND) -> None:
+        if not lr > 0:
+            raise ValueError(f"SignDescent: the learning rate must be positive, got {lr}")
+        super().__init__(params, {"lr": lr, "bound": bound})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.sub_(torch.sign(p.grad), alpha=group["lr"]).clamp_(-group["bound"], group["bound"])
+        return None
+
+
 class TrainableQuantLinear(nn.Module):
     """A QuantLinear whose scales (and optionally codes) train; see the module docstring."""
 
@@ -78,9 +105,10 @@ class TrainableQuantLinear(nn.Module):
         self.log_scale = nn.Parameter(torch.zeros_like(self.scale0))
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().float().clone(), requires_grad=False)
         self._bias_dtype = None if layer.bias is None else layer.bias.dtype
-        self.latent = None
+        #: the code offsets (float32 [N, K], in [-CODE_BOUND, CODE_BOUND]) when codes train, else None
+        self.offset = None
         if train_codes:
-            self.latent = nn.Parameter(codes.to(torch.float32))
+            self.offset = nn.Parameter(torch.zeros(codes.shape, dtype=torch.float32))
 
     def _expanded(self, t: torch.Tensor) -> torch.Tensor:
         return expand_groups(t, self.in_features, self.group_size)  # differentiable
@@ -91,9 +119,16 @@ class TrainableQuantLinear(nn.Module):
 
     def current_codes(self) -> torch.Tensor:
         """Integer codes (float32 [N, K]); with trained codes, differentiable through the rounding."""
-        if self.latent is None:
+        if self.offset is None:
             return self.codes.to(torch.float32)
-        return torch.clamp(round_ste(self.latent), 0, (1 << self.bits) - 1)
+        return torch.clamp(self.codes.to(torch.float32) + round_ste(self.offset), 0, (1 << self.bits) - 1)
+
+    @torch.no_grad()
+    def freeze_codes(self) -> None:
+        """Keep the current codes as the stored ones and stop training them (the offset is dropped)."""
+        if self.offset is not None:
+            self.codes.copy_(self.current_codes().to(torch.uint8))
+            self.offset = None
 
     def weight(self) -> torch.Tensor:
         """The dequantized weight [N, K] in stored column order (the format's formula)."""
@@ -119,7 +154,7 @@ class TrainableQuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, sym={self.sym}, train_codes={self.latent is not None}")
+                f"group_size={self.group_size}, sym={self.sym}, train_codes={self.offset is not None}")
 
 
 def open_for_training(model: nn.Module, train_codes: bool = False) -> int:

@@ -117,12 +117,15 @@ class Trainer:
 
     ``windows`` int64 [N, T] are the training windows and ``targets`` their teacher top-k (None for a
     pure cross-entropy loss); ``heldout``/``heldout_targets`` are evaluated (no gradient) for the log.
+    ``buffers`` (name -> tensor) are saved with the state and restored on resume as they are, untrained
+    (codes that an earlier phase of the run changed).
     """
 
     def __init__(self, model: nn.Module, groups: list[dict], windows: torch.Tensor, targets: TopK | None,
                  loss: KDLoss, config: TrainConfig, state_dir: str | os.PathLike | None = None,
                  heldout: torch.Tensor | None = None, heldout_targets: TopK | None = None,
-                 progress: bool = True, identity: dict | None = None) -> None:
+                 progress: bool = True, identity: dict | None = None,
+                 buffers: dict[str, torch.Tensor] | None = None) -> None:
         self.model, self.windows, self.targets, self.loss, self.config = model, windows, targets, loss, config
         self.heldout, self.heldout_targets = heldout, heldout_targets
         self.progress = progress
@@ -136,6 +139,7 @@ class Trainer:
             raise ValueError("nothing to train: the parameter groups are empty")
         for p in model.parameters():
             p.requires_grad_(id(p) in trained)
+        self.buffers = dict(buffers or {})
         self.base_lr = [g["lr"] for g in groups]
         self.opt = make_optimizer(groups, config)
         self.step = 0
@@ -172,7 +176,7 @@ class Trainer:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         torch.save({"version": STATE_VERSION, "step": self.step, "identity": self.identity,
-                    "params": {n: p.detach() for n, p in self.named.items()},
+                    "params": {n: p.detach() for n, p in self.named.items()}, "buffers": self.buffers,
                     "optimizer": self.opt.state_dict(), "log": self.log, "evals": self.evals}, tmp)
         os.replace(tmp, path)
 
@@ -188,12 +192,14 @@ class Trainer:
                           if state["identity"].get(k) != self.identity.get(k))
             raise ValueError(f"{path} is the state of another run (differs in {diff}); remove {path.parent} to "
                              "start over, or give another output")
-        missing = set(self.named) ^ set(state["params"])
+        missing = (set(self.named) ^ set(state["params"])) | (set(self.buffers) ^ set(state.get("buffers", {})))
         if missing:
             raise ValueError(f"{path}: trained tensors differ from this run's ({sorted(missing)[:3]})")
         with torch.no_grad():
             for n, p in self.named.items():
                 p.copy_(state["params"][n])
+            for n, b in self.buffers.items():
+                b.copy_(state["buffers"][n])
         self.opt.load_state_dict(state["optimizer"])
         self.step, self.log, self.evals = state["step"], state["log"], state["evals"]
         logger.info("resumed from %s at step %d", path, self.step)

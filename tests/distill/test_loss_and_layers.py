@@ -11,7 +11,7 @@ from llmquant import LayerQuant, QuantConfig
 from llmquant.distill import KDLoss, TopK, prepare_qat
 from llmquant.distill.blockwise import _token_mean_square, relative_error
 from llmquant.distill.loss import IGNORE, next_token_labels, topk_kl
-from llmquant.distill.trainable import TrainableQuantLinear, close_after_training, open_for_training
+from llmquant.distill.trainable import SignDescent, TrainableQuantLinear, close_after_training, open_for_training
 from llmquant.kernels.reference import dequant_matmul_ref
 from llmquant.quantizers.rtn import quantize_weight_rtn
 from llmquant.modules.quant_linear import QuantLinear
@@ -102,24 +102,48 @@ def test_trainable_layer_starts_as_the_stored_layer(scheme, perm, train_codes):
 @pytest.mark.parametrize("train_codes", [False, True])
 def test_trained_layer_stores_what_it_computed(train_codes):
     """After training steps, the packed layer (fp16 scales, codes) computes exactly the trained forward."""
+    from llmquant.formats.packing import unpack_rows
+
     q = _layer(LayerQuant(3, 32, False), perm=True)
     t = TrainableQuantLinear(q, train_codes=train_codes)
-    groups = [{"params": [t.log_scale], "lr": 0.05}]
-    if train_codes:  # the latent is in quantization steps: 5 steps of 0.2 move codes across a rounding boundary
-        groups.append({"params": [t.latent], "lr": 0.2})
-    opt = torch.optim.Adam(groups)
+    opts = [torch.optim.Adam([t.log_scale], lr=0.05)]
+    if train_codes:  # offsets in quantization steps: past 0.5 a code moves; never past 1
+        opts.append(SignDescent([t.offset], lr=0.3))
     x, y = torch.randn(16, 72), torch.randn(16, 24)
     for _ in range(5):
-        opt.zero_grad()
+        for o in opts:
+            o.zero_grad()
         F.mse_loss(t(x), y).backward()
-        opt.step()
+        for o in opts:
+            o.step()
     assert t.log_scale.abs().max() > 0
+    if train_codes:
+        assert t.offset.abs().max() == 1.0  # 5 steps of 0.3, clamped at the bound
     back = t.to_quant_linear()
     back.validate()
     with torch.no_grad():
         torch.testing.assert_close(dequant_matmul_ref(x, back.packed(), back.bias), t(x), rtol=1e-5, atol=1e-5)
-    # codes move only when they train
+    # codes move only when they train, and then by at most one step
     assert torch.equal(back.packed_qweight(), q.packed_qweight()) == (not train_codes)
+    moved = (unpack_rows(back.packed().qweight, 3, 72).int() - unpack_rows(q.packed().qweight, 3, 72).int()).abs()
+    assert moved.max() == int(train_codes)
+    if train_codes:  # freezing keeps the moved codes as the stored ones, and the same forward
+        with torch.no_grad():
+            y_before = t(x)
+            t.freeze_codes()
+            assert t.offset is None and "offset" not in dict(t.named_parameters())
+            torch.testing.assert_close(t(x), y_before, rtol=0, atol=0)
+        assert torch.equal(t.to_quant_linear().packed_qweight(), back.packed_qweight())
+
+
+def test_sign_descent_moves_by_the_learning_rate_and_stays_in_bounds():
+    p = torch.nn.Parameter(torch.tensor([0.0, 0.0, 0.95, -0.95, 0.3]))
+    opt = SignDescent([p], lr=0.1)
+    p.grad = torch.tensor([2.0, -1e-9, -5.0, 3.0, 0.0])
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.tensor([-0.1, 0.1, 1.0, -1.0, 0.3]))
+    with pytest.raises(ValueError, match="must be positive"):
+        SignDescent([p], lr=0.0)
 
 
 def test_open_and_close_a_model(tiny_llama):

@@ -247,14 +247,68 @@ def test_max_windows_draws_a_fixed_subset_of_the_whole_text(int3_dir, teacher_di
                 RecoverConfig(train=train, data=replace(data, max_windows=2)), progress=False)
 
 
-def test_recover_with_codes_changes_codes_and_keeps_the_format(int3_dir, teacher_dir, tmp_path, text_file):
+def _codes(path):
+    from llmquant.formats.packing import unpack_rows
+
+    t = load_file(path / "model.safetensors")
+    bits = json.loads((path / "config.json").read_text())["quantization_config"]["bits"]
+    return {k: unpack_rows(v, bits, v.shape[1] * 32 // bits).int() for k, v in t.items() if k.endswith(".qweight")}
+
+
+def test_recover_with_codes_moves_codes_one_step_at_most_and_keeps_the_format(int3_dir, teacher_dir, tmp_path,
+                                                                             text_file):
     data, train = _small(text_file, steps=3)
     out = tmp_path / "rec"
-    recover(str(int3_dir), str(out), str(teacher_dir), RecoverConfig(train=train, data=data, train_codes=True,
-                                                                     lr_codes=0.3), progress=False)
+    summary = recover(str(int3_dir), str(out), str(teacher_dir),
+                      RecoverConfig(train=train, data=data, train_codes=True, lr_codes=0.03, blockwise_steps=40,
+                                    blockwise_windows=4), progress=False)
     before, after = load_file(int3_dir / "model.safetensors"), load_file(out / "model.safetensors")
-    assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith(".qweight"))
     assert {k: (v.dtype, v.shape) for k, v in before.items()} == {k: (v.dtype, v.shape) for k, v in after.items()}
+    c0, c1 = _codes(int3_dir), _codes(out)
+    moved = sum(int((c1[k] != c0[k]).sum()) for k in c0)
+    assert moved > 0 and max(int((c1[k] - c0[k]).abs().max()) for k in c0) == 1
+    # the end-to-end phase keeps the block phase's codes: what moved there is what is stored
+    assert summary["blockwise"]["codes_changed"] == moved
+    blocks = summary["blockwise"]["blocks"]
+    assert any(b["codes_kept"] for b in blocks)
+    for b in blocks:  # a block keeps moved codes only where they lower its error
+        assert b["rel_error_after"] == (min(b["rel_error_without_codes"], b["rel_error_after"]))
+        assert b["rel_error_after"] < b["rel_error_without_codes"] or not b["codes_kept"]
+    assert summary["blockwise"]["codes"] == sum(v.numel() for v in c0.values())
+    with pytest.raises(ValueError, match="set blockwise_steps"):
+        RecoverConfig(train_codes=True)
+
+
+def test_recover_with_codes_resumes_with_the_block_phase_codes(int3_dir, teacher_dir, tmp_path, text_file,
+                                                              monkeypatch):
+    """Interrupted in the end-to-end phase, a resumed run skips the block phase and restores its codes."""
+    from llmquant.distill import recipes
+
+    data, train = _small(text_file, steps=4, checkpoint_every=1)
+    cfg = RecoverConfig(train=train, data=data, train_codes=True, lr_codes=0.03, blockwise_steps=40,
+                        blockwise_windows=4)
+    recover(str(int3_dir), str(tmp_path / "straight"), str(teacher_dir), cfg, progress=False)
+
+    real_run = recipes.Trainer.run
+
+    def stop_at_2(self, on_step=None):
+        def hook(step):
+            if step == 2:
+                raise KeyboardInterrupt
+        return real_run(self, on_step=hook)
+
+    monkeypatch.setattr(recipes.Trainer, "run", stop_at_2)
+    with pytest.raises(TrainingInterrupted):
+        recover(str(int3_dir), str(tmp_path / "resumed"), str(teacher_dir), cfg, progress=False)
+    monkeypatch.setattr(recipes.Trainer, "run", real_run)
+    blocks = []
+    monkeypatch.setattr(recipes, "blockwise_phase", lambda *a, **kw: blocks.append(1))
+    summary = recover(str(int3_dir), str(tmp_path / "resumed"), str(teacher_dir), cfg, progress=False)
+    assert summary["resumed_at"] == 2 and not blocks  # the block phase did not run again
+    a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    c0 = _codes(int3_dir)  # codes did move in the block phase, so the resumed run had to restore them
+    assert any(not torch.equal(c, c0[k]) for k, c in _codes(tmp_path / "straight").items())
 
 
 def test_recover_refuses_bad_input_before_training(int3_dir, teacher_dir, tmp_path, text_file, tokenizer):
