@@ -74,7 +74,7 @@ def write(result: dict, out: Path, quiet: bool = False) -> None:
     table = format_table(result["rows"], [("run", "run"), ("ppl", "ppl"), ("Δ ppl %", "ppl_increase_pct")])
     cfg = t.get("recover_config", {})
     data, train = cfg.get("data", {}), cfg.get("train", {})
-    trained = ["scales"] + [k for k in ("norms",) if cfg.get(f"train_{k}")]
+    trained = ["scales"] + (["norms"] if cfg.get("train_norms") else [])
     bw = t.get("blockwise")
     if bw:
         trained_bw = (f"block-wise phase first: {bw['steps_per_block']} Adam steps per block on {bw['windows']} windows, "

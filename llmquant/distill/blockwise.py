@@ -112,24 +112,26 @@ def blockwise_phase(student: nn.Module, teacher: nn.Module, windows: torch.Tenso
                 p.requires_grad_(False)
                 p.grad = None
 
-        before = rel_error()
+        before = after = rel_error()
         entry = {"block": i, "rel_error_before": before}
         if params:
             train(params, [])
+            after = rel_error()
         if signed:  # a second stage: codes move too; kept only if the block's error is lower than without them
-            without = rel_error() if params else before
+            without = after
             saved = [p.detach().clone() for p, _ in params]
             train(params, signed)
             with_codes = rel_error()
             kept = with_codes < without
-            if not kept:
+            if kept:
+                after = with_codes
+            else:  # back to the first stage's values exactly (offsets 0: stored codes), error `without`
                 with torch.no_grad():
                     for (p, _), v in zip(params, saved):
                         p.copy_(v)
                     for p, _ in signed:
                         p.zero_()
             entry.update(rel_error_without_codes=without, codes_kept=kept)
-        after = rel_error()
         entry["rel_error_after"] = after
         bar.set_postfix(block=i, rel_err=f"{after:.3g}")
         report.append(entry)
