@@ -4,6 +4,7 @@ the structured students (perplexity against kept parameters, greedy decode token
     python -m llmquant.evals.pruning sparsity --model smollm2-135m --sparsity 0.3 0.5 0.7
     python -m llmquant.evals.pruning students --teacher smollm2-135m --student LABEL=FOLDER ...
     python -m llmquant.evals.pruning gradual --model smollm2-135m --keep 0.6 --rounds 3 --steps 90
+    python -m llmquant.evals.pruning gradual --model smollm2-135m --method magnitude --sparsity 0.5 --steps 90
 
 ``sparsity`` prunes the model in memory with each method (calibration: the built-in news text, 32
 sequences of 512 tokens; never the evaluation text) and scores it on the WikiText-2 protocol; rows are
@@ -247,19 +248,23 @@ def _plot_students(result: dict, path: Path) -> None:
 def run_gradual(args: argparse.Namespace) -> dict:
     """One-shot (prune to the final size, then distill N steps) against gradual (``rounds`` prune ->
     distill rounds of N / rounds steps each, cubic schedule): same final size, same training steps,
-    same text, same teacher targets."""
+    same text, same teacher targets. Structured (``--keep``, ``--axes``) or unstructured (``--method``,
+    ``--sparsity``; the students keep their zeros while they train)."""
     import torch
 
     from llmquant.distill import DataConfig, DistillConfig, TrainConfig, distill
     from llmquant.evals.machine import machine_info
     from llmquant.models import load_model
-    from llmquant.prune import StructuredConfig
+    from llmquant.prune import SparsityConfig, StructuredConfig
     from llmquant.prune.gradual import gradual
     from llmquant.prune.jobs import prune
 
-    work = args.work / f"gradual-{args.model}-{args.keep}"
+    sparse = args.method is not None
+    size = f"{args.method}{args.sparsity}" if sparse else f"keep{args.keep}"
+    work = args.work / f"gradual-{args.model}-{size}"
     work.mkdir(parents=True, exist_ok=True)
-    final = StructuredConfig(keep=args.keep, axes=tuple(args.axes.split(",")))
+    final = (SparsityConfig(method=args.method, sparsity=args.sparsity) if sparse
+             else StructuredConfig(keep=args.keep, axes=tuple(args.axes.split(","))))
     dcfg = DistillConfig(train=TrainConfig(steps=args.steps, eval_every=0), lr=args.lr,
                          data=DataConfig(source=args.data, heldout=8))
     cache = str(work / "teacher_topk.safetensors")
@@ -280,6 +285,7 @@ def run_gradual(args: argparse.Namespace) -> dict:
         model, tok = load_model(path)
         block = _block_weights(model)
         rows.append(dict(_ppl(model, tok, args.model, args, label), run=label, block_params=block,
+                         sparsity=_block_sparsity(model),
                          shape={"layers": model.config.num_hidden_layers, "heads": model.config.num_attention_heads,
                                 "kv_heads": model.config.num_key_value_heads,
                                 "intermediate": model.config.intermediate_size}))
@@ -288,10 +294,22 @@ def run_gradual(args: argparse.Namespace) -> dict:
     for r in rows:
         r["block_params_kept"] = r["block_params"] / rows[0]["block_params"]
     gp = work / "gradual" / "llmquant_gradual.json"
-    return {"label": f"{args.model}-keep{args.keep}", "model": args.model, "machine": machine_info(), "rows": rows,
-            "steps": args.steps, "rounds": args.rounds, "schedule": args.schedule, "axes": args.axes,
+    return {"label": f"{args.model}-{size}", "model": args.model, "machine": machine_info(), "rows": rows,
+            "kind": "unstructured" if sparse else "structured", "target": final.to_dict(),
+            "steps": args.steps, "rounds": args.rounds, "schedule": args.schedule,
+            "axes": None if sparse else args.axes,
             "lr": args.lr, "data": args.data, "seconds": times,
             "gradual": json.loads(gp.read_text()) if gp.exists() else g}
+
+
+def _block_sparsity(model) -> float:
+    """Fraction of exact zeros in the weights of the decoder blocks' linear layers."""
+    from llmquant.modules.walk import find_linear_layers, linear_weight
+    from llmquant.quantizers.blocks import find_layer_stack
+
+    stack, layers = find_layer_stack(model)
+    ws = [linear_weight(m) for _, m in find_linear_layers(layers, prefix=stack)]
+    return sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws)
 
 
 def write_gradual(result: dict, out: Path, quiet: bool = False) -> None:
@@ -300,18 +318,22 @@ def write_gradual(result: dict, out: Path, quiet: bool = False) -> None:
 
     stem = f"pruning_gradual_{result['label']}"
     write_json(out / f"{stem}.json", result)
+    sparse = result.get("kind") == "unstructured"
     table = format_table(result["rows"], [("run", "run"), ("block params kept", "block_params_kept"),
-                                          ("ppl", "ppl")])
-    lines = report_head(f"Gradual against one-shot structured pruning: {result['model']}", result["machine"], table,
-                        result["rows"][0]["protocol"],
-                        f" Both students: axes {result['axes']}, distilled {result['steps']} steps in all "
+                                          ("zeros in block linears", "sparsity"), ("ppl", "ppl")])
+    what = (f"method {result['target']['method']} to {result['target']['sparsity']} sparsity (unstructured; "
+            "the zeros stay zero while the students train)" if sparse else f"axes {result['axes']}")
+    lines = report_head(f"Gradual against one-shot {'unstructured' if sparse else 'structured'} pruning: "
+                        f"{result['model']}", result["machine"], table, result["rows"][0]["protocol"],
+                        f" Both students: {what}, distilled {result['steps']} steps in all "
                         f"(gradual: {result['rounds']} rounds of {result['steps'] // result['rounds']}, "
                         f"{result['schedule']} schedule), lr {result['lr']}, text {result['data']!r}, "
                         "batch 1 x 4 windows of 256 tokens, 8-bit AdamW, the same teacher targets.")
     g = result.get("gradual") or {}
     for h in g.get("history", []):
-        lines.append(f"- round {h['round']}: {100 * h['kept_fraction']:.1f}% of the block parameters, "
-                     f"shape {h['shape']}, held-out loss {(h.get('heldout_last') or {}).get('loss')}")
+        size = (f"{100 * h['sparsity']:.1f}% zeros" if "sparsity" in h
+                else f"{100 * h['kept_fraction']:.1f}% of the block parameters, shape {h['shape']}")
+        lines.append(f"- round {h['round']}: {size}, held-out loss {(h.get('heldout_last') or {}).get('loss')}")
     finish_report(out, stem, lines, lambda p: None, quiet)
 
 
@@ -331,8 +353,10 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--runs", type=int, default=5)
     g = sub.add_parser("gradual")
     g.add_argument("--model", default="smollm2-135m")
-    g.add_argument("--keep", type=float, default=0.6)
-    g.add_argument("--axes", default="layers")
+    g.add_argument("--keep", type=float, default=0.6, help="structured: final kept fraction")
+    g.add_argument("--axes", default="layers", help="structured: what may shrink")
+    g.add_argument("--method", choices=METHODS, help="unstructured pruning with this method (instead of structured)")
+    g.add_argument("--sparsity", type=float, default=0.5, help="with --method: final sparsity")
     g.add_argument("--rounds", type=int, default=3)
     g.add_argument("--schedule", default="cubic")
     g.add_argument("--steps", type=int, default=90)

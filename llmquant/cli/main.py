@@ -8,7 +8,7 @@
     llmquant recover CKPT OUT --teacher MODEL [--steps N --max-minutes M]
     llmquant distill TEACHER STUDENT OUT [--steps N]
     llmquant prune MODEL OUT --structured --keep 0.75 | --method sparsegpt --sparsity 0.5 [--pattern 2:4]
-    llmquant prune-gradual MODEL OUT --keep 0.5 --rounds 3 [--steps N]
+    llmquant prune-gradual MODEL OUT --keep 0.5 --rounds 3 [--steps N]   # or --method magnitude --sparsity 0.5
     llmquant recipe RECIPE.json OUT
     llmquant export-gptq CKPT OUT
     llmquant export-compressed-tensors CKPT OUT

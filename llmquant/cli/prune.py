@@ -95,13 +95,18 @@ def run_prune(args: argparse.Namespace) -> int:
 def add_gradual(sub) -> None:
     from llmquant.cli.train import _add_training_args
 
-    p = sub.add_parser("prune-gradual", help="structured pruning in several prune -> distill rounds (cubic schedule)")
+    p = sub.add_parser("prune-gradual", help="pruning in several prune -> distill rounds (cubic schedule): "
+                                              "structured (--keep) or unstructured (--method ... --sparsity)")
     p.add_argument("model", help="built-in name or folder (a float model); also the teacher unless --teacher")
     p.add_argument("out", help="output folder (a plain Hugging Face model)")
-    p.add_argument("--keep", type=float, required=True, help="final fraction of the decoder-block parameters")
+    p.add_argument("--keep", type=float, help="structured: final fraction of the decoder-block parameters")
+    p.add_argument("--method", choices=("magnitude", "wanda", "sparsegpt"),
+                   help="unstructured pruning with this method, to --sparsity (instead of structured --keep)")
+    p.add_argument("--sparsity", type=float, help="unstructured: final fraction of each layer's weights zeroed")
+    p.add_argument("--skip", action="append", default=[], help="unstructured: layers left dense (pattern; repeatable)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--schedule", choices=("cubic", "linear"), default="cubic")
-    p.add_argument("--axes", default="mlp,heads", help="what may shrink: mlp, heads, kv_heads, layers")
+    p.add_argument("--axes", default="mlp,heads", help="structured: what may shrink: mlp, heads, kv_heads, layers")
     p.add_argument("--round-to", type=int, default=64)
     p.add_argument("--teacher", help="teacher (default: the model itself)")
     p.add_argument("--calibration", default="builtin")
@@ -111,21 +116,34 @@ def add_gradual(sub) -> None:
     p.set_defaults(func=run_gradual)
 
 
+def gradual_target(args: argparse.Namespace):
+    """The final size of ``prune-gradual``: a StructuredConfig (--keep) or a SparsityConfig (--method)."""
+    from llmquant.prune import SparsityConfig, StructuredConfig
+
+    common = dict(calibration=args.calibration, nsamples=args.nsamples, seqlen=args.calib_seqlen)
+    if args.method is None:
+        if args.keep is None or args.sparsity is not None:
+            raise ValueError("prune-gradual: give --keep (structured) or --method with --sparsity (unstructured)")
+        return StructuredConfig(keep=args.keep, axes=args.axes, round_to=args.round_to, **common)
+    if args.keep is not None or args.sparsity is None:
+        raise ValueError("prune-gradual --method prunes to --sparsity (not --keep, which is structured)")
+    return SparsityConfig(method=args.method, sparsity=args.sparsity, skip=tuple(args.skip), **common)
+
+
 def run_gradual(args: argparse.Namespace) -> int:
     from llmquant.cli.train import _configs
     from llmquant.distill import DistillConfig
-    from llmquant.prune import StructuredConfig
     from llmquant.prune.gradual import gradual
 
     train, data = _configs(args)
-    final = StructuredConfig(keep=args.keep, axes=args.axes, round_to=args.round_to, calibration=args.calibration,
-                             nsamples=args.nsamples, seqlen=args.calib_seqlen)
+    final = gradual_target(args)
     summary = gradual(args.model, args.out, final, DistillConfig(train=train, data=data, lr=args.lr), args.rounds,
                       kind=args.schedule, teacher=args.teacher, state_dir=args.state_dir, overwrite=args.overwrite)
     for h in summary["history"]:
         held = (h.get("heldout_last") or {}).get("loss")
-        print(f"round {h['round']}: {100 * h['kept_fraction']:.1f}% of the block parameters, shape {h['shape']}, "
-              f"{h['steps']} steps, held-out loss {held if held is None else round(held, 4)}")
+        size = (f"{100 * h['sparsity']:.1f}% zeros" if "sparsity" in h else
+                f"{100 * h['kept_fraction']:.1f}% of the block parameters, shape {h['shape']}")
+        print(f"round {h['round']}: {size}, {h['steps']} steps, held-out loss {held if held is None else round(held, 4)}")
     print(f"gradual: {summary['wall_seconds'] / 60:.1f} min; saved to {args.out}")
     _write_json(args.json, summary)
     return 0

@@ -52,6 +52,9 @@ def _report(summary: dict, out: str, path: str | None) -> None:
           f"{summary['tokens']} tokens, {summary['tokens_per_s']} tokens/s; {held}"
           f"optimizer {summary['optimizer']} state {mem / 2**20 if mem else 0:.2f} MiB; "
           f"{summary['wall_seconds']:.0f} s in all; saved to {out}")
+    kept = summary.get("sparsity_kept")
+    if kept:
+        print(f"kept the pruned zeros: {100 * kept['sparsity']:.1f}% of {kept['layers']} layers' weights")
     if path:
         from llmquant.distill.trainer import write_log
 
@@ -100,6 +103,8 @@ def add_distill(sub) -> None:
     p.add_argument("student", help="float student: built-in name or folder")
     p.add_argument("out", help="output folder (a plain Hugging Face checkpoint)")
     p.add_argument("--train-embeddings", action="store_true", help="also train the embedding and output layer")
+    p.add_argument("--no-keep-sparsity", dest="keep_sparsity", action="store_false",
+                   help="a pruned student's zeros train like any weight (default: they stay zero)")
     _add_training_args(p, steps=200, lr=1e-4)
     p.set_defaults(func=run_distill)
 
@@ -108,7 +113,8 @@ def run_distill(args: argparse.Namespace) -> int:
     from llmquant.distill import DistillConfig, distill
 
     train, data = _configs(args)
-    config = DistillConfig(train=train, data=data, lr=args.lr, train_embeddings=args.train_embeddings)
+    config = DistillConfig(train=train, data=data, lr=args.lr, train_embeddings=args.train_embeddings,
+                           keep_sparsity=args.keep_sparsity)
     summary = distill(args.teacher, args.student, args.out, config, state_dir=args.state_dir, overwrite=args.overwrite,
                       teacher_cache=args.teacher_cache)
     _report(summary, args.out, args.json)

@@ -91,12 +91,17 @@ class RecoverConfig:
 @dataclass(frozen=True)
 class DistillConfig:
     """What ``distill`` trains: every float parameter of the student except, by default, the embedding
-    and output layer (the largest matrices of a small model, and the costliest to update on a CPU)."""
+    and output layer (the largest matrices of a small model, and the costliest to update on a CPU).
+
+    A student pruned to zeros (``llmquant prune --method ...``: its config names the layers in
+    ``sparsity_config``) keeps those zeros exactly by default; ``keep_sparsity=False`` lets them train
+    like any weight (the result is then dense, and its config no longer claims a sparsity)."""
 
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=200))
     data: DataConfig = field(default_factory=DataConfig)
     lr: float = 1e-4
     train_embeddings: bool = False
+    keep_sparsity: bool = True
 
 
 def _read_config(path: Path) -> dict:
@@ -168,6 +173,29 @@ def subsample_windows(windows: torch.Tensor, n: int) -> torch.Tensor:
         return windows
     rows = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(0))[:n].sort().values
     return windows[rows]
+
+
+def pruned_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameter name -> bool mask of the zeros of every layer the model's ``sparsity_config`` lists
+    (written by unstructured/N:M pruning); empty for a dense model. A listed layer that is missing or
+    not a float linear layer is an error: the config does not describe this model."""
+    sc = getattr(getattr(model, "config", None), "sparsity_config", None)
+    if not sc:
+        return {}
+    layers = sc.get("layers") if isinstance(sc, dict) else None
+    if not isinstance(layers, dict) or not layers:
+        raise ValueError(f"sparsity_config in the student's config names no layers: {str(sc)[:200]}")
+    masks = {}
+    for name in layers:
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"sparsity_config names layer {name!r}, which this model does not have") from None
+        w = getattr(mod, "weight", None)
+        if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.dim() != 2:
+            raise ValueError(f"sparsity_config names {name!r}, which is not a float linear layer ({type(mod).__name__})")
+        masks[f"{name}.weight"] = w.detach() == 0
+    return masks
 
 
 def _identity(teacher: str, data: DataConfig, **more) -> dict:
@@ -258,11 +286,22 @@ def distill(teacher: str, student_path: str, out: str, config: DistillConfig = D
         frozen = {id(p) for m in (student.get_input_embeddings(), student.get_output_embeddings())
                   for p in m.parameters()}
     params = [p for p in student.parameters() if p.is_floating_point() and id(p) not in frozen]
+    masks = pruned_masks(student)
+    if masks and not config.keep_sparsity:
+        logger.info("%s: its zeros train like any weight (keep_sparsity off); the result is dense", student_path)
+        del student.config.sparsity_config
+        masks = {}
     trainer = Trainer(student, [{"name": "all", "params": params, "lr": config.lr}], train, train_t,
                       config.data.loss(), config.train, state, held, held_t, progress,
                       identity=_identity(teacher, config.data, student=str(resolve(student_path)),
-                                         train_embeddings=config.train_embeddings))
+                                         train_embeddings=config.train_embeddings,
+                                         keep_sparsity=config.keep_sparsity),
+                      pruned=masks)
     summary = trainer.run()
+    if masks:
+        zeros = sum(int(m.sum()) for m in masks.values())
+        summary["sparsity_kept"] = {"layers": len(masks), "zeros": zeros,
+                                    "sparsity": zeros / sum(m.numel() for m in masks.values())}
     for p in student.parameters():
         p.requires_grad_(False)
     summary.update(job="distill", student=str(student_path), teacher=str(teacher),

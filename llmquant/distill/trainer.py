@@ -17,6 +17,9 @@ cosine decay to zero at ``steps``), the optimizer step.
   names the step; nothing is saved from that step on, so the state folder keeps the last good state.
 * **Log**: one entry per step (loss and its parts, learning rate, tokens/s) plus held-out evaluations;
   :func:`write_log` writes it as JSON.
+* **Zeros that stay zero**: ``pruned`` masks (parameter name -> bool, True where the weight was pruned)
+  clear those entries of the gradient before the clip and of the weight after every optimizer step, so
+  a sparse student keeps its sparsity exactly, whatever the optimizer's state does.
 """
 from __future__ import annotations
 
@@ -118,14 +121,16 @@ class Trainer:
     ``windows`` int64 [N, T] are the training windows and ``targets`` their teacher top-k (None for a
     pure cross-entropy loss); ``heldout``/``heldout_targets`` are evaluated (no gradient) for the log.
     ``buffers`` (name -> tensor) are saved with the state and restored on resume as they are, untrained
-    (codes that an earlier phase of the run changed).
+    (codes that an earlier phase of the run changed). ``pruned`` (trained parameter name -> bool tensor of
+    its shape): entries held at exactly zero (a pruned student's zeros).
     """
 
     def __init__(self, model: nn.Module, groups: list[dict], windows: torch.Tensor, targets: TopK | None,
                  loss: KDLoss, config: TrainConfig, state_dir: str | os.PathLike | None = None,
                  heldout: torch.Tensor | None = None, heldout_targets: TopK | None = None,
                  progress: bool = True, identity: dict | None = None,
-                 buffers: dict[str, torch.Tensor] | None = None) -> None:
+                 buffers: dict[str, torch.Tensor] | None = None,
+                 pruned: dict[str, torch.Tensor] | None = None) -> None:
         self.model, self.windows, self.targets, self.loss, self.config = model, windows, targets, loss, config
         self.heldout, self.heldout_targets = heldout, heldout_targets
         self.progress = progress
@@ -140,6 +145,13 @@ class Trainer:
         for p in model.parameters():
             p.requires_grad_(id(p) in trained)
         self.buffers = dict(buffers or {})
+        self.pruned = dict(pruned or {})
+        for n, m in self.pruned.items():
+            p = self.named.get(n)
+            if p is None or m.shape != p.shape or m.dtype != torch.bool:
+                raise ValueError(f"pruned mask {n!r}: expected a bool mask of a trained parameter"
+                                 f"{'' if p is None else f' of shape {tuple(p.shape)}'}, got {m.dtype} {tuple(m.shape)}")
+        self._hold_zeros()
         self.base_lr = [g["lr"] for g in groups]
         self.opt = make_optimizer(groups, config)
         self.step = 0
@@ -205,6 +217,11 @@ class Trainer:
         logger.info("resumed from %s at step %d", path, self.step)
         return True
 
+    @torch.no_grad()
+    def _hold_zeros(self) -> None:
+        for n, m in self.pruned.items():
+            self.named[n].masked_fill_(m, 0)
+
     # --- one step --------------------------------------------------------------------------------
     def _forward_loss(self, rows: torch.Tensor) -> tuple[torch.Tensor, dict]:
         ids = self.windows[rows]
@@ -258,6 +275,10 @@ class Trainer:
                     (loss / cfg.grad_accum).backward()
                     for k, v in dict(parts, loss=float(loss.detach())).items():
                         sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
+                for n, m in self.pruned.items():
+                    g = self.named[n].grad
+                    if g is not None:
+                        g.masked_fill_(m, 0)
                 params = [p for p in self.named.values() if p.grad is not None]
                 norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)) if params else 0.0
                 if not math.isfinite(norm):
@@ -266,6 +287,7 @@ class Trainer:
                 for g, base in zip(self.opt.param_groups, self.base_lr):
                     g["lr"] = base * factor
                 self.opt.step()
+                self._hold_zeros()
                 if state_bytes is None:
                     state_bytes = optimizer_state_bytes(self.opt)
                 self.step += 1

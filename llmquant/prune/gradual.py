@@ -1,4 +1,4 @@
-"""Gradual structured pruning: several prune -> distill rounds on a schedule down to the final size.
+"""Gradual pruning: several prune -> distill rounds on a schedule down to the final size.
 
 One-shot pruning removes everything at once and asks distillation to repair it; gradual pruning
 removes a part, lets the student recover, then removes more, ranking the units on the recovered
@@ -10,6 +10,12 @@ redundant, small ones near the end) or ``p_final * t/n`` (linear). Each round pr
 student to ``1 - p_t`` of the *original* block parameters (the StructuredConfig's axes and
 calibration), then distills it against the original teacher for ``distill.train.steps / n`` steps,
 so the whole schedule trains as long as one distillation of ``distill.train.steps`` steps.
+
+Unstructured pruning (a :class:`SparsityConfig`: magnitude, Wanda, SparseGPT) runs the same rounds on
+the sparsity: round t zeros ``s_t = s_final * frac_t`` of each layer's weights (Zhu & Gupta's original
+setting); the zeros of earlier rounds are the smallest weights, so they stay pruned, and distillation
+keeps them at zero (:class:`~llmquant.distill.recipes.DistillConfig` ``keep_sparsity``). An N:M pattern
+has no intermediate sizes, and quantizing in the same pass belongs to the last step: both are refused.
 
 Resumable: every finished round is a folder in the state directory (``OUT.gradual``) with a record
 of the schedule; a rerun with the same arguments skips the rounds already done (a round interrupted
@@ -28,7 +34,7 @@ from pathlib import Path
 
 from llmquant.distill.recipes import DistillConfig, distill
 from llmquant.fsutil import atomic_write_text
-from llmquant.prune.config import PruneConfigError, StructuredConfig
+from llmquant.prune.config import PruneConfigError, SparsityConfig, StructuredConfig
 from llmquant.prune.jobs import RECORD, prune
 
 logger = logging.getLogger(__name__)
@@ -47,18 +53,33 @@ def schedule(final_keep: float, rounds: int, kind: str = "cubic") -> list[float]
     return [1 - p * f for f in frac]
 
 
-def gradual(model: str, out: str, final: StructuredConfig, distill_config: DistillConfig, rounds: int = 3, *,
-            kind: str = "cubic", teacher: str | None = None, state_dir: str | None = None, overwrite: bool = False,
-            progress: bool = True, teacher_cache: str | None = None) -> dict:
-    """Prune ``model`` to ``final.keep`` in ``rounds`` prune -> distill rounds; write the student to ``out``.
-    ``teacher_cache``: the teacher's top-k targets file shared with other runs (default: one in the state
-    folder, shared by the rounds)."""
+def gradual(model: str, out: str, final: StructuredConfig | SparsityConfig, distill_config: DistillConfig,
+            rounds: int = 3, *, kind: str = "cubic", teacher: str | None = None, state_dir: str | None = None,
+            overwrite: bool = False, progress: bool = True, teacher_cache: str | None = None) -> dict:
+    """Prune ``model`` to ``final.keep`` (structured) or ``final.sparsity`` (unstructured) in ``rounds``
+    prune -> distill rounds; write the student to ``out``. ``teacher_cache``: the teacher's top-k targets
+    file shared with other runs (default: one in the state folder, shared by the rounds)."""
     t0 = time.perf_counter()
-    if final.keep is None or any(v is not None for k, v in final.sizes().items() if k != "round_to"):
+    sparse = isinstance(final, SparsityConfig)
+    if sparse:
+        if final.nm is not None:
+            raise PruneConfigError(f"gradual pruning needs an unstructured target: an N:M pattern "
+                                   f"({final.pattern}) has no intermediate sizes; prune to it in one step")
+        if final.quantize is not None:
+            raise PruneConfigError("gradual pruning does not quantize in the same pass; quantize the result "
+                                   "(llmquant quantize) afterwards")
+        if not distill_config.keep_sparsity:
+            raise PruneConfigError("gradual unstructured pruning needs keep_sparsity: distillation would refill "
+                                   "the zeros of every round")
+        keeps = schedule(1 - final.sparsity, rounds, kind)
+    elif not isinstance(final, StructuredConfig):
+        raise PruneConfigError(f"gradual pruning takes a StructuredConfig or a SparsityConfig, got {type(final).__name__}")
+    elif final.keep is None or any(v is not None for k, v in final.sizes().items() if k != "round_to"):
         raise PruneConfigError("gradual pruning needs a keep fraction, not explicit sizes")
+    else:
+        keeps = schedule(final.keep, rounds, kind)
     if Path(out).exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
-    keeps = schedule(final.keep, rounds, kind)
     teacher = teacher or model
     steps = max(1, distill_config.train.steps // rounds)
     round_cfg = dataclasses.replace(distill_config, train=dataclasses.replace(
@@ -81,20 +102,29 @@ def gradual(model: str, out: str, final: StructuredConfig, distill_config: Disti
     for t, keep in enumerate(keeps, 1):
         pruned, student = state / f"round{t}-pruned", state / f"round{t}-distilled"
         if not pruned.exists():
-            # the StructuredConfig's keep is relative to the model it prunes: the previous round's student
-            rel = keep if original is None else keep * original / current_block
-            logger.info("gradual round %d/%d: prune to %.3f of the original block parameters", t, rounds, keep)
-            prune(current, str(pruned), dataclasses.replace(final, keep=min(1.0, rel)), progress=progress)
+            if sparse:  # each layer keeps its shape: the sparsity is of the original weights
+                target = final.sparsity if t == rounds else 1 - keep  # the last exactly as asked
+                logger.info("gradual round %d/%d: %s pruning to %.3f sparsity", t, rounds, final.method, target)
+                prune(current, str(pruned), dataclasses.replace(final, sparsity=target), progress=progress)
+            else:
+                # the StructuredConfig's keep is relative to the model it prunes: the previous round's student
+                rel = keep if original is None else keep * original / current_block
+                logger.info("gradual round %d/%d: prune to %.3f of the original block parameters", t, rounds, keep)
+                prune(current, str(pruned), dataclasses.replace(final, keep=min(1.0, rel)), progress=progress)
         rec = json.loads((pruned / RECORD).read_text())
-        if original is None:
-            original = rec["original_block_params"]
-        current_block = rec["block_params"]
+        if sparse:
+            entry = {"sparsity_target": rec["target_sparsity"], "sparsity": rec["sparsity"],
+                     "kept_fraction": 1 - rec["sparsity"]}
+        else:
+            if original is None:
+                original = rec["original_block_params"]
+            current_block = rec["block_params"]
+            entry = {"block_params": current_block, "kept_fraction": current_block / original, "shape": rec["shape"]}
         if not student.exists():
             distill(teacher, str(pruned), str(student), round_cfg, state_dir=str(state / f"round{t}.state"),
                     progress=progress, teacher_cache=teacher_cache or str(state / "teacher_topk.safetensors"))
         training = json.loads((student / "llmquant_training.json").read_text())
-        history.append({"round": t, "keep_target": keep, "block_params": current_block,
-                        "kept_fraction": current_block / original, "shape": rec["shape"],
+        history.append({"round": t, "keep_target": keep, **entry,
                         "heldout_last": training.get("heldout_last"), "steps": training.get("steps"),
                         "train_seconds": training.get("seconds")})
         current = str(student)

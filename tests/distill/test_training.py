@@ -375,3 +375,53 @@ def test_cli_distill_refuses_a_quantized_student_and_another_tokenizer(int3_dir,
     rc = main(["distill", str(teacher_dir), str(tmp_path / "other"), str(tmp_path / "d"), "--data", str(text_file)])
     assert rc == 2 and "the student 1000: distillation needs the same tokenizer" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+def _block_linears(model):
+    return {n: m.weight.detach().clone() for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and ".layers." in n}
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_distill_keeps_a_pruned_students_zeros_exactly_unless_told_not_to(teacher_dir, tmp_path, text_file, keep):
+    from transformers import AutoModelForCausalLM
+
+    from llmquant.prune import SparsityConfig
+    from llmquant.prune.jobs import prune
+
+    pruned = tmp_path / "pruned"
+    prune(str(teacher_dir), str(pruned), SparsityConfig(method="magnitude", sparsity=0.5), progress=False)
+    before = _block_linears(AutoModelForCausalLM.from_pretrained(pruned))
+    data, train = _small(text_file, steps=4)
+    out = tmp_path / "distilled"
+    summary = distill(str(teacher_dir), str(pruned), str(out),
+                      DistillConfig(train=train, data=data, lr=1e-2, keep_sparsity=keep), progress=False)
+    back = AutoModelForCausalLM.from_pretrained(out)
+    after = _block_linears(back)
+    assert before.keys() == after.keys() and before
+    zero_before = {n: w == 0 for n, w in before.items()}
+    assert all(z.float().mean() >= 0.5 for z in zero_before.values())
+    changed = sum(int(((after[n] != before[n]) & ~z).sum()) for n, z in zero_before.items())
+    assert changed > 0  # the kept weights trained
+    refilled = sum(int((after[n][z] != 0).sum()) for n, z in zero_before.items())
+    if keep:
+        assert refilled == 0
+        assert summary["sparsity_kept"]["layers"] == len(before)
+        assert summary["sparsity_kept"]["sparsity"] == pytest.approx(
+            sum(int(z.sum()) for z in zero_before.values()) / sum(z.numel() for z in zero_before.values()))
+        assert back.config.sparsity_config["method"] == "magnitude"
+    else:
+        assert refilled > 0 and "sparsity_kept" not in summary
+        assert getattr(back.config, "sparsity_config", None) is None  # no longer claims to be sparse
+
+
+def test_pruned_masks_refuse_a_sparsity_config_of_another_model(tiny_llama):
+    from llmquant.distill.recipes import pruned_masks
+
+    assert pruned_masks(tiny_llama) == {}
+    tiny_llama.config.sparsity_config = {"layers": {"model.layers.9.mlp.up_proj": 0.5}}
+    with pytest.raises(ValueError, match="does not have"):
+        pruned_masks(tiny_llama)
+    tiny_llama.config.sparsity_config = {"layers": {"model.layers.0.input_layernorm": 0.5}}
+    with pytest.raises(ValueError, match="not a float linear layer"):
+        pruned_masks(tiny_llama)
