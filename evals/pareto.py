@@ -61,30 +61,39 @@ def run(args: argparse.Namespace) -> dict:
             r["mixed"] = summary["mixed"]
         rows.append(r)
         if args.out is not None:  # keep what is measured so far, should a later step fail
-            write(_summarize(args.model, rows), args.out, quiet=True)
+            write(_summarize(args.model, rows, getattr(args, "rotation", None)), args.out, quiet=True)
         return r
 
+    rot = getattr(args, "rotation", None)
+    tag = f" +{rot}" if rot else ""
     for bits in args.uniform_bits:
         for method in args.methods:
-            cfg = llmquant.QuantConfig(bits=bits, group_size=128, method=method)
-            one(f"{method} int{bits} g128", cfg, method=method, bits=bits)
-    meas_path = args.measurement or (args.out / f"measurement_{args.model}.json" if args.out else None)
+            cfg = llmquant.QuantConfig(bits=bits, group_size=128, method=method, rotation=rot)
+            one(f"{method} int{bits} g128{tag}", cfg, method=method, bits=bits, rotation=rot)
+    for bits in getattr(args, "plain_gptq_bits", None) or []:  # the unrotated baselines, in the same run
+        one(f"gptq int{bits} g128", llmquant.QuantConfig(bits=bits, group_size=128, method="gptq"), method="gptq-plain",
+            bits=bits, rotation=None)
+    meas_path = args.measurement or (args.out / f"measurement_{args.model}{'-' + rot if rot else ''}.json" if args.out else None)
     if meas_path is not None and Path(meas_path).exists() and not args.measurement:
         Path(meas_path).unlink()  # measured anew in this run, so its time is this machine's
     for i, budget in enumerate(args.budgets):
-        cfg = llmquant.QuantConfig(method="gptq", target_bpw=budget)
-        r = one(f"mixed {budget} bpw", cfg, method="mixed", bits=None, target_bpw=budget, measurement=meas_path)
+        cfg = llmquant.QuantConfig(method="gptq", target_bpw=budget, rotation=rot)
+        r = one(f"mixed {budget} bpw{tag}", cfg, method="mixed", bits=None, target_bpw=budget, measurement=meas_path,
+                rotation=rot)
         r["mixed_total_seconds"] = r["quantize_seconds"]
-    return _summarize(args.model, rows)
+    return _summarize(args.model, rows, rot)
 
 
-def _summarize(model: str, rows: list[dict]) -> dict:
+def _summarize(model: str, rows: list[dict], rotation: str | None = None) -> dict:
     from llmquant.evals.machine import machine_info
 
     base = rows[0]["ppl"]
     for r in rows:
         r["ppl_increase_pct"] = 100 * (r["ppl"] / base - 1)
-    return {"model": model, "machine": machine_info(), "rows": rows}
+    out = {"model": model, "machine": machine_info(), "rows": rows}
+    if rotation:
+        out["rotation"] = rotation
+    return out
 
 
 def write(result: dict, out: Path, quiet: bool = False) -> None:
@@ -92,7 +101,7 @@ def write(result: dict, out: Path, quiet: bool = False) -> None:
     from llmquant.evals.sweep import finish_report, report_head
 
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"pareto_{result['model']}"
+    stem = f"pareto_{result['model']}" + (f"-{result['rotation']}" if result.get("rotation") else "")
     write_json(out / f"{stem}.json", result)
     rows = result["rows"]
     for r in rows:
@@ -107,8 +116,10 @@ def write(result: dict, out: Path, quiet: bool = False) -> None:
     p = rows[0]["protocol"]
     lines = report_head(
         f"Perplexity vs bits per weight: {result['model']}", m, table, p,
-        " bpw: bytes of the quantized layers (codes, scales, zeros, act-order perm) × 8 / their weights; embedding "
-        "and output layer in float as in every row. GPTQ rows and mixed rows: act-order and clip search on.")
+        " bpw: bytes of the quantized layers (codes, scales, zeros, act-order perm, rotation signs) × 8 / their weights; "
+        "embedding and output layer in float as in every row. GPTQ rows and mixed rows: act-order and clip search on."
+        + (f" '+{result['rotation']}': the layers' inputs rotated (QuantConfig.rotation, llmquant.formats.rotation; "
+           "every block linear here, the output layer never)." if result.get("rotation") else ""))
     q = next((r for r in rows if "calibration" in r), None)
     if q:
         c = q["calibration"]
@@ -127,10 +138,12 @@ def _plot(result: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
     rows = result["rows"]
-    for method, marker in (("rtn", "o"), ("gptq", "s"), ("mixed", "^")):
+    tag = f" +{result['rotation']}" if result.get("rotation") else ""
+    for method, marker in (("rtn", "o"), ("gptq", "s"), ("mixed", "^"), ("gptq-plain", "x")):
         pts = sorted((r["bpw"], r["ppl"]) for r in rows if r.get("method") == method)
         if pts:
-            ax.plot(*zip(*pts), marker=marker, label={"rtn": "RTN g128", "gptq": "GPTQ g128", "mixed": "mixed (GPTQ)"}[method])
+            ax.plot(*zip(*pts), marker=marker, label={"rtn": f"RTN g128{tag}", "gptq": f"GPTQ g128{tag}",
+                                                      "mixed": f"mixed (GPTQ){tag}", "gptq-plain": "GPTQ g128"}[method])
     ax.axhline(rows[0]["ppl"], color="gray", linestyle="--", label="float")
     ax.set_xlabel("bits per weight (quantized layers, metadata included)")
     ax.set_ylabel("WikiText-2 perplexity")
@@ -149,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=["rtn", "gptq"], choices=["rtn", "gptq"])
     p.add_argument("--budgets", type=float, nargs="*", default=DEFAULT_BUDGETS)
     p.add_argument("--measurement", type=Path, help="reuse this measurement file (default: measure in this run)")
+    p.add_argument("--rotation", choices=["hadamard"], help="rotate every run's layers (QuantConfig.rotation)")
+    p.add_argument("--plain-gptq-bits", type=int, nargs="*", default=[],
+                   help="with --rotation: unrotated GPTQ baselines at these widths, in the same run")
     return sweep_main(p, argv, run, write, DEFAULT_OUT)
 
 

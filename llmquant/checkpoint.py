@@ -92,6 +92,9 @@ def verify_quantized_tensors(model: nn.Module, files: Iterable[str | os.PathLike
         stray = f"{prefix}.weight"
         if stray in header:
             raise CheckpointError(f"{stray}: a float weight is stored for a layer the config quantizes")
+        if mod.rot_signs is None and f"{prefix}.rot_signs" in header:
+            raise CheckpointError(f"{prefix}.rot_signs: the layer is stored rotated, but the quantization_config does "
+                                  "not rotate it; run unrotated, it would give wrong outputs")
 
 
 def validate_loaded(model: nn.Module) -> int:

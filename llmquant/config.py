@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 from llmquant.formats.packing import SUPPORTED_BITS
+from llmquant.formats.rotation import ROTATIONS, rotatable
 from llmquant.registry import METHOD_OPTIONS, get_method, method_names
 
 FORMAT_VERSION = 1
@@ -107,6 +108,10 @@ class QuantConfig:
     #: can: :mod:`llmquant.kernels.act_int8`). Stored with the checkpoint as its default;
     #: ``LLMQUANT_ACTIVATIONS`` overrides it when a model is run.
     activations: str = "float"
+    #: rotate the inputs of the quantized layers before quantizing them: None, or "hadamard" (a
+    #: randomized 128-column block Hadamard transform, :mod:`llmquant.formats.rotation`; the layers
+    #: whose K is a multiple of 128, never the output layer or the embedding). GPTQ and RTN.
+    rotation: str | None = None
     # --- mixed precision (llmquant.mixed): a budget instead of one scheme for every layer ---------
     #: average bits per quantized weight (codes, scales, zeros and perm included) the layers may take;
     #: each layer's scheme is then chosen by measurement and allocation
@@ -151,6 +156,12 @@ class QuantConfig:
             raise QuantConfigError(f"QuantConfig: activations must be one of {ACTIVATIONS}, got {self.activations!r}")
         if self.static_groups and not self.act_order:
             raise QuantConfigError("QuantConfig: static_groups only makes sense with act_order=True")
+        if self.rotation is not None:
+            if self.rotation not in ROTATIONS:
+                raise QuantConfigError(f"QuantConfig: rotation must be None or one of {ROTATIONS}, got {self.rotation!r}")
+            if not method.supports_rotation:
+                users = [m for m in method_names() if get_method(m).supports_rotation]
+                raise QuantConfigError(f"QuantConfig: method {self.method!r} does not rotate layers; methods that do: {users}")
         for problem in method.problems(self):
             raise QuantConfigError(f"QuantConfig: {problem}")
         self._check_mixed(method)
@@ -229,6 +240,10 @@ class QuantConfig:
         stored in the order they were quantized, see :mod:`llmquant.formats.packing`)."""
         return self.act_order and not self.static_groups
 
+    def rotates(self, name: str, in_features: int) -> bool:
+        """Whether the quantized linear layer ``name`` with ``in_features`` inputs is stored rotated."""
+        return self.rotation is not None and rotatable(in_features) and not match_pattern("lm_head", name)
+
     def with_kept_float(self, names: Iterable[str]) -> "QuantConfig":
         """This config with the layers ``names`` (full module names) added to ``skip``: a method that
         leaves layers in float records them, so the saved config describes what was stored."""
@@ -292,6 +307,6 @@ class QuantConfig:
 
 
 _OPTIONAL_FIELDS = ("target_bpw", "max_size", "max_latency", "mixed_bits", "mixed_group_sizes", "mixed",
-                 "quantize_embedding")  # written only when set (older configs stay as they were)
+                 "quantize_embedding", "rotation")  # written only when set (older configs stay as they were)
 _DEFAULTS = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
              for f in dataclasses.fields(QuantConfig)}

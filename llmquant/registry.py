@@ -47,6 +47,8 @@ class Method:
     #: the method quantizes each layer with the scheme the config resolves for it, so a budget
     #: (``target_bpw``/``max_size``) can choose those schemes (:mod:`llmquant.mixed`)
     supports_mixed: ClassVar[bool] = False
+    #: the method can store layers rotated (``QuantConfig.rotation``, :mod:`llmquant.formats.rotation`)
+    supports_rotation: ClassVar[bool] = False
     #: the optional QuantConfig fields (of :data:`METHOD_OPTIONS`) this method reads
     options: ClassVar[frozenset[str]] = frozenset()
     #: values for options the user left unset (``None``); unlisted options default to False

@@ -63,6 +63,9 @@ def check_qat_config(config: QuantConfig) -> None:
             f"QAT trains against the round-to-nearest grid, so it converts with method='rtn' and clip_search=False "
             f"(got method={config.method!r}, clip_search={config.clip_search}); GPTQ or the clip search would store "
             "other weights than the ones training saw")
+    if config.rotation is not None:
+        raise ValueError(f"QAT does not train rotated layers (rotation={config.rotation!r}) yet: its fake quantization "
+                         "rounds the unrotated weight")
     if config.target_bpw is not None or config.max_size is not None or config.max_latency is not None:
         raise ValueError("QAT needs fixed per-layer schemes; a budget (target_bpw/max_size/max_latency) chooses them "
                          "from data: quantize once with the budget and pin its schemes as overrides")

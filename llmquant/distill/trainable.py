@@ -33,6 +33,7 @@ from torch import nn
 
 from llmquant.config import LayerQuant
 from llmquant.formats.packing import unpack_rows
+from llmquant.formats.rotation import rotate, unpack_signs
 from llmquant.modules.quant_linear import QuantLinear
 from llmquant.modules.walk import set_submodule
 from llmquant.quantizers.rtn import expand_groups, make_packed
@@ -102,6 +103,8 @@ class TrainableQuantLinear(nn.Module):
         zero = (torch.full_like(self.scale0, float(1 << (w.bits - 1))) if self.sym else w.zeros.to(torch.float32))
         self.register_buffer("zero", zero.clone())
         self.register_buffer("perm", None if w.perm is None else w.perm.to(torch.long).clone())
+        # a rotated layer (llmquant.formats.rotation) keeps its signs and rotates its input
+        self.register_buffer("rot_signs", None if layer.rot_signs is None else layer.rot_signs.clone())
         self.log_scale = nn.Parameter(torch.zeros_like(self.scale0))
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().float().clone(), requires_grad=False)
         self._bias_dtype = None if layer.bias is None else layer.bias.dtype
@@ -138,6 +141,8 @@ class TrainableQuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"TrainableQuantLinear: input has {x.shape[-1]} features, expected K={self.in_features}")
+        if self.rot_signs is not None:
+            x = rotate(x, unpack_signs(self.rot_signs, self.in_features).to(x.device))
         if self.perm is not None:
             x = x[..., self.perm]
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -150,7 +155,7 @@ class TrainableQuantLinear(nn.Module):
         codes = self.current_codes()
         packed = make_packed(codes, scales, self.zero, LayerQuant(self.bits, self.group_size, self.sym), self.perm)
         bias = None if self.bias is None else self.bias.to(self._bias_dtype)
-        return QuantLinear.from_packed(packed, bias, sym=self.sym, act_int8=self.act_int8)
+        return QuantLinear.from_packed(packed, bias, sym=self.sym, act_int8=self.act_int8, rot_signs=self.rot_signs)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "

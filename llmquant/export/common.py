@@ -55,6 +55,9 @@ def read_checkpoint(src: str | os.PathLike) -> SourceCheckpoint:
     if "quantization_config" not in cfg:
         raise ExportError(f"{src} has no quantization_config: not a quantized checkpoint")
     quant = QuantConfig.from_dict(cfg["quantization_config"])
+    if quant.rotation is not None:
+        raise ExportError(f"{src} stores rotated layers (rotation={quant.rotation!r}); the GPTQ and "
+                          "compressed-tensors formats have no input rotation, so exporting them would change the model")
     files = sorted(src.glob("*.safetensors"))
     if not files:
         raise ExportError(f"no .safetensors files in {src}")

@@ -109,6 +109,7 @@ def swap_in_quant_linears(model: torch.nn.Module, config: QuantConfig, bias_dtyp
                 has_perm=config.stores_perm,
                 bias_dtype=bias_dtype,
                 act_int8=config.activations == "dynamic_int8",
+                rotated=config.rotates(name, k),
             )
         set_submodule(model, name, q)
     return len(todo) + swap_in_quant_embedding(model, config, bias_dtype)

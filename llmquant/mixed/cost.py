@@ -34,8 +34,10 @@ def parse_scheme_key(key: str) -> LayerQuant:
         raise ValueError(f"not a scheme key: {key!r} (expected e.g. '4g128s', '3g64a', '8gchs')") from None
 
 
-def layer_bytes(n: int, k: int, scheme: LayerQuant, perm: bool) -> int:
+def layer_bytes(n: int, k: int, scheme: LayerQuant, perm: bool, rotated: bool = False) -> int:
     """Bytes of the tensors a quantized [N, K] layer stores (format v1): qweight, scales, zeros
-    (asymmetric), perm (act-order without static groups). A bias is the float layer's, not counted."""
+    (asymmetric), perm (act-order without static groups), rot_signs (rotated). A bias is the float
+    layer's, not counted."""
     ng = num_groups(k, scheme.group_size)
-    return n * packed_words(k, scheme.bits) * 4 + n * ng * 2 + (0 if scheme.sym else n * ng) + (4 * k if perm else 0)
+    return (n * packed_words(k, scheme.bits) * 4 + n * ng * 2 + (0 if scheme.sym else n * ng) + (4 * k if perm else 0)
+            + (-(-k // 8) if rotated else 0))

@@ -52,10 +52,11 @@ from llmquant.mixed.cost import layer_bytes, scheme_key
 from llmquant.modules.quant_embedding import embed_scale_of
 from llmquant.modules.walk import _is_conv1d, find_linear_layers, linear_weight
 from llmquant.quantizers.blocks import BlockRunner, capture, find_layer_stack, make_chunks, probe_block
+from llmquant.formats.rotation import rotate, rotate_hessian, unpack_signs, unrotate
 from llmquant.quantizers.gptq import GPTQ
 from llmquant.quantizers.gptq_model import _final_modules, _output_layer
 from llmquant.quantizers.plan import (
-    check_plan, dense_weight_check, embedding_scheme, head_shares_embedding, input_embedding,
+    check_plan, dense_weight_check, embedding_scheme, head_shares_embedding, input_embedding, rotation_signs,
 )
 from llmquant.quantizers.grid import CLIP_STEP, _range_qparams, clip_search, fake_quantize
 
@@ -185,6 +186,8 @@ def method_settings(config: QuantConfig) -> dict[str, Any]:
     if config.quantize_embedding:  # the embedding table is measured and priced too, with a sharing head or not
         settings["quantize_embedding"] = True
         settings["quantize_lm_head"] = config.quantize_lm_head
+    if config.rotation is not None:  # a measurement of unrotated layers does not price rotated ones
+        settings["rotation"] = config.rotation
     return settings
 
 
@@ -637,7 +640,8 @@ def measure(
         n, k = linear_weight(mod).shape
         layer_list.append(LayerMeasure(
             name, n, k, errors[name],
-            {key: layer_bytes(n, k, s, config.stores_perm) for key, s in zip(keys, schemes)}, energy[name]))
+            {key: layer_bytes(n, k, s, config.stores_perm, config.rotates(name, k)) for key, s in zip(keys, schemes)},
+            energy[name]))
     if table is not None:  # stored once, even when the output layer shares it; never an act-order perm
         n, k = temb.weight.shape
         layer_list.append(LayerMeasure(tname, n, k, errors[tname],
@@ -679,9 +683,14 @@ def _measure_layer(name, mod, g: GPTQ, schemes, config, errors, energy, probe_we
     w = linear_weight(mod).detach().to(torch.float32)
     if not torch.isfinite(h).all():
         raise MeasurementError(f"{name}: the calibration inputs overflowed (non-finite Hessian)")
+    signs = rotation_signs(config, name, w.shape[1])
+    d = None
+    if signs is not None:  # a rotated layer is quantized as W R against R^T H R (the errors are the same in both bases)
+        d = unpack_signs(signs, w.shape[1]).to(w.device)
+        w, h = rotate(w, d), rotate_hessian(h, d)
     errors[name] = layer_errors(name, w, h, g.nsamples, schemes, config)
     energy[name] = _output_error(w, h)
     importance = torch.diagonal(h).clone() if config.method == "gptq" else None
     q = _rtn_weight(w, PROBE, config.clip_search, importance)
-    probe_weight[name] = q
     probe_error[name] = _output_error(w - q, h)
+    probe_weight[name] = q if d is None else unrotate(q, d)

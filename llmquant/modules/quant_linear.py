@@ -1,7 +1,8 @@
 """``QuantLinear``: a linear layer whose weight is stored packed (see :mod:`llmquant.formats.packing`).
 
-The module holds the checkpoint's tensors as buffers (``qweight``, ``scales``, optional ``zeros`` and
-``perm``) plus an optional float ``bias``. Its forward goes through the kernel registry: a kernel is
+The module holds the checkpoint's tensors as buffers (``qweight``, ``scales``, optional ``zeros``,
+``perm`` and ``rot_signs``) plus an optional float ``bias``. A rotated layer (``rot_signs``,
+:mod:`llmquant.formats.rotation`) rotates its input before the kernel sees it. Its forward goes through the kernel registry: a kernel is
 picked per activation dtype/device and derives its own layout from the packed tensors, once, at
 load (:func:`prepare_model`, which the loaders and ``llmquant.quantize`` call) or else at the first
 call; that derived state is cached on the module, never saved. One copy in memory: when the kernel
@@ -19,6 +20,7 @@ from torch import nn
 
 from llmquant.config import LayerQuant
 from llmquant.formats.packing import num_groups, packed_words
+from llmquant.formats.rotation import rotatable, rotate, unpack_signs
 from llmquant.kernels.registry import PackedWeight, env_switch, select_kernel
 
 
@@ -42,6 +44,7 @@ class QuantLinear(nn.Module):
         bias_dtype: torch.dtype = torch.float16,
         device: torch.device | str | None = None,
         act_int8: bool = False,
+        rotated: bool = False,
     ) -> None:
         super().__init__()
         #: dynamic INT8 activations (QuantConfig.activations == "dynamic_int8"); LLMQUANT_ACTIVATIONS
@@ -64,6 +67,13 @@ class QuantLinear(nn.Module):
             self.register_buffer("perm", torch.arange(k, dtype=torch.int32, device=device))
         else:
             self.perm = None
+        if rotated:
+            if not rotatable(k):
+                raise ValueError(f"QuantLinear: a rotated layer needs K a multiple of 128, got K={k}")
+            self.register_buffer("rot_signs", torch.zeros(-(-k // 8), dtype=torch.uint8, device=device))
+        else:
+            self.rot_signs = None
+        self._rot_d: torch.Tensor | None = None  # the signs as +-1 floats, derived at first use
         if bias:
             self.bias = nn.Parameter(torch.zeros(n, dtype=bias_dtype, device=device), requires_grad=False)
         else:
@@ -75,7 +85,8 @@ class QuantLinear(nn.Module):
     # --- construction ---------------------------------------------------------------------------
     @classmethod
     def from_packed(cls, w: PackedWeight, bias: torch.Tensor | None, sym: bool | None = None,
-                    act_int8: bool = False) -> "QuantLinear":
+                    act_int8: bool = False, rot_signs: torch.Tensor | None = None) -> "QuantLinear":
+        """``rot_signs``: the layer's codes are those of the rotated weight (see the module docstring)."""
         scheme = LayerQuant(w.bits, w.group_size, w.zeros is None if sym is None else sym)
         mod = cls(
             w.in_features,
@@ -86,6 +97,7 @@ class QuantLinear(nn.Module):
             bias_dtype=bias.dtype if bias is not None else torch.float16,
             device=w.qweight.device,
             act_int8=act_int8,
+            rotated=rot_signs is not None,
         )
         mod.qweight.copy_(w.qweight)
         mod.scales.copy_(w.scales)
@@ -93,6 +105,8 @@ class QuantLinear(nn.Module):
             mod.zeros.copy_(w.zeros)
         if w.perm is not None:
             mod.perm.copy_(w.perm)
+        if rot_signs is not None:
+            mod.rot_signs.copy_(rot_signs)
         if bias is not None:
             mod.bias.data.copy_(bias.detach())
         return mod
@@ -136,7 +150,7 @@ class QuantLinear(nn.Module):
             self._buffers["qweight"] = torch.empty(0, dtype=torch.int32)
             # the loader may hand out tensors that are views of the memory-mapped checkpoint file: own
             # copies of the small ones let the mapping (and its resident pages) go
-            for name in ("scales", "zeros", "perm"):
+            for name in ("scales", "zeros", "perm", "rot_signs"):
                 t = self._buffers.get(name)
                 if t is not None:
                     self._buffers[name] = t.clone()
@@ -168,6 +182,8 @@ class QuantLinear(nn.Module):
             exp["zeros"] = ((n, ng), torch.uint8)
         if self.perm is not None:
             exp["perm"] = ((k,), torch.int32)
+        if self.rot_signs is not None:
+            exp["rot_signs"] = ((-(-k // 8),), torch.uint8)
         return exp
 
     def validate(self, prefix: str = "") -> None:
@@ -204,6 +220,7 @@ class QuantLinear(nn.Module):
         # the fp16 scales keep their dtype (a trip through bf16 would round them) and only move device.
         self._restore_qweight()
         self._kernel_cache = {}
+        self._rot_d = None
         scales = self._buffers.pop("scales")
         try:
             super()._apply(fn, recurse)
@@ -220,12 +237,14 @@ class QuantLinear(nn.Module):
             self._buffers["qweight"] = torch.zeros(shape, dtype=dtype)
             self._qweight_from = None
         self._kernel_cache = {}
+        self._rot_d = None
         return super()._load_from_state_dict(*args, **kwargs)
 
     def invalidate_kernel(self) -> None:
         """Forget derived kernel state (call after changing the packed buffers in place)."""
         self._restore_qweight()
         self._kernel_cache = {}
+        self._rot_d = None
 
     def uses_act_int8(self) -> bool:
         """Dynamic INT8 activations: ``LLMQUANT_ACTIVATIONS`` ("float" / "dynamic_int8") if set, else the
@@ -266,10 +285,21 @@ class QuantLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"QuantLinear: input has {x.shape[-1]} features, expected K={self.in_features}")
         kernel, state = self.kernel_for(x.dtype)
+        if self.rot_signs is not None:
+            x = self.rotate_input(x)
         return kernel.apply(state, x, self.bias)
 
+    def rotate_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x R`` for a rotated layer (what its codes multiply), else x."""
+        if self.rot_signs is None:
+            return x
+        d = self._rot_d
+        if d is None or d.device != x.device:
+            d = self._rot_d = unpack_signs(self.rot_signs, self.in_features).to(x.device)
+        return rotate(x, d)
+
     def weight_bytes(self) -> int:
-        """Bytes of the stored tensors (codes, scales, zero points, perm)."""
+        """Bytes of the stored tensors (codes, scales, zero points, perm, rotation signs)."""
         return sum(math.prod(shape) * dtype.itemsize for shape, dtype in self.expected_tensors().values())
 
     def extra_repr(self) -> str:
@@ -277,6 +307,7 @@ class QuantLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
             f"group_size={g}, sym={self.sym}, act_order={self.perm is not None}, bias={self.bias is not None}"
+            + (", rotation=hadamard" if self.rot_signs is not None else "")
             + (", activations=dynamic_int8" if self.act_int8 else "")
         )
 

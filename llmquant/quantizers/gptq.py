@@ -50,6 +50,7 @@ from torch import nn
 
 from llmquant.config import LayerQuant
 from llmquant.formats.packing import num_groups
+from llmquant.formats.rotation import rotate, rotate_hessian, unpack_signs, unrotate
 from llmquant.kernels.registry import PackedWeight
 from llmquant.quantizers.grid import qparams, quantize_codes
 from llmquant.modules.walk import linear_weight
@@ -210,12 +211,16 @@ class GPTQ:
         act_order: bool = False,
         static_groups: bool = False,
         clip_search: bool = False,
+        rot_signs: torch.Tensor | None = None,
     ) -> tuple[PackedWeight, dict]:
         """Quantize the layer's weight; returns the packed weight and a stats dict:
 
         ``rel_err`` (``||W X^T - Q X^T||^2 / ||W X^T||^2`` on the calibration inputs, from H),
         ``damp_percent`` (the dampening finally used), ``dead_columns``, ``nsamples`` (tokens), ``seconds``.
-        The layer itself is not modified.
+        The layer itself is not modified. ``rot_signs`` (the stored uint8 signs of
+        :mod:`llmquant.formats.rotation`): quantize ``W R`` against the Hessian ``R^T H R`` of the
+        rotated inputs; the packed codes are the rotated weight's, ``quantized_weight`` the weight
+        they stand for (``Q R^T``).
         """
         t0 = time.perf_counter()
         if self.nsamples == 0:
@@ -233,6 +238,11 @@ class GPTQ:
         ng = num_groups(k, scheme.group_size)
 
         h = self.H.clone()
+        d, w_given = None, w_orig
+        if rot_signs is not None:
+            d = unpack_signs(rot_signs, k).to(w_orig.device)
+            w_orig = rotate(w_orig, d)
+            h = rotate_hessian(h, d)
         w = w_orig.clone()
         dead = torch.diagonal(h) == 0
         h[dead, dead] = 1
@@ -298,10 +308,10 @@ class GPTQ:
             packed = make_packed(codes_in, scale, zero, scheme)
         else:
             packed = make_packed(codes, scale, zero, scheme, perm=perm)
-        self.quantized_weight = q_in
+        self.quantized_weight = q_in if d is None else unrotate(q_in, d)
 
         stats = {
-            "rel_err": self._relative_error(w_orig, q_in),
+            "rel_err": self._relative_error(w_given, self.quantized_weight),
             "damp_percent": damp_used,
             "dead_columns": int(dead.sum()),
             "nsamples": self.nsamples,

@@ -51,7 +51,7 @@ from llmquant.quantizers.blocks import (
 from llmquant.modules.walk import find_linear_layers, is_linear, linear_weight, set_submodule
 from llmquant.quantizers.gptq import GPTQ
 from llmquant.quantizers.plan import (
-    check_plan, dense_weight_check, head_shares_embedding, share_table_from_head, to_quant_linear,
+    check_plan, dense_weight_check, head_shares_embedding, rotation_signs, share_table_from_head, to_quant_linear,
     untie_if_quantizing_head,
 )
 from llmquant.registry import Method, register_method
@@ -183,7 +183,7 @@ def gptq_solver(config: QuantConfig) -> LayerSolver:
     def solve(name: str, g: GPTQ, scheme: LayerQuant):
         packed, st = g.quantize(scheme, block_size=config.block_size, damp_percent=config.damp_percent,
                                 act_order=config.act_order, static_groups=config.static_groups,
-                                clip_search=config.clip_search)
+                                clip_search=config.clip_search, rot_signs=rotation_signs(config, name, g.columns))
         st = {"bits": scheme.bits, "group_size": scheme.group_size, "sym": scheme.sym, **st}
         return g.quantized_weight, packed, st
 
@@ -325,7 +325,7 @@ def quantize_gptq(
                     _set_weight(mod, weight)
                     set_submodule(layer, rel, mod)
                 else:
-                    set_submodule(layer, rel, to_quant_linear(mod, packed, config))
+                    set_submodule(layer, rel, to_quant_linear(mod, packed, config, f"{stack_name}.{i}.{rel}"))
             del done
             timer.add("forward", t0)
             modules.update(stats)
@@ -363,7 +363,7 @@ def quantize_gptq(
             if shares_table:
                 share_table_from_head(model, packed, head_scheme, config)
             else:
-                set_submodule(model, name, to_quant_linear(mod, packed, config))
+                set_submodule(model, name, to_quant_linear(mod, packed, config, name))
             s = head_scheme
             modules[name] = {"bits": s.bits, "group_size": s.group_size, "sym": s.sym, **st}
             timer.add("lm_head", t0)
@@ -413,6 +413,7 @@ class GPTQMethod(Method):
     description = "GPTQ, block by block on calibration text"
     needs_calibration = True
     supports_mixed = True
+    supports_rotation = True
     options = frozenset({"act_order", "static_groups", "clip_search"})
     #: the best settings measured on gemma3-270m (evals/results): act-order and clip search each
     #: lower INT4 and INT3 perplexity

@@ -6,6 +6,7 @@ from torch import nn
 
 from llmquant.config import LayerQuant, QuantConfig
 from llmquant.formats.packing import num_groups, packed_words
+from llmquant.formats.rotation import layer_signs
 from llmquant.kernels.registry import PackedWeight
 from llmquant.modules.quant_linear import QuantLinear
 from llmquant.modules.walk import find_linear_layers, linear_weight, set_submodule
@@ -204,9 +205,18 @@ def check_plan(model: nn.Module, config: QuantConfig) -> list[tuple[str, nn.Modu
     return todo
 
 
-def to_quant_linear(mod: nn.Module, packed: PackedWeight, config: QuantConfig) -> QuantLinear:
+def rotation_signs(config: QuantConfig, name: str, in_features: int) -> torch.Tensor | None:
+    """The stored signs (:mod:`llmquant.formats.rotation`) the layer ``name`` is quantized with, or None
+    when the config does not rotate it. Deterministic: the solver and :func:`to_quant_linear` agree."""
+    return layer_signs(name, in_features) if config.rotates(name, in_features) else None
+
+
+def to_quant_linear(mod: nn.Module, packed: PackedWeight, config: QuantConfig, name: str) -> QuantLinear:
+    """The QuantLinear holding ``packed`` for the float layer ``mod`` (named ``name``: a rotated layer's
+    codes were quantized with :func:`rotation_signs`)."""
     bias = mod.bias.detach() if getattr(mod, "bias", None) is not None else None
-    return QuantLinear.from_packed(packed, bias, act_int8=config.activations == "dynamic_int8")
+    return QuantLinear.from_packed(packed, bias, act_int8=config.activations == "dynamic_int8",
+                                   rot_signs=rotation_signs(config, name, packed.in_features))
 
 
 def untie_if_quantizing_head(model: nn.Module, config: QuantConfig) -> None:

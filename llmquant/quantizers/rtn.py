@@ -10,10 +10,13 @@ from tqdm.auto import tqdm
 
 from llmquant.config import LayerQuant, QuantConfig
 from llmquant.formats.packing import num_groups, pack_rows
+from llmquant.formats.rotation import rotate, unpack_signs
 from llmquant.kernels.registry import PackedWeight
 from llmquant.modules.walk import linear_weight, set_submodule
 from llmquant.quantizers.grid import qparams, quantize_codes
-from llmquant.quantizers.plan import check_plan, dense_weight_check, to_quant_linear, untie_if_quantizing_head
+from llmquant.quantizers.plan import (
+    check_plan, dense_weight_check, rotation_signs, to_quant_linear, untie_if_quantizing_head,
+)
 from llmquant.registry import Method, register_method
 
 
@@ -92,6 +95,7 @@ class RTN(Method):
     name = "rtn"
     description = "round-to-nearest, no calibration data"
     supports_mixed = True
+    supports_rotation = True
     options = frozenset({"clip_search"})
 
     def check_model(self, model: nn.Module, config: QuantConfig) -> None:
@@ -105,11 +109,15 @@ class RTN(Method):
         # weights) then leaves the model exactly as it was.
         packed = []
         for name, mod, scheme in tqdm(todo, desc="RTN quantize", disable=not progress, unit="layer"):
+            w = linear_weight(mod).detach()
+            signs = rotation_signs(config, name, w.shape[1])
+            if signs is not None:  # the codes of W R (llmquant.formats.rotation)
+                w = rotate(w.float(), unpack_signs(signs, w.shape[1]).to(w.device))
             try:
-                packed.append(quantize_weight_rtn(linear_weight(mod).detach(), scheme, clip=config.clip_search))
+                packed.append(quantize_weight_rtn(w, scheme, clip=config.clip_search))
             except ValueError as e:
                 raise ValueError(f"{name}: {e}") from None
         untie_if_quantizing_head(model, config)
         for (name, mod, _), p in zip(todo, packed):
-            set_submodule(model, name, to_quant_linear(mod, p, config))
+            set_submodule(model, name, to_quant_linear(mod, p, config, name))
         return {"method": self.name, "layers": len(todo), "seconds": time.perf_counter() - t0, "kept_float": []}

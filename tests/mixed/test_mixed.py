@@ -267,7 +267,7 @@ def test_cli_target_bpw_and_info(float_ckpt, tmp_path, capsys):
     assert json.loads((tmp_path / "m.json").read_text())["version"] == MEASUREMENT_VERSION
     assert main(["info", str(out), "--plot", str(tmp_path / "bits.png")]) == 0
     text = capsys.readouterr().out
-    bpw = float(text.split("bits per quantized weight (codes, scales, zeros, perm): ")[1].split()[0])
+    bpw = float(text.split("bits per quantized weight (codes, scales, zeros, perm, rotation signs): ")[1].split()[0])
     assert 3.3 < bpw <= 3.5 and "mixed precision: target 3.5 bpw" in text
     assert (tmp_path / "bits.png").stat().st_size > 1000
     assert main(["quantize", str(float_ckpt), str(tmp_path / "x"), "--method", "gptq", "--target-bpw", "0.5",

@@ -148,6 +148,8 @@ def test_from_config_rejects_a_bad_config_by_name():
         cls.from_config(bad)
     with pytest.raises(QuantConfigError, match="unknown fields"):
         cls.from_config(QuantConfig().to_dict() | {"desc_act": True})
+    with pytest.raises(ValueError, match="does not run rotated layers"):  # never silently unrotated
+        cls.from_config(QuantConfig(rotation="hadamard").to_dict())
 
 
 def test_quantized_embedding_gathers_rows_and_a_tied_head_shares_them():
