@@ -39,6 +39,8 @@ SHAPES = {  # name: (N, K)
     "gemma3-270m down_proj": (640, 2048),
 }
 COLD_MAX_M = 4
+# activation modes timed: fp32 and bf16 (exact, lq_cpu.h), and fp32 with dynamic INT8 activations (opt-in)
+MODES = ((torch.float32, False), (torch.bfloat16, False), (torch.float32, True))
 
 
 def layouts(n: int, k: int, bits: int, copies: bool) -> list[CpuLayout]:
@@ -60,21 +62,21 @@ def run_shape(name: str, n: int, k: int, ms: list[int], threads: list[int], roun
         read = bandwidth(th, 0.2)["read_GBps"]
         for m in ms:
             cold = m <= COLD_MAX_M
-            for dt in (torch.float32, torch.bfloat16):
+            for dt, a8 in MODES:
                 x = torch.randn(m, k).to(dt)
                 per = []
                 for _ in range(rounds):
                     t = {}
                     for b in BITS:
                         ls = lays[b] if cold else lays[b][:1]
-                        t[b] = timeit(lambda i: cpu_linear(x, ls[i]), len(ls), min_time)
+                        t[b] = timeit(lambda i: cpu_linear(x, ls[i], act_int8=a8), len(ls), min_time)
                     per.append(t)
                 med = statistics.median
                 for b in BITS:
                     tb = med(p[b] for p in per)
                     nbytes = lays[b][0].nbytes()
                     rows.append({
-                        "shape": name, "N": n, "K": k, "M": m, "threads": th, "dtype": str(dt).replace("torch.", ""),
+                        "shape": name, "N": n, "K": k, "M": m, "threads": th, "dtype": str(dt).replace("torch.", ""), "act_int8": a8,
                         "cold": cold, "bits": b, "time_s": tb, "weight_bytes": nbytes,
                         "GBps": nbytes / tb / 1e9, "frac_read_bw": nbytes / tb / 1e9 / read if cold else None,
                         "read_GBps": read, "ratio_to_4bit": med(p[b] / p[4] for p in per), "rounds": rounds,
@@ -104,7 +106,7 @@ def main(argv=None) -> int:
     info = machine_info()
     print(header(info))
     print(f"RTN g{G} symmetric layers; cold (weights from DRAM) at M <= {COLD_MAX_M}; median of {args.rounds} rounds")
-    print(f"{'shape':<22} {'M':>4} {'thr':>3} {'dtype':>8} {'bits':>4} {'time us':>9} {'GB/s':>6} "
+    print(f"{'shape':<22} {'M':>4} {'thr':>3} {'acts':>8} {'bits':>4} {'time us':>9} {'GB/s':>6} "
           f"{'of read bw':>10} {'vs 4-bit':>8}")
     rows = []
     for name in names:
@@ -112,7 +114,7 @@ def main(argv=None) -> int:
         for r in run_shape(name, n, k, ms, threads, args.rounds, args.min_time):
             rows.append(r)
             frac = f"{r['frac_read_bw']:10.0%}" if r["frac_read_bw"] is not None else f"{'(hot)':>10}"
-            print(f"{name:<22} {r['M']:>4} {r['threads']:>3} {r['dtype']:>8} {r['bits']:>4} {r['time_s'] * 1e6:9.1f} "
+            print(f"{name:<22} {r['M']:>4} {r['threads']:>3} {('int8' if r['act_int8'] else r['dtype']):>8} {r['bits']:>4} {r['time_s'] * 1e6:9.1f} "
                   f"{r['GBps']:6.1f} {frac} {r['ratio_to_4bit']:8.2f}", flush=True)
     if args.json:
         out = {"command": info["command"], "machine": info, "rows": rows}
