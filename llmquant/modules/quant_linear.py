@@ -2,12 +2,13 @@
 
 The module holds the checkpoint's tensors as buffers (``qweight``, ``scales``, optional ``zeros``,
 ``perm`` and ``rot_signs``) plus an optional float ``bias``. A rotated layer (``rot_signs``,
-:mod:`llmquant.formats.rotation`) rotates its input before the kernel sees it. Its forward goes through the kernel registry: a kernel is
-picked per activation dtype/device and derives its own layout from the packed tensors, once, at
-load (:func:`prepare_model`, which the loaders and ``llmquant.quantize`` call) or else at the first
-call; that derived state is cached on the module, never saved. One copy in memory: when the kernel
-can give the codes back exactly (the CPU kernel's layout holds every code), the module releases its
-packed ``qweight`` and rebuilds it only when asked (``state_dict``, :meth:`packed`, ``.to()``).
+:mod:`llmquant.formats.rotation`) rotates its input before the kernel sees it. Its forward goes
+through the kernel registry: a kernel is picked per activation dtype/device and derives its own
+layout from the packed tensors, once, at load (:func:`prepare_model`, which the loaders and
+``llmquant.quantize`` call) or else at the first call; that derived state is cached on the module,
+never saved. One copy in memory: when the kernel can give the codes back exactly (the CPU kernel's
+layout holds every code), the module releases its packed ``qweight`` and rebuilds it only when asked
+(``state_dict``, :meth:`packed`, ``.to()``).
 """
 from __future__ import annotations
 
