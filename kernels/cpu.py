@@ -41,6 +41,7 @@ import torch
 
 from llmquant.kernels import cpu_native
 from llmquant.formats.packing import pack_rows
+from llmquant.formats.rotation import rotate
 from llmquant.kernels.cpu_layout import CpuLayout, repack, unpack_codes
 from llmquant.kernels.registry import KernelSpec, PackedWeight
 
@@ -53,6 +54,17 @@ def _native() -> cpu_native.Native:
     if native is None:
         raise RuntimeError(why)
     return native
+
+
+def rotate_input(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """``x diag(d) B`` (:func:`llmquant.formats.rotation.rotate`) for a rotated layer's input, in x's
+    dtype: the native library's butterflies for CPU tensors (no small-GEMM call overhead), else torch."""
+    native = cpu_native.load()[0] if x.device.type == "cpu" and d.device.type == "cpu" else None
+    if native is None or torch.compiler.is_compiling() or x.requires_grad:
+        return rotate(x, d)
+    y = x.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    native.hadamard128(y, d if d.dtype == torch.float32 and d.is_contiguous() else d.to(torch.float32).contiguous())
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
 def _flags(act_int8: bool) -> int:

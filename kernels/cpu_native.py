@@ -27,7 +27,7 @@ from llmquant.kernels.registry import env_switch
 
 logger = logging.getLogger(__name__)
 
-ABI_VERSION = 5  # must match LQ_ABI_VERSION in kernels/csrc/lq_api.c
+ABI_VERSION = 6  # must match LQ_ABI_VERSION in kernels/csrc/lq_api.c
 #: LQ_ISA_* in lq_cpu.h, by number ("avx2_vnni", numbered last, ranks between avx2 and avx512)
 ISA_NAMES = ("scalar", "avx2", "avx512", "avx512_bf16", "neon", "neon_dotprod", "avx2_vnni")
 #: the instruction sets of each architecture, weakest first (each also has "scalar"); avx2_vnni is AVX2 with
@@ -93,6 +93,8 @@ class Native:
         # w, out dtype, out, isa
         lib.lq_dequantize.restype = _i32
         lib.lq_dequantize.argtypes = [ctypes.POINTER(Weights), _i32, _vp, _i32]
+        lib.lq_hadamard128.restype = _i32
+        lib.lq_hadamard128.argtypes = [_vp, _vp, _i64, _i64]
         lib.lq_has_vnni.restype = _i32
         lib.lq_has_vnni.argtypes = []
         lib.lq_has_avx_vnni.restype = _i32
@@ -129,6 +131,12 @@ class Native:
     def dequantize(self, w: Weights, out, isa: int) -> None:
         """out[N, K] (fp32 or bf16) = the weight, as the given ISA's dequantization computes it."""
         self._check(self._lib.lq_dequantize(ctypes.byref(w), DTYPE_CODES[out.dtype], out.data_ptr(), isa), "llmquant CPU dequantize")
+
+    def hadamard128(self, x, d) -> None:
+        """x[..., K] <- x diag(d) B in place (llmquant.formats.rotation): contiguous fp32 CPU tensors, d [K]."""
+        k = x.shape[-1]
+        self._check(self._lib.lq_hadamard128(x.data_ptr(), d.data_ptr(), x.numel() // max(k, 1), k),
+                    "llmquant input rotation")
 
     def use_threads(self, which: str) -> str:
         """Where parallel parts run: "openmp" (the OpenMP runtime torch has loaded: its threads, so the

@@ -8,6 +8,7 @@
  *   lq_set_openmp(...)          run parallel parts on torch's OpenMP threads (lq_pool.c)
  *   lq_linear(w, x, ...)        y = x @ W.T + bias, see below
  *   lq_dequantize(w, ...)       W in natural column order (tests and debugging)
+ *   lq_hadamard128(x, d, ...)   a rotated layer's input rotation, in place (llmquant/formats/rotation.py)
  *   lq_last_error()             the calling thread's message for its last failed call
  *
  * A layer is described once by an lq_weights struct (Python keeps one per layer, so a call
@@ -27,7 +28,7 @@
 #include <sys/auxv.h>
 #endif
 
-#define LQ_ABI_VERSION 5
+#define LQ_ABI_VERSION 6
 
 /* the least work (multiply-adds) worth a thread: below it, waking one costs more than it saves.
  * Measured on a 2-core VM with the library's own thread pool: in isolation a 640x2048 GEMV runs in
@@ -399,5 +400,36 @@ LQ_API int lq_dequantize(const lq_weights *w, int out_dtype, void *out, int isa)
     }
     free(buf);
     free(tile);
+    return LQ_OK;
+}
+
+/* x[rows][k] <- x diag(d) B in place, B block diagonal with the normalized 128 x 128 Sylvester
+ * Hadamard matrix (llmquant/formats/rotation.py): per block of 128, the signs, the fast Walsh-Hadamard
+ * butterflies (stride h pairs j, j + h: Sylvester order, and the matrix is symmetric, so x H = (H x^T)^T),
+ * then 1/sqrt(128). 7 x 128 additions a block instead of torch's small GEMM, whose call overhead was
+ * 15-45 us for one decode row (2-core VM). k a multiple of 128; fp32, rows contiguous. */
+LQ_API int lq_hadamard128(float *x, const float *d, int64_t rows, int64_t k) {
+    if (!x || !d || rows < 0 || k <= 0 || k % 128 != 0) {
+        char msg[160];
+        snprintf(msg, sizeof msg, "lq_hadamard128: x and d must not be NULL, rows >= 0 and k a positive multiple "
+                 "of 128 (rows %lld, k %lld)", (long long)rows, (long long)k);
+        return fail(msg);
+    }
+    const float scale = 0.088388347648318440f; /* 1/sqrt(128) */
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t b = 0; b < k; b += 128) {
+            float *v = x + r * k + b;
+            const float *s = d + b;
+            for (int i = 0; i < 128; i++) v[i] *= s[i];
+            for (int h = 1; h < 128; h *= 2)
+                for (int i = 0; i < 128; i += 2 * h)
+                    for (int j = i; j < i + h; j++) {
+                        const float a = v[j], c = v[j + h];
+                        v[j] = a + c;
+                        v[j + h] = a - c;
+                    }
+            for (int i = 0; i < 128; i++) v[i] *= scale;
+        }
+    }
     return LQ_OK;
 }

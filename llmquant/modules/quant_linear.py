@@ -21,7 +21,8 @@ from torch import nn
 
 from llmquant.config import LayerQuant
 from llmquant.formats.packing import num_groups, packed_words
-from llmquant.formats.rotation import rotatable, rotate, unpack_signs
+from llmquant.formats.rotation import rotatable, unpack_signs
+from llmquant.kernels.cpu import rotate_input
 from llmquant.kernels.registry import PackedWeight, env_switch, select_kernel
 
 
@@ -297,7 +298,7 @@ class QuantLinear(nn.Module):
         d = self._rot_d
         if d is None or d.device != x.device:
             d = self._rot_d = unpack_signs(self.rot_signs, self.in_features).to(x.device)
-        return rotate(x, d)
+        return rotate_input(x, d)
 
     def weight_bytes(self) -> int:
         """Bytes of the stored tensors (codes, scales, zero points, perm, rotation signs)."""

@@ -291,3 +291,25 @@ def test_mixed_precision_prices_the_signs():
     assert all(m.rot_signs is not None for m in mods)
     bpw = 8 * sum(m.weight_bytes() for m in mods) / sum(m.in_features * m.out_features for m in mods)
     assert bpw <= 3.5 and s["mixed"]["allocation"]["bpw"] == pytest.approx(bpw)
+
+
+@pytest.mark.parametrize("shape", [(1, 640), (3, 5, 256), (7, 4096)])
+def test_native_rotation_matches_torch(shape):
+    from llmquant.kernels import cpu_native
+    from llmquant.kernels.cpu import rotate_input
+
+    native, why = cpu_native.load()
+    if native is None:
+        pytest.skip(f"native CPU library not loaded: {why}")
+    torch.manual_seed(0)
+    k = shape[-1]
+    d = unpack_signs(layer_signs("n", k), k)
+    x = torch.randn(*shape)
+    x0 = x.clone()
+    torch.testing.assert_close(rotate_input(x, d), rotate(x.double(), d.double()).float(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(x, x0)  # the input is not changed
+    xb = x.to(torch.bfloat16)
+    assert rotate_input(xb, d).dtype == torch.bfloat16
+    torch.testing.assert_close(rotate_input(xb, d), rotate(xb, d), rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match="positive multiple of 128"):
+        native.hadamard128(torch.zeros(2, 96), torch.ones(96))
