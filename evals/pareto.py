@@ -47,6 +47,8 @@ def run(args: argparse.Namespace) -> dict:
     calibration = calibration_batches(tok, source=args.calibration, nsamples=args.nsamples, seqlen=args.seqlen,
                                       seed=args.seed, bos=bos)
     calib = dict(source=args.calibration, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+    rot = getattr(args, "rotation", None)  # callers that build args by hand may leave it out
+    tag = f" +{rot}" if rot else ""
 
     def one(label: str, cfg, **extra) -> dict:
         model, _ = load_model(args.model)
@@ -61,11 +63,9 @@ def run(args: argparse.Namespace) -> dict:
             r["mixed"] = summary["mixed"]
         rows.append(r)
         if args.out is not None:  # keep what is measured so far, should a later step fail
-            write(_summarize(args.model, rows, getattr(args, "rotation", None)), args.out, quiet=True)
+            write(_summarize(args.model, rows, rot), args.out, quiet=True)
         return r
 
-    rot = getattr(args, "rotation", None)
-    tag = f" +{rot}" if rot else ""
     for bits in args.uniform_bits:
         for method in args.methods:
             cfg = llmquant.QuantConfig(bits=bits, group_size=128, method=method, rotation=rot)
