@@ -12,8 +12,10 @@ Stored format (one extra tensor per rotated layer): ``rot_signs`` uint8 ``[K / 8
 multiple of 128 are rotated, and never the output layer or the embedding table. The order of
 operations at run time is: rotate x, then (act-order) gather ``x'[perm]``, then the packed GEMM.
 
-The signs are drawn once, when a layer is quantized, from a generator seeded by the layer's name
-(:func:`layer_signs`); a checkpoint carries them, so loading never draws them again.
+The signs are drawn once, when a layer is quantized, from a generator seeded by the name of the
+layer's input (:func:`layer_signs`): the layers that vLLM fuses because they read one tensor (q/k/v,
+gate/up) get one sign vector, so a fused layer rotates its input once. A checkpoint carries the signs,
+so loading never draws them again, and readers make no assumption about which layers share them.
 """
 from __future__ import annotations
 
@@ -68,9 +70,23 @@ def unpack_signs(packed: torch.Tensor, in_features: int, dtype: torch.dtype = to
     return (1 - 2 * neg.to(torch.int8)).to(dtype)
 
 
+#: layers that read one input tensor and that vLLM fuses (its ``packed_modules_mapping`` names): they
+#: draw their signs under the fused layer's name
+FUSED_INPUTS = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+                "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+
+
+def input_name(name: str) -> str:
+    """The name :func:`layer_signs` draws under: ``name`` with a fused part (``q_proj``) replaced by
+    its fused layer (``qkv_proj``)."""
+    head, dot, last = name.rpartition(".")
+    return head + dot + FUSED_INPUTS.get(last, last)
+
+
 def layer_signs(name: str, in_features: int, seed: int = 0) -> torch.Tensor:
-    """The stored signs a newly quantized layer ``name`` gets (deterministic in name and seed)."""
-    g = torch.Generator().manual_seed((zlib.crc32(name.encode()) + 1_000_003 * seed) % (1 << 63))
+    """The stored signs a newly quantized layer ``name`` gets (deterministic in :func:`input_name` and
+    seed: q/k/v of one block share theirs, as do gate/up)."""
+    g = torch.Generator().manual_seed((zlib.crc32(input_name(name).encode()) + 1_000_003 * seed) % (1 << 63))
     return pack_signs(torch.randint(0, 2, (in_features,), generator=g).bool())
 
 

@@ -18,9 +18,6 @@ class LlmQuantVllmConfig(QuantizationConfig):
 
     def __init__(self, quant: QuantConfig) -> None:
         super().__init__()
-        if quant.rotation is not None:
-            raise ValueError(f"the llmquant vLLM plugin does not run rotated layers (rotation={quant.rotation!r}) yet; "
-                             "serve this checkpoint with `llmquant serve` (the embedded engine)")
         self.quant = quant
         self.has_perm = quant.stores_perm
         #: dynamic INT8 activations: the checkpoint's default, or LLMQUANT_ACTIVATIONS

@@ -15,6 +15,13 @@ agree (GPTQ's permutation depends only on the layer input, which the parts share
 one kernel call; when they differ, each part runs as its own call and the outputs are concatenated.
 Not supported: an act-order layer that the checkpoint itself stores fused (one ``gate_up_proj`` with
 one ``perm``, as Phi-3 does); vLLM's loader cuts such tensors by output rows, which ``perm`` has not.
+
+``rot_signs`` (``rotation="hadamard"``, :mod:`llmquant.formats.rotation`) is uint8 [K/8] for a plain
+layer and [S, K/8] for a fused one, one row per part like ``perm``; parts whose signs agree (llmquant
+draws one vector for the layers that read one input) rotate x once and run as one call. A row-parallel
+rank keeps the bytes of its K columns, which must be whole 128-column rotation blocks. The rotation
+runs in ``apply`` before the kernel (x R, then the act-order gather and the packed GEMM), as the
+embedded engine's QuantLinear does.
 """
 from __future__ import annotations
 
@@ -34,6 +41,9 @@ from vllm.model_executor.parameter import (
 
 from llmquant.config import LayerQuant
 from llmquant.formats.packing import BLOCK, dequantize_packed, num_groups, packed_words
+from llmquant.formats.rotation import BLOCK as ROT_BLOCK
+from llmquant.formats.rotation import unpack_signs, unrotate
+from llmquant.kernels.cpu import rotate_input
 from llmquant.kernels.registry import PackedWeight, select_kernel
 from llmquant.modules.quant_embedding import dequantize_rows
 
@@ -74,8 +84,32 @@ class PermParameter(BasevLLMParameter):
         self._load_row(loaded_weight, kwargs["shard_id"])
 
 
+class RotSignsParameter(PermParameter):
+    """``rot_signs`` of a (possibly fused) rotated layer: uint8 [K/8], or [S, K/8] with one row per
+    fused part, loaded like ``perm``, except that a row-parallel rank keeps the bytes of its K columns.
+    Which rows arrived is recorded (every byte value is valid), so that a missing part fails the check
+    after loading."""
+
+    def _mark(self, row: int) -> None:
+        self.llmquant_loaded = getattr(self, "llmquant_loaded", set()) | {row}
+
+    def _load_row(self, loaded_weight: torch.Tensor, shard_id: Any) -> None:
+        super()._load_row(loaded_weight, shard_id)
+        self._mark(0 if self.data.dim() == 1 else _QKV_INDEX[shard_id] if isinstance(shard_id, str) else int(shard_id))
+
+    def load_column_parallel_weight(self, loaded_weight: torch.Tensor) -> None:
+        self._load_row(loaded_weight, 0)
+
+    def load_row_parallel_weight(self, loaded_weight: torch.Tensor) -> None:
+        shard = self.data.shape[0]
+        if loaded_weight.dim() != 1 or loaded_weight.shape[0] != shard * self.tp_size:
+            raise ValueError(f"rot_signs: shape {tuple(loaded_weight.shape)}, expected ({shard * self.tp_size},)")
+        self.data.copy_(loaded_weight.narrow(0, self.tp_rank * shard, shard))
+        self._mark(0)
+
+
 def check_partition(
-    prefix: str, scheme: LayerQuant, *, k_part: int, k_full: int, has_perm: bool
+    prefix: str, scheme: LayerQuant, *, k_part: int, k_full: int, has_perm: bool, rotated: bool = False
 ) -> None:
     """Refuse a row-parallel cut of K that does not fall on packing blocks and whole groups."""
     if k_part == k_full:
@@ -88,6 +122,8 @@ def check_partition(
         problems.append(f"K per rank ({k_part}) is not a multiple of the group size {scheme.group_size}")
     if has_perm:
         problems.append("act-order layers (perm) need the whole input on every rank")
+    if rotated and k_part % ROT_BLOCK:
+        problems.append(f"K per rank ({k_part}) is not a multiple of {ROT_BLOCK}, the rotation block")
     if problems:
         raise ValueError(
             f"llmquant: cannot split {prefix or 'a layer'} (K={k_full}) by input across {ranks} "
@@ -101,6 +137,8 @@ class LlmQuantLinearMethod(LinearMethodBase):
         self.scheme = scheme
         #: whether the layer stores an act-order ``perm`` (an embedding table never does)
         self.has_perm = quant_config.has_perm
+        #: whether the checkpoint's layers are rotated where they can be (an embedding table never is)
+        self.may_rotate = quant_config.quant.rotation is not None
 
     # --- declare -----------------------------------------------------------------------------------
     def create_weights(
@@ -116,7 +154,9 @@ class LlmQuantLinearMethod(LinearMethodBase):
         s = self.scheme
         n, k = sum(output_partition_sizes), input_size_per_partition
         has_perm = self.has_perm
-        check_partition(getattr(layer, "prefix", ""), s, k_part=k, k_full=input_size, has_perm=has_perm)
+        prefix = getattr(layer, "prefix", "")
+        rotated = self.may_rotate and self.quant_config.quant.rotates(prefix, input_size)
+        check_partition(prefix, s, k_part=k, k_full=input_size, has_perm=has_perm, rotated=rotated)
         loader = extra_weight_attrs["weight_loader"]
 
         # qweight: int32 [N, ceil(K/32)*b], packed along K
@@ -153,39 +193,51 @@ class LlmQuantLinearMethod(LinearMethodBase):
             layer.register_parameter("perm", perm)
         else:
             layer.register_parameter("perm", None)
+        if rotated:
+            shape = (k // 8,) if len(output_partition_sizes) == 1 else (len(output_partition_sizes), k // 8)
+            layer.register_parameter("rot_signs", RotSignsParameter(data=torch.zeros(shape, dtype=torch.uint8),
+                                                                    weight_loader=loader))
+        else:
+            layer.register_parameter("rot_signs", None)
         layer.llmquant_part_sizes = list(output_partition_sizes)
         layer.llmquant_in_features = k
         layer.llmquant_params_dtype = params_dtype
 
     # --- after loading -----------------------------------------------------------------------------
-    def _packed_parts(self, layer: torch.nn.Module) -> list[PackedWeight]:
-        """The layer as one PackedWeight, or one per fused part when their perms differ."""
+    def _packed_parts(self, layer: torch.nn.Module) -> list[tuple[PackedWeight, torch.Tensor | None]]:
+        """The layer as one (PackedWeight, rotation signs or None), or one per fused part when their
+        perms or signs differ."""
         s = self.scheme
         k = layer.llmquant_in_features
         sizes = layer.llmquant_part_sizes
         qweight, scales = layer.qweight.data, layer.scales.data
         zeros = None if layer.zeros is None else layer.zeros.data
-        if layer.perm is None:
-            rows = [None]
-        else:  # one row per fused part
-            rows = list(layer.perm.data.view(-1, k))
-        if all(r is None or torch.equal(r, rows[0]) for r in rows):
-            cuts = [(0, sum(sizes), rows[0])]
+        signs = getattr(layer, "rot_signs", None)
+        # one row per fused part (a plain layer's one row stands for all)
+        perms = [None] if layer.perm is None else list(layer.perm.data.view(-1, k))
+        rots = [None] if signs is None else list(signs.data.view(-1, k // 8))
+
+        def same(rows: list) -> bool:
+            return all(r is None or torch.equal(r, rows[0]) for r in rows)
+
+        if same(perms) and same(rots):
+            cuts = [(0, sum(sizes), perms[0], rots[0])]
         else:
             starts = [sum(sizes[:i]) for i in range(len(sizes))]
-            cuts = [(a, a + m, r) for a, m, r in zip(starts, sizes, rows)]
+            cuts = [(a, a + m, perms[min(i, len(perms) - 1)], rots[min(i, len(rots) - 1)])
+                    for i, (a, m) in enumerate(zip(starts, sizes))]
         return [
-            PackedWeight(
+            (PackedWeight(
                 qweight=qweight[a:b],
                 scales=scales[a:b],
                 zeros=None if zeros is None else zeros[a:b],
-                perm=r,
+                perm=p,
                 bits=s.bits,
                 group_size=s.group_size,
                 in_features=k,
                 out_features=b - a,
-            )
-            for a, b, r in cuts
+            ), None if r is None else unpack_signs(r.contiguous(), k))
+            for a, b, p, r in cuts
         ]
 
     def _check_values(self, layer: torch.nn.Module) -> None:
@@ -203,6 +255,14 @@ class LlmQuantLinearMethod(LinearMethodBase):
                 if not torch.equal(torch.sort(row.long()).values, ident):
                     part = "" if layer.perm.dim() == 1 else f" (fused part {i})"
                     raise ValueError(f"{where}.perm{part}: not a permutation of 0..{k - 1}, or missing")
+        signs = getattr(layer, "rot_signs", None)
+        if signs is not None:
+            rows = 1 if signs.dim() == 1 else signs.shape[0]
+            missing = sorted(set(range(rows)) - getattr(signs, "llmquant_loaded", set()))
+            if missing:
+                part = "" if signs.dim() == 1 else f" (fused part {missing[0]})"
+                raise ValueError(f"{where}.rot_signs{part}: missing from the checkpoint, whose config says the layer "
+                                 "is rotated (rotation='hadamard')")
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         if getattr(layer, "llmquant_tied_to", None) is not None:
@@ -211,9 +271,14 @@ class LlmQuantLinearMethod(LinearMethodBase):
         dtype = layer.llmquant_params_dtype
         act_int8 = self.quant_config.act_int8
         runs = []
-        for w in self._packed_parts(layer):
+        seen: list[torch.Tensor] = []  # parts with equal signs share one tensor, so apply rotates x once for them
+        for w, d in self._packed_parts(layer):
+            if d is not None:
+                d = next((e for e in seen if torch.equal(e, d)), d)
+                if all(e is not d for e in seen):
+                    seen.append(d)
             kernel = select_kernel(w.spec(dtype, act_int8))
-            runs.append((kernel, kernel.prepare(w, act_int8)))
+            runs.append((kernel, kernel.prepare(w, act_int8), d))
             if kernel.name not in self.quant_config.kernels_logged:
                 self.quant_config.kernels_logged.add(kernel.name)
                 logger.info("llmquant: vLLM layers run the %r kernel (first: %s)", kernel.name,
@@ -224,22 +289,33 @@ class LlmQuantLinearMethod(LinearMethodBase):
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         tied = getattr(layer, "llmquant_tied_to", None)
         runs = (layer if tied is None else tied).llmquant_runs
+        rotated: dict[int, torch.Tensor] = {}  # x R per sign vector (parts that share signs rotate once)
+
+        def x_for(d: torch.Tensor | None) -> torch.Tensor:
+            if d is None:
+                return x
+            if id(d) not in rotated:
+                rotated[id(d)] = rotate_input(x, d if d.device == x.device else d.to(x.device))
+            return rotated[id(d)]
+
         if len(runs) == 1:
-            kernel, state = runs[0]
-            return kernel.apply(state, x, bias)
-        y = torch.cat([kernel.apply(state, x, None) for kernel, state in runs], dim=-1)
+            kernel, state, d = runs[0]
+            return kernel.apply(state, x_for(d), bias)
+        y = torch.cat([kernel.apply(state, x_for(d), None) for kernel, state, d in runs], dim=-1)
         return y if bias is None else y + bias
 
     # --- vLLM extras -------------------------------------------------------------------------------
     def dequantize_weight(self, layer: torch.nn.Module) -> torch.Tensor:
         """The float weight [N, K] in input column order (for vLLM's online re-quantization)."""
         out = []
-        for w in self._packed_parts(layer):
+        for w, d in self._packed_parts(layer):
             wf = dequantize_packed(
                 w.qweight, w.scales, w.zeros, bits=w.bits, group_size=w.group_size, in_features=w.in_features
             )
             if w.perm is not None:  # stored column j holds input column perm[j]
                 wf = torch.empty_like(wf).index_copy_(1, w.perm.long(), wf)
+            if d is not None:  # the codes are those of W R
+                wf = unrotate(wf.float(), d.to(wf.device)).to(wf.dtype)
             out.append(wf)
         return torch.cat(out, dim=0).to(layer.llmquant_params_dtype)
 
@@ -252,8 +328,8 @@ class LlmQuantLinearMethod(LinearMethodBase):
                 "llmquant: the LM head is quantized and the model config ties it to the input embedding, but the "
                 "embedding is not quantized with the head's scheme; llmquant.quantize unties such a head "
                 "(tie_word_embeddings=false) or quantizes both alike (quantize_embedding)")
-        for name in ("qweight", "scales", "zeros", "perm"):
-            setattr(layer, name, getattr(embed_tokens, name))
+        for name in ("qweight", "scales", "zeros", "perm", "rot_signs"):
+            setattr(layer, name, getattr(embed_tokens, name, None))
         layer.llmquant_tied_to = embed_tokens
         embed_tokens.llmquant_for_logits = True  # its kernel runs this head
         return layer
@@ -269,6 +345,7 @@ class LlmQuantEmbeddingMethod(LlmQuantLinearMethod):
     def __init__(self, quant_config: Any, scheme: LayerQuant) -> None:
         super().__init__(quant_config, scheme)
         self.has_perm = False
+        self.may_rotate = False  # the table is stored as it is (rotation is of linear layers' inputs)
 
     def create_weights(self, layer: torch.nn.Module, *args: Any, **kwargs: Any) -> None:
         super().create_weights(layer, *args, **kwargs)

@@ -54,6 +54,12 @@ def test_layer_signs_are_deterministic_per_name():
     assert not torch.equal(a, layer_signs("model.layers.1.mlp.down_proj", 384))
     d = unpack_signs(a, 384)
     assert 100 < int((d < 0).sum()) < 284  # random signs, not all alike
+    # layers that read one input (vLLM fuses them) share their signs, so a fused layer rotates once
+    qkv = [layer_signs(f"model.layers.0.self_attn.{p}_proj", 384) for p in "qkv"]
+    assert all(torch.equal(qkv[0], t) for t in qkv[1:])
+    assert torch.equal(layer_signs("model.layers.0.mlp.gate_proj", 384), layer_signs("model.layers.0.mlp.up_proj", 384))
+    assert not torch.equal(qkv[0], layer_signs("model.layers.0.self_attn.o_proj", 384))
+    assert not torch.equal(qkv[0], layer_signs("model.layers.1.self_attn.q_proj", 384))
 
 
 @pytest.mark.parametrize("k", [128, 384, 640])

@@ -15,6 +15,7 @@ import torch
 
 from llmquant import QuantConfig
 from llmquant.formats.packing import dequantize_packed
+from llmquant.formats.rotation import unpack_signs, unrotate
 from llmquant.modules.quant_linear import QuantLinear
 from llmquant.modules.walk import set_submodule
 from llmquant.quantizers.plan import untie_if_quantizing_head
@@ -36,6 +37,8 @@ def dequantized_float_copy(float_model, quant_model, config: QuantConfig):
                               in_features=mod.in_features)
         if mod.perm is not None:  # stored column j holds input column perm[j]
             w = torch.empty_like(w).index_copy_(1, mod.perm.long(), w)
+        if mod.rot_signs is not None:  # the codes are those of W R: the float layer is W = (W R) R^T
+            w = unrotate(w.float(), unpack_signs(mod.rot_signs, mod.in_features))
         lin = torch.nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
         lin.weight.data.copy_(w)
         if mod.bias is not None:

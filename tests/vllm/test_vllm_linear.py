@@ -45,6 +45,7 @@ except ImportError as e:  # the base environment has no vLLM; .ci/vllm-setup.sh 
 
 from llmquant.config import LayerQuant, QuantConfig, QuantConfigError
 from llmquant.formats.packing import dequantize_packed
+from llmquant.formats.rotation import layer_signs, rotate, unpack_signs
 from llmquant.kernels import dequant_matmul_ref
 from llmquant.kernels.registry import PackedWeight
 from llmquant.quantizers.rtn import quantize_weight_rtn
@@ -102,10 +103,11 @@ def checkpoint_tensors(pw: PackedWeight) -> dict[str, torch.Tensor]:
     return out
 
 
-def load(layer: torch.nn.Module, pw: PackedWeight, shard_id=None) -> None:
+def load(layer: torch.nn.Module, pw: PackedWeight, shard_id=None, rot_signs: torch.Tensor | None = None) -> None:
     """Feed one part's checkpoint tensors through the layer's weight loaders (as vLLM's loader does)."""
     params = dict(layer.named_parameters())
-    for name, t in checkpoint_tensors(pw).items():
+    tensors = checkpoint_tensors(pw) | ({} if rot_signs is None else {"rot_signs": rot_signs})
+    for name, t in tensors.items():
         p = params[name]
         if shard_id is None:
             p.weight_loader(p, t)
@@ -148,8 +150,8 @@ def test_from_config_rejects_a_bad_config_by_name():
         cls.from_config(bad)
     with pytest.raises(QuantConfigError, match="unknown fields"):
         cls.from_config(QuantConfig().to_dict() | {"desc_act": True})
-    with pytest.raises(ValueError, match="does not run rotated layers"):  # never silently unrotated
-        cls.from_config(QuantConfig(rotation="hadamard").to_dict())
+    with pytest.raises(QuantConfigError, match="rotation"):
+        cls.from_config(QuantConfig().to_dict() | {"rotation": "givens"})
 
 
 def test_quantized_embedding_gathers_rows_and_a_tied_head_shares_them():
@@ -281,6 +283,67 @@ def test_merged_gate_up_and_row_parallel_down_with_bias():
     torch.testing.assert_close(y, dequant_matmul_ref(act, dw, bias), **TOL)
 
 
+def make_rotated_part(n: int, k: int, scheme: LayerQuant, signs: torch.Tensor, *, seed: int, perm: bool):
+    """A rotated part as llmquant stores it: the codes of W R (R from ``signs``); returns it with the float W."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) / k**0.5
+    pw = quantize_weight_rtn(rotate(w, unpack_signs(signs, k)), scheme)
+    if perm:
+        pw.perm = torch.randperm(k, generator=g).to(torch.int32)
+    return pw
+
+
+def rotated_ref(x: torch.Tensor, parts: list[tuple[PackedWeight, torch.Tensor]]) -> torch.Tensor:
+    k = x.shape[-1]
+    return torch.cat([dequant_matmul_ref(rotate(x, unpack_signs(s, k)), pw) for pw, s in parts], dim=-1)
+
+
+@pytest.mark.parametrize("signs", ["shared", "per-part"])
+@pytest.mark.parametrize("perm", [False, True])
+def test_rotated_qkv_matches_the_reference(signs, perm):
+    """Rotated layers (rotation='hadamard'): x R, then the layer's kernel; parts that share signs (as
+    llmquant draws them) rotate once and run as one call, parts with their own signs as one call each."""
+    k, head, nh, nkv = 256, 32, 4, 2
+    scheme = LayerQuant(4, 64, False)
+    cfg = make_config(bits=4, group_size=64, sym=False, method="gptq", act_order=perm, rotation="hadamard")
+    layer = QKVParallelLinear(k, head, nh, nkv, bias=False, params_dtype=torch.float32, quant_config=cfg,
+                              prefix="model.layers.0.self_attn.qkv_proj")
+    sizes = {"q": nh * head, "k": nkv * head, "v": nkv * head}
+    sign = {sid: layer_signs(f"model.layers.0.self_attn.{sid if signs == 'per-part' else 'q'}_proj_x", k) for sid in sizes}
+    parts = {sid: make_rotated_part(n, k, scheme, sign[sid], seed=i, perm=perm) for i, (sid, n) in enumerate(sizes.items())}
+    if perm:
+        for pw in parts.values():
+            pw.perm = parts["q"].perm
+    for sid in ("k", "v", "q"):
+        load(layer, parts[sid], sid, rot_signs=sign[sid])
+    finish(layer)
+    assert len(layer.llmquant_runs) == (1 if signs == "shared" else 3)
+    x = torch.randn(5, k)
+    y, _ = layer(x)
+    torch.testing.assert_close(y, rotated_ref(x, [(parts[s], sign[s]) for s in "qkv"]), **TOL)
+    # dequantize_weight is the float layer the codes stand for (rotated back), in input order
+    w = layer.quant_method.dequantize_weight(layer)
+    torch.testing.assert_close(x @ w.T, y, **TOL)
+
+
+def test_rotated_layer_without_its_signs_fails_after_loading():
+    k = 128
+    cfg = make_config(bits=4, group_size=32, rotation="hadamard")
+    layer = MergedColumnParallelLinear(k, [32, 32], bias=False, params_dtype=torch.float32, quant_config=cfg,
+                                       prefix="model.layers.0.mlp.gate_up_proj")
+    assert layer.rot_signs.shape == (2, k // 8)
+    scheme = cfg.resolve("model.layers.0.mlp.gate_up_proj")
+    s = layer_signs("model.layers.0.mlp.gate_proj", k)
+    load(layer, make_rotated_part(32, k, scheme, s, seed=0, perm=False), 0, rot_signs=s)
+    load(layer, make_rotated_part(32, k, scheme, s, seed=1, perm=False), 1)  # the checkpoint lacks up_proj.rot_signs
+    with pytest.raises(ValueError, match=r"rot_signs \(fused part 1\): missing"):
+        finish(layer)
+    # a layer whose K is not whole rotation blocks is stored unrotated, and so declared
+    plain = RowParallelLinear(96, 64, bias=False, params_dtype=torch.float32, quant_config=cfg,
+                              prefix="model.layers.0.mlp.down_proj")
+    assert plain.rot_signs is None
+
+
 def test_dequantize_weight_is_the_float_layer_in_input_order():
     k = 64
     cfg = make_config(bits=3, group_size=32, method="gptq", act_order=True)
@@ -386,10 +449,30 @@ def test_tensor_parallel_qkv_and_row_shards_reassemble_to_the_reference(monkeypa
     torch.testing.assert_close(o_sum + bias, dequant_matmul_ref(h, o_proj, bias), **TOL)
 
 
+def test_tensor_parallel_rotated_row_shards_reassemble_to_the_reference(monkeypatch):
+    """A row-parallel rotated layer: each rank keeps the signs of its K columns (whole 128-column blocks),
+    rotates its slice of x, and the ranks' partial products sum to the rotated layer's output."""
+    tp, k, n = 2, 512, 96
+    cfg = make_config(bits=4, group_size=128, sym=True, rotation="hadamard")
+    signs = layer_signs("l.down_proj", k)
+    down = make_rotated_part(n, k, LayerQuant(4, 128, True), signs, seed=4, perm=False)
+    x = torch.randn(3, k)
+    y = torch.zeros(3, n)
+    for rank in range(tp):
+        layer = build_on_rank(monkeypatch, rank, tp, lambda: RowParallelLinear(
+            k, n, bias=False, params_dtype=torch.float32, quant_config=cfg, prefix="l.down_proj"))
+        assert layer.rot_signs.shape == (k // tp // 8,)
+        load(layer, down, rot_signs=signs)
+        finish(layer)
+        y += layer.quant_method.apply(layer, x[:, rank * (k // tp):(rank + 1) * (k // tp)])
+    torch.testing.assert_close(y, rotated_ref(x, [(down, signs)]), **TOL)
+
+
 @pytest.mark.parametrize(
     "k, tp, kw, why",
     [
         (96, 2, dict(group_size=32), "K per rank \\(48\\) is not a multiple of 32"),
+        (256, 4, dict(group_size=32, rotation="hadamard"), "not a multiple of 128, the rotation block"),
         (128, 2, dict(group_size=128), "not a multiple of the group size 128"),
         (128, 2, dict(group_size=32, method="gptq", act_order=True), "act-order"),
     ],

@@ -34,16 +34,21 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):\n    "]
 MAX_TOKENS = 8
 
 
-def test_smollm2_with_ragged_groups_matches_its_dequantized_float_model(tmp_path):
+@pytest.mark.parametrize("rotation", [None, "hadamard"])
+def test_smollm2_with_ragged_groups_matches_its_dequantized_float_model(tmp_path, rotation):
+    """Also rotated (rotation='hadamard'): K = 576 is not whole 128-column blocks, so only down_proj
+    (K = 1536) is stored rotated, and the plugin must rotate its input as the embedded engine does."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = resolve("smollm2-135m")
     tokenizer = AutoTokenizer.from_pretrained(src)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     float_model = copy.deepcopy(model)
-    config = QuantConfig(bits=4, group_size=128, sym=False)
+    config = QuantConfig(bits=4, group_size=128, sym=False, rotation=rotation)
     llmquant.quantize(model, config, progress=False)
     assert model.model.layers[0].self_attn.q_proj.scales.shape == (576, 5)  # ragged: 576 = 4*128 + 64
+    layer = model.model.layers[0]
+    assert (layer.mlp.down_proj.rot_signs is not None) == (rotation is not None) and layer.mlp.up_proj.rot_signs is None
     llmquant.save_quantized(model, tmp_path / "q", tokenizer)
     dequantized_float_copy(float_model, model, config).save_pretrained(tmp_path / "f")
     tokenizer.save_pretrained(tmp_path / "f")
