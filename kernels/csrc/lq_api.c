@@ -303,8 +303,9 @@ LQ_API int lq_linear(const lq_weights *w, const void *x, int x_dtype, int64_t M,
     const int a8 = (flags & LQ_FLAG_A8) != 0;
     const int int_path = p.L.bits == 4 && i8_groups && p.kern->gemv_i8 &&
                          (a8 || (M == 1 && !(flags & LQ_FLAG_F32_NO_INT)));
-    /* 8-bit layouts: the fp32 decode alone (dynamic INT8 activations cover 2- to 4-bit codes) */
-    const int x8_path = p.L.bits == 8 && i8_groups && p.kern->gemv_x8 && p.kern->prepare_x8 && M == 1 && !a8 &&
+    /* 8-bit layouts: the exact fp32 decode, with or without LQ_FLAG_A8 (dynamic INT8 activations cover
+     * 2- to 4-bit codes; an 8-bit layer keeps its exact paths, and at M = 1 this is the fast one) */
+    const int x8_path = p.L.bits == 8 && i8_groups && p.kern->gemv_x8 && p.kern->prepare_x8 && M == 1 &&
                         !(flags & LQ_FLAG_F32_NO_INT);
     if (int_path || x8_path) p.mode = LQ_F32;
     p.bias = bias;
@@ -322,7 +323,7 @@ LQ_API int lq_linear(const lq_weights *w, const void *x, int x_dtype, int64_t M,
     /* NaN or infinite x keep the fp32 paths */
     uint8_t *xi = NULL;
     if (int_path || x8_path) {
-        p.nlimbs = a8 ? 1 : 3;
+        p.nlimbs = a8 && int_path ? 1 : 3;
         const size_t row = (size_t)lq_xi_row_bytes(&p.L, p.nlimbs);
         if (posix_memalign((void **)&xi, 64, row * (size_t)M) != 0) {
             free(xp);
