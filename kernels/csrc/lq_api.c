@@ -404,6 +404,39 @@ LQ_API int lq_dequantize(const lq_weights *w, int out_dtype, void *out, int isa)
     return LQ_OK;
 }
 
+/* one butterfly stage of stride H over a 128-column block (H a constant, so the j loop vectorizes) */
+#define LQ_FWHT_STAGE(v, H)                                 \
+    for (int i = 0; i < 128; i += 2 * (H))                  \
+        for (int j = i; j < i + (H); j++) {                 \
+            const float a_ = (v)[j], c_ = (v)[j + (H)];     \
+            (v)[j] = a_ + c_;                               \
+            (v)[j + (H)] = a_ - c_;                         \
+        }
+
+/* v[0..127] <- (v diag(s)) H / sqrt(128): strides 1 and 2 together with the signs (one pass over
+ * groups of 4), then strides 4 to 64, then the scale (the additions in the order of the plain loop) */
+#if LQ_X86 && defined(__GNUC__) && !defined(__clang__)
+/* the same code, compiled for 8 and 16 lanes too; the loader picks by the CPU's features (ifunc) */
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+static void fwht128(float *v, const float *s) {
+    for (int i = 0; i < 128; i += 4) {
+        const float a = v[i] * s[i], b = v[i + 1] * s[i + 1], c = v[i + 2] * s[i + 2], e = v[i + 3] * s[i + 3];
+        const float t0 = a + b, t1 = a - b, t2 = c + e, t3 = c - e;
+        v[i] = t0 + t2;
+        v[i + 1] = t1 + t3;
+        v[i + 2] = t0 - t2;
+        v[i + 3] = t1 - t3;
+    }
+    LQ_FWHT_STAGE(v, 4)
+    LQ_FWHT_STAGE(v, 8)
+    LQ_FWHT_STAGE(v, 16)
+    LQ_FWHT_STAGE(v, 32)
+    LQ_FWHT_STAGE(v, 64)
+    const float scale = 0.088388347648318440f; /* 1/sqrt(128) */
+    for (int i = 0; i < 128; i++) v[i] *= scale;
+}
+
 /* x[rows][k] <- x diag(d) B in place, B block diagonal with the normalized 128 x 128 Sylvester
  * Hadamard matrix (llmquant/formats/rotation.py): per block of 128, the signs, the fast Walsh-Hadamard
  * butterflies (stride h pairs j, j + h: Sylvester order, and the matrix is symmetric, so x H = (H x^T)^T),
@@ -416,21 +449,7 @@ LQ_API int lq_hadamard128(float *x, const float *d, int64_t rows, int64_t k) {
                  "of 128 (rows %lld, k %lld)", (long long)rows, (long long)k);
         return fail(msg);
     }
-    const float scale = 0.088388347648318440f; /* 1/sqrt(128) */
-    for (int64_t r = 0; r < rows; r++) {
-        for (int64_t b = 0; b < k; b += 128) {
-            float *v = x + r * k + b;
-            const float *s = d + b;
-            for (int i = 0; i < 128; i++) v[i] *= s[i];
-            for (int h = 1; h < 128; h *= 2)
-                for (int i = 0; i < 128; i += 2 * h)
-                    for (int j = i; j < i + h; j++) {
-                        const float a = v[j], c = v[j + h];
-                        v[j] = a + c;
-                        v[j + h] = a - c;
-                    }
-            for (int i = 0; i < 128; i++) v[i] *= scale;
-        }
-    }
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t b = 0; b < k; b += 128) fwht128(x + r * k + b, d + b);
     return LQ_OK;
 }

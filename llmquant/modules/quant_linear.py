@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from typing import Any
 
 import torch
@@ -28,6 +29,13 @@ from llmquant.kernels.registry import PackedWeight, env_switch, select_kernel
 
 logger = logging.getLogger(__name__)
 _warned: set[str] = set()  # reasons already logged, so a model's hundred layers warn once
+#: per thread, the last input rotation: (x, its version, signs bytes, x R, its version)
+_last_rotation = threading.local()
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """The in-place version counter (None for inference-mode tensors, which have none)."""
+    return None if t.is_inference() else t._version
 
 
 class CheckpointError(ValueError):
@@ -75,7 +83,8 @@ class QuantLinear(nn.Module):
             self.register_buffer("rot_signs", torch.zeros(-(-k // 8), dtype=torch.uint8, device=device))
         else:
             self.rot_signs = None
-        self._rot_d: torch.Tensor | None = None  # the signs as +-1 floats, derived at first use
+        #: the signs as +-1 floats and as bytes (which layers share them), derived at first use
+        self._rot_state: tuple[torch.Tensor, bytes] | None = None
         if bias:
             self.bias = nn.Parameter(torch.zeros(n, dtype=bias_dtype, device=device), requires_grad=False)
         else:
@@ -222,7 +231,7 @@ class QuantLinear(nn.Module):
         # the fp16 scales keep their dtype (a trip through bf16 would round them) and only move device.
         self._restore_qweight()
         self._kernel_cache = {}
-        self._rot_d = None
+        self._rot_state = None
         scales = self._buffers.pop("scales")
         try:
             super()._apply(fn, recurse)
@@ -239,14 +248,14 @@ class QuantLinear(nn.Module):
             self._buffers["qweight"] = torch.zeros(shape, dtype=dtype)
             self._qweight_from = None
         self._kernel_cache = {}
-        self._rot_d = None
+        self._rot_state = None
         return super()._load_from_state_dict(*args, **kwargs)
 
     def invalidate_kernel(self) -> None:
         """Forget derived kernel state (call after changing the packed buffers in place)."""
         self._restore_qweight()
         self._kernel_cache = {}
-        self._rot_d = None
+        self._rot_state = None
 
     def uses_act_int8(self) -> bool:
         """Dynamic INT8 activations: ``LLMQUANT_ACTIVATIONS`` ("float" / "dynamic_int8") if set, else the
@@ -295,10 +304,26 @@ class QuantLinear(nn.Module):
         """``x R`` for a rotated layer (what its codes multiply), else x."""
         if self.rot_signs is None:
             return x
-        d = self._rot_d
-        if d is None or d.device != x.device:
-            d = self._rot_d = unpack_signs(self.rot_signs, self.in_features).to(x.device)
-        return rotate_input(x, d)
+        state = self._rot_state
+        if state is None or state[0].device != x.device:
+            key = bytes(self.rot_signs.cpu().numpy())
+            state = self._rot_state = (unpack_signs(self.rot_signs, self.in_features).to(x.device), key)
+        d, key = state
+        if x.requires_grad or torch.compiler.is_compiling():
+            return rotate_input(x, d)
+        # layers that read one tensor and share their signs (q/k/v, gate/up: llmquant draws one vector
+        # for them) rotate it once: the last rotation is kept with x itself (a strong reference, so the
+        # object cannot be freed and another take its place) and both tensors' version counters (an
+        # in-place change makes it stale; inference-mode tensors have none, and there the reuse relies
+        # on nobody changing a layer's input in place between two sibling layers' calls)
+        last = getattr(_last_rotation, "entry", None)
+        if last is not None:
+            lx, lversion, lkey, y, yversion = last
+            if lx is x and lkey == key and lversion == _version(x) and yversion == _version(y):
+                return y
+        y = rotate_input(x, d)
+        _last_rotation.entry = (x, _version(x), key, y, _version(y))
+        return y
 
     def weight_bytes(self) -> int:
         """Bytes of the stored tensors (codes, scales, zero points, perm, rotation signs)."""

@@ -129,6 +129,41 @@ def test_rotated_quant_linear_matches_reference(dtype):
         QuantLinear(96, 8, llmquant.config.LayerQuant(4, 32, True), bias=False, rotated=True)
 
 
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_siblings_that_share_signs_rotate_their_input_once(mode, monkeypatch):
+    """q/k/v (one sign vector) called on one tensor rotate it once; another tensor, other signs, or an
+    in-place change of x (tracked outside inference mode) rotate again, and every output is the layer's own."""
+    import llmquant.modules.quant_linear as ql
+
+    calls = []
+    real = ql.rotate_input
+    monkeypatch.setattr(ql, "rotate_input", lambda x, d: calls.append(1) or real(x, d))
+    k = 256
+    g = torch.Generator().manual_seed(0)
+    mods = {}
+    for p in ("q", "k", "v", "o"):
+        signs = layer_signs(f"model.layers.0.self_attn.{p}_proj", k)
+        w = torch.randn(32, k, generator=g) * 0.05
+        packed = quantize_weight_rtn(rotate(w, unpack_signs(signs, k)), llmquant.config.LayerQuant(4, 128, True))
+        mods[p] = QuantLinear.from_packed(packed, None, rot_signs=signs)
+    x = torch.randn(3, k, generator=g)
+    ctx = torch.inference_mode if mode == "inference_mode" else torch.no_grad
+    with ctx():
+        alone = {p: mods[p](x.clone()) for p in mods}  # every call a fresh tensor: 4 rotations
+        assert len(calls) == 4
+        calls.clear()
+        shared = {p: mods[p](x) for p in ("q", "k", "v")}
+        assert len(calls) == 1
+        for p in shared:
+            assert torch.equal(shared[p], alone[p])
+        assert torch.equal(mods["o"](x), alone["o"]) and len(calls) == 2  # other signs
+        assert torch.equal(mods["q"](x), alone["q"]) and len(calls) == 3
+        if mode == "no_grad":  # an in-place change of x is seen
+            x.mul_(2)
+            torch.testing.assert_close(mods["k"](x), 2 * alone["k"], rtol=1e-5, atol=1e-5)
+            assert len(calls) == 4
+
+
 def _outlier_weight(n=64, k=256, seed=0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g) * 0.02
