@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import weakref
 from typing import Any
 
 import torch
@@ -29,7 +30,7 @@ from llmquant.kernels.registry import PackedWeight, env_switch, select_kernel
 
 logger = logging.getLogger(__name__)
 _warned: set[str] = set()  # reasons already logged, so a model's hundred layers warn once
-#: per thread, the last input rotation: (x, its version, signs bytes, x R, its version)
+#: per thread, the last input rotation: [weakref to x, its version, signs bytes, x R, its version]
 _last_rotation = threading.local()
 
 
@@ -312,17 +313,21 @@ class QuantLinear(nn.Module):
         if x.requires_grad or torch.compiler.is_compiling():
             return rotate_input(x, d)
         # layers that read one tensor and share their signs (q/k/v, gate/up: llmquant draws one vector
-        # for them) rotate it once: the last rotation is kept with x itself (a strong reference, so the
-        # object cannot be freed and another take its place) and both tensors' version counters (an
-        # in-place change makes it stale; inference-mode tensors have none, and there the reuse relies
-        # on nobody changing a layer's input in place between two sibling layers' calls)
+        # for them) rotate it once. The last rotation is kept for as long as x lives (a weak reference;
+        # when x is freed the entry empties and x R goes with it, so nothing outlives the forward pass),
+        # with both tensors' version counters: an in-place change makes it stale (inference-mode tensors
+        # have none; there the reuse relies on nobody changing a layer's input in place between two
+        # sibling layers' calls)
         last = getattr(_last_rotation, "entry", None)
-        if last is not None:
-            lx, lversion, lkey, y, yversion = last
-            if lx is x and lkey == key and lversion == _version(x) and yversion == _version(y):
+        if last:
+            xref, lversion, lkey, y, yversion = last
+            if xref() is x and lkey == key and lversion == _version(x) and yversion == _version(y):
                 return y
+            last.clear()
         y = rotate_input(x, d)
-        _last_rotation.entry = (x, _version(x), key, y, _version(y))
+        entry = [weakref.ref(x), _version(x), key, y, _version(y)]
+        weakref.finalize(x, entry.clear)
+        _last_rotation.entry = entry
         return y
 
     def weight_bytes(self) -> int:

@@ -162,6 +162,14 @@ def test_siblings_that_share_signs_rotate_their_input_once(mode, monkeypatch):
             x.mul_(2)
             torch.testing.assert_close(mods["k"](x), 2 * alone["k"], rtol=1e-5, atol=1e-5)
             assert len(calls) == 4
+    # nothing outlives the input: once x is freed, so is its rotation
+    import gc
+    import weakref
+
+    kept = weakref.ref(ql._last_rotation.entry[3])
+    del x
+    gc.collect()
+    assert kept() is None and not ql._last_rotation.entry
 
 
 def _outlier_weight(n=64, k=256, seed=0):
