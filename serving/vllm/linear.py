@@ -53,6 +53,11 @@ logger = logging.getLogger("vllm.llmquant")
 _QKV_INDEX = {"q": 0, "k": 1, "v": 2}
 
 
+def _part_index(shard_id: Any) -> int:
+    """The fused part a loader's ``shard_id`` names ("q"/"k"/"v", or the index of a merged part)."""
+    return _QKV_INDEX[shard_id] if isinstance(shard_id, str) else int(shard_id)
+
+
 class PermParameter(BasevLLMParameter):
     """``perm`` of a (possibly fused) layer: int32 [K], or [S, K] with one row per fused part.
 
@@ -65,8 +70,7 @@ class PermParameter(BasevLLMParameter):
         if self.data.dim() == 1:
             self._assert_and_load(loaded_weight)
             return
-        idx = _QKV_INDEX[shard_id] if isinstance(shard_id, str) else int(shard_id)
-        row = self.data[idx]
+        row = self.data[_part_index(shard_id)]
         if row.shape != loaded_weight.shape:
             raise ValueError(f"perm of part {shard_id}: shape {tuple(loaded_weight.shape)}, expected {tuple(row.shape)}")
         row.copy_(loaded_weight)
@@ -95,7 +99,7 @@ class RotSignsParameter(PermParameter):
 
     def _load_row(self, loaded_weight: torch.Tensor, shard_id: Any) -> None:
         super()._load_row(loaded_weight, shard_id)
-        self._mark(0 if self.data.dim() == 1 else _QKV_INDEX[shard_id] if isinstance(shard_id, str) else int(shard_id))
+        self._mark(0 if self.data.dim() == 1 else _part_index(shard_id))
 
     def load_column_parallel_weight(self, loaded_weight: torch.Tensor) -> None:
         self._load_row(loaded_weight, 0)
@@ -220,6 +224,18 @@ class LlmQuantLinearMethod(LinearMethodBase):
         def same(rows: list) -> bool:
             return all(r is None or torch.equal(r, rows[0]) for r in rows)
 
+        unpacked: list[tuple[torch.Tensor, torch.Tensor]] = []  # (stored row, its +-1 vector)
+
+        def signs_of(r: torch.Tensor | None) -> torch.Tensor | None:
+            """Equal rows get one vector, so that apply rotates x once for the parts that share it."""
+            if r is None:
+                return None
+            d = next((d for row, d in unpacked if torch.equal(row, r)), None)
+            if d is None:
+                d = unpack_signs(r.contiguous(), k)
+                unpacked.append((r, d))
+            return d
+
         if same(perms) and same(rots):
             cuts = [(0, sum(sizes), perms[0], rots[0])]
         else:
@@ -236,7 +252,7 @@ class LlmQuantLinearMethod(LinearMethodBase):
                 group_size=s.group_size,
                 in_features=k,
                 out_features=b - a,
-            ), None if r is None else unpack_signs(r.contiguous(), k))
+            ), signs_of(r))
             for a, b, p, r in cuts
         ]
 
@@ -271,12 +287,7 @@ class LlmQuantLinearMethod(LinearMethodBase):
         dtype = layer.llmquant_params_dtype
         act_int8 = self.quant_config.act_int8
         runs = []
-        seen: list[torch.Tensor] = []  # parts with equal signs share one tensor, so apply rotates x once for them
         for w, d in self._packed_parts(layer):
-            if d is not None:
-                d = next((e for e in seen if torch.equal(e, d)), d)
-                if all(e is not d for e in seen):
-                    seen.append(d)
             kernel = select_kernel(w.spec(dtype, act_int8))
             runs.append((kernel, kernel.prepare(w, act_int8), d))
             if kernel.name not in self.quant_config.kernels_logged:
@@ -295,7 +306,7 @@ class LlmQuantLinearMethod(LinearMethodBase):
             if d is None:
                 return x
             if id(d) not in rotated:
-                rotated[id(d)] = rotate_input(x, d if d.device == x.device else d.to(x.device))
+                rotated[id(d)] = rotate_input(x, d.to(x.device))
             return rotated[id(d)]
 
         if len(runs) == 1:
