@@ -52,6 +52,7 @@ def dequant_gemm_kernel(
     HAS_BIAS: tl.constexpr,
     GROUP_PER_TILE: tl.constexpr,
     DEQ_FP16: tl.constexpr,
+    DEQ_MAGIC: tl.constexpr,
     IEEE_DOT: tl.constexpr,
     UNPACK_RESHAPE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -135,7 +136,24 @@ def dequant_gemm_kernel(
             else:
                 z = SYM_ZERO
 
-        if DEQ_FP16:
+        if DEQ_MAGIC:
+            # No integer-to-float instruction per code: OR-ing q (< 1024) into the bits of fp16
+            # 1024.0 gives the float 1024 + q exactly (likewise 2**23 + q in fp32); subtracting
+            # 1024 + z leaves q - z exactly, the value the "cvt" branch converts.
+            if DEQ_FP16:
+                if HAS_ZEROS:
+                    zm = (z + 1024).to(tl.float16)  # one row (or tile) of zero points, not per code
+                else:
+                    zm = tl.full((1, BLOCK_N), SYM_ZERO + 1024, tl.float16)
+                w = ((q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - zm) * s
+            else:
+                if HAS_ZEROS:
+                    zm = (z + 8388608).to(tl.float32)
+                else:
+                    zm = tl.full((1, BLOCK_N), SYM_ZERO + 8388608, tl.float32)
+                qf = (q | 0x4B000000).to(tl.float32, bitcast=True)
+                w = ((qf - zm) * s.to(tl.float32)).to(x.dtype)
+        elif DEQ_FP16:
             # q - z is a small integer (exact in fp16) and s is fp16, so one fp16 multiply rounds
             # exactly like the format's float32 product rounded to fp16, with no float32 round trip.
             w = (q - z).to(tl.float16) * s
@@ -157,6 +175,28 @@ def dequant_gemm_kernel(
         # fp32 partial sums; the wrapper adds the splits in a fixed order (deterministic), then bias.
         y_ptrs = y_ptr + pid_k * stride_ys + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
         tl.store(y_ptrs, acc, mask=y_mask)
+
+
+@triton.jit
+def splitk_sum_kernel(p_ptr, b_ptr, y_ptr, MN, N, S, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """y[M, N] = sum over s of p[s, M, N] (in order s = 0, 1, ...: deterministic) + bias, in y's dtype."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(S):
+        acc += tl.load(p_ptr + s * MN + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def splitk_sum(part, bias, y):
+    """y = part.sum(0) + bias in y's dtype, one launch (part: fp32 [S, M, N] contiguous)."""
+    s, m, n = part.shape
+    block = 1024
+    splitk_sum_kernel[(triton.cdiv(m * n, block),)](
+        part, bias if bias is not None else part, y, m * n, n, s, HAS_BIAS=bias is not None, BLOCK=block
+    )
 
 
 def launch(x, qweight_t, scales_t, zeros_t, bias, y, *, bits, group_size, cfg, tiles_per_split):
@@ -188,6 +228,7 @@ def launch(x, qweight_t, scales_t, zeros_t, bias, y, *, bits, group_size, cfg, t
         HAS_BIAS=bias is not None,
         GROUP_PER_TILE=(ng == 1) or (group_size % cfg.block_k == 0),
         DEQ_FP16=x.dtype == torch.float16,
+        DEQ_MAGIC=cfg.deq == "magic",
         IEEE_DOT=x.dtype == torch.float32,
         UNPACK_RESHAPE=cfg.unpack == "reshape",
         BLOCK_M=cfg.block_m,
@@ -229,7 +270,7 @@ def compile_for_target(arch: int, x_dtype, *, bits: int, has_zeros: bool, has_bi
         sig[name] = "i32"
     constexprs = dict(
         BITS=bits, HAS_ZEROS=has_zeros, HAS_BIAS=has_bias, GROUP_PER_TILE=group_per_tile,
-        DEQ_FP16=x_dtype == torch.float16, IEEE_DOT=x_dtype == torch.float32,
+        DEQ_FP16=x_dtype == torch.float16, DEQ_MAGIC=cfg.deq == "magic", IEEE_DOT=x_dtype == torch.float32,
         UNPACK_RESHAPE=cfg.unpack == "reshape", BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, SPLIT_OUT=split_out,
     )  # fmt: skip

@@ -155,6 +155,8 @@ def test_matches_reference_full_grid(case):
         TritonConfig(64, 128, 64),
         TritonConfig(16, 32, 32, unpack="reshape"),
         TritonConfig(32, 16, 128, unpack="reshape"),  # block_k > G = 64: per-element scale gather
+        TritonConfig(16, 32, 64, split_k=3, deq="magic"),  # codes to floats by the 1024.0 / 2**23 trick
+        TritonConfig(32, 16, 128, unpack="gather", deq="magic"),
     ],
     ids=lambda c: "-".join(map(str, c.to_list())),
 )
@@ -167,8 +169,9 @@ def test_explicit_configs(config, sym):
 
 @pytest.mark.parametrize("bits", [8, 2])
 @pytest.mark.parametrize("unpack", ["gather", "reshape"])
-def test_other_widths(bits, unpack):
-    cfg = TritonConfig(16, 32, 32, split_k=2, unpack=unpack)
+@pytest.mark.parametrize("deq", ["cvt", "magic"])
+def test_other_widths(bits, unpack, deq):
+    cfg = TritonConfig(16, 32, 32, split_k=2, unpack=unpack, deq=deq)
     run_case(5, 40, 100, 32, sym=False, act_order=False, dtype=torch.float32, config=cfg, bits=bits)
     run_case(5, 40, 100, -1, sym=True, act_order=True, dtype=torch.float16, config=cfg, bits=bits)
 
@@ -264,10 +267,12 @@ def test_invalid_shapes_raise():
 
 
 def test_pick_config():
-    # decode on a 132-SM GPU: 16-row tiles and a K split that fills the machine
+    # decode on a 132-SM GPU: 16-row tiles, K split at least 8 ways, more when output tiles are few
     c = pick_config(1, 4096, 4096, 128, num_sms=132)
-    assert (c.block_m, c.block_k) == (16, 128) and c.split_k > 1
-    assert 64 * c.split_k >= 132  # N / block_n output tiles times the splits
+    assert (c.block_m, c.block_k, c.split_k) == (16, 128, 8)
+    assert pick_config(16, 11008, 4096, 128, 132).split_k == 8
+    assert pick_config(1, 256, 4096, 128, 132).split_k == 32  # 4 output tiles: 2 * 132 / 4, whole K tiles
+    assert pick_config(1, 1536, 576, 128, 132).split_k == 5  # one K tile a split at most
     # block_k divides the group size so each K tile reads one scale row
     assert pick_config(1, 4096, 4096, 32, 132).block_k == 32
     assert pick_config(256, 4096, 4096, 128, 132).split_k == 1  # large M: no fp32 partials
