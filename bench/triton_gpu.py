@@ -79,6 +79,7 @@ BENCH_MS = [1, 4, 16, 64, 256, 1024]
 CHECK_MS = [1, 2, 3, 7, 16, 33, 128]
 CHECK_SHAPES = [(64, 256), (100, 200), (33, 576), (48, 40), (4096, 4096), (1536, 576)]
 GROUPS = [32, 64, 128, -1]
+SWEEP_WX_ONLY = False  # --wx-sweep: the default config against operands="wx" variants only
 
 
 class Budget:
@@ -134,6 +135,8 @@ def correctness(device, budget, dry, share):
             cfg = TritonConfig(32, 64, 32, unpack="gather")
         elif i % 7 == 6:
             cfg = TritonConfig(16, 32, 64, split_k=2, deq="magic")
+        elif i % 7 == 1:
+            cfg = TritonConfig(16 if m <= 16 else 64, 64, 64, split_k=2 if m <= 16 else 1, operands="wx")
         cases.append(dict(m=m, n=n, k=k, g=GROUPS[(i // 2 + i) % 4], sym=i % 3 != 0, act=i % 5 in (1, 3),
                           dtype=dtype, cfg=cfg))  # fmt: skip
     for c in cases:
@@ -300,6 +303,22 @@ def sweep_candidates(m, n, k, sms):
     auto = pick_config(m, n, k, 128, sms)
     cands = {"auto": auto, "auto+magic": replace(auto, deq="magic"),
              "auto+gather": replace(auto, unpack="gather")}  # fmt: skip
+    wx = replace(auto, operands="wx", unpack="reshape")
+    cands["wx"] = wx
+    cands["wx+magic"] = replace(wx, deq="magic")
+    if m <= 16:
+        cands["wx-bn32"] = replace(wx, block_n=32)
+        cands["wx-bn128"] = replace(wx, block_n=128)
+        cands["wx-bk64"] = replace(wx, block_k=64)
+        cands["wx-split16"] = replace(wx, split_k=16)
+        cands["wx-warps8"] = replace(wx, num_warps=8)
+    else:
+        cands["wx-128x128"] = TritonConfig(128, 128, 64, num_warps=8, num_stages=3, operands="wx")
+        cands["wx-128x128xk128"] = TritonConfig(128, 128, 128, num_warps=8, num_stages=3, operands="wx")
+        cands["wx-64x256"] = TritonConfig(64, 256, 64, num_warps=8, num_stages=3, operands="wx")
+        cands["wx-128x256"] = TritonConfig(128, 256, 64, num_warps=8, num_stages=3, operands="wx")
+    if SWEEP_WX_ONLY:
+        return cands
     if m <= 16:
         for s in (1, 4, 12, 16, 32):
             cands[f"split{s}"] = replace(auto, split_k=s)
@@ -329,6 +348,10 @@ def sweep(device, budget, dry, share):
                 ("llama7b.down", 4096, 11008, 1), ("llama7b.qkvo", 4096, 4096, 256),
                 ("llama7b.gate_up", 11008, 4096, 256), ("llama7b.qkvo", 4096, 4096, 16),
                 ("smollm2.gate_up", 1536, 576, 1), ("gemma3.down", 640, 2048, 1), ("gemma3.k_v", 256, 640, 1)]  # fmt: skip
+        if SWEEP_WX_ONLY:
+            jobs += [("llama7b.down", 4096, 11008, 256), ("llama7b.qkvo", 4096, 4096, 1024),
+                     ("llama7b.gate_up", 11008, 4096, 1024), ("llama7b.gate_up", 11008, 4096, 16),
+                     ("gemma3.gate_up", 2048, 640, 1), ("gemma3.gate_up", 2048, 640, 256)]  # fmt: skip
     sms = sm_count(device, 0 if device == "cuda" else None)
     rows = []
     for name, n, k, m in jobs:
@@ -411,6 +434,8 @@ def main(argv=None):
     ap.add_argument("--json", required=True, help="write all results here")
     ap.add_argument("--budget-s", type=float, default=240.0, help="stop starting new work after this")
     ap.add_argument("--dry-run", action="store_true", help="CPU with TRITON_INTERPRET=1, tiny shapes")
+    ap.add_argument("--wx-sweep", action="store_true",
+                    help='no speed table; sweep the default config against operands="wx" variants, more shapes')
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     device = "cpu" if args.dry_run else "cuda"
@@ -423,7 +448,9 @@ def main(argv=None):
     result["copy_GBps"] = copy_bandwidth(device)
     result["correctness"] = correctness(device, budget, args.dry_run, share=0.35)
     result["checks"] = compile_and_graph_checks(device, args.dry_run)
-    result["bench"] = bench(device, budget, args.dry_run, share=0.75)
+    global SWEEP_WX_ONLY
+    SWEEP_WX_ONLY = args.wx_sweep
+    result["bench"] = [] if args.wx_sweep else bench(device, budget, args.dry_run, share=0.75)
     result["sweep"] = sweep(device, budget, args.dry_run, share=1.0)
     result["elapsed_s"] = budget.elapsed()
     Path(args.json).write_text(json.dumps(result, indent=1, default=str))

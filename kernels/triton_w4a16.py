@@ -52,7 +52,9 @@ class TritonConfig:
     sm_90, "gather" stages 3x the shared memory (127 KB against 41 KB for the decode tile).
     ``deq``: how codes become floats: "cvt" converts q - z (an integer-to-float instruction per
     code); "magic" ORs q into the bits of 1024.0 (fp16) or 2**23 (fp32) and subtracts 1024 + z or
-    2**23 + z, the same value with no conversion instruction."""
+    2**23 + z, the same value with no conversion instruction. ``operands``: "xw" multiplies x by
+    the dequantized tile; "wx" computes y^T = W x^T, the tile as the left operand (on Hopper the
+    warp-group MMA reads its left operand from registers; "reshape" unpacking only)."""
 
     block_m: int
     block_n: int
@@ -63,22 +65,24 @@ class TritonConfig:
     num_stages: int = 3
     unpack: str = "reshape"
     deq: str = "cvt"
+    operands: str = "xw"
 
     _UNPACK = ("gather", "reshape")
     _DEQ = ("cvt", "magic")
+    _OPERANDS = ("xw", "wx")
 
     def to_list(self) -> list[int]:
         return [
             self.block_m, self.block_n, self.block_k, self.split_k,
             self.group_m, self.num_warps, self.num_stages, self._UNPACK.index(self.unpack),
-            self._DEQ.index(self.deq),
+            self._DEQ.index(self.deq), self._OPERANDS.index(self.operands),
         ]  # fmt: skip
 
     @classmethod
     def from_list(cls, v: list[int]) -> "TritonConfig":
-        if len(v) != 9:
-            raise ValueError(f"a TritonConfig list has 9 ints, got {len(v)}: {v}")
-        return cls(*v[:7], unpack=cls._UNPACK[v[7]], deq=cls._DEQ[v[8]])
+        if len(v) != 10:
+            raise ValueError(f"a TritonConfig list has 10 ints, got {len(v)}: {v}")
+        return cls(*v[:7], unpack=cls._UNPACK[v[7]], deq=cls._DEQ[v[8]], operands=cls._OPERANDS[v[9]])
 
     def check(self) -> None:
         # Powers of two >= 16 also hold whole words: 32 // bits <= 16 codes per word.
@@ -92,6 +96,10 @@ class TritonConfig:
             raise ValueError(f"unpack must be one of {self._UNPACK}, got {self.unpack!r}")
         if self.deq not in self._DEQ:
             raise ValueError(f"deq must be one of {self._DEQ}, got {self.deq!r}")
+        if self.operands not in self._OPERANDS:
+            raise ValueError(f"operands must be one of {self._OPERANDS}, got {self.operands!r}")
+        if self.operands == "wx" and self.unpack != "reshape":
+            raise ValueError('operands="wx" unpacks by "reshape" only')
 
 
 def _split_k_tiles(k: int, block_k: int, split_k: int) -> tuple[int, int]:

@@ -53,6 +53,7 @@ def dequant_gemm_kernel(
     GROUP_PER_TILE: tl.constexpr,
     DEQ_FP16: tl.constexpr,
     DEQ_MAGIC: tl.constexpr,
+    SWAP_AB: tl.constexpr,
     IEEE_DOT: tl.constexpr,
     UNPACK_RESHAPE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -84,7 +85,10 @@ def dequant_gemm_kernel(
     # Row offsets in int64: M * N passes 2**31 for a quantized lm_head over a long prompt.
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T = W x^T
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     t_begin = pid_k * tiles_per_split
     t_end = tl.minimum(t_begin + tiles_per_split, tl.cdiv(K, BLOCK_K))
     for t in range(t_begin, t_end):
@@ -92,12 +96,29 @@ def dequant_gemm_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
         # Columns past K read x = 0, so whatever the (zero-padded) weight holds there adds nothing.
-        x = tl.load(
-            x_rows + offs_k[None, :],
-            mask=m_mask[:, None] & k_mask[None, :],
-            other=0.0,
-        )
-        if UNPACK_RESHAPE:
+        if SWAP_AB:
+            x = tl.load(x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + offs_k[:, None],
+                        mask=k_mask[:, None] & m_mask[None, :], other=0.0)  # fmt: skip
+        else:
+            x = tl.load(
+                x_rows + offs_k[None, :],
+                mask=m_mask[:, None] & k_mask[None, :],
+                other=0.0,
+            )
+        if SWAP_AB:
+            # The weight tile as the left operand, [BLOCK_N, BLOCK_K]: Hopper's warp-group MMA takes
+            # its left operand from registers, where the codes are unpacked, and only x^T through
+            # shared memory. Words still load contiguously along N (axis 0 here).
+            offs_r = k0 // PER + tl.arange(0, BLOCK_K // PER)
+            words = tl.load(
+                qw_ptr + offs_r[None, :] * stride_qk + offs_n[:, None],
+                mask=(offs_r[None, :] * PER < K) & n_mask[:, None],
+                other=0,
+            )
+            shifts = tl.arange(0, PER) * BITS
+            q = (words[:, :, None] >> shifts[None, None, :]) & QMASK
+            q = tl.reshape(q, (BLOCK_N, BLOCK_K))
+        elif UNPACK_RESHAPE:
             # Load each word once ([BLOCK_K // PER, BLOCK_N]), shift out its PER codes along a new
             # middle axis and fold that axis into K: row r*PER + j of the tile is code j of word r.
             offs_r = k0 // PER + tl.arange(0, BLOCK_K // PER)
@@ -119,7 +140,24 @@ def dequant_gemm_kernel(
             )
             q = (words >> ((offs_k % PER) * BITS)[:, None]) & QMASK
 
-        if GROUP_PER_TILE:
+        if SWAP_AB:
+            if GROUP_PER_TILE:
+                g = k0 // G
+                s = tl.load(s_ptr + g * stride_sg + offs_n, mask=n_mask, other=0.0)[:, None]
+                if HAS_ZEROS:
+                    z = tl.load(z_ptr + g * stride_zg + offs_n, mask=n_mask, other=0).to(tl.int32)[:, None]
+                else:
+                    z = SYM_ZERO
+            else:
+                g = offs_k // G
+                gk_mask = n_mask[:, None] & k_mask[None, :]
+                s = tl.load(s_ptr + g[None, :] * stride_sg + offs_n[:, None], mask=gk_mask, other=0.0)
+                if HAS_ZEROS:
+                    z_ptrs = z_ptr + g[None, :] * stride_zg + offs_n[:, None]
+                    z = tl.load(z_ptrs, mask=gk_mask, other=0).to(tl.int32)
+                else:
+                    z = SYM_ZERO
+        elif GROUP_PER_TILE:
             # G is a multiple of BLOCK_K (or the layer has one group): the tile lies in one group.
             g = k0 // G
             s = tl.load(s_ptr + g * stride_sg + offs_n, mask=n_mask, other=0.0)[None, :]
@@ -144,13 +182,13 @@ def dequant_gemm_kernel(
                 if HAS_ZEROS:
                     zm = (z + 1024).to(tl.float16)  # one row (or tile) of zero points, not per code
                 else:
-                    zm = tl.full((1, BLOCK_N), SYM_ZERO + 1024, tl.float16)
+                    zm = tl.full((1, 1), SYM_ZERO + 1024, tl.float16)
                 w = ((q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - zm) * s
             else:
                 if HAS_ZEROS:
                     zm = (z + 8388608).to(tl.float32)
                 else:
-                    zm = tl.full((1, BLOCK_N), SYM_ZERO + 8388608, tl.float32)
+                    zm = tl.full((1, 1), SYM_ZERO + 8388608, tl.float32)
                 qf = (q | 0x4B000000).to(tl.float32, bitcast=True)
                 w = ((qf - zm) * s.to(tl.float32)).to(x.dtype)
         elif DEQ_FP16:
@@ -160,21 +198,31 @@ def dequant_gemm_kernel(
         else:
             w = ((q - z).to(tl.float32) * s.to(tl.float32)).to(x.dtype)
 
-        if IEEE_DOT:
+        if SWAP_AB:
+            if IEEE_DOT:
+                acc = tl.dot(w, x, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(w, x, acc)
+        elif IEEE_DOT:
             acc = tl.dot(x, w, acc, input_precision="ieee")  # fp32 inputs: no TF32 rounding
         else:
             acc = tl.dot(x, w, acc)
 
-    y_mask = m_mask[:, None] & n_mask[None, :]
-    if not SPLIT_OUT:
-        if HAS_BIAS:
+    if SWAP_AB:
+        y_mask = n_mask[:, None] & m_mask[None, :]
+        y_off = offs_m.to(tl.int64)[None, :] * stride_ym + offs_n[:, None]
+        if HAS_BIAS and not SPLIT_OUT:
+            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+    else:
+        y_mask = m_mask[:, None] & n_mask[None, :]
+        y_off = offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+        if HAS_BIAS and not SPLIT_OUT:
             acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+    if not SPLIT_OUT:
+        tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
     else:
         # fp32 partial sums; the wrapper adds the splits in a fixed order (deterministic), then bias.
-        y_ptrs = y_ptr + pid_k * stride_ys + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
-        tl.store(y_ptrs, acc, mask=y_mask)
+        tl.store(y_ptr + pid_k * stride_ys + y_off, acc, mask=y_mask)
 
 
 @triton.jit
@@ -229,6 +277,7 @@ def launch(x, qweight_t, scales_t, zeros_t, bias, y, *, bits, group_size, cfg, t
         GROUP_PER_TILE=(ng == 1) or (group_size % cfg.block_k == 0),
         DEQ_FP16=x.dtype == torch.float16,
         DEQ_MAGIC=cfg.deq == "magic",
+        SWAP_AB=cfg.operands == "wx",
         IEEE_DOT=x.dtype == torch.float32,
         UNPACK_RESHAPE=cfg.unpack == "reshape",
         BLOCK_M=cfg.block_m,
@@ -270,7 +319,8 @@ def compile_for_target(arch: int, x_dtype, *, bits: int, has_zeros: bool, has_bi
         sig[name] = "i32"
     constexprs = dict(
         BITS=bits, HAS_ZEROS=has_zeros, HAS_BIAS=has_bias, GROUP_PER_TILE=group_per_tile,
-        DEQ_FP16=x_dtype == torch.float16, DEQ_MAGIC=cfg.deq == "magic", IEEE_DOT=x_dtype == torch.float32,
+        DEQ_FP16=x_dtype == torch.float16, DEQ_MAGIC=cfg.deq == "magic", SWAP_AB=cfg.operands == "wx",
+        IEEE_DOT=x_dtype == torch.float32,
         UNPACK_RESHAPE=cfg.unpack == "reshape", BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, SPLIT_OUT=split_out,
     )  # fmt: skip

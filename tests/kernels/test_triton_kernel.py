@@ -157,6 +157,9 @@ def test_matches_reference_full_grid(case):
         TritonConfig(32, 16, 128, unpack="reshape"),  # block_k > G = 64: per-element scale gather
         TritonConfig(16, 32, 64, split_k=3, deq="magic"),  # codes to floats by the 1024.0 / 2**23 trick
         TritonConfig(32, 16, 128, unpack="gather", deq="magic"),
+        TritonConfig(16, 32, 64, split_k=3, operands="wx"),  # y^T = W x^T: the tile as left operand
+        TritonConfig(32, 16, 128, operands="wx", deq="magic"),  # ... with per-element scales
+        TritonConfig(16, 64, 32, group_m=2, operands="wx"),
     ],
     ids=lambda c: "-".join(map(str, c.to_list())),
 )
@@ -172,6 +175,8 @@ def test_explicit_configs(config, sym):
 @pytest.mark.parametrize("deq", ["cvt", "magic"])
 def test_other_widths(bits, unpack, deq):
     cfg = TritonConfig(16, 32, 32, split_k=2, unpack=unpack, deq=deq)
+    if unpack == "reshape" and deq == "magic":
+        cfg = TritonConfig(16, 32, 32, split_k=2, deq=deq, operands="wx")
     run_case(5, 40, 100, 32, sym=False, act_order=False, dtype=torch.float32, config=cfg, bits=bits)
     run_case(5, 40, 100, -1, sym=True, act_order=True, dtype=torch.float16, config=cfg, bits=bits)
 
