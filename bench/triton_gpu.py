@@ -8,7 +8,8 @@ Phases, each inside its share of ``--budget-s`` (what does not fit is listed as 
 1. ceilings: device-to-device copy bandwidth (bytes read + written), the memory-bound ceiling;
 2. correctness against ``dequant_matmul_ref`` over a shape grid (M in 1, 2, 3, 7, 16, 33, 128;
    N, K on and off tile boundaries; sym/asym; G = 32, 64, 128, one group, ragged; act-order;
-   fp16, bf16, fp32; both unpack variants; forced split-K), with the tolerances of STYLE.md:
+   fp16, bf16, fp32; both unpack variants; forced split-K; a quarter of the cases 3-bit), with the
+   tolerances of STYLE.md:
    fp32 assert_close(rtol=1e-5, atol=1e-5 * max|ref|), fp16 / bf16 relative mean abs error below
    1e-3 / 1e-2 (against the fp32 reference on the same inputs); plus torch.compile and CUDA-graph
    capture of the custom op;
@@ -138,14 +139,15 @@ def correctness(device, budget, dry, share):
         elif i % 7 == 1:
             cfg = TritonConfig(16 if m <= 16 else 64, 64, 64, split_k=2 if m <= 16 else 1, operands="wx")
         cases.append(dict(m=m, n=n, k=k, g=GROUPS[(i // 2 + i) % 4], sym=i % 3 != 0, act=i % 5 in (1, 3),
-                          dtype=dtype, cfg=cfg))  # fmt: skip
+                          dtype=dtype, cfg=cfg, bits=3 if i % 4 == 2 else 4))  # fmt: skip
     for c in cases:
         if not budget.left_until(share):
             rows.append({**_jsonable(c), "status": "skipped (budget)"})
             continue
         row = _jsonable(c)
         try:
-            w = make_weight(c["n"], c["k"], group_size=c["g"], sym=c["sym"], act_order=c["act"], device=device)
+            w = make_weight(c["n"], c["k"], bits=c["bits"], group_size=c["g"], sym=c["sym"], act_order=c["act"],
+                            device=device)  # fmt: skip
             x = torch.randn(c["m"], c["k"], device=device).to(c["dtype"])
             bias = torch.randn(c["n"], device=device).to(c["dtype"])
             t = time.perf_counter()

@@ -7,8 +7,8 @@ What it checks, for a small Llama built from a config (random weights, seed 0; 2
 512, MLP 1408, vocabulary 4096) quantized by ``llmquant.quantize`` with RTN in several schemes:
 
 * which kernel runs each quantized layer (``QuantLinear.kernel_description``): "triton" is expected
-  for 2/4/8 bits, the reference kernel for 3 bits (the Triton kernel reads whole codes per int32
-  word only);
+  for every scheme (3-bit layers too since their codes are split into two planes at load; before
+  that they ran on the reference kernel);
 * that the logits of a [2, 64] batch through the Triton kernel agree with the reference kernel
   (dequantize, then ``F.linear``) on the same model: relative mean absolute error, max abs error;
 * how often the two agree on the top token (teacher-forced) and on a greedy generation (16 prompt

@@ -1,13 +1,15 @@
 """W4A16 fused dequant-GEMM in Triton: ``y = x[..., perm] @ dequant(W).T + bias`` in one pass.
 
-Runs 4-bit layers (and 2- and 8-bit ones: any width whose codes never straddle an int32 word) with
+Runs 4-bit layers (and 2-, 3- and 8-bit ones; 3-bit codes, which straddle int32 words in the stored
+stream, are split at ``prepare()`` into a 2-bit and a 1-bit plane, 3 bits a code still) with
 fp16, bf16 or fp32 activations, symmetric or asymmetric, any group size including a ragged last
 group. The weight stays packed in memory; each program unpacks its tile in registers, scales it and
 feeds the matrix units.
 
 Layout: ``prepare()`` transposes the stored tensors to K-major (``qweight_t`` int32 [KW, N],
 ``scales_t`` fp16 [NG, N], ``zeros_t`` uint8 [NG, N]); see :mod:`llmquant.kernels.triton_w4a16_jit`
-for the details. Nothing of it is written to disk.
+for the details. Nothing of it is written to disk, and it is the only copy of the codes a layer
+keeps (``unpack_qweight`` rebuilds the stored ``qweight`` exactly, to save or move the layer).
 
 Tiling (``pick_config``): decode-sized M (<= 16) uses 16-row tiles and splits K across programs,
 at least 8 ways (fp32 partial sums, added in a fixed order by one more launch that also adds the
@@ -33,10 +35,10 @@ from typing import Optional
 
 import torch
 
-from llmquant.formats.packing import num_groups, packed_words
+from llmquant.formats.packing import num_groups, pack_rows, packed_words, unpack_rows
 from llmquant.kernels.registry import KernelSpec, PackedWeight
 
-SUPPORTED_BITS = (2, 4, 8)  # 32 % bits == 0: no code straddles a word
+SUPPORTED_BITS = (2, 3, 4, 8)  # 3-bit: repacked at prepare() into a 2-bit and a 1-bit plane
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TRUE = ("1", "true", "on")  # what Triton itself accepts for TRITON_INTERPRET
 
@@ -153,8 +155,14 @@ def sm_count(device_type: str, index: Optional[int]) -> int:
     return 1  # the interpreter runs programs one after another: fewer, larger ones are faster
 
 
-def _check_operands(x, qweight_t, scales_t, zeros_t, bias, bits, group_size) -> tuple[int, int, int]:
-    # x: float [M, K]; qweight_t: int32 [KW, N]; scales_t: fp16 [NG, N]; zeros_t: uint8 [NG, N]
+def _plane_words(k: int, bits: int) -> int:
+    """Rows of ``qweight_t``: the stored words, or for 3 bits the low 2-bit plane's."""
+    return packed_words(k, 2 if bits == 3 else bits)
+
+
+def _check_operands(x, qweight_t, qhigh_t, scales_t, zeros_t, bias, bits, group_size) -> tuple[int, int, int]:
+    # x: float [M, K]; qweight_t: int32 [KW, N]; qhigh_t: int32 [ceil(K/32), N] (3-bit only);
+    # scales_t: fp16 [NG, N]; zeros_t: uint8 [NG, N]
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
     if x.dim() != 2 or x.dtype not in SUPPORTED_DTYPES:
@@ -162,12 +170,16 @@ def _check_operands(x, qweight_t, scales_t, zeros_t, bias, bits, group_size) -> 
     m, k = x.shape
     if k < 1 or group_size < 1:
         raise ValueError(f"K and the group size must be >= 1, got K={k}, G={group_size}")
-    if qweight_t.dim() != 2 or qweight_t.dtype != torch.int32 or qweight_t.shape[0] != packed_words(k, bits):
+    kw = _plane_words(k, bits)
+    if qweight_t.dim() != 2 or qweight_t.dtype != torch.int32 or qweight_t.shape[0] != kw:
         raise ValueError(
-            f"qweight_t must be int32 [{packed_words(k, bits)}, N] for K={k}, bits={bits}, "
-            f"got {qweight_t.dtype} {tuple(qweight_t.shape)}"
+            f"qweight_t must be int32 [{kw}, N] for K={k}, bits={bits}, got {qweight_t.dtype} {tuple(qweight_t.shape)}"
         )
     n = qweight_t.shape[1]
+    if (bits == 3) != (qhigh_t is not None):
+        raise ValueError("qhigh_t (the third bits' plane) goes with 3-bit layers, and only with them")
+    if qhigh_t is not None and (qhigh_t.dtype != torch.int32 or tuple(qhigh_t.shape) != (-(-k // 32), n)):
+        raise ValueError(f"qhigh_t must be int32 [{-(-k // 32)}, N={n}], got {qhigh_t.dtype} {tuple(qhigh_t.shape)}")
     ng = num_groups(k, group_size)
     if scales_t.dtype != torch.float16 or tuple(scales_t.shape) != (ng, n):
         raise ValueError(
@@ -178,7 +190,8 @@ def _check_operands(x, qweight_t, scales_t, zeros_t, bias, bits, group_size) -> 
         raise ValueError(f"zeros_t must be uint8 [NG={ng}, N={n}], got {zeros_t.dtype} {tuple(zeros_t.shape)}")
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"bias must be [N={n}], got {tuple(bias.shape)}")
-    for name, t in (("qweight_t", qweight_t), ("scales_t", scales_t), ("zeros_t", zeros_t), ("bias", bias)):
+    for name, t in (("qweight_t", qweight_t), ("qhigh_t", qhigh_t), ("scales_t", scales_t), ("zeros_t", zeros_t),
+                    ("bias", bias)):  # fmt: skip
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device}, x on {x.device}")
     return m, n, k
@@ -188,6 +201,7 @@ def _check_operands(x, qweight_t, scales_t, zeros_t, bias, bits, group_size) -> 
 def triton_dequant_gemm_op(
     x: torch.Tensor,
     qweight_t: torch.Tensor,
+    qhigh_t: Optional[torch.Tensor],
     scales_t: torch.Tensor,
     zeros_t: Optional[torch.Tensor],
     bias: Optional[torch.Tensor],
@@ -197,7 +211,7 @@ def triton_dequant_gemm_op(
 ) -> torch.Tensor:
     """x fp16/bf16/fp32 [M, K] -> y [M, N] in x's dtype; ``config``: ``TritonConfig.to_list()`` or
     ``[]`` for :func:`pick_config`. ``group_size`` >= 1 (K for one group per row)."""
-    m, n, k = _check_operands(x, qweight_t, scales_t, zeros_t, bias, bits, group_size)
+    m, n, k = _check_operands(x, qweight_t, qhigh_t, scales_t, zeros_t, bias, bits, group_size)
     if m == 0:
         return x.new_empty((0, n))
     if config:
@@ -205,6 +219,8 @@ def triton_dequant_gemm_op(
     else:
         cfg = pick_config(m, n, k, group_size, sm_count(x.device.type, x.device.index))
     cfg.check()
+    if bits == 3 and cfg.block_k < 32:
+        raise ValueError(f"3-bit layers need block_k >= 32 (one word of third bits a tile), got {cfg.block_k}")
     split, tiles_per_split = _split_k_tiles(k, cfg.block_k, cfg.split_k)
     cfg = replace(cfg, split_k=split)
 
@@ -213,19 +229,19 @@ def triton_dequant_gemm_op(
     x = x.contiguous()
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if split == 1:
-        jit.launch(x, qweight_t, scales_t, zeros_t, bias, y, bits=bits, group_size=group_size,
+        jit.launch(x, qweight_t, qhigh_t, scales_t, zeros_t, bias, y, bits=bits, group_size=group_size,
                    cfg=cfg, tiles_per_split=tiles_per_split)  # fmt: skip
         return y
     part = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
-    jit.launch(x, qweight_t, scales_t, zeros_t, None, part, bits=bits, group_size=group_size,
+    jit.launch(x, qweight_t, qhigh_t, scales_t, zeros_t, None, part, bits=bits, group_size=group_size,
                cfg=cfg, tiles_per_split=tiles_per_split)  # fmt: skip
     jit.splitk_sum(part, bias, y)  # in split order (deterministic), + bias, cast: one launch
     return y
 
 
 @triton_dequant_gemm_op.register_fake
-def _(x, qweight_t, scales_t, zeros_t, bias, bits, group_size, config):
-    m, n, _k = _check_operands(x, qweight_t, scales_t, zeros_t, bias, bits, group_size)
+def _(x, qweight_t, qhigh_t, scales_t, zeros_t, bias, bits, group_size, config):
+    m, n, _k = _check_operands(x, qweight_t, qhigh_t, scales_t, zeros_t, bias, bits, group_size)
     return x.new_empty((m, n))
 
 
@@ -233,7 +249,7 @@ def _(x, qweight_t, scales_t, zeros_t, bias, bits, group_size, config):
 class TritonWeight:
     """The layout the Triton program reads, derived from a :class:`PackedWeight` by ``prepare``."""
 
-    qweight_t: torch.Tensor  # int32 [KW, N]
+    qweight_t: torch.Tensor  # int32 [KW, N] (3-bit: the low 2-bit plane, [ceil(K/32)*2, N])
     scales_t: torch.Tensor  # fp16 [NG, N]
     zeros_t: Optional[torch.Tensor]  # uint8 [NG, N] (asymmetric) or None
     perm: Optional[torch.Tensor]  # int64 [K] (act-order) or None
@@ -241,6 +257,23 @@ class TritonWeight:
     group_size: int  # resolved: K when the layer has one group per row
     in_features: int  # K
     out_features: int  # N
+    qhigh_t: Optional[torch.Tensor] = None  # 3-bit: int32 [ceil(K/32), N], bit k % 32 of word k // 32
+
+
+def _pack_bits(b: torch.Tensor) -> torch.Tensor:
+    """0/1 codes [N, K] -> int32 [N, ceil(K/32)]: code k is bit k % 32 of word k // 32."""
+    n, k = b.shape
+    nw = -(-k // 32)
+    padded = torch.zeros(n, nw * 32, dtype=torch.int64, device=b.device)
+    padded[:, :k] = b
+    words = (padded.view(n, nw, 32) << torch.arange(32, device=b.device)).sum(-1)
+    return torch.where(words >= (1 << 31), words - (1 << 32), words).to(torch.int32)
+
+
+def _unpack_bits(words: torch.Tensor, k: int) -> torch.Tensor:
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    bits = (w.unsqueeze(-1) >> torch.arange(32, device=w.device)) & 1
+    return bits.reshape(w.shape[0], -1)[:, :k].to(torch.uint8)
 
 
 def prepare_weight(w: PackedWeight) -> TritonWeight:
@@ -257,8 +290,14 @@ def prepare_weight(w: PackedWeight) -> TritonWeight:
         raise ValueError(f"zeros must be [N={n}, NG={ng}], got {tuple(w.zeros.shape)}")
     if w.perm is not None and tuple(w.perm.shape) != (k,):
         raise ValueError(f"perm must be [K={k}], got {tuple(w.perm.shape)}")
+    qweight, qhigh_t = w.qweight, None
+    if w.bits == 3:  # codes straddle words in the stored stream: split into planes the program reads whole
+        codes = unpack_rows(w.qweight, 3, k)
+        qweight = pack_rows(codes & 3, 2)
+        qhigh_t = _pack_bits(codes >> 2).t().contiguous()
     return TritonWeight(
-        qweight_t=w.qweight.t().contiguous(),
+        qhigh_t=qhigh_t,
+        qweight_t=qweight.t().contiguous(),
         scales_t=w.scales.to(torch.float16).t().contiguous(),
         zeros_t=None if w.zeros is None else w.zeros.to(torch.uint8).t().contiguous(),
         perm=None if w.perm is None else w.perm.to(torch.long),
@@ -287,7 +326,7 @@ def dequant_gemm(
     if w.perm is not None:
         x2 = x2.index_select(1, w.perm)
     y = torch.ops.llmquant.triton_dequant_gemm(
-        x2, w.qweight_t, w.scales_t, w.zeros_t, bias, w.bits, w.group_size,
+        x2, w.qweight_t, w.qhigh_t, w.scales_t, w.zeros_t, bias, w.bits, w.group_size,
         [] if config is None else config.to_list(),
     )  # fmt: skip
     return y.reshape(*lead, w.out_features)
@@ -299,7 +338,7 @@ class TritonKernel:
     def can_implement(self, spec: KernelSpec) -> tuple[bool, str]:
         why = []
         if spec.bits not in SUPPORTED_BITS:
-            why.append(f"bits={spec.bits} not supported (only {SUPPORTED_BITS}: codes must not straddle int32 words)")
+            why.append(f"bits={spec.bits} not supported (only {SUPPORTED_BITS})")
         if spec.dtype not in SUPPORTED_DTYPES:
             why.append(f"activation dtype {spec.dtype} not supported (fp16, bf16, fp32)")
         if importlib.util.find_spec("triton") is None:
@@ -324,6 +363,14 @@ class TritonKernel:
 
     def prepare(self, w: PackedWeight, act_int8: bool = False) -> TritonWeight:
         return prepare_weight(w)
+
+    def unpack_qweight(self, state: TritonWeight) -> torch.Tensor:
+        """The stored ``qweight`` back from the layout, exactly: the module need not keep both."""
+        if state.bits != 3:
+            return state.qweight_t.t().contiguous()
+        k = state.in_features
+        codes = unpack_rows(state.qweight_t.t().contiguous(), 2, k) | (_unpack_bits(state.qhigh_t.t(), k) << 2)
+        return pack_rows(codes, 3)
 
     def apply(self, state: TritonWeight, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         return dequant_gemm(x, state, bias)

@@ -12,6 +12,10 @@ Layout the program reads (derived by ``prepare()`` from the stored format, never
                                   k in bits [(k % PER) * BITS, +BITS): for BITS in (2, 4, 8) the
                                   stored bit stream never straddles a word, so this is exactly the
                                   on-disk word, moved so that a row of N words is contiguous.
+                                  3-bit layers: the low two bits of every code, laid out as a 2-bit
+                                  layer's qweight_t (KW = ceil(K/32) * 2), and
+    qhigh_t    int32  [ceil(K/32), N]  their third bits, code k at bit k % 32 of word row k // 32
+                                  (together 3 bits a code, as stored)
     scales_t   fp16   [NG, N]
     zeros_t    uint8  [NG, N]     asymmetric layers only; symmetric layers use 2**(BITS-1)
     y          [M, N] in x's dtype, or (SPLIT_OUT) fp32 [S, M, N] partial sums, one per K split
@@ -32,6 +36,7 @@ import triton.language as tl
 def dequant_gemm_kernel(
     x_ptr,
     qw_ptr,
+    qh_ptr,
     s_ptr,
     z_ptr,
     b_ptr,
@@ -43,6 +48,7 @@ def dequant_gemm_kernel(
     tiles_per_split,
     stride_xm,
     stride_qk,
+    stride_qhk,
     stride_sg,
     stride_zg,
     stride_ys,
@@ -62,8 +68,10 @@ def dequant_gemm_kernel(
     GROUP_M: tl.constexpr,
     SPLIT_OUT: tl.constexpr,
 ):
-    PER: tl.constexpr = 32 // BITS  # codes per int32 word
-    QMASK: tl.constexpr = (1 << BITS) - 1
+    # 3-bit layers come as a 2-bit plane (read like a 2-bit layer) and a plane of third bits
+    LBITS: tl.constexpr = 2 if BITS == 3 else BITS
+    PER: tl.constexpr = 32 // LBITS  # codes per int32 word
+    QMASK: tl.constexpr = (1 << LBITS) - 1
     SYM_ZERO: tl.constexpr = 1 << (BITS - 1)
 
     # Program ids: axis 0 walks the (M, N) output tiles, in bands of GROUP_M tile rows so that
@@ -115,9 +123,15 @@ def dequant_gemm_kernel(
                 mask=(offs_r[None, :] * PER < K) & n_mask[:, None],
                 other=0,
             )
-            shifts = tl.arange(0, PER) * BITS
+            shifts = tl.arange(0, PER) * LBITS
             q = (words[:, :, None] >> shifts[None, None, :]) & QMASK
             q = tl.reshape(q, (BLOCK_N, BLOCK_K))
+            if BITS == 3:
+                offs_h = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+                hw = tl.load(qh_ptr + offs_h[None, :] * stride_qhk + offs_n[:, None],
+                             mask=(offs_h[None, :] * 32 < K) & n_mask[:, None], other=0)  # fmt: skip
+                hb = (hw[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1
+                q = q | (tl.reshape(hb, (BLOCK_N, BLOCK_K)) << 2)
         elif UNPACK_RESHAPE:
             # Load each word once ([BLOCK_K // PER, BLOCK_N]), shift out its PER codes along a new
             # middle axis and fold that axis into K: row r*PER + j of the tile is code j of word r.
@@ -127,9 +141,15 @@ def dequant_gemm_kernel(
                 mask=(offs_r[:, None] * PER < K) & n_mask[None, :],
                 other=0,
             )
-            shifts = tl.arange(0, PER) * BITS
+            shifts = tl.arange(0, PER) * LBITS
             q = (words[:, None, :] >> shifts[None, :, None]) & QMASK
             q = tl.reshape(q, (BLOCK_K, BLOCK_N))
+            if BITS == 3:
+                offs_h = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+                hw = tl.load(qh_ptr + offs_h[:, None] * stride_qhk + offs_n[None, :],
+                             mask=(offs_h[:, None] * 32 < K) & n_mask[None, :], other=0)  # fmt: skip
+                hb = (hw[:, None, :] >> tl.arange(0, 32)[None, :, None]) & 1
+                q = q | (tl.reshape(hb, (BLOCK_K, BLOCK_N)) << 2)
         else:
             # Load the word of every code ([BLOCK_K, BLOCK_N]; each word PER times, from cache) and
             # shift its own code down. Signed >> smears the sign bit, which QMASK clears.
@@ -138,7 +158,11 @@ def dequant_gemm_kernel(
                 mask=k_mask[:, None] & n_mask[None, :],
                 other=0,
             )
-            q = (words >> ((offs_k % PER) * BITS)[:, None]) & QMASK
+            q = (words >> ((offs_k % PER) * LBITS)[:, None]) & QMASK
+            if BITS == 3:
+                hw = tl.load(qh_ptr + (offs_k // 32)[:, None] * stride_qhk + offs_n[None, :],
+                             mask=k_mask[:, None] & n_mask[None, :], other=0)  # fmt: skip
+                q = q | (((hw >> (offs_k % 32)[:, None]) & 1) << 2)
 
         if SWAP_AB:
             if GROUP_PER_TILE:
@@ -247,7 +271,7 @@ def splitk_sum(part, bias, y):
     )
 
 
-def launch(x, qweight_t, scales_t, zeros_t, bias, y, *, bits, group_size, cfg, tiles_per_split):
+def launch(x, qweight_t, qhigh_t, scales_t, zeros_t, bias, y, *, bits, group_size, cfg, tiles_per_split):
     """Launch one dequant-GEMM; shapes and the config have been checked by the caller."""
     m, k = x.shape
     n = qweight_t.shape[1]
@@ -256,6 +280,7 @@ def launch(x, qweight_t, scales_t, zeros_t, bias, y, *, bits, group_size, cfg, t
     dequant_gemm_kernel[grid](
         x,
         qweight_t,
+        qhigh_t if qhigh_t is not None else qweight_t,  # placeholder pointer, never read
         scales_t,
         zeros_t if zeros_t is not None else scales_t,  # placeholder pointer, never read
         bias if bias is not None else scales_t,  # placeholder pointer, never read
@@ -267,6 +292,7 @@ def launch(x, qweight_t, scales_t, zeros_t, bias, y, *, bits, group_size, cfg, t
         tiles_per_split,
         x.stride(0),
         qweight_t.stride(0),
+        qhigh_t.stride(0) if qhigh_t is not None else 0,
         scales_t.stride(0),
         zeros_t.stride(0) if zeros_t is not None else 0,
         y.stride(0) if cfg.split_k > 1 else 0,
@@ -290,9 +316,8 @@ def launch(x, qweight_t, scales_t, zeros_t, bias, y, *, bits, group_size, cfg, t
     )
 
 
-
 _TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-_DIVISIBLE_16 = ("x_ptr", "qw_ptr", "s_ptr", "z_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm", "stride_qk",
+_DIVISIBLE_16 = ("x_ptr", "qw_ptr", "qh_ptr", "s_ptr", "z_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm", "stride_qk",
                  "stride_sg", "stride_zg", "stride_ym")  # fmt: skip
 
 
@@ -311,10 +336,10 @@ def compile_for_target(arch: int, x_dtype, *, bits: int, has_zeros: bool, has_bi
     split_out = cfg.split_k > 1
     t = _TRITON_TYPES[x_dtype]
     sig = {
-        "x_ptr": f"*{t}", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8" if has_zeros else "*fp16",
+        "x_ptr": f"*{t}", "qw_ptr": "*i32", "qh_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8" if has_zeros else "*fp16",
         "b_ptr": f"*{t}" if has_bias else "*fp16", "y_ptr": "*fp32" if split_out else f"*{t}",
     }  # fmt: skip
-    for name in ("M", "N", "K", "G", "tiles_per_split", "stride_xm", "stride_qk", "stride_sg", "stride_zg",
+    for name in ("M", "N", "K", "G", "tiles_per_split", "stride_xm", "stride_qk", "stride_qhk", "stride_sg", "stride_zg",
                  "stride_ys", "stride_ym"):  # fmt: skip
         sig[name] = "i32"
     constexprs = dict(

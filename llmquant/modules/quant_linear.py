@@ -157,7 +157,7 @@ class QuantLinear(nn.Module):
             self._qweight_from = None
 
     def _release_qweight(self, kernel: Any, state: Any) -> None:
-        if self._qweight_from is None and hasattr(kernel, "unpack_qweight") and self.qweight.device.type == "cpu":
+        if self._qweight_from is None and hasattr(kernel, "unpack_qweight"):
             self._qweight_from = (kernel, state)
             self._buffers["qweight"] = torch.empty(0, dtype=torch.int32)
             # the loader may hand out tensors that are views of the memory-mapped checkpoint file: own

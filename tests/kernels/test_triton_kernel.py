@@ -170,7 +170,7 @@ def test_explicit_configs(config, sym):
     run_case(40, 50, 300, 64, sym, act_order=not sym, dtype=torch.float32, config=config)
 
 
-@pytest.mark.parametrize("bits", [8, 2])
+@pytest.mark.parametrize("bits", [8, 3, 2])
 @pytest.mark.parametrize("unpack", ["gather", "reshape"])
 @pytest.mark.parametrize("deq", ["cvt", "magic"])
 def test_other_widths(bits, unpack, deq):
@@ -210,6 +210,37 @@ def test_quant_linear_selects_triton_and_matches_reference(monkeypatch):
     check_close(y.reshape(10, 72), x.reshape(10, 160), w, bias)
 
 
+@pytest.mark.parametrize(
+    "m,k,g,sym,act,dtype,cfg",
+    [
+        (1, 300, 64, True, False, torch.float32, None),  # ragged K (padded third-bit word) and last group
+        (7, 256, 128, False, True, torch.float16, None),
+        (33, 200, -1, False, False, torch.float32, TritonConfig(32, 32, 64, operands="wx")),
+        (3, 320, 32, True, True, torch.float16, TritonConfig(16, 64, 128, split_k=2, unpack="gather")),
+        (5, 96, 32, False, False, torch.float32, TritonConfig(16, 32, 64, deq="magic", operands="wx")),
+    ],
+)
+def test_three_bit(m, k, g, sym, act, dtype, cfg):
+    # the stored 3-bit stream (codes straddling words) split into a 2-bit and a 1-bit plane
+    run_case(m, 40, k, g, sym, act, dtype, config=cfg, bits=3)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_quant_linear_keeps_one_copy_of_the_codes(monkeypatch, bits):
+    # the Triton layout replaces the stored qweight (as the CPU kernel's does): rebuilt exactly to save or move
+    w = make_weight(40, 200, bits=bits, group_size=64, sym=False)
+    stored = w.qweight.clone()
+    mod = QuantLinear.from_packed(w, None)
+    monkeypatch.setenv("LLMQUANT_KERNEL", "triton")
+    x = torch.randn(3, 200)
+    y = mod(x)
+    assert mod.qweight_released and mod.qweight.numel() == 0
+    assert torch.equal(mod.state_dict()["qweight"], stored)
+    mod.to(torch.float32)  # a move: the buffer comes back first
+    assert not mod.qweight_released and torch.equal(mod.qweight, stored)
+    torch.testing.assert_close(mod(x), y)
+
+
 def test_registry_prefers_triton_only_where_it_can_run(monkeypatch):
     spec = make_weight(16, 64).spec(torch.float16)
     assert select_kernel(spec).name == "triton"  # highest priority, interpreter on
@@ -228,7 +259,8 @@ def test_can_implement_reasons(monkeypatch):
 
     assert kern.can_implement(base) == (True, "")
     assert kern.can_implement(base.__class__(**{**base.__dict__, "dtype": torch.float32}))[0]
-    assert "bits=3" in why(bits=3)
+    assert kern.can_implement(base.__class__(**{**base.__dict__, "bits": 3}))[0]
+    assert "bits=5" in why(bits=5)
     assert "bf16" in why(dtype=torch.bfloat16)  # interpreter only
     assert "int8" in why(dtype=torch.int8)
     assert "mps" in why(device_type="mps")
@@ -237,8 +269,8 @@ def test_can_implement_reasons(monkeypatch):
     if not torch.cuda.is_available():
         assert "CUDA is not available" in why(device_type="cuda")
     # every reason is listed, not just the first
-    r = why(bits=3, device_type="cpu")
-    assert "bits=3" in r and "TRITON_INTERPRET" in r
+    r = why(bits=5, device_type="cpu")
+    assert "bits=5" in r and "TRITON_INTERPRET" in r
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "triton" else real_find_spec(n, *a))
     assert "triton is not installed" in why(device_type="cuda")
@@ -251,20 +283,24 @@ def test_invalid_shapes_raise():
     op = torch.ops.llmquant.triton_dequant_gemm
     x = torch.randn(2, 64)
     with pytest.raises(ValueError, match=r"qweight_t must be int32 \[8, N\] for K=64"):
-        op(x, st.qweight_t[:4], st.scales_t, st.zeros_t, None, 4, 32, [])
+        op(x, st.qweight_t[:4], None, st.scales_t, st.zeros_t, None, 4, 32, [])
     with pytest.raises(ValueError, match=r"scales_t must be fp16 \[NG=2, N=24\]"):
-        op(x, st.qweight_t, st.scales_t[:1], st.zeros_t, None, 4, 32, [])
+        op(x, st.qweight_t, None, st.scales_t[:1], st.zeros_t, None, 4, 32, [])
     with pytest.raises(ValueError, match=r"zeros_t must be uint8 \[NG=2, N=24\]"):
-        op(x, st.qweight_t, st.scales_t, st.zeros_t.to(torch.int32), None, 4, 32, [])
+        op(x, st.qweight_t, None, st.scales_t, st.zeros_t.to(torch.int32), None, 4, 32, [])
     with pytest.raises(ValueError, match=r"bias must be \[N=24\], got \(23,\)"):
-        op(x, st.qweight_t, st.scales_t, st.zeros_t, torch.zeros(23), 4, 32, [])
+        op(x, st.qweight_t, None, st.scales_t, st.zeros_t, torch.zeros(23), 4, 32, [])
     with pytest.raises(ValueError, match="bits must be one of"):
-        op(x, st.qweight_t, st.scales_t, st.zeros_t, None, 3, 32, [])
+        op(x, st.qweight_t, None, st.scales_t, st.zeros_t, None, 5, 32, [])
     with pytest.raises(ValueError, match="block_n must be a power of two >= 16"):
         dequant_gemm(x, st, config=TritonConfig(16, 24, 32))
-    pw = make_weight(24, 64, bits=3)
-    with pytest.raises(ValueError, match=r"runs bits in \(2, 4, 8\), got 3"):
-        prepare_weight(pw)
+    st3 = prepare_weight(make_weight(24, 64, bits=3, group_size=32, sym=False))
+    with pytest.raises(ValueError, match="qhigh_t .* goes with 3-bit layers"):
+        op(x, st3.qweight_t, None, st3.scales_t, st3.zeros_t, None, 3, 32, [])
+    with pytest.raises(ValueError, match=r"qhigh_t must be int32 \[2, N=24\]"):
+        op(x, st3.qweight_t, st3.qhigh_t[:1], st3.scales_t, st3.zeros_t, None, 3, 32, [])
+    with pytest.raises(ValueError, match="3-bit layers need block_k >= 32"):
+        dequant_gemm(x, st3, config=TritonConfig(16, 16, 16))
     pw = make_weight(24, 64)
     pw.scales = pw.scales[:, :0]
     with pytest.raises(ValueError, match=r"scales must be \[N=24, NG=1\], got \(24, 0\)"):
@@ -291,7 +327,9 @@ def test_opcheck_and_compile():
     x = torch.randn(3, 96)
     b = torch.randn(40)
     op = torch.ops.llmquant.triton_dequant_gemm.default
-    torch.library.opcheck(op, (x, st.qweight_t, st.scales_t, st.zeros_t, b, 4, 32, []))
+    torch.library.opcheck(op, (x, st.qweight_t, None, st.scales_t, st.zeros_t, b, 4, 32, []))
+    st3 = prepare_weight(make_weight(40, 96, bits=3, group_size=32))
+    torch.library.opcheck(op, (x, st3.qweight_t, st3.qhigh_t, st3.scales_t, None, b, 3, 32, []))
 
     compiled = torch.compile(lambda t: dequant_gemm(t, st, b), backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), dequant_gemm(x, st, b))
@@ -326,9 +364,11 @@ print(json.dumps(rows))
 # (arch, dtype, bits, asymmetric, M): decode, mid and large M; fp16, bf16; 4- and 8-bit
 _AOT_CASES = [
     (90, "float16", 4, False, 1), (90, "bfloat16", 4, True, 4096), (90, "float16", 8, True, 64),
+    (90, "float16", 3, True, 1), (90, "bfloat16", 3, False, 4096),
     (80, "float16", 4, True, 1), (80, "bfloat16", 4, False, 64), (80, "float16", 4, False, 4096),
 ]  # fmt: skip
-_AOT_ALL = [(a, d, b, z, m) for a in (80, 90) for d, b in (("float16", 4), ("bfloat16", 4), ("float16", 8))
+_AOT_ALL = [(a, d, b, z, m) for a in (80, 90)
+            for d, b in (("float16", 4), ("bfloat16", 4), ("float16", 8), ("float16", 3))
             for z in (False, True) for m in (1, 16, 64, 4096)]  # fmt: skip
 
 
