@@ -15,8 +15,8 @@ Tiling (``pick_config``): decode-sized M (<= 16) uses 16-row tiles and splits K 
 at least 8 ways (fp32 partial sums, added in a fixed order by one more launch that also adds the
 bias and casts, so results are deterministic); larger M uses 32..128-row tiles ordered in bands for
 L2 reuse. Measured on one GPU only (an H200, ``bench/results/triton-h200*``): there decode runs at
-0.8-1.0x the time of cuBLAS fp16 on the same shapes, prefill at 0.24-0.5x its speed; the
-heuristic's decode split is what that sweep favoured, the prefill tiles are untuned.
+0.8-1.0x the speed of cuBLAS fp16 on the same shapes, prefill at 0.24-0.5x; the heuristic's
+decode split is what that sweep favoured, the prefill tiles are untuned.
 
 Act-order: the activations are gathered by ``perm`` before the launch, so the program reads an
 act-order layer exactly like a plain one.
