@@ -24,6 +24,13 @@ Phases, each inside its share of ``--budget-s`` (what does not fit is listed as 
 4. config sweep: a few alternatives to ``pick_config`` for decode and prefill shapes, graph time.
 
 Prints a table last, writes everything (machine, versions, protocol, rows) to ``--json``.
+
+``--profile N,K,M[,BITS[,CFG]]`` instead runs that one product 20 times (default config, or CFG as
+``TritonConfig.to_list()`` ints joined by ``:``) for a profiler to attach, e.g. on the H200 (its
+Firecracker runtime has hardware counters):
+
+    ncu --clock-control none --set full -k regex:dequant_gemm_kernel -c 2 -o decode \
+        python bench/triton_gpu.py --profile 4096,4096,1
 """
 import argparse
 import functools
@@ -371,6 +378,22 @@ def sweep(device, budget, dry, share):
     return rows
 
 
+def profile_one(spec: str, device: str) -> int:
+    parts = spec.split(",")
+    n, k, m = (int(v) for v in parts[:3])
+    bits = int(parts[3]) if len(parts) > 3 else 4
+    cfg = TritonConfig.from_list([int(v) for v in parts[4].split(":")]) if len(parts) > 4 else None
+    st = prepare_weight(make_weight(n, k, bits=bits, group_size=128, device=device))
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    x = torch.randn(m, k, device=device, dtype=dtype)
+    for _ in range(20):
+        dequant_gemm(x, st, None, cfg)
+    _sync(device)
+    used = cfg or pick_config(m, n, k, 128, sm_count(device, 0 if device == "cuda" else None))
+    print(f"profiled N={n} K={k} M={m} bits={bits} cfg={used.to_list()}")
+    return 0
+
+
 def _jsonable(c):
     return {k: (str(v) if isinstance(v, torch.dtype) else (v.to_list() if isinstance(v, TritonConfig) else v))
             for k, v in c.items()}  # fmt: skip
@@ -433,9 +456,10 @@ def print_tables(result):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", required=True, help="write all results here")
+    ap.add_argument("--json", help="write all results here (required unless --profile)")
     ap.add_argument("--budget-s", type=float, default=240.0, help="stop starting new work after this")
     ap.add_argument("--dry-run", action="store_true", help="CPU with TRITON_INTERPRET=1, tiny shapes")
+    ap.add_argument("--profile", metavar="N,K,M[,BITS[,CFG]]", help="run one product 20 times, for a profiler")
     ap.add_argument("--wx-sweep", action="store_true",
                     help='no speed table; sweep the default config against operands="wx" variants, more shapes')
     args = ap.parse_args(argv)
@@ -445,6 +469,10 @@ def main(argv=None):
         ap.error("no CUDA device (use --dry-run with TRITON_INTERPRET=1 on a CPU)")
     if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         ap.error("--dry-run needs TRITON_INTERPRET=1 in the environment")
+    if args.profile:
+        return profile_one(args.profile, device)
+    if not args.json:
+        ap.error("--json is required")
     budget = Budget(args.budget_s)
     result = {"machine": machine_info(device), "protocol": __doc__}
     result["copy_GBps"] = copy_bandwidth(device)
