@@ -87,7 +87,6 @@ BENCH_MS = [1, 4, 16, 64, 256, 1024]
 CHECK_MS = [1, 2, 3, 7, 16, 33, 128]
 CHECK_SHAPES = [(64, 256), (100, 200), (33, 576), (48, 40), (4096, 4096), (1536, 576)]
 GROUPS = [32, 64, 128, -1]
-SWEEP_WX_ONLY = False  # --wx-sweep: the default config against operands="wx" variants only
 
 
 class Budget:
@@ -265,13 +264,14 @@ def bench_one(name, n, k, m, device, cfg=None, with_torch=True, graph_only=False
     io_bytes = (m * k + m * n) * x.element_size()
     cyc = itertools.cycle(states)
     fn = lambda: dequant_gemm(x, next(cyc), None, cfg)  # noqa: E731
-    row["cfg"] = (cfg or pick_config(m, n, k, 128, sm_count(device, 0 if device == "cuda" else None))).to_list()
+    used = cfg or pick_config(m, n, k, 128, sm_count(device, 0 if device == "cuda" else None))
+    row["cfg"] = used.to_list()
     row["weight_copies"] = len(states)
     if not graph_only:
         row["triton_eager_ms"] = time_ms(fn, device, graph=False)
     row["triton_graph_ms"] = time_ms(fn, device, graph=True)
     if cfg is None:  # the default config once more, its codes turned to floats by the magic-number trick
-        cfg_m = replace(TritonConfig.from_list(row["cfg"]), deq="magic")
+        cfg_m = replace(used, deq="magic")
         fn_m = lambda: dequant_gemm(x, next(cyc), None, cfg_m)  # noqa: E731
         row["triton_magic_graph_ms"] = time_ms(fn_m, device, graph=device == "cuda")
     t_ms = row["triton_graph_ms"] or row.get("triton_eager_ms")
@@ -308,7 +308,7 @@ def bench(device, budget, dry, share):
     return rows
 
 
-def sweep_candidates(m, n, k, sms):
+def sweep_candidates(m, n, k, sms, wx_only=False):
     auto = pick_config(m, n, k, 128, sms)
     cands = {"auto": auto, "auto+magic": replace(auto, deq="magic"),
              "auto+gather": replace(auto, unpack="gather")}  # fmt: skip
@@ -326,7 +326,7 @@ def sweep_candidates(m, n, k, sms):
         cands["wx-128x128xk128"] = TritonConfig(128, 128, 128, num_warps=8, num_stages=3, operands="wx")
         cands["wx-64x256"] = TritonConfig(64, 256, 64, num_warps=8, num_stages=3, operands="wx")
         cands["wx-128x256"] = TritonConfig(128, 256, 64, num_warps=8, num_stages=3, operands="wx")
-    if SWEEP_WX_ONLY:
+    if wx_only:
         return cands
     if m <= 16:
         for s in (1, 4, 12, 16, 32):
@@ -349,7 +349,7 @@ def sweep_candidates(m, n, k, sms):
     return cands
 
 
-def sweep(device, budget, dry, share):
+def sweep(device, budget, dry, share, wx_only=False):
     if dry:
         jobs = [("tiny", 96, 160, 1)]
     else:
@@ -357,14 +357,14 @@ def sweep(device, budget, dry, share):
                 ("llama7b.down", 4096, 11008, 1), ("llama7b.qkvo", 4096, 4096, 256),
                 ("llama7b.gate_up", 11008, 4096, 256), ("llama7b.qkvo", 4096, 4096, 16),
                 ("smollm2.gate_up", 1536, 576, 1), ("gemma3.down", 640, 2048, 1), ("gemma3.k_v", 256, 640, 1)]  # fmt: skip
-        if SWEEP_WX_ONLY:
+        if wx_only:
             jobs += [("llama7b.down", 4096, 11008, 256), ("llama7b.qkvo", 4096, 4096, 1024),
                      ("llama7b.gate_up", 11008, 4096, 1024), ("llama7b.gate_up", 11008, 4096, 16),
                      ("gemma3.gate_up", 2048, 640, 1), ("gemma3.gate_up", 2048, 640, 256)]  # fmt: skip
     sms = sm_count(device, 0 if device == "cuda" else None)
     rows = []
     for name, n, k, m in jobs:
-        for label, cfg in sweep_candidates(m, n, k, sms).items():
+        for label, cfg in sweep_candidates(m, n, k, sms, wx_only).items():
             if not budget.left_until(share):
                 rows.append({"shape": name, "M": m, "variant": label, "status": "skipped (budget)"})
                 continue
@@ -478,10 +478,8 @@ def main(argv=None):
     result["copy_GBps"] = copy_bandwidth(device)
     result["correctness"] = correctness(device, budget, args.dry_run, share=0.35)
     result["checks"] = compile_and_graph_checks(device, args.dry_run)
-    global SWEEP_WX_ONLY
-    SWEEP_WX_ONLY = args.wx_sweep
     result["bench"] = [] if args.wx_sweep else bench(device, budget, args.dry_run, share=0.75)
-    result["sweep"] = sweep(device, budget, args.dry_run, share=1.0)
+    result["sweep"] = sweep(device, budget, args.dry_run, share=1.0, wx_only=args.wx_sweep)
     result["elapsed_s"] = budget.elapsed()
     Path(args.json).write_text(json.dumps(result, indent=1, default=str))
     print_tables(result)

@@ -65,13 +65,10 @@ SCHEMES = [
 TOL = {torch.float16: 1e-2, torch.bfloat16: 2e-2, torch.float32: 1e-4}  # logits, rel mean abs error
 
 
-_FLOAT_DIR = tempfile.mkdtemp(prefix="llmquant-triton-model-")
-
-
-def build_model(device, dtype):
+def build_model(work_dir, device, dtype):
     """The float model as a user gets it: written once (fp32), then ``from_pretrained(dtype=...)``, so
     that it and a reloaded quantized checkpoint build their buffers (rotary frequencies) alike."""
-    path = Path(_FLOAT_DIR) / "float"
+    path = Path(work_dir) / "float"
     if not path.exists():
         cfg = LlamaConfig(hidden_size=512, intermediate_size=1408, num_hidden_layers=2, num_attention_heads=8,
                           num_key_value_heads=4, vocab_size=4096, max_position_embeddings=512)  # fmt: skip
@@ -96,9 +93,9 @@ def kernels_of(model, dtype):
 
 
 @torch.no_grad()
-def run_scheme(name, kw, device, dtype, ids, prompt, new_tokens):
+def run_scheme(work_dir, name, kw, device, dtype, ids, prompt, new_tokens):
     row = {"scheme": name, "dtype": str(dtype).replace("torch.", "")}
-    model = build_model(device, dtype)
+    model = build_model(work_dir, device, dtype)
     float_logits = model(ids).logits.float()
     t = time.perf_counter()
     quantize(model, QuantConfig(**kw), progress=False)
@@ -161,17 +158,18 @@ def main(argv=None):
                           "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None},
               "protocol": __doc__, "rows": []}  # fmt: skip
     t0 = time.perf_counter()
-    for dtype in dtypes:
-        for name, kw in schemes if dtype == dtypes[0] else schemes[:1]:
-            try:
-                row, model, logits = run_scheme(name, kw, device, dtype, ids, prompt, new_tokens)
-                if name == "int4-g128-sym":
-                    result["rows"].append(row)
-                    row = {"scheme": name, "dtype": row["dtype"], **roundtrip(model, logits, ids, device, dtype)}
-            except Exception as e:
-                row = {"scheme": name, "dtype": str(dtype), "status": f"ERROR {type(e).__name__}: {str(e)[:300]}"}
-            result["rows"].append(row)
-            print(json.dumps(row), flush=True)
+    with tempfile.TemporaryDirectory(prefix="llmquant-triton-model-") as work_dir:  # the float model, once
+        for dtype in dtypes:
+            for name, kw in schemes if dtype == dtypes[0] else schemes[:1]:
+                try:
+                    row, model, logits = run_scheme(work_dir, name, kw, device, dtype, ids, prompt, new_tokens)
+                    if name == "int4-g128-sym":
+                        result["rows"].append(row)
+                        row = {"scheme": name, "dtype": row["dtype"], **roundtrip(model, logits, ids, device, dtype)}
+                except Exception as e:
+                    row = {"scheme": name, "dtype": str(dtype), "status": f"ERROR {type(e).__name__}: {str(e)[:300]}"}
+                result["rows"].append(row)
+                print(json.dumps(row), flush=True)
     result["elapsed_s"] = time.perf_counter() - t0
     Path(args.json).write_text(json.dumps(result, indent=1, default=str))
     print(f"\n{'scheme':18s} {'dtype':9s} {'kernels':34s} {'rel err':>8s} {'top1':>5s} {'greedy':>6s} {'KL':>7s}  status")
