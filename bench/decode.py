@@ -1,4 +1,4 @@
-"""End-to-end CPU speed of the default models, float vs INT4 (the native CPU kernel).
+"""End-to-end CPU speed of the default models, float vs INT4 or INT8 (the native CPU kernel).
 
 For each model, activation dtype and batch size it measures, on the same prompt (windows of the
 built-in news corpus):
@@ -10,9 +10,10 @@ built-in news corpus):
   (B * T tokens / seconds).
 
 The INT4 model is ``llmquant.quantize(model, QuantConfig(bits=4, group_size=128,
-quantize_lm_head=True))`` (RTN, symmetric, the head quantized too, to ``--head-bits``); every linear
-layer then runs on the kernel the registry picks (printed; "cpu" is the native kernel). The same
-INT4 model also runs with dynamic INT8 activations ("int4+a8", ``LLMQUANT_ACTIVATIONS=dynamic_int8``).
+quantize_lm_head=True))`` (RTN, symmetric, the head quantized too, to ``--head-bits``; ``--bits 8``
+quantizes the block linears to INT8 instead); every linear layer then runs on the kernel the registry
+picks (printed; "cpu" is the native kernel). The same model also runs with dynamic INT8 activations
+("int4+a8": W4A8, or with ``--bits 8`` W8A8; ``LLMQUANT_ACTIVATIONS=dynamic_int8``).
 The fraction of greedy tokens that agree with the float model's is printed as a sanity check; the
 quality numbers are the WikiText-2 perplexity of the three models and the KL divergence of each
 quantized one from the float model (fp32, context 512, first ``--ppl-tokens`` tokens), printed beside
@@ -21,6 +22,7 @@ the speeds. ``--isa avx2`` runs as on an AVX2-only CPU (bench/machine.py).
     python bench/decode.py --quick
     python bench/decode.py --models gemma3-270m,smollm2-135m --batch 1,8 --json out/decode.json
     python bench/decode.py --isa avx2 ...
+    python bench/decode.py --bits 8 ...                # INT8 block linears: W8A16 vs W8A8
 """
 from __future__ import annotations
 
@@ -139,6 +141,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=32, help="greedy decode steps")
     ap.add_argument("--reps", type=int, default=3, help="prefill repetitions (median)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--bits", type=int, default=4, choices=(4, 8), help="bits of the quantized block linears")
     ap.add_argument("--head-bits", type=int, default=4, choices=(4, 8), help="bits of the quantized lm_head")
     ap.add_argument("--ppl-tokens", type=int, default=2048, help="WikiText-2 tokens to score (0: skip)")
     ap.add_argument("--quick", action="store_true", help="smollm2-135m, fp32, batch 1, short prompt")
@@ -154,22 +157,23 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     machine = machine_info()
     print(header(machine) + f"; {torch.get_num_threads()} threads")
-    print(f"# prompt {args.prompt_len} tokens, {args.steps} greedy steps; tokens/s; INT4 g128 RTN, lm_head INT{args.head_bits}; "
-          "x: INT4 over float; a8: INT4 with dynamic INT8 activations")
-    print(f"{'model':14s} {'dtype':5s} {'B':>3s} {'float prefill':>14s} {'int4 prefill':>13s} {'x':>5s} {'a8 prefill':>11s} {'x':>5s} "
-          f"{'float decode':>13s} {'int4 decode':>12s} {'x':>5s} {'a8 decode':>10s} {'x':>5s} {'agree':>6s}  kernels")  # fmt: skip
+    q = f"int{args.bits}"
+    print(f"# prompt {args.prompt_len} tokens, {args.steps} greedy steps; tokens/s; INT{args.bits} g128 RTN, lm_head INT{args.head_bits}; "
+          f"x: INT{args.bits} over float; a8: INT{args.bits} with dynamic INT8 activations")
+    print(f"{'model':14s} {'dtype':5s} {'B':>3s} {'float prefill':>14s} {q + ' prefill':>13s} {'x':>5s} {'a8 prefill':>11s} {'x':>5s} "
+          f"{'float decode':>13s} {q + ' decode':>12s} {'x':>5s} {'a8 decode':>10s} {'x':>5s} {'agree':>6s}  kernels")  # fmt: skip
     results = []
     for name in args.models.split(","):
         base, tok = load_model(name, dtype=torch.float32)
         qmodel = copy.deepcopy(base)
-        head = {} if args.head_bits == 4 else {"lm_head": {"bits": args.head_bits}}
-        quantize(qmodel, QuantConfig(bits=4, group_size=128, quantize_lm_head=True, overrides=head), progress=False)
+        head = {} if args.head_bits == args.bits else {"lm_head": {"bits": args.head_bits}}
+        quantize(qmodel, QuantConfig(bits=args.bits, group_size=128, quantize_lm_head=True, overrides=head), progress=False)
         ppl, kl = {}, {}
         if args.ppl_tokens:
             bos = bos_for_raw_text(name, tok)
             proto = dict(bos=bos, context=512, max_tokens=args.ppl_tokens, progress=False)
             ppl["float"] = perplexity(base, tok, **proto)["ppl"]
-            for label, a8 in (("int4", False), ("int4+a8", True)):
+            for label, a8 in ((q, False), (q + "+a8", True)):
                 if a8 and args.no_a8:
                     continue
                 set_act_int8(qmodel, a8)
@@ -186,7 +190,7 @@ def main(argv=None) -> int:
                 ids = prompts(tok, b, args.prompt_len)
                 f = measure(fm, ids, args.steps, args.reps)
                 set_act_int8(qm, False)
-                q = measure(qm, ids, args.steps, args.reps)
+                qr = measure(qm, ids, args.steps, args.reps)
                 used = kernels_used(qm, dt)
                 a = None
                 if not args.no_a8:
@@ -194,15 +198,15 @@ def main(argv=None) -> int:
                     a = measure(qm, ids, args.steps, args.reps)
                     a.pop("tokens")
                     set_act_int8(qm, False)
-                agree = (f.pop("tokens") == q.pop("tokens")).float().mean().item()
-                results.append({"model": name, "dtype": dname, "batch": b, "float": f, "int4": q, "int4_a8": a,
-                                "agree": agree, "kernels": used, "ppl": ppl, "kl": kl,
+                agree = (f.pop("tokens") == qr.pop("tokens")).float().mean().item()
+                results.append({"model": name, "dtype": dname, "batch": b, "float": f, q: qr, q + "_a8": a,
+                                "agree": agree, "kernels": used, "ppl": ppl, "kl": kl, "bits": args.bits,
                                 "head_bits": args.head_bits})  # fmt: skip
                 na = float("nan")
-                print(f"{name:14s} {dname:5s} {b:3d} {f['prefill_tok_s']:14.1f} {q['prefill_tok_s']:13.1f} "
-                      f"{q['prefill_tok_s'] / f['prefill_tok_s']:5.2f} {a['prefill_tok_s'] if a else na:11.1f} "
+                print(f"{name:14s} {dname:5s} {b:3d} {f['prefill_tok_s']:14.1f} {qr['prefill_tok_s']:13.1f} "
+                      f"{qr['prefill_tok_s'] / f['prefill_tok_s']:5.2f} {a['prefill_tok_s'] if a else na:11.1f} "
                       f"{a['prefill_tok_s'] / f['prefill_tok_s'] if a else na:5.2f} {f['decode_tok_s']:13.1f} "
-                      f"{q['decode_tok_s']:12.1f} {q['decode_tok_s'] / f['decode_tok_s']:5.2f} "
+                      f"{qr['decode_tok_s']:12.1f} {qr['decode_tok_s'] / f['decode_tok_s']:5.2f} "
                       f"{a['decode_tok_s'] if a else na:10.1f} {a['decode_tok_s'] / f['decode_tok_s'] if a else na:5.2f} "
                       f"{agree:6.2f}  {used}", flush=True)  # fmt: skip
         del base, qmodel, fm, qm

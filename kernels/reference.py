@@ -29,7 +29,7 @@ def dequant_matmul_ref(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | No
     if w.perm is not None:
         xf = xf.index_select(-1, w.perm.to(torch.long))
     if act_int8 and act_int8_mod.applies(w.bits, w.group_size, w.in_features):
-        xf = act_int8_mod.quantize_x(xf)
+        xf = act_int8_mod.quantize_x(xf, code_bits=w.bits)
     y = F.linear(xf, wf, None if bias is None else bias.to(torch.float32))
     return y.to(x.dtype)
 

@@ -43,7 +43,7 @@
 /* flags of lq_linear */
 #define LQ_FLAG_F32_VIA_BF16 1 /* fp32 x may be rounded to bf16 for the GEMM (torch's "medium" precision) */
 #define LQ_FLAG_F32_NO_INT 2   /* fp32 x at M = 1: FMA GEMV only, not the integer one (benchmarks, tests) */
-#define LQ_FLAG_A8 4           /* dynamic INT8 activations where the layout allows (lq_cpu.h, n = 1) */
+#define LQ_FLAG_A8 4           /* dynamic INT8 activations where the layout allows (lq_cpu.h: n = 1, xa8) */
 
 /* One quantized layer in the run-time layout (mirrored by a ctypes.Structure in cpu_native.py). */
 typedef struct {
@@ -244,8 +244,10 @@ static void prep_part(void *arg, int part, int nparts) {
     const int64_t nsb = lq_nsb(L), row = lq_xi_row_bytes(L, j->nlimbs);
     for (int64_t m = m0; m < m1 && !atomic_load_explicit(&j->xi_bad, memory_order_relaxed); m++) {
         const float *xr = (const float *)j->xp + m * j->p->ldx;
-        if (!(L->bits == 8 ? j->p->kern->prepare_x8(xr, nsb, j->xi + m * row)
-                           : j->p->kern->prepare_xi(xr, nsb, j->nlimbs, j->xi + m * row)))
+        uint8_t *xi = j->xi + m * row;
+        if (!(L->bits != 8       ? j->p->kern->prepare_xi(xr, nsb, j->nlimbs, xi)
+              : j->nlimbs == 1 ? j->p->kern->prepare_xa8(xr, nsb, xi)
+                               : j->p->kern->prepare_x8(xr, nsb, xi)))
             atomic_store(&j->xi_bad, 1);
     }
 }
@@ -294,8 +296,9 @@ LQ_API int lq_linear(const lq_weights *w, const void *x, int x_dtype, int64_t M,
     const int want_bf16 = (x_dtype == LQ_BF16 || (flags & LQ_FLAG_F32_VIA_BF16)) && p.kern->micro_bf16 && !op_f32;
     const int gemv = M <= LQ_GEMV_MAX_M_BF16;
     p.mode = want_bf16 && (!gemv || (p.kern->gemv_tile_bf16 && p.L.bits == 4)) ? LQ_BF16 : LQ_F32;
-    /* x on integer dot products (lq_cpu.h) where the layout allows: 4-bit codes whose groups change at
-     * superblock boundaries. Dynamic INT8 activations (LQ_FLAG_A8) at every M; else
+    /* x on integer dot products (lq_cpu.h) where the layout allows: 2- to 4-bit codes (read as 4-bit) and
+     * 8-bit codes whose groups change at superblock boundaries. Dynamic INT8 activations (LQ_FLAG_A8) at
+     * every M; else
      * decode (M = 1) in 24-bit block floating point, fp32 and bf16 x alike (bf16 x is widened: exact,
      * and at M = 1 faster than the bf16 GEMV where measured), unless LQ_FLAG_F32_NO_INT. */
     const int i8_groups = (p.L.NG == 1 || p.L.G % LQ_SB == 0) && lq_nsb(&p.L) > 0 &&
@@ -303,11 +306,12 @@ LQ_API int lq_linear(const lq_weights *w, const void *x, int x_dtype, int64_t M,
     const int a8 = (flags & LQ_FLAG_A8) != 0;
     const int int_path = p.L.bits == 4 && i8_groups && p.kern->gemv_i8 &&
                          (a8 || (M == 1 && !(flags & LQ_FLAG_F32_NO_INT)));
-    /* 8-bit layouts: the exact fp32 decode, with or without LQ_FLAG_A8 (dynamic INT8 activations cover
-     * 2- to 4-bit codes; an 8-bit layer keeps its exact paths, and at M = 1 this is the fast one) */
-    const int x8_path = p.L.bits == 8 && i8_groups && p.kern->gemv_x8 && p.kern->prepare_x8 && M == 1 &&
-                        !(flags & LQ_FLAG_F32_NO_INT);
-    if (int_path || x8_path) p.mode = LQ_F32;
+    /* 8-bit layouts: dynamic INT8 activations (W8A8) at every M where the kernels have them; else the
+     * exact fp32 decode at M = 1 */
+    const int a8x8_path = p.L.bits == 8 && i8_groups && a8 && p.kern->gemv_a8x8 && p.kern->prepare_xa8;
+    const int x8_path = !a8x8_path && p.L.bits == 8 && i8_groups && p.kern->gemv_x8 && p.kern->prepare_x8 &&
+                        M == 1 && !(flags & LQ_FLAG_F32_NO_INT);
+    if (int_path || x8_path || a8x8_path) p.mode = LQ_F32;
     p.bias = bias;
     p.y = y;
     p.y_dtype = x_dtype;
@@ -322,8 +326,8 @@ LQ_API int lq_linear(const lq_weights *w, const void *x, int x_dtype, int64_t M,
     p.xp = xp;
     /* NaN or infinite x keep the fp32 paths */
     uint8_t *xi = NULL;
-    if (int_path || x8_path) {
-        p.nlimbs = a8 && int_path ? 1 : 3;
+    if (int_path || x8_path || a8x8_path) {
+        p.nlimbs = (a8 && int_path) || a8x8_path ? 1 : 3;
         const size_t row = (size_t)lq_xi_row_bytes(&p.L, p.nlimbs);
         if (posix_memalign((void **)&xi, 64, row * (size_t)M) != 0) {
             free(xp);

@@ -603,6 +603,78 @@ static void gemv_x8_avx2(const lq_layout *L, int64_t t, const uint8_t *xi, const
 #undef X8_LIMBS
 #undef X8_RADIX
 
+/* Dynamic INT8 activations on an 8-bit layout (W8A8; x prepared by lq_prepare_xa8, one limb): int32
+ * lane j of code vector v (block v of the superblock row, bytes 4j .. 4j + 3) is group j of lq_cpu.h,
+ * so every vector's products go into one int32 vector per row and superblock, whose lanes j take the
+ * zero-point terms of prepared lanes j and j + 8. With AVX-VNNI the codes go to vpdpbusd as they are.
+ * vpmaddubsw cannot take a whole code (its pair sums would overflow int16): each code is split into
+ * its nibbles, q = lo + 16 hi, and each nibble's products are summed in int16 over the four vectors
+ * (|sum| <= 4 x 2 x 15 x 127 < 2^15) and widened by vpmaddwd against 1 and 16: the same integers. */
+INLINE void gemv_a8x8_k(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t ldxi, const int MM,
+                        const float *xr, int64_t ldx, float out[4][4]) {
+    __m256 tot[2][4];
+    for (int i = 0; i < MM; i++)
+        for (int r = 0; r < 4; r++) tot[i][r] = _mm256_setzero_ps();
+    lq_igroups G;
+    igroups_start(&G, L, t);
+    const int64_t nsb = lq_nsb(L);
+    const uint8_t *q = lq_tile(L, t);
+    for (int64_t sb = 0; sb < nsb; sb++, q += 4 * LQ_SB, xi += LQ_XI8_SB_BYTES) {
+        igroups_at(&G, L, t, sb);
+        prefetch_8bit_superblock(q);
+        __m256i ms[2], zs[2]; /* the lane sums of m, lanes j and j + 8 together; -zc times them (symmetric) */
+        for (int i = 0; i < MM; i++) {
+            ms[i] = _mm256_add_epi32(_mm256_load_si256((const __m256i *)(xi + i * ldxi + 384)),
+                                     _mm256_load_si256((const __m256i *)(xi + i * ldxi + 416)));
+            zs[i] = _mm256_mullo_epi32(ms[i], _mm256_set1_epi32(G.nz[0]));
+        }
+        for (int r = 0; r < 4; r++) {
+            const uint8_t *qr = q + LQ_SB * r;
+            __m256i c[4];
+            for (int v = 0; v < 4; v++) c[v] = _mm256_loadu_si256((const __m256i *)(qr + 32 * v));
+#ifndef LQ_AVX2_VNNI
+            const __m256i nib = _mm256_set1_epi8(0x0F);
+            __m256i lo[4], hi[4];
+            for (int v = 0; v < 4; v++) {
+                lo[v] = _mm256_and_si256(c[v], nib);
+                hi[v] = _mm256_and_si256(_mm256_srli_epi16(c[v], 4), nib);
+            }
+#endif
+            for (int i = 0; i < MM; i++) {
+                const uint8_t *xb = xi + i * ldxi;
+                __m256i T = L->z ? _mm256_mullo_epi32(ms[i], _mm256_set1_epi32(G.nz[r])) : zs[i]; /* -z sum m */
+#ifdef LQ_AVX2_VNNI
+                for (int v = 0; v < 4; v++)
+                    T = _mm256_dpbusd_avx_epi32(T, c[v], _mm256_load_si256((const __m256i *)(xb + 32 * v)));
+#else
+                __m256i sl = _mm256_maddubs_epi16(lo[0], _mm256_load_si256((const __m256i *)xb));
+                __m256i sh = _mm256_maddubs_epi16(hi[0], _mm256_load_si256((const __m256i *)xb));
+                for (int v = 1; v < 4; v++) {
+                    const __m256i xv = _mm256_load_si256((const __m256i *)(xb + 32 * v));
+                    sl = _mm256_add_epi16(sl, _mm256_maddubs_epi16(lo[v], xv));
+                    sh = _mm256_add_epi16(sh, _mm256_maddubs_epi16(hi[v], xv));
+                }
+                T = _mm256_add_epi32(T, _mm256_add_epi32(_mm256_madd_epi16(sl, _mm256_set1_epi16(1)),
+                                                         _mm256_madd_epi16(sh, _mm256_set1_epi16(16))));
+#endif
+                const __m256 ex = _mm256_load_ps((const float *)(xb + 576)); /* = lanes 8..15's */
+                tot[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(T), _mm256_mul_ps(ex, _mm256_set1_ps(G.s[r])), tot[i][r]);
+            }
+        }
+    }
+    for (int i = 0; i < MM; i++)
+        for (int r = 0; r < 4; r++)
+            out[i][r] = hsum8(tot[i][r]) + (lq_tail(L) ? tail_dot(L, t, r, G.gc, xr + i * ldx) : 0.f);
+}
+
+static void gemv_a8x8_avx2(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t ldxi, int mm, const float *xr,
+                           int64_t ldx, float out[4][4]) {
+    if (mm == 1)
+        gemv_a8x8_k(L, t, xi, ldxi, 1, xr, ldx, out);
+    else
+        gemv_a8x8_k(L, t, xi, ldxi, 2, xr, ldx, out);
+}
+
 #ifndef LQ_AVX2_VNNI /* defined once, by the plain AVX2 build of this file */
 float lq_tail_dot_avx2(const lq_layout *L, int64_t t, int r, lq_gcur gc, const float *xr) {
     return tail_dot(L, t, r, gc, xr);
@@ -834,7 +906,7 @@ const lq_kernels lq_kernels_avx2 = {
 #endif
     gemv_tile_avx2, dequant_f32_avx2, NULL, micro_f32_avx2, NULL, NULL, prepare_xi_avx2, gemv_i8_avx2, 2, 0,
     lq_expand_tile_avx2, 1, lq_dequant_panel_f32_avx2, micro_op_f32_avx2, pack_i8_avx2, micro_op_i8_avx2, 1,
-    gemv_x8_avx2, PREPARE_X8,
+    gemv_x8_avx2, PREPARE_X8, gemv_a8x8_avx2, lq_prepare_xa8, 2,
 };
 
 #endif /* LQ_X86 */

@@ -290,7 +290,8 @@ void lq_gemv_tile_avx512(const lq_layout *L, int64_t t, const float *x, int64_t 
 const lq_kernels lq_kernels_avx512 = {
     "avx512", lq_gemv_tile_avx512, lq_dequant_f32_avx512, NULL, lq_micro_f32_avx512, NULL, NULL,
     lq_prepare_xi_avx512, lq_gemv_i8_avx512, 4, 1, lq_expand_tile_avx2, 1, lq_dequant_panel_f32_avx2,
-    lq_micro_op_f32_avx512, NULL, NULL, 2, lq_gemv_x8_avx512, lq_prepare_xi8_avx512,
+    lq_micro_op_f32_avx512, NULL, NULL, 2, lq_gemv_x8_avx512, lq_prepare_xi8_avx512, lq_gemv_a8x8_avx512,
+    lq_prepare_xa8_avx512, 4,
 };
 
 #endif /* LQ_X86 */

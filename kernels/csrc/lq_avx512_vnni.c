@@ -98,12 +98,13 @@ int lq_prepare_xi_avx512(const float *xr, int64_t nsb, int nlimbs, uint8_t *xi) 
     return 1;
 }
 
-/* lq_prepare_xi8 (lq_cpu.h) in AVX-512: the same bytes. Vector c of xr (16 values, positions 16 c + i)
- * has lane group 4 (c % 2) + i / 4, so each group's max is one 128-bit lane of the max over even or
- * over odd vectors; the limb lane sums come from vpdpbusd against ones. */
-int lq_prepare_xi8_avx512(const float *xr, int64_t nsb, uint8_t *xi) {
+/* lq_prepare_xi8 (NL = 3) and lq_prepare_xa8 (NL = 1; lq_cpu.h) in AVX-512: the same bytes. Vector c
+ * of xr (16 values, positions 16 c + i) has lane group 4 (c % 2) + i / 4, so each group's max is one
+ * 128-bit lane of the max over even or over odd vectors; the limb lane sums come from vpdpbusd against
+ * ones. */
+INLINE int prepare_x8_k(const float *xr, int64_t nsb, uint8_t *xi, const int NL) {
     const __m512i c128 = _mm512_set1_epi32(128), ones = _mm512_set1_epi8(1);
-    const __m512 S = _mm512_set1_ps(21.f);
+    const __m512 S = _mm512_set1_ps(NL == 3 ? 21.f : 6.f);
     const __m512i ex_idx = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
     for (int64_t sb = 0; sb < nsb; sb++, xr += LQ_SB, xi += LQ_XI8_SB_BYTES) {
         __m512 v[8], a[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
@@ -125,13 +126,15 @@ int lq_prepare_xi8_avx512(const float *xr, int64_t nsb, uint8_t *xi) {
         }
         __m512i l[3][8];
         for (int c = 0; c < 8; c++) {
-            const __m512i m = _mm512_cvtps_epi32(_mm512_scalef_ps(v[c], _mm512_sub_ps(S, e[c & 1])));
+            __m512i m = _mm512_cvtps_epi32(_mm512_scalef_ps(v[c], _mm512_sub_ps(S, e[c & 1])));
+            if (NL == 1) /* int8: |m| <= 128 here; 128 -> 127 */
+                m = _mm512_max_epi32(_mm512_min_epi32(m, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
             const __m512i m1 = _mm512_srai_epi32(_mm512_add_epi32(m, c128), 8);
             l[0][c] = m; /* only the low bytes are stored: m mod 256 is the balanced limb 0 */
             l[1][c] = m1;
             l[2][c] = _mm512_srai_epi32(_mm512_add_epi32(m1, c128), 8);
         }
-        for (int p = 0; p < 3; p++) {
+        for (int p = 0; p < NL; p++) {
             for (int c = 0; c < 8; c++) _mm_store_si128((__m128i *)(xi + 128 * p + 16 * c), _mm512_cvtepi32_epi8(l[p][c]));
             const __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones,
                                                                        _mm512_load_si512(xi + 128 * p)),
@@ -143,6 +146,9 @@ int lq_prepare_xi8_avx512(const float *xr, int64_t nsb, uint8_t *xi) {
     }
     return 1;
 }
+
+int lq_prepare_xi8_avx512(const float *xr, int64_t nsb, uint8_t *xi) { return prepare_x8_k(xr, nsb, xi, 3); }
+int lq_prepare_xa8_avx512(const float *xr, int64_t nsb, uint8_t *xi) { return prepare_x8_k(xr, nsb, xi, 1); }
 
 /* The code bytes of one row of a superblock (p: its first byte) at PB bits a code, as vpdpbusd takes
  * them: lo = nibbles 0 and 2 of each word, hi = nibbles 1 and 3 (as lq_avx2.c's row_codes: byte
@@ -228,12 +234,16 @@ INLINE void gemv_i8_k(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t 
     }
 }
 
-/* fp32 decode of an 8-bit layout (lq_cpu.h: LQ_XI8_SB_BYTES): per row and superblock, each limb's
- * int32 sums from 2 vpdpbusd (the row's 128 code bytes as they are stored), combined in fp32 */
-void lq_gemv_x8_avx512(const lq_layout *L, int64_t t, const uint8_t *xi, const float *xr, float out[4][4]) {
+/* 8-bit layouts on integer dot products: MM rows of x prepared by lq_prepare_xi8 (NL = 3 limbs: the fp32
+ * decode, MM = 1) or by lq_prepare_xa8 (NL = 1: dynamic INT8 activations, W8A8; lq_cpu.h). Per row of W
+ * and of x, superblock and limb, the exact int32 lane sums of 2 vpdpbusd on the 128 code bytes as they
+ * are stored; the limbs are combined in fp32, (T_2 2^8 + T_1) 2^8 + T_0. */
+INLINE void gemv_x8_k(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t ldxi, const int MM, const int NL,
+                      const float *xr, int64_t ldx, float out[4][4]) {
     const __m512 c256 = _mm512_set1_ps(256.f);
-    __m512 tot[4];
-    for (int r = 0; r < 4; r++) tot[r] = _mm512_setzero_ps();
+    __m512 tot[4][4];
+    for (int i = 0; i < MM; i++)
+        for (int r = 0; r < 4; r++) tot[i][r] = _mm512_setzero_ps();
     lq_igroups G;
     igroups_start(&G, L, t);
     const int64_t nsb = lq_nsb(L);
@@ -242,26 +252,44 @@ void lq_gemv_x8_avx512(const lq_layout *L, int64_t t, const uint8_t *xi, const f
         igroups_at(&G, L, t, sb);
         prefetch_superblock(q);
         prefetch_superblock(q + 4 * 64);
-        __m512i ms[3], zs[3];
-        for (int p = 0; p < 3; p++) {
-            ms[p] = _mm512_load_si512(xi + 384 + 64 * p);
-            zs[p] = _mm512_mullo_epi32(ms[p], _mm512_set1_epi32(G.nz[0]));
-        }
-        const __m512 ex = _mm512_load_ps(xi + 576);
+        __m512i zs[4][3]; /* -zc times each limb's lane sums (symmetric) */
+        for (int i = 0; i < MM; i++)
+            for (int p = 0; p < NL; p++)
+                zs[i][p] = _mm512_mullo_epi32(_mm512_load_si512(xi + i * ldxi + 384 + 64 * p), _mm512_set1_epi32(G.nz[0]));
         for (int r = 0; r < 4; r++) {
             const __m512i c0 = _mm512_loadu_si512(q + LQ_SB * r), c1 = _mm512_loadu_si512(q + LQ_SB * r + 64);
-            __m512 f = _mm512_setzero_ps();
-            for (int p = 2; p >= 0; p--) {
-                __m512i T = L->z ? _mm512_mullo_epi32(ms[p], _mm512_set1_epi32(G.nz[r])) : zs[p];
-                T = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(T, c0, _mm512_load_si512(xi + 128 * p)), c1,
-                                        _mm512_load_si512(xi + 128 * p + 64));
-                f = p == 2 ? _mm512_cvtepi32_ps(T) : _mm512_fmadd_ps(f, c256, _mm512_cvtepi32_ps(T));
+            for (int i = 0; i < MM; i++) {
+                const uint8_t *xb = xi + i * ldxi;
+                __m512 f = _mm512_setzero_ps();
+                for (int p = NL - 1; p >= 0; p--) {
+                    __m512i T = L->z ? _mm512_mullo_epi32(_mm512_load_si512(xb + 384 + 64 * p), _mm512_set1_epi32(G.nz[r]))
+                                     : zs[i][p];
+                    T = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(T, c0, _mm512_load_si512(xb + 128 * p)), c1,
+                                            _mm512_load_si512(xb + 128 * p + 64));
+                    f = p == NL - 1 ? _mm512_cvtepi32_ps(T) : _mm512_fmadd_ps(f, c256, _mm512_cvtepi32_ps(T));
+                }
+                tot[i][r] = _mm512_fmadd_ps(f, _mm512_mul_ps(_mm512_load_ps(xb + 576), _mm512_set1_ps(G.s[r])), tot[i][r]);
             }
-            tot[r] = _mm512_fmadd_ps(f, _mm512_mul_ps(ex, _mm512_set1_ps(G.s[r])), tot[r]);
         }
     }
-    for (int r = 0; r < 4; r++)
-        out[0][r] = _mm512_reduce_add_ps(tot[r]) + (lq_tail(L) ? lq_tail_dot_avx2(L, t, r, G.gc, xr) : 0.f);
+    for (int i = 0; i < MM; i++)
+        for (int r = 0; r < 4; r++)
+            out[i][r] = _mm512_reduce_add_ps(tot[i][r]) +
+                        (lq_tail(L) ? lq_tail_dot_avx2(L, t, r, G.gc, xr + i * ldx) : 0.f);
+}
+
+void lq_gemv_x8_avx512(const lq_layout *L, int64_t t, const uint8_t *xi, const float *xr, float out[4][4]) {
+    gemv_x8_k(L, t, xi, 0, 1, 3, xr, 0, out);
+}
+
+void lq_gemv_a8x8_avx512(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t ldxi, int mm, const float *xr,
+                         int64_t ldx, float out[4][4]) {
+    switch (mm) {
+    case 1: gemv_x8_k(L, t, xi, ldxi, 1, 1, xr, ldx, out); return;
+    case 2: gemv_x8_k(L, t, xi, ldxi, 2, 1, xr, ldx, out); return;
+    case 3: gemv_x8_k(L, t, xi, ldxi, 3, 1, xr, ldx, out); return;
+    default: gemv_x8_k(L, t, xi, ldxi, 4, 1, xr, ldx, out); return;
+    }
 }
 
 void lq_gemv_i8_avx512(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t ldxi, int mm, int nlimbs,

@@ -227,6 +227,15 @@ typedef struct {
      * superblock) and in xr order (xr: the tail columns, done in fp32) */
     void (*gemv_x8)(const lq_layout *L, int64_t t, const uint8_t *xi, const float *xr, float out[4][4]);
     int (*prepare_x8)(const float *xr, int64_t nsb, uint8_t *xi);
+    /* Dynamic INT8 activations on 8-bit layouts (W8A8) whose groups change at superblock boundaries
+     * (NULL: such a call keeps the exact fp32 paths; needs VNNI where i8_needs_vnni): out[i][r] =
+     * x_i . W[4t + r] for mm (<= a8x8_rows) rows of x prepared by prepare_xa8 (LQ_XI8_SB_BYTES a
+     * superblock, one limb; row stride ldxi bytes) and in xr order (row stride ldx: the tail columns,
+     * done in fp32) */
+    void (*gemv_a8x8)(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t ldxi, int mm, const float *xr,
+                      int64_t ldx, float out[4][4]);
+    int (*prepare_xa8)(const float *xr, int64_t nsb, uint8_t *xi);
+    int a8x8_rows;
 } lq_kernels;
 
 /* A row of x prepared for the integer GEMV, one block of LQ_XI_SB_BYTES(n) bytes per superblock.
@@ -262,6 +271,11 @@ typedef struct {
  * fp32 exactly and they are combined there, (T_2 2^8 + T_1) 2^8 + T_0 (two roundings). */
 #define LQ_XI8_SB_BYTES 640
 int lq_prepare_xi8(const float *xr, int64_t nsb, uint8_t *xi); /* lq_scalar.c; 0 when some x is not finite */
+/* The same block for dynamic INT8 activations (gemv_a8x8), one limb: m = round(x 2^(6 - e)) clamped to
+ * [-127, 127] (e over the same 16 positions; kernels/act_int8.py) at bytes 0..127, its 16 int32 lane
+ * sums at 384, the 16 fp32 lane scales 2^(e - 6) at 576; the other bytes are unused. The products
+ * q m of a lane (|q| <= 255, |m| <= 127, 8 of them) and the zero-point term stay exact in int32. */
+int lq_prepare_xa8(const float *xr, int64_t nsb, uint8_t *xi); /* lq_scalar.c */
 /* The same for AVX2 without VNNI, whose vpmaddubsw cannot take a whole 8-bit code (its int16 pair sums
  * would overflow): x as two int16 limbs for vpmaddwd against the codes widened to 16 bits. Int32 lane L
  * of vpmaddwd over 16 codes at 16 i takes xr positions 16 i + 2 L + j (j = 0, 1; L = 0..7); its 16
@@ -306,6 +320,9 @@ void lq_gemv_i8_avx512(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t
                        const float *xr, int64_t ldx, float out[4][4]);
 void lq_gemv_x8_avx512(const lq_layout *L, int64_t t, const uint8_t *xi, const float *xr, float out[4][4]);
 int lq_prepare_xi8_avx512(const float *xr, int64_t nsb, uint8_t *xi);
+int lq_prepare_xa8_avx512(const float *xr, int64_t nsb, uint8_t *xi);
+void lq_gemv_a8x8_avx512(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t ldxi, int mm, const float *xr,
+                         int64_t ldx, float out[4][4]);
 /* the fp32 dot product of row r of tile t with xr over the tail columns (Kp % 128), from group cursor gc */
 float lq_tail_dot_avx2(const lq_layout *L, int64_t t, int r, lq_gcur gc, const float *xr);
 #endif

@@ -98,7 +98,7 @@ static void store_rows(const lq_problem *p, int64_t m, int64_t n0, int64_t nn, c
 static void run_gemv_i8(const lq_problem *p, int64_t t_begin, int64_t t_end) {
     const lq_layout *L = &p->L;
     float out[4][4];
-    if (L->bits == 8) { /* gemv_x8: M = 1 */
+    if (L->bits == 8 && p->nlimbs == 3) { /* gemv_x8: M = 1 */
         for (int64_t t = t_begin; t < t_end; t++) {
             p->kern->gemv_x8(L, t, p->xi, (const float *)p->xp, out);
             store_rows(p, 0, t * LQ_TILE, LQ_TILE, out[0]);
@@ -106,7 +106,8 @@ static void run_gemv_i8(const lq_problem *p, int64_t t_begin, int64_t t_end) {
         return;
     }
     const int64_t xi_row = lq_xi_row_bytes(L, p->nlimbs);
-    const int R = p->nlimbs == 1 ? p->kern->i8_rows : 1;
+    const int a8x8 = L->bits == 8; /* one limb (W8A8) */
+    const int R = a8x8 ? p->kern->a8x8_rows : (p->nlimbs == 1 ? p->kern->i8_rows : 1);
     int64_t tb = LQ_I8_BLOCK_BYTES / lq_tile_bytes(L);
     if (tb < 1) tb = 1;
     for (int64_t t0 = t_begin; t0 < t_end; t0 += tb) {
@@ -114,8 +115,12 @@ static void run_gemv_i8(const lq_problem *p, int64_t t_begin, int64_t t_end) {
         for (int64_t m0 = 0; m0 < p->M; m0 += R) {
             const int mm = p->M - m0 < R ? (int)(p->M - m0) : R;
             for (int64_t t = t0; t < t1; t++) {
-                p->kern->gemv_i8(L, t, p->xi + m0 * xi_row, xi_row, mm, p->nlimbs, (const float *)p->xp + m0 * p->ldx,
-                                 p->ldx, out);
+                if (a8x8)
+                    p->kern->gemv_a8x8(L, t, p->xi + m0 * xi_row, xi_row, mm, (const float *)p->xp + m0 * p->ldx,
+                                       p->ldx, out);
+                else
+                    p->kern->gemv_i8(L, t, p->xi + m0 * xi_row, xi_row, mm, p->nlimbs,
+                                     (const float *)p->xp + m0 * p->ldx, p->ldx, out);
                 for (int i = 0; i < mm; i++) store_rows(p, m0 + i, t * LQ_TILE, LQ_TILE, out[i]);
             }
         }

@@ -244,6 +244,55 @@ LQ_DOTPROD static void gemv_i8_neon_dot(const lq_layout *L, int64_t t, const uin
     }
 }
 
+/* Dynamic INT8 activations on an 8-bit layout (W8A8; x by lq_prepare_xa8, lq_cpu.h): SDOT multiplies
+ * signed bytes, so each code goes in as q - 128 (its top bit flipped) and the lane sums of m put the
+ * 128 back: sum q m - z sum m = sum (q - 128) m + (128 - z) sum m, exact in int32. Vector j of a row's
+ * 128 code bytes holds int32 lanes 4 (j % 4) .. 4 (j % 4) + 3. */
+LQ_DOTPROD LQ_INLINE void gemv_a8x8_mm(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t ldxi, const int MM,
+                                       const float *xr, int64_t ldx, float out[4][4]) {
+    const int64_t nsb = lq_nsb(L);
+    float32x4_t acc[4][4]; /* [r][i]: lane sums times their scales */
+    for (int r = 0; r < 4; r++)
+        for (int i = 0; i < 4; i++) acc[r][i] = vdupq_n_f32(0.f);
+    const uint8x16_t top = vdupq_n_u8(0x80);
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        const int64_t g = sb * LQ_SB / L->G < L->NG ? sb * LQ_SB / L->G : L->NG - 1;
+        float s[4], z[4];
+        load_sz(L, t, g, s, z);
+        for (int r = 0; r < 4; r++) {
+            const uint8_t *row = lq_sb_row(L, t, sb, r);
+            int8x16_t q[8];
+            for (int j = 0; j < 8; j++) q[j] = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(row + 16 * j), top));
+            const int32x4_t vz = vdupq_n_s32(128 - (int32_t)z[r]);
+            for (int i = 0; i < MM; i++) {
+                const uint8_t *X = xi + i * ldxi + sb * LQ_XI8_SB_BYTES;
+                float32x4_t lanes = vdupq_n_f32(0.f);
+                for (int j = 0; j < 4; j++) { /* int32 lanes 4j..4j+3: bytes 16 j and 64 + 16 j */
+                    int32x4_t T = vmulq_s32(vld1q_s32((const int32_t *)(X + 384) + 4 * j), vz);
+                    T = vdotq_s32(T, q[j], vld1q_s8((const int8_t *)X + 16 * j));
+                    T = vdotq_s32(T, q[j + 4], vld1q_s8((const int8_t *)X + 64 + 16 * j));
+                    lanes = vfmaq_f32(lanes, vcvtq_f32_s32(T), vld1q_f32((const float *)(X + 576) + 4 * j));
+                }
+                acc[r][i] = vfmaq_n_f32(acc[r][i], lanes, s[r]);
+            }
+        }
+    }
+    float tail[4][4] = {{0}};
+    if (lq_tail(L)) gemv_tile_mm(L, t, xr, ldx, MM, nsb * LQ_SB, tail);
+    for (int i = 0; i < MM; i++)
+        for (int r = 0; r < 4; r++) out[i][r] = vaddvq_f32(acc[r][i]) + tail[i][r];
+}
+
+LQ_DOTPROD static void gemv_a8x8_neon_dot(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t ldxi, int mm,
+                                          const float *xr, int64_t ldx, float out[4][4]) {
+    switch (mm) {
+    case 1: gemv_a8x8_mm(L, t, xi, ldxi, 1, xr, ldx, out); break;
+    case 2: gemv_a8x8_mm(L, t, xi, ldxi, 2, xr, ldx, out); break;
+    case 3: gemv_a8x8_mm(L, t, xi, ldxi, 3, xr, ldx, out); break;
+    default: gemv_a8x8_mm(L, t, xi, ldxi, 4, xr, ldx, out); break;
+    }
+}
+
 /* bf16 math is not offered here (no micro_bf16): bf16 x is widened and computed in fp32, exactly */
 const lq_kernels lq_kernels_neon = {
     "neon", gemv_tile_neon, dequant_f32_neon, NULL, micro_f32_neon, NULL, NULL,
@@ -252,7 +301,8 @@ const lq_kernels lq_kernels_neon = {
 
 const lq_kernels lq_kernels_neon_dotprod = {
     "neon_dotprod", gemv_tile_neon, dequant_f32_neon, NULL, micro_f32_neon, NULL, NULL,
-    lq_prepare_xi_scalar, gemv_i8_neon_dot, 4, 0, lq_expand_tile_scalar, 0,
+    lq_prepare_xi_scalar, gemv_i8_neon_dot, 4, 0, lq_expand_tile_scalar, 0, NULL, NULL, NULL, NULL, 0, NULL, NULL,
+    gemv_a8x8_neon_dot, lq_prepare_xa8, 4,
 };
 
 #endif

@@ -269,9 +269,9 @@ static void gemv1_i8_scalar(const lq_layout *L, int64_t t, const uint8_t *xi, in
 }
 
 /* The 8-bit prepares' lane scales (lq_cpu.h): value b of a superblock is in group (b % span) / width
- * (8 groups); e[g] its exponent and up[g] = 2^(21 - e[g]), by which a product is exact (|x up| <= 2^22,
+ * (8 groups); e[g] its exponent and up[g] = 2^(S - e[g]), by which a product is exact (|x up| <= 2^(S+1),
  * tiny ones round to 0). 0 when some x is not finite. */
-static int x8_group_scales(const float *xr, int span, int width, int e[8], float up[8]) {
+static int x8_group_scales(const float *xr, int span, int width, int S, int e[8], float up[8]) {
     float amax[8] = {0};
     for (int b = 0; b < LQ_SB; b++) {
         if (!isfinite(xr[b])) return 0;
@@ -280,7 +280,7 @@ static int x8_group_scales(const float *xr, int span, int width, int e[8], float
     }
     for (int g = 0; g < 8; g++) {
         e[g] = xi_exponent(amax[g]);
-        up[g] = ldexpf(1.f, 21 - e[g]);
+        up[g] = ldexpf(1.f, S - e[g]);
     }
     return 1;
 }
@@ -289,7 +289,7 @@ int lq_prepare_xi8(const float *xr, int64_t nsb, uint8_t *xi) {
     for (int64_t sb = 0; sb < nsb; sb++, xr += LQ_SB, xi += LQ_XI8_SB_BYTES) {
         int e[8];
         float up[8];
-        if (!x8_group_scales(xr, 32, 4, e, up)) return 0;
+        if (!x8_group_scales(xr, 32, 4, 21, e, up)) return 0;
         int32_t msum[3][16] = {{0}};
         for (int b = 0; b < LQ_SB; b++) {
             const int32_t m = round_small(xr[b] * up[(b % 32) / 4]); /* |m| <= 2^22 */
@@ -308,11 +308,31 @@ int lq_prepare_xi8(const float *xr, int64_t nsb, uint8_t *xi) {
     return 1;
 }
 
+int lq_prepare_xa8(const float *xr, int64_t nsb, uint8_t *xi) {
+    for (int64_t sb = 0; sb < nsb; sb++, xr += LQ_SB, xi += LQ_XI8_SB_BYTES) {
+        int e[8];
+        float up[8];
+        if (!x8_group_scales(xr, 32, 4, 6, e, up)) return 0;
+        int32_t msum[16] = {0};
+        for (int b = 0; b < LQ_SB; b++) {
+            int32_t m = round_small(xr[b] * up[(b % 32) / 4]); /* |m| <= 128 */
+            m = m > 127 ? 127 : (m < -127 ? -127 : m);
+            xi[b] = (uint8_t)(m & 0xFF);
+            msum[(b % 64) / 4] += m;
+        }
+        memcpy(xi + 384, msum, sizeof msum);
+        float scale[16];
+        for (int l = 0; l < 16; l++) scale[l] = ldexpf(1.f, e[l % 8] - 6);
+        memcpy(xi + 576, scale, sizeof scale);
+    }
+    return 1;
+}
+
 int lq_prepare_xw8(const float *xr, int64_t nsb, uint8_t *xi) {
     for (int64_t sb = 0; sb < nsb; sb++, xr += LQ_SB, xi += LQ_XI8_SB_BYTES) {
         int e[8];
         float up[8];
-        if (!x8_group_scales(xr, 16, 2, e, up)) return 0;
+        if (!x8_group_scales(xr, 16, 2, 21, e, up)) return 0;
         int16_t limb[2][LQ_SB];
         int32_t msum[2][8] = {{0}};
         for (int b = 0; b < LQ_SB; b++) {
@@ -333,38 +353,52 @@ int lq_prepare_xw8(const float *xr, int64_t nsb, uint8_t *xi) {
     return 1;
 }
 
-/* the C reference of gemv_x8 (lq_cpu.h): the same integer sums and the same fp32 combination */
-static void gemv_x8_scalar(const lq_layout *L, int64_t t, const uint8_t *xi, const float *xr, float out[4][4]) {
+/* the C reference of gemv_x8 (nlimbs 3, mm 1) and gemv_a8x8 (nlimbs 1; lq_cpu.h): per row of x, lane and
+ * superblock the exact int32 sums T_p = sum q l_p - z sum l_p, combined in fp32 as the vector kernels do
+ * it, (T_2 2^8 + T_1) 2^8 + T_0, then acc += that * (scale * s) */
+static void gemv_8bit_scalar(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t ldxi, int mm, int nlimbs,
+                             const float *xr, int64_t ldx, float out[4][4]) {
     const int64_t nsb = lq_nsb(L);
-    float tail[4];
-    tail_f32_scalar(L, t, xr, tail);
-    for (int r = 0; r < 4; r++) {
-        float acc[16] = {0};
-        for (int64_t sb = 0; sb < nsb; sb++) {
-            const uint8_t *q = lq_sb_row(L, t, sb, r), *x = xi + sb * LQ_XI8_SB_BYTES;
-            const int64_t g = lq_gcur_at(L, sb * LQ_SB).g, at = (t * L->NG + g) * LQ_TILE + r;
-            const float s = lq_f16_to_f32(L->s[at]);
-            const int32_t z = L->z ? L->z[at] : L->zc;
-            const int32_t *msum = (const int32_t *)(x + 384);
-            const float *scale = (const float *)(x + 576);
-            for (int l = 0; l < 16; l++) {
-                float f = 0.f;
-                for (int p = 2; p >= 0; p--) {
-                    int32_t T = -z * msum[16 * p + l];
-                    for (int h = 0; h < 2; h++)
-                        for (int j = 0; j < 4; j++) {
-                            const int b = 64 * h + 4 * l + j;
-                            T += (int32_t)q[b] * (int32_t)(int8_t)x[128 * p + b];
-                        }
-                    f = p == 2 ? (float)T : fmaf(f, 256.f, (float)T);
+    for (int i = 0; i < mm; i++) {
+        float tail[4];
+        tail_f32_scalar(L, t, xr + i * ldx, tail);
+        for (int r = 0; r < 4; r++) {
+            float acc[16] = {0};
+            for (int64_t sb = 0; sb < nsb; sb++) {
+                const uint8_t *q = lq_sb_row(L, t, sb, r), *x = xi + i * ldxi + sb * LQ_XI8_SB_BYTES;
+                const int64_t g = lq_gcur_at(L, sb * LQ_SB).g, at = (t * L->NG + g) * LQ_TILE + r;
+                const float s = lq_f16_to_f32(L->s[at]);
+                const int32_t z = L->z ? L->z[at] : L->zc;
+                const int32_t *msum = (const int32_t *)(x + 384);
+                const float *scale = (const float *)(x + 576);
+                for (int l = 0; l < 16; l++) {
+                    float f = 0.f;
+                    for (int p = nlimbs - 1; p >= 0; p--) {
+                        int32_t T = -z * msum[16 * p + l];
+                        for (int h = 0; h < 2; h++)
+                            for (int j = 0; j < 4; j++) {
+                                const int b = 64 * h + 4 * l + j;
+                                T += (int32_t)q[b] * (int32_t)(int8_t)x[128 * p + b];
+                            }
+                        f = p == nlimbs - 1 ? (float)T : fmaf(f, 256.f, (float)T);
+                    }
+                    acc[l] = fmaf(f, scale[l] * s, acc[l]);
                 }
-                acc[l] = fmaf(f, scale[l] * s, acc[l]);
             }
+            float sum = 0.f;
+            for (int l = 0; l < 16; l++) sum += acc[l];
+            out[i][r] = sum + tail[r];
         }
-        float sum = 0.f;
-        for (int l = 0; l < 16; l++) sum += acc[l];
-        out[0][r] = sum + tail[r];
     }
+}
+
+static void gemv_x8_scalar(const lq_layout *L, int64_t t, const uint8_t *xi, const float *xr, float out[4][4]) {
+    gemv_8bit_scalar(L, t, xi, 0, 1, 3, xr, 0, out);
+}
+
+static void gemv_a8x8_scalar(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t ldxi, int mm, const float *xr,
+                             int64_t ldx, float out[4][4]) {
+    gemv_8bit_scalar(L, t, xi, ldxi, mm, 1, xr, ldx, out);
 }
 
 static void gemv_i8_scalar(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t ldxi, int mm, int nlimbs,
@@ -375,5 +409,5 @@ static void gemv_i8_scalar(const lq_layout *L, int64_t t, const uint8_t *xi, int
 const lq_kernels lq_kernels_scalar = {
     "scalar", gemv_tile_scalar, dequant_f32_scalar, dequant_bf16_scalar, micro_f32_scalar, NULL, NULL,
     lq_prepare_xi_scalar, gemv_i8_scalar, 4, 0, lq_expand_tile_scalar, 0, NULL, NULL, NULL, NULL, 0,
-    gemv_x8_scalar, lq_prepare_xi8,
+    gemv_x8_scalar, lq_prepare_xi8, gemv_a8x8_scalar, lq_prepare_xa8, 4,
 };

@@ -532,9 +532,10 @@ def test_fp32_greedy_decode_same_on_int_and_fma(monkeypatch, act_order):
 @pytest.mark.parametrize("isa", INT_ISAS)
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 11, 12, 40, 128])
 def test_act_int8_is_exactly_the_emulation(layers, isa, m):
-    """act_int8: the kernel computes x quantized as llmquant.kernels.act_int8 defines it (lanes of 8
-    columns, power-of-two scales, 7 bits), times the exact weights, to fp32 rounding; layers it does
-    not apply to (8-bit, groups of 32/64, K < 128) stay exact fp32. Every M (GEMV and GEMM sizes)."""
+    """act_int8: the kernel computes x quantized as llmquant.kernels.act_int8 defines it (groups of 16
+    columns that follow the code width, power-of-two scales, 7 bits), times the exact weights, to fp32
+    rounding, for 2- to 8-bit codes (W4A8, W8A8); layers it does not apply to (groups of 32/64, K < 128)
+    stay exact fp32. Every M (GEMV and GEMM sizes)."""
     g = torch.Generator().manual_seed(m)
     for spec, w, lay, bias in layers:
         # a wide dynamic range across columns, as LLM activations have
@@ -567,9 +568,30 @@ def test_act_int8_emulation_matches_the_definition():
 
 
 @needs_native
+def test_act_int8_emulation_of_8_bit_layers_matches_the_definition():
+    """For 8-bit codes group 4 p + g of superblock s is the columns 128 s + 32 c + 8 g + 2 i + p: the
+    even or odd columns of 8-column runs (the 8-bit layout stores a block's even columns first)."""
+    x = torch.zeros(1, 256)
+    x[0, 0], x[0, 6], x[0, 32 * 3 + 4] = 3.0, 0.1, -1.5  # group 0 (even columns of run 0), max 3: e = 1
+    x[0, 1] = 1e-3  # column 1: the odd group of run 0, alone
+    x[0, 8] = 1e-2  # column 8: run 1, alone
+    x[0, 128 + 6] = 5.0  # superblock 1
+    q = act_int8.quantize_x(x, code_bits=8)
+    step = 2.0 ** (1 - 6)
+    assert q[0, 0] == 3.0 and q[0, 100] == -1.5 and q[0, 6] == round(0.1 / step) * step
+    assert abs(q[0, 1] - 1e-3) <= 2.0 ** (-10 - 7) and abs(q[0, 8] - 1e-2) <= 2.0 ** (-7 - 7)
+    assert q[0, 134] == 5.0
+    # the 4-bit grouping puts column 1 with column 0 (and column 8 alone): a different result
+    assert act_int8.quantize_x(x, code_bits=4)[0, 1] == 0.0
+    with pytest.raises(ValueError, match="code_bits"):
+        act_int8.quantize_x(x, code_bits=5)
+
+
+@needs_native
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_act_int8_with_nonfinite_x_falls_back_to_fp32(bad):
-    w = make_packed(4, 128, True, False, 16, 512, seed=5)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_act_int8_with_nonfinite_x_falls_back_to_fp32(bad, bits):
+    w = make_packed(bits, 128, True, False, 16, 512, seed=5)
     lay = repack(w)
     x = torch.randn(3, 512)
     x[1, 300] = bad
@@ -578,16 +600,17 @@ def test_act_int8_with_nonfinite_x_falls_back_to_fp32(bad):
 
 
 @pytest.mark.skipif("avx2_vnni" not in ISAS, reason="the CPU lacks AVX-VNNI (vpdpbusd on ymm)")
-@pytest.mark.parametrize("bits", [2, 3, 4])  # 8-bit decode: AVX2 carries x in other limbs (lq_prepare_xw8)
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("sym", [True, False])
 def test_avx_vnni_kernels_are_bit_equal_to_the_avx2_ones(bits, sym):
     """The avx2_vnni table's integer GEMVs and INT8 GEMM (vpdpbusd) sum the same exact integers as AVX2's
     vpmaddubsw + vpmaddwd emulation and convert and scale them alike: fp32 decode and INT8 activations at
-    M = 1 and 3 (GEMV) and 16 and 40 (the outer-product GEMM of 4-bit layers), bit for bit."""
+    M = 1 and 3 (GEMV) and 16 and 40 (the outer-product GEMM of 4-bit layers), bit for bit. 8-bit layers:
+    INT8 activations only (their fp32 decode carries x in other limbs on AVX2, lq_prepare_xw8)."""
     k = 4192  # 32 superblocks and a 96-column tail
     lay = repack(make_packed(bits, 128, sym, False, 70, k, seed=bits))
     x = torch.randn(40, k) * torch.exp(2 * torch.randn(1, k))
-    for act in (False, True):
+    for act in (False, True) if bits != 8 else (True,):
         for m in (1, 3, 16, 40):
             y = cpu_linear(x[:m], lay, isa="avx2_vnni", act_int8=act)
             assert torch.equal(y, cpu_linear(x[:m], lay, isa="avx2", act_int8=act)), (act, m)
