@@ -311,9 +311,15 @@ static int run_gemm_op_i8(const lq_problem *p, int64_t t_begin, int64_t t_end) {
     return LQ_OK;
 }
 
+/* whether the INT8-activation GEMM (pack_i8 + micro_op_i8) runs this call; it reads 4-bit layouts, so a
+ * packed 2- or 3-bit layout is expanded for it even where gemv_i8 reads packed codes */
+static int uses_op_i8(const lq_problem *p) {
+    return p->xi && p->nlimbs == 1 && p->M >= LQ_I8_OP_MIN_M && p->kern->micro_op_i8 && p->kern->op_np <= 1 &&
+           p->L.bits == 4;
+}
+
 static int run_direct(const lq_problem *p, int64_t t_begin, int64_t t_end) {
-    if (p->xi && p->nlimbs == 1 && p->M >= LQ_I8_OP_MIN_M && p->kern->micro_op_i8 && p->kern->op_np <= 1 &&
-        p->L.pbits == 4 && p->L.bits == 4) /* (its tail columns take one fp32 panel a call) */
+    if (uses_op_i8(p) && p->L.pbits == 4) /* (its tail columns take one fp32 panel a call) */
         return run_gemm_op_i8(p, t_begin, t_end);
     if (p->xi) {
         run_gemv_i8(p, t_begin, t_end);
@@ -338,12 +344,13 @@ static int run_direct(const lq_problem *p, int64_t t_begin, int64_t t_end) {
 
 int lq_run_tiles(const lq_problem *p, int64_t t_begin, int64_t t_end) {
     if (t_begin >= t_end) return LQ_OK;
-    if (p->L.pbits == p->L.bits || (p->xi && p->kern->i8_reads_packed)) return run_direct(p, t_begin, t_end);
+    const int op_i8 = uses_op_i8(p);
+    if (p->L.pbits == p->L.bits || (p->xi && p->kern->i8_reads_packed && !op_i8)) return run_direct(p, t_begin, t_end);
     /* a packed layout: expand a few tiles at a time into the 4-bit layout, run the 4-bit kernels on them */
     lq_problem q = *p;
     q.L.pbits = q.L.bits;
     const int64_t tile = lq_tile_bytes(&q.L); /* of an expanded tile */
-    const int gemv = p->xi || p->M <= (p->mode == LQ_BF16 ? LQ_GEMV_MAX_M_BF16 : LQ_GEMV_MAX_M_F32);
+    const int gemv = !op_i8 && (p->xi || p->M <= (p->mode == LQ_BF16 ? LQ_GEMV_MAX_M_BF16 : LQ_GEMV_MAX_M_F32));
     int64_t chunk = (gemv ? LQ_EXPAND_GEMV_BYTES : LQ_EXPAND_GEMM_BYTES) / tile;
     if (!gemv) chunk = chunk / (LQ_NCB / LQ_TILE) * (LQ_NCB / LQ_TILE);
     if (chunk < (gemv ? 1 : LQ_NCB / LQ_TILE)) chunk = gemv ? 1 : LQ_NCB / LQ_TILE;
