@@ -272,10 +272,31 @@ INLINE void gemv_x8_k(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t 
             }
         }
     }
+    /* the tail columns (Kp % 128, in fp32; their bytes are in xr order): for several rows of x dequantized
+     * once, (q - z) s as the FMA GEMV rounds it, then a dot product per row of x */
+    const int64_t tl = lq_tail(L);
+    float tw[4][LQ_SB];
+    if (tl && MM > 1) {
+        float s[4], z[4];
+        group_params(L, t, lq_gcur_at(L, nsb * LQ_SB).g, s, z);
+        for (int r = 0; r < 4; r++) {
+            const uint8_t *qt = lq_tail_row(L, t, r);
+            for (int64_t k = 0; k < tl; k++) tw[r][k] = ((float)qt[k] - z[r]) * s[r];
+        }
+    }
     for (int i = 0; i < MM; i++)
-        for (int r = 0; r < 4; r++)
-            out[i][r] = _mm512_reduce_add_ps(tot[i][r]) +
-                        (lq_tail(L) ? lq_tail_dot_avx2(L, t, r, G.gc, xr + i * ldx) : 0.f);
+        for (int r = 0; r < 4; r++) {
+            float tail = 0.f;
+            if (tl && MM == 1) {
+                tail = lq_tail_dot_avx2(L, t, r, G.gc, xr);
+            } else if (tl) {
+                __m512 a = _mm512_setzero_ps();
+                for (int64_t k = 0; k < tl; k += 16)
+                    a = _mm512_fmadd_ps(_mm512_loadu_ps(tw[r] + k), _mm512_loadu_ps(xr + i * ldx + nsb * LQ_SB + k), a);
+                tail = _mm512_reduce_add_ps(a);
+            }
+            out[i][r] = _mm512_reduce_add_ps(tot[i][r]) + tail;
+        }
 }
 
 void lq_gemv_x8_avx512(const lq_layout *L, int64_t t, const uint8_t *xi, const float *xr, float out[4][4]) {
