@@ -662,17 +662,11 @@ INLINE void gemv_a8x8_k(const lq_layout *L, int64_t t, const uint8_t *xi, int64_
             }
         }
     }
-    /* the tail columns (Kp % 128, in fp32; their bytes are in xr order): for two rows of x dequantized
-     * once, (q - z) s as tail_dot rounds it, then a dot product per row of x */
+    /* the tail columns (Kp % 128, in fp32): for two rows of x dequantized once (in xr order), then a dot
+     * product per row of x */
     const int64_t tl = lq_tail(L);
     float tw[4][LQ_SB];
-    if (tl && MM > 1)
-        for (int r = 0; r < 4; r++) {
-            const int64_t at = (t * L->NG + lq_gcur_at(L, nsb * LQ_SB).g) * LQ_TILE + r;
-            const float s = _cvtsh_ss(L->s[at]), z = L->z ? (float)L->z[at] : (float)L->zc;
-            const uint8_t *qt = lq_tail_row(L, t, r);
-            for (int64_t k = 0; k < tl; k++) tw[r][k] = ((float)qt[k] - z) * s;
-        }
+    if (tl && MM > 1) dequant_f32_avx2(L, t, 1, nsb * LQ_SB, tl, &tw[0][0], LQ_SB);
     for (int i = 0; i < MM; i++)
         for (int r = 0; r < 4; r++) {
             float tail = 0.f;

@@ -272,18 +272,11 @@ INLINE void gemv_x8_k(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t 
             }
         }
     }
-    /* the tail columns (Kp % 128, in fp32; their bytes are in xr order): for several rows of x dequantized
-     * once, (q - z) s as the FMA GEMV rounds it, then a dot product per row of x */
+    /* the tail columns (Kp % 128, in fp32): for several rows of x dequantized once (in xr order), then a
+     * dot product per row of x */
     const int64_t tl = lq_tail(L);
     float tw[4][LQ_SB];
-    if (tl && MM > 1) {
-        float s[4], z[4];
-        group_params(L, t, lq_gcur_at(L, nsb * LQ_SB).g, s, z);
-        for (int r = 0; r < 4; r++) {
-            const uint8_t *qt = lq_tail_row(L, t, r);
-            for (int64_t k = 0; k < tl; k++) tw[r][k] = ((float)qt[k] - z[r]) * s[r];
-        }
-    }
+    if (tl && MM > 1) lq_dequant_f32_avx512(L, t, 1, nsb * LQ_SB, tl, &tw[0][0], LQ_SB);
     for (int i = 0; i < MM; i++)
         for (int r = 0; r < 4; r++) {
             float tail = 0.f;
