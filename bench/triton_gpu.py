@@ -247,17 +247,19 @@ def _copies(bytes_each: int, device) -> int:
 
 
 @functools.lru_cache(maxsize=4)
-def _bench_weight(n, k, device):
-    return prepare_weight(make_weight(n, k, group_size=128, sym=True, device=device))
+def _bench_weight(n, k, device, bits=4):
+    return prepare_weight(make_weight(n, k, bits=bits, group_size=128, sym=True, device=device))
 
 
-def bench_one(name, n, k, m, device, cfg=None, with_torch=True, graph_only=False):
-    row = {"shape": name, "M": m, "N": n, "K": k}
+def bench_one(name, n, k, m, device, cfg=None, with_torch=True, graph_only=False, bits=4):
+    row = {"shape": name, "M": m, "N": n, "K": k, "bits": bits}
     dtype = torch.float16 if device == "cuda" else torch.float32
-    st0 = _bench_weight(n, k, device)
-    wbytes = sum(t.numel() * t.element_size() for t in (st0.qweight_t, st0.scales_t))
+    st0 = _bench_weight(n, k, device, bits)
+    planes = [t for t in (st0.qweight_t, st0.qhigh_t, st0.scales_t) if t is not None]
+    wbytes = sum(t.numel() * t.element_size() for t in planes)
     states = [st0] + [
-        replace(st0, qweight_t=st0.qweight_t.clone(), scales_t=st0.scales_t.clone())
+        replace(st0, qweight_t=st0.qweight_t.clone(), scales_t=st0.scales_t.clone(),
+                qhigh_t=None if st0.qhigh_t is None else st0.qhigh_t.clone())
         for _ in range(_copies(wbytes, device) - 1)
     ]
     x = torch.randn(m, k, device=device, dtype=dtype)
@@ -270,7 +272,7 @@ def bench_one(name, n, k, m, device, cfg=None, with_torch=True, graph_only=False
     if not graph_only:
         row["triton_eager_ms"] = time_ms(fn, device, graph=False)
     row["triton_graph_ms"] = time_ms(fn, device, graph=True)
-    if cfg is None:  # the default config once more, its codes turned to floats by the magic-number trick
+    if cfg is None and bits == 4:  # the default config once more, its codes turned to floats by the magic-number trick
         cfg_m = replace(used, deq="magic")
         fn_m = lambda: dequant_gemm(x, next(cyc), None, cfg_m)  # noqa: E731
         row["triton_magic_graph_ms"] = time_ms(fn_m, device, graph=device == "cuda")
@@ -349,6 +351,21 @@ def sweep_candidates(m, n, k, sms, wx_only=False):
     return cands
 
 
+def _time_variants(rows, name, n, k, m, cands, device, budget, share, *, torch_for=None):
+    """Time each labelled config of ``cands`` on one shape (graph time on CUDA); failures become rows."""
+    for label, cfg in cands.items():
+        if not budget.left_until(share):
+            rows.append({"shape": name, "M": m, "variant": label, "status": "skipped (budget)"})
+            continue
+        try:
+            r = bench_one(name, n, k, m, device, cfg=cfg, with_torch=label == torch_for, graph_only=device == "cuda")
+            rows.append({**r, "variant": label, "status": "ok"})
+        except Exception as e:
+            log.exception("%s M=%d %s", name, m, label)
+            rows.append({"shape": name, "M": m, "variant": label, "cfg": cfg.to_list(),
+                         "status": f"ERROR {type(e).__name__}: {str(e)[:200]}"})  # fmt: skip
+
+
 def sweep(device, budget, dry, share, wx_only=False):
     if dry:
         jobs = [("tiny", 96, 160, 1)]
@@ -364,17 +381,87 @@ def sweep(device, budget, dry, share, wx_only=False):
     sms = sm_count(device, 0 if device == "cuda" else None)
     rows = []
     for name, n, k, m in jobs:
-        for label, cfg in sweep_candidates(m, n, k, sms, wx_only).items():
-            if not budget.left_until(share):
-                rows.append({"shape": name, "M": m, "variant": label, "status": "skipped (budget)"})
-                continue
-            try:
-                r = bench_one(name, n, k, m, device, cfg=cfg, with_torch=False, graph_only=device == "cuda")
-                rows.append({**r, "variant": label, "status": "ok"})
-            except Exception as e:
-                log.exception("sweep %s M=%d %s", name, m, label)
-                rows.append({"shape": name, "M": m, "variant": label, "cfg": cfg.to_list(),
-                             "status": f"ERROR {type(e).__name__}: {str(e)[:200]}"})  # fmt: skip
+        _time_variants(rows, name, n, k, m, sweep_candidates(m, n, k, sms, wx_only), device, budget, share)
+    return rows
+
+
+def lowbit(device, budget, dry, share):
+    """Graph time of 2-, 3-, 4- and 8-bit layers (symmetric, G = 128, default config) on the
+    Llama-7B shapes: whether fewer bits read are less time."""
+    jobs = [("tiny", 96, 160)] if dry else LLAMA_SHAPES
+    ms = [1] if dry else [1, 16, 256]
+    rows = []
+    for (name, n, k), m, bits in itertools.product(jobs, ms, (4, 2, 3, 8)):
+        if not budget.left_until(share):
+            rows.append({"shape": name, "M": m, "bits": bits, "status": "skipped (budget)"})
+            continue
+        try:
+            r = bench_one(name, n, k, m, device, with_torch=False, graph_only=device == "cuda", bits=bits)
+            rows.append({**r, "status": "ok"})
+        except Exception as e:
+            log.exception("lowbit %s M=%d bits=%d", name, m, bits)
+            rows.append({"shape": name, "M": m, "bits": bits, "status": f"ERROR {type(e).__name__}: {str(e)[:200]}"})
+    return rows
+
+
+def prefill_candidates(m, n, k, sms):
+    """Prefill tilings beyond ``sweep_candidates``: more programs in flight (smaller tiles, split K),
+    pipeline depth, warps, band height; to tell a latency-bound program from a throughput-bound one."""
+    auto = pick_config(m, n, k, 128, sms)
+    c = {"auto": auto, "auto-noprefetch": replace(auto, prefetch=0)}
+    for bm, bn, bk, w in ((64, 64, 64, 4), (32, 128, 64, 4), (64, 128, 128, 4), (64, 128, 64, 8), (128, 64, 64, 4),
+                          (64, 256, 64, 8)):  # fmt: skip
+        c[f"{bm}x{bn}xk{bk}w{w}"] = TritonConfig(bm, bn, bk, num_warps=w, num_stages=4)
+    c["auto-s3"] = replace(auto, num_stages=3)
+    c["auto-s5"] = replace(auto, num_stages=5)
+    for sp in (2, 4):
+        c[f"auto-split{sp}"] = replace(auto, split_k=sp)
+        c[f"64x64-split{sp}"] = TritonConfig(64, 64, 64, split_k=sp, num_stages=4)
+    for gm in (1, 4, 16):
+        c[f"auto-gm{gm}"] = replace(auto, group_m=gm)
+    c["auto-s2"] = replace(auto, num_stages=2)
+    if m <= 16:  # decode: the split and tile neighbours of the default
+        c = {"auto": auto, "auto-noprefetch": replace(auto, prefetch=0)}
+        for sp in (4, 16):
+            c[f"split{sp}"] = replace(auto, split_k=sp)
+            c[f"split{sp}-noprefetch"] = replace(auto, split_k=sp, prefetch=0)
+        c["bn32"] = replace(auto, block_n=32)
+        c["bn128"] = replace(auto, block_n=128)
+        c["magic"] = replace(auto, deq="magic")
+        c["wx"] = replace(auto, operands="wx")
+    return c
+
+
+def prefill_sweep(device, budget, dry, share):
+    jobs = [("tiny", 96, 160, 32)] if dry else [
+        ("llama7b.qkvo", 4096, 4096, 256), ("llama7b.qkvo", 4096, 4096, 1), ("llama7b.gate_up", 11008, 4096, 1),
+        ("llama7b.down", 4096, 11008, 1), ("llama7b.gate_up", 11008, 4096, 256), ("llama7b.qkvo", 4096, 4096, 1024),
+        ("gemma3.gate_up", 2048, 640, 1), ("gemma3.gate_up", 2048, 640, 256),
+    ]  # fmt: skip
+    sms = sm_count(device, 0 if device == "cuda" else None)
+    rows = []
+    for name, n, k, m in jobs:
+        cands = prefill_candidates(m, n, k, sms)
+        if dry:
+            cands = dict(itertools.islice(cands.items(), 3))
+        _time_variants(rows, name, n, k, m, cands, device, budget, share, torch_for="auto")
+    return rows
+
+
+def heuristic_check(device, budget, dry, share):
+    """The default config against the one it replaced and a K split, at prefill sizes around it."""
+    jobs = [("tiny", 96, 160, 128)] if dry else [
+        (name, n, k, m) for m in (128, 256, 512) for name, n, k in
+        (("llama7b.qkvo", 4096, 4096), ("llama7b.down", 4096, 11008), ("gemma3.gate_up", 2048, 640),
+         ("smollm2.gate_up", 1536, 576))
+    ]  # fmt: skip
+    sms = sm_count(device, 0 if device == "cuda" else None)
+    rows = []
+    for name, n, k, m in jobs:
+        auto = pick_config(m, n, k, 128, sms)
+        cands = {"auto": auto, "64x128": TritonConfig(64, 128, 64, num_warps=4, num_stages=4),
+                 "auto-split1": replace(auto, split_k=1), "auto-split2": replace(auto, split_k=2)}  # fmt: skip
+        _time_variants(rows, name, n, k, m, cands, device, budget, share, torch_for="auto")
     return rows
 
 
@@ -451,6 +538,26 @@ def print_tables(result):
             cells.append(f"{r['variant']}={_fmt(t, '.4f')}{'*' if r is best else ''}"
                          if r["status"] == "ok" or r["status"].startswith("skipped") else f"{r['variant']}=ERR")  # fmt: skip
         print(f"{shape} M={m}: " + "  ".join(cells))
+    if result.get("lowbit"):
+        print("\nlow-bit layers (sym G=128, default config, fp16 activations; graph median ms; ratio to 4-bit)")
+        four = {(r["shape"], r["M"]): r.get("triton_graph_ms") for r in result["lowbit"]
+                if r["status"] == "ok" and r["bits"] == 4}  # fmt: skip
+        for r in result["lowbit"]:
+            t = r.get("triton_graph_ms") if r["status"] == "ok" else None
+            base = four.get((r["shape"], r["M"]))
+            print(f"{r['shape']:17s} M={r['M']:<5d} {r['bits']}-bit {_fmt(t, '9.4f')} ms  "
+                  f"x{_fmt(t / base if t and base else None, '.2f')}  {_fmt(r.get('triton_GBps'), '.0f')} GB/s  "
+                  f"{r['status'] if r['status'] != 'ok' else r['cfg']}")  # fmt: skip
+    for key, title in (("prefill", "prefill sweep"), ("heuristic", "default prefill config against its neighbours")):
+        if not result.get(key):
+            continue
+        print(f"\n{title} (graph median ms; fp16 = cuBLAS on the same shape)")
+        for r in result[key]:
+            t = r.get("triton_graph_ms") if r["status"] == "ok" else None
+            extra = f"  fp16 {_fmt(r.get('torch_graph_ms'), '.4f')}" if r.get("torch_graph_ms") else ""
+            print(f"{r['shape']:17s} M={r['M']:<5d} {r['variant']:24s} {_fmt(t, '9.4f')} "
+                  f"{_fmt(r.get('triton_TFLOPs'), '6.0f')} TFLOP/s  {r.get('cfg')}{extra}"
+                  f"{'' if r['status'] == 'ok' else '  ' + r['status']}")  # fmt: skip
     print(f"\ntotal {result['elapsed_s']:.0f} s")
 
 
@@ -460,6 +567,11 @@ def main(argv=None):
     ap.add_argument("--budget-s", type=float, default=240.0, help="stop starting new work after this")
     ap.add_argument("--dry-run", action="store_true", help="CPU with TRITON_INTERPRET=1, tiny shapes")
     ap.add_argument("--profile", metavar="N,K,M[,BITS[,CFG]]", help="run one product 20 times, for a profiler")
+    ap.add_argument("--lowbit", action="store_true", help="also time 2/3/8-bit layers against 4-bit")
+    ap.add_argument("--heuristic", action="store_true",
+                    help="instead of the config sweep, the default prefill config against its neighbours")
+    ap.add_argument("--prefill-sweep", action="store_true",
+                    help="no speed table or decode sweep; sweep prefill tilings (and --lowbit if given)")
     ap.add_argument("--wx-sweep", action="store_true",
                     help='no speed table; sweep the default config against operands="wx" variants, more shapes')
     args = ap.parse_args(argv)
@@ -476,10 +588,20 @@ def main(argv=None):
     budget = Budget(args.budget_s)
     result = {"machine": machine_info(device), "protocol": __doc__}
     result["copy_GBps"] = copy_bandwidth(device)
-    result["correctness"] = correctness(device, budget, args.dry_run, share=0.35)
+    result["correctness"] = correctness(device, budget, args.dry_run, share=0.27 if args.prefill_sweep else 0.35)
     result["checks"] = compile_and_graph_checks(device, args.dry_run)
-    result["bench"] = [] if args.wx_sweep else bench(device, budget, args.dry_run, share=0.75)
-    result["sweep"] = sweep(device, budget, args.dry_run, share=1.0, wx_only=args.wx_sweep)
+    if args.prefill_sweep:
+        result["bench"], result["sweep"] = [], []
+        result["lowbit"] = lowbit(device, budget, args.dry_run, share=0.45) if args.lowbit else []
+        result["prefill"] = prefill_sweep(device, budget, args.dry_run, share=1.0)
+    else:
+        result["bench"] = [] if args.wx_sweep else bench(device, budget, args.dry_run, share=0.65 if args.lowbit else 0.75)
+        result["lowbit"] = lowbit(device, budget, args.dry_run, share=0.8) if args.lowbit else []
+        if args.heuristic:
+            result["sweep"] = []
+            result["heuristic"] = heuristic_check(device, budget, args.dry_run, share=1.0)
+        else:
+            result["sweep"] = sweep(device, budget, args.dry_run, share=1.0, wx_only=args.wx_sweep)
     result["elapsed_s"] = budget.elapsed()
     Path(args.json).write_text(json.dumps(result, indent=1, default=str))
     print_tables(result)

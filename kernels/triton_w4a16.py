@@ -14,9 +14,11 @@ keeps (``unpack_qweight`` rebuilds the stored ``qweight`` exactly, to save or mo
 Tiling (``pick_config``): decode-sized M (<= 16) uses 16-row tiles and splits K across programs,
 at least 8 ways (fp32 partial sums, added in a fixed order by one more launch that also adds the
 bias and casts, so results are deterministic); larger M uses 32..128-row tiles ordered in bands for
-L2 reuse. Measured on one GPU only (an H200, ``bench/results/triton-h200*``): there decode runs at
-0.8-1.0x the speed of cuBLAS fp16 on the same shapes, prefill at 0.24-0.5x; the heuristic's
-decode split is what that sweep favoured, the prefill tiles are untuned.
+L2 reuse, 128 rows wherever M allows (each dequantized weight tile then serves 128 rows of x: the
+program is bound by the instructions that dequantize, not by memory or the matrix units). Measured
+on one GPU only (an H200, ``bench/results/triton-h200*``): there decode runs at 0.86-1.05x the speed
+of cuBLAS fp16 on the Llama-7B shapes, prefill at 0.4-0.6x; the decode split and the prefill tiles
+are what its sweeps favoured.
 
 Act-order: the activations are gathered by ``perm`` before the launch, so the program reads an
 act-order layer exactly like a plain one.
@@ -56,7 +58,11 @@ class TritonConfig:
     code); "magic" ORs q into the bits of 1024.0 (fp16) or 2**23 (fp32) and subtracts 1024 + z or
     2**23 + z, the same value with no conversion instruction. ``operands``: "xw" multiplies x by
     the dequantized tile; "wx" computes y^T = W x^T, the tile as the left operand (on Hopper the
-    warp-group MMA reads its left operand from registers; "reshape" unpacking only)."""
+    warp-group MMA reads its left operand from registers; "reshape" unpacking only). ``prefetch``:
+    1 loads the next K tile's scales (and zero points) one iteration ahead, into registers, when a
+    tile lies in one group; 0 loads them where they are used. Triton's pipeliner does not stage that
+    load (the sm_90 program shows a plain load awaited in every iteration), so without the prefetch
+    each K tile waits for a global load's latency."""
 
     block_m: int
     block_n: int
@@ -68,6 +74,7 @@ class TritonConfig:
     unpack: str = "reshape"
     deq: str = "cvt"
     operands: str = "xw"
+    prefetch: int = 1
 
     _UNPACK = ("gather", "reshape")
     _DEQ = ("cvt", "magic")
@@ -77,14 +84,15 @@ class TritonConfig:
         return [
             self.block_m, self.block_n, self.block_k, self.split_k,
             self.group_m, self.num_warps, self.num_stages, self._UNPACK.index(self.unpack),
-            self._DEQ.index(self.deq), self._OPERANDS.index(self.operands),
+            self._DEQ.index(self.deq), self._OPERANDS.index(self.operands), self.prefetch,
         ]  # fmt: skip
 
     @classmethod
     def from_list(cls, v: list[int]) -> "TritonConfig":
-        if len(v) != 10:
-            raise ValueError(f"a TritonConfig list has 10 ints, got {len(v)}: {v}")
-        return cls(*v[:7], unpack=cls._UNPACK[v[7]], deq=cls._DEQ[v[8]], operands=cls._OPERANDS[v[9]])
+        if len(v) not in (10, 11):
+            raise ValueError(f"a TritonConfig list has 11 ints (10 before prefetch), got {len(v)}: {v}")
+        return cls(*v[:7], unpack=cls._UNPACK[v[7]], deq=cls._DEQ[v[8]], operands=cls._OPERANDS[v[9]],
+                   prefetch=v[10] if len(v) == 11 else 1)  # fmt: skip
 
     def check(self) -> None:
         # Powers of two >= 16 also hold whole words: 32 // bits <= 16 codes per word.
@@ -100,6 +108,8 @@ class TritonConfig:
             raise ValueError(f"deq must be one of {self._DEQ}, got {self.deq!r}")
         if self.operands not in self._OPERANDS:
             raise ValueError(f"operands must be one of {self._OPERANDS}, got {self.operands!r}")
+        if self.prefetch not in (0, 1):
+            raise ValueError(f"prefetch must be 0 or 1, got {self.prefetch}")
         if self.operands == "wx" and self.unpack != "reshape":
             raise ValueError('operands="wx" unpacks by "reshape" only')
 
@@ -123,8 +133,12 @@ def pick_config(m: int, n: int, k: int, group_size: int, num_sms: int) -> Triton
         bm, bn, bk_max, warps, stages = 64, 64, 64, 4, 4
     elif -(-m // 128) * -(-n // 128) >= num_sms:
         bm, bn, bk_max, warps, stages = 128, 128, 64, 8, 3
-    else:  # too few 128x128 tiles to fill the GPU: halve the tile rather than split K
-        bm, bn, bk_max, warps, stages = 64, 128, 64, 4, 4
+    else:
+        # Too few 128x128 tiles to fill the GPU: halve the tile along N, not M. The program is bound
+        # by the instructions that dequantize its weight tile (an H200 profile: 1.3 instructions a
+        # cycle, the SMs 28% busy), and 128 rows of x share each dequantized tile where 64 did.
+        # H200, 4096x4096 at M = 256: 69 -> 45 us (64x128 before; bench/results/triton-h200*).
+        bm, bn, bk_max, warps, stages = 128, 64, 64, 4, 4
     # A block_k that divides G keeps each K tile inside one group (one scale row per tile).
     bk = bk_max
     if num_groups(k, group_size) > 1:
@@ -145,6 +159,11 @@ def pick_config(m: int, n: int, k: int, group_size: int, num_sms: int) -> Triton
         # where the fp32 partial sums [SPLIT_K, M, N] are small next to the weight.
         k_tiles = -(-k // bk)
         split = max(1, min(-(-2 * num_sms // tiles), k_tiles // 2))
+    elif tiles < num_sms and -(-k // bk) >= 64:
+        # Prefill with fewer 128x64 tiles than SMs and a long K: two K halves. H200 (triton-h200*):
+        # 4096x4096 at M = 128 44 -> 34 us, at 256 44 -> 41 us; 4096x11008 114 -> 83 and 114 -> 97 us;
+        # with K = 576 or 640 (gemma3, smollm2) the split was slower, so short K keeps one.
+        split = 2
     return TritonConfig(bm, bn, bk, split, 8, warps, stages)
 
 

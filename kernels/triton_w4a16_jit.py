@@ -67,6 +67,7 @@ def dequant_gemm_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     SPLIT_OUT: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     # 3-bit layers come as a 2-bit plane (read like a 2-bit layer) and a plane of third bits
     LBITS: tl.constexpr = 2 if BITS == 3 else BITS
@@ -99,6 +100,15 @@ def dequant_gemm_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     t_begin = pid_k * tiles_per_split
     t_end = tl.minimum(t_begin + tiles_per_split, tl.cdiv(K, BLOCK_K))
+    if PREFETCH:  # (set only with GROUP_PER_TILE)
+        # The first tile's scale row (and zero points); each iteration then loads the next tile's
+        # while it works on its own, so the load's latency hides behind a tile of work.
+        # (the last iteration's "next" row is clamped to the last group: a valid, unused load)
+        g_last = tl.cdiv(K, G) - 1
+        g_nx = tl.minimum((t_begin * BLOCK_K) // G, g_last)
+        s_nx = tl.load(s_ptr + g_nx * stride_sg + offs_n, mask=n_mask, other=0.0)
+        if HAS_ZEROS:
+            z_nx = tl.load(z_ptr + g_nx * stride_zg + offs_n, mask=n_mask, other=0)
     for t in range(t_begin, t_end):
         k0 = t * BLOCK_K
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -164,7 +174,26 @@ def dequant_gemm_kernel(
                              mask=k_mask[:, None] & n_mask[None, :], other=0)  # fmt: skip
                 q = q | (((hw >> (offs_k % 32)[:, None]) & 1) << 2)
 
-        if SWAP_AB:
+        if PREFETCH:
+            s_row = s_nx
+            g_nx = tl.minimum((k0 + BLOCK_K) // G, g_last)
+            s_nx = tl.load(s_ptr + g_nx * stride_sg + offs_n, mask=n_mask, other=0.0)
+            if HAS_ZEROS:
+                z_row = z_nx.to(tl.int32)
+                z_nx = tl.load(z_ptr + g_nx * stride_zg + offs_n, mask=n_mask, other=0)
+            if SWAP_AB:
+                s = s_row[:, None]
+                if HAS_ZEROS:
+                    z = z_row[:, None]
+                else:
+                    z = SYM_ZERO
+            else:
+                s = s_row[None, :]
+                if HAS_ZEROS:
+                    z = z_row[None, :]
+                else:
+                    z = SYM_ZERO
+        elif SWAP_AB:
             if GROUP_PER_TILE:
                 g = k0 // G
                 s = tl.load(s_ptr + g * stride_sg + offs_n, mask=n_mask, other=0.0)[:, None]
@@ -311,6 +340,7 @@ def launch(x, qweight_t, qhigh_t, scales_t, zeros_t, bias, y, *, bits, group_siz
         BLOCK_K=cfg.block_k,
         GROUP_M=cfg.group_m,
         SPLIT_OUT=cfg.split_k > 1,
+        PREFETCH=bool(cfg.prefetch) and ((ng == 1) or (group_size % cfg.block_k == 0)),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -348,6 +378,7 @@ def compile_for_target(arch: int, x_dtype, *, bits: int, has_zeros: bool, has_bi
         IEEE_DOT=x_dtype == torch.float32,
         UNPACK_RESHAPE=cfg.unpack == "reshape", BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, SPLIT_OUT=split_out,
+        PREFETCH=bool(cfg.prefetch) and group_per_tile,
     )  # fmt: skip
     sig.update({name: "constexpr" for name in constexprs})
     names = dequant_gemm_kernel.arg_names

@@ -160,6 +160,8 @@ def test_matches_reference_full_grid(case):
         TritonConfig(16, 32, 64, split_k=3, operands="wx"),  # y^T = W x^T: the tile as left operand
         TritonConfig(32, 16, 128, operands="wx", deq="magic"),  # ... with per-element scales
         TritonConfig(16, 64, 32, group_m=2, operands="wx"),
+        TritonConfig(16, 32, 64, split_k=3, prefetch=0),  # scales loaded where used, not a tile ahead
+        TritonConfig(16, 64, 32, group_m=2, operands="wx", prefetch=0),
     ],
     ids=lambda c: "-".join(map(str, c.to_list())),
 )
@@ -307,6 +309,17 @@ def test_invalid_shapes_raise():
         prepare_weight(pw)
 
 
+def test_prefetch_changes_no_bit_and_old_config_lists_load():
+    # the scale prefetch only moves a load: the two programs give the same bits (3 splits, asym)
+    st = prepare_weight(make_weight(40, 320, group_size=64, sym=False))
+    x = torch.randn(5, 320)
+    ys = [dequant_gemm(x, st, config=TritonConfig(16, 32, 64, split_k=3, prefetch=p)) for p in (0, 1)]
+    assert torch.equal(ys[0], ys[1])
+    assert TritonConfig.from_list([16, 32, 64, 3, 8, 4, 3, 1, 0, 0]) == TritonConfig(16, 32, 64, split_k=3)
+    with pytest.raises(ValueError, match="prefetch must be 0 or 1"):
+        TritonConfig(16, 32, 64, prefetch=2).check()
+
+
 def test_pick_config():
     # decode on a 132-SM GPU: 16-row tiles, K split at least 8 ways, more when output tiles are few
     c = pick_config(1, 4096, 4096, 128, num_sms=132)
@@ -316,7 +329,11 @@ def test_pick_config():
     assert pick_config(1, 1536, 576, 128, 132).split_k == 5  # one K tile a split at most
     # block_k divides the group size so each K tile reads one scale row
     assert pick_config(1, 4096, 4096, 32, 132).block_k == 32
-    assert pick_config(256, 4096, 4096, 128, 132).split_k == 1  # large M: no fp32 partials
+    assert pick_config(512, 4096, 4096, 128, 132).split_k == 1  # enough output tiles: no fp32 partials
+    # too few 128x128 tiles for 132 SMs: 128 x 64, so 128 rows of x share each dequantized tile;
+    # K split in two where K is long, not where it is short
+    assert pick_config(256, 4096, 4096, 128, 132).to_list()[:4] == [128, 64, 64, 2]
+    assert pick_config(256, 2048, 640, 128, 132).to_list()[:4] == [128, 64, 64, 1]
     assert pick_config(4096, 4096, 4096, 128, 132).block_m == 128
     for m, n, k, g in itertools.product([1, 7, 33, 128, 1000], [24, 4096], [40, 576, 11008], [32, 64, 128, 576]):
         pick_config(m, n, k, g, 132).check()
