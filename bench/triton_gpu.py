@@ -21,7 +21,11 @@ Phases, each inside its share of ``--budget-s`` (what does not fit is listed as 
    from a CUDA graph: kernel time); each timed call reads the next of several weight copies that
    together exceed 3x the L2, so weights come from HBM as in a real model;
    The default config is timed once more with ``deq="magic"`` (graph time, column "magic");
-4. config sweep: a few alternatives to ``pick_config`` for decode and prefill shapes, graph time.
+4. config sweep: a few alternatives to ``pick_config`` for decode and prefill shapes, graph time
+   (``--heuristic``: instead, the default prefill config against the 64x128 tiles it replaced and
+   against one and two K splits, M = 128, 256, 512; ``--prefill-sweep``: instead of phases 3-4, a
+   wider sweep of tiles, splits, stages, band heights and the scale prefetch);
+5. with ``--lowbit``: 2-, 3-, 4- and 8-bit layers at M = 1, 16, 256 on the Llama-7B shapes.
 
 Prints a table last, writes everything (machine, versions, protocol, rows) to ``--json``.
 
