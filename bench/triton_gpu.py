@@ -436,16 +436,34 @@ def prefill_candidates(m, n, k, sms):
     return c
 
 
-def prefill_sweep(device, budget, dry, share):
-    jobs = [("tiny", 96, 160, 32)] if dry else [
-        ("llama7b.qkvo", 4096, 4096, 256), ("llama7b.qkvo", 4096, 4096, 1), ("llama7b.gate_up", 11008, 4096, 1),
-        ("llama7b.down", 4096, 11008, 1), ("llama7b.gate_up", 11008, 4096, 256), ("llama7b.qkvo", 4096, 4096, 1024),
-        ("gemma3.gate_up", 2048, 640, 1), ("gemma3.gate_up", 2048, 640, 256),
-    ]  # fmt: skip
+def tile_candidates(m, n, k, sms):
+    """Second round (``--tiles``): more warps per tile and taller tiles, which the first sweep left out;
+    the profile says one warp per scheduler cannot hide the dequantizing instructions' latency."""
+    auto = pick_config(m, n, k, 128, sms)
+    c = {"auto": auto}
+    for bm, bn, bk, w, st in ((128, 64, 64, 8, 4), (128, 64, 128, 4, 3), (128, 64, 128, 8, 3), (256, 64, 64, 8, 3),
+                              (128, 128, 64, 8, 4), (256, 128, 64, 8, 3), (128, 256, 64, 8, 3)):  # fmt: skip
+        c[f"{bm}x{bn}xk{bk}w{w}s{st}"] = TritonConfig(bm, bn, bk, num_warps=w, num_stages=st, split_k=auto.split_k)
+    return c
+
+
+def prefill_sweep(device, budget, dry, share, tiles=False):
+    if tiles:
+        jobs = [("tiny", 96, 160, 32)] if dry else [
+            ("llama7b.qkvo", 4096, 4096, 256), ("llama7b.down", 4096, 11008, 256), ("llama7b.gate_up", 11008, 4096, 256),
+            ("llama7b.qkvo", 4096, 4096, 1024), ("llama7b.gate_up", 11008, 4096, 1024), ("gemma3.gate_up", 2048, 640, 256),
+            ("gemma3.gate_up", 2048, 640, 1024),
+        ]  # fmt: skip
+    else:
+        jobs = [("tiny", 96, 160, 32)] if dry else [
+            ("llama7b.qkvo", 4096, 4096, 256), ("llama7b.qkvo", 4096, 4096, 1), ("llama7b.gate_up", 11008, 4096, 1),
+            ("llama7b.down", 4096, 11008, 1), ("llama7b.gate_up", 11008, 4096, 256), ("llama7b.qkvo", 4096, 4096, 1024),
+            ("gemma3.gate_up", 2048, 640, 1), ("gemma3.gate_up", 2048, 640, 256),
+        ]  # fmt: skip
     sms = sm_count(device, 0 if device == "cuda" else None)
     rows = []
     for name, n, k, m in jobs:
-        cands = prefill_candidates(m, n, k, sms)
+        cands = (tile_candidates if tiles else prefill_candidates)(m, n, k, sms)
         if dry:
             cands = dict(itertools.islice(cands.items(), 3))
         _time_variants(rows, name, n, k, m, cands, device, budget, share, torch_for="auto")
@@ -572,6 +590,7 @@ def main(argv=None):
     ap.add_argument("--dry-run", action="store_true", help="CPU with TRITON_INTERPRET=1, tiny shapes")
     ap.add_argument("--profile", metavar="N,K,M[,BITS[,CFG]]", help="run one product 20 times, for a profiler")
     ap.add_argument("--lowbit", action="store_true", help="also time 2/3/8-bit layers against 4-bit")
+    ap.add_argument("--tiles", action="store_true", help="with --prefill-sweep: the second round (warps, taller tiles)")
     ap.add_argument("--heuristic", action="store_true",
                     help="instead of the config sweep, the default prefill config against its neighbours")
     ap.add_argument("--prefill-sweep", action="store_true",
@@ -597,7 +616,7 @@ def main(argv=None):
     if args.prefill_sweep:
         result["bench"], result["sweep"] = [], []
         result["lowbit"] = lowbit(device, budget, args.dry_run, share=0.45) if args.lowbit else []
-        result["prefill"] = prefill_sweep(device, budget, args.dry_run, share=1.0)
+        result["prefill"] = prefill_sweep(device, budget, args.dry_run, share=1.0, tiles=args.tiles)
     else:
         result["bench"] = [] if args.wx_sweep else bench(device, budget, args.dry_run, share=0.65 if args.lowbit else 0.75)
         result["lowbit"] = lowbit(device, budget, args.dry_run, share=0.8) if args.lowbit else []
