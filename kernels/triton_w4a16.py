@@ -164,6 +164,10 @@ def pick_config(m: int, n: int, k: int, group_size: int, num_sms: int) -> Triton
         # 4096x4096 at M = 128 44 -> 34 us, at 256 44 -> 41 us; 4096x11008 114 -> 83 and 114 -> 97 us;
         # with K = 576 or 640 (gemma3, smollm2) the split was slower, so short K keeps one.
         split = 2
+        if m >= 256:
+            # and 256-row tiles on 8 warps: each dequantized tile serves twice the rows. H200
+            # (triton-h200-tiles.txt), M = 256: 4096x4096 41 -> 38 us, 4096x11008 98 -> 89 us.
+            bm, warps, stages = 256, 8, 3
     return TritonConfig(bm, bn, bk, split, 8, warps, stages)
 
 

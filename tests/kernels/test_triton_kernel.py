@@ -332,7 +332,8 @@ def test_pick_config():
     assert pick_config(512, 4096, 4096, 128, 132).split_k == 1  # enough output tiles: no fp32 partials
     # too few 128x128 tiles for 132 SMs: 128 x 64, so 128 rows of x share each dequantized tile;
     # K split in two where K is long, not where it is short
-    assert pick_config(256, 4096, 4096, 128, 132).to_list()[:4] == [128, 64, 64, 2]
+    assert pick_config(128, 4096, 4096, 128, 132).to_list()[:4] == [128, 64, 64, 2]
+    assert pick_config(256, 4096, 4096, 128, 132).to_list()[:6] == [256, 64, 64, 2, 8, 8]  # 256 rows, 8 warps
     assert pick_config(256, 2048, 640, 128, 132).to_list()[:4] == [128, 64, 64, 1]
     assert pick_config(4096, 4096, 4096, 128, 132).block_m == 128
     for m, n, k, g in itertools.product([1, 7, 33, 128, 1000], [24, 4096], [40, 576, 11008], [32, 64, 128, 576]):
