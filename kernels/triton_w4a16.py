@@ -16,7 +16,7 @@ at least 8 ways (fp32 partial sums, added in a fixed order by one more launch th
 bias and casts, so results are deterministic); larger M uses 32..128-row tiles ordered in bands for
 L2 reuse, 128 rows wherever M allows (each dequantized weight tile then serves 128 rows of x: the
 program is bound by the instructions that dequantize, not by memory or the matrix units). Measured
-on one GPU only (an H200, ``bench/results/triton-h200*``): there decode runs at 0.86-1.05x the speed
+on one GPU only (an H200, ``bench/results/triton-h200*``): there decode runs at 0.84-1.03x the speed
 of cuBLAS fp16 on the Llama-7B shapes, prefill at 0.4-0.6x; the decode split and the prefill tiles
 are what its sweeps favoured.
 
