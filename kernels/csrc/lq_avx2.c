@@ -438,6 +438,28 @@ INLINE float tail_dot(const lq_layout *L, int64_t t, int r, lq_gcur gc, const fl
     return hsum8(_mm256_add_ps(acc0, acc1));
 }
 
+/* The fp32 tail columns (Kp % 128) of an 8-bit layout's tile t against mm rows of x: tails[i][r]. One
+ * row of x: tail_dot; several: the tail dequantized once (in xr order), then a dot product per row. */
+INLINE void tails_8bit(const lq_layout *L, int64_t t, lq_gcur gc, const float *xr, int64_t ldx, int mm,
+                       float tails[4][4]) {
+    const int64_t tl = lq_tail(L), k0 = lq_nsb(L) * LQ_SB;
+    float tw[4][LQ_SB];
+    if (tl && mm > 1) dequant_f32_avx2(L, t, 1, k0, tl, &tw[0][0], LQ_SB);
+    for (int i = 0; i < mm; i++)
+        for (int r = 0; r < 4; r++) {
+            float tail = 0.f;
+            if (tl && mm == 1) {
+                tail = tail_dot(L, t, r, gc, xr);
+            } else if (tl) {
+                __m256 a = _mm256_setzero_ps();
+                for (int64_t k = 0; k < tl; k += 8)
+                    a = _mm256_fmadd_ps(_mm256_loadu_ps(tw[r] + k), _mm256_loadu_ps(xr + i * ldx + k0 + k), a);
+                tail = hsum8(a);
+            }
+            tails[i][r] = tail;
+        }
+}
+
 /* The code bytes of one row of a superblock (p: the row's first byte) at PB bits a code, as the
  * integer dot products take them: lo = nibbles 0 and 2 of each 4-bit word (byte positions 2w, 2w + 1),
  * hi = nibbles 1 and 3; lo0/hi0 are byte positions 0..31, lo1/hi1 32..63. A 2- or 3-bit row (lq_cpu.h)
@@ -662,24 +684,10 @@ INLINE void gemv_a8x8_k(const lq_layout *L, int64_t t, const uint8_t *xi, int64_
             }
         }
     }
-    /* the tail columns (Kp % 128, in fp32): for two rows of x dequantized once (in xr order), then a dot
-     * product per row of x */
-    const int64_t tl = lq_tail(L);
-    float tw[4][LQ_SB];
-    if (tl && MM > 1) dequant_f32_avx2(L, t, 1, nsb * LQ_SB, tl, &tw[0][0], LQ_SB);
+    float tails[4][4];
+    tails_8bit(L, t, G.gc, xr, ldx, MM, tails);
     for (int i = 0; i < MM; i++)
-        for (int r = 0; r < 4; r++) {
-            float tail = 0.f;
-            if (tl && MM == 1) {
-                tail = tail_dot(L, t, r, G.gc, xr);
-            } else if (tl) {
-                __m256 a = _mm256_setzero_ps();
-                for (int64_t k = 0; k < tl; k += 8)
-                    a = _mm256_fmadd_ps(_mm256_loadu_ps(tw[r] + k), _mm256_loadu_ps(xr + i * ldx + nsb * LQ_SB + k), a);
-                tail = hsum8(a);
-            }
-            out[i][r] = hsum8(tot[i][r]) + tail;
-        }
+        for (int r = 0; r < 4; r++) out[i][r] = hsum8(tot[i][r]) + tails[i][r];
 }
 
 static void gemv_a8x8_avx2(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t ldxi, int mm, const float *xr,
@@ -691,8 +699,9 @@ static void gemv_a8x8_avx2(const lq_layout *L, int64_t t, const uint8_t *xi, int
 }
 
 #ifndef LQ_AVX2_VNNI /* defined once, by the plain AVX2 build of this file */
-float lq_tail_dot_avx2(const lq_layout *L, int64_t t, int r, lq_gcur gc, const float *xr) {
-    return tail_dot(L, t, r, gc, xr);
+void lq_tails_8bit_avx2(const lq_layout *L, int64_t t, lq_gcur gc, const float *xr, int64_t ldx, int mm,
+                        float tails[4][4]) {
+    tails_8bit(L, t, gc, xr, ldx, mm, tails);
 }
 #endif
 

@@ -272,24 +272,10 @@ INLINE void gemv_x8_k(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t 
             }
         }
     }
-    /* the tail columns (Kp % 128, in fp32): for several rows of x dequantized once (in xr order), then a
-     * dot product per row of x */
-    const int64_t tl = lq_tail(L);
-    float tw[4][LQ_SB];
-    if (tl && MM > 1) lq_dequant_f32_avx512(L, t, 1, nsb * LQ_SB, tl, &tw[0][0], LQ_SB);
+    float tails[4][4]; /* the tail columns (Kp % 128, in fp32), as the AVX2 kernel computes them */
+    lq_tails_8bit_avx2(L, t, G.gc, xr, ldx, MM, tails);
     for (int i = 0; i < MM; i++)
-        for (int r = 0; r < 4; r++) {
-            float tail = 0.f;
-            if (tl && MM == 1) {
-                tail = lq_tail_dot_avx2(L, t, r, G.gc, xr);
-            } else if (tl) {
-                __m512 a = _mm512_setzero_ps();
-                for (int64_t k = 0; k < tl; k += 16)
-                    a = _mm512_fmadd_ps(_mm512_loadu_ps(tw[r] + k), _mm512_loadu_ps(xr + i * ldx + nsb * LQ_SB + k), a);
-                tail = _mm512_reduce_add_ps(a);
-            }
-            out[i][r] = _mm512_reduce_add_ps(tot[i][r]) + tail;
-        }
+        for (int r = 0; r < 4; r++) out[i][r] = _mm512_reduce_add_ps(tot[i][r]) + tails[i][r];
 }
 
 void lq_gemv_x8_avx512(const lq_layout *L, int64_t t, const uint8_t *xi, const float *xr, float out[4][4]) {

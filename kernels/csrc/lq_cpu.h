@@ -323,8 +323,10 @@ int lq_prepare_xi8_avx512(const float *xr, int64_t nsb, uint8_t *xi);
 int lq_prepare_xa8_avx512(const float *xr, int64_t nsb, uint8_t *xi);
 void lq_gemv_a8x8_avx512(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t ldxi, int mm, const float *xr,
                          int64_t ldx, float out[4][4]);
-/* the fp32 dot product of row r of tile t with xr over the tail columns (Kp % 128), from group cursor gc */
-float lq_tail_dot_avx2(const lq_layout *L, int64_t t, int r, lq_gcur gc, const float *xr);
+/* tails[i][r]: the fp32 dot product of row r of an 8-bit layout's tile t with row i of xr (i < mm, rows ldx
+ * apart) over the tail columns (Kp % 128), from group cursor gc (the AVX2 and AVX512-VNNI 8-bit GEMVs) */
+void lq_tails_8bit_avx2(const lq_layout *L, int64_t t, lq_gcur gc, const float *xr, int64_t ldx, int mm,
+                        float tails[4][4]);
 #endif
 /* The body of a micro_op_f32 entry point (parameters A, lda, P, kc, mr, C, ldc, acc): KERNEL, an inline
  * function with those parameters and a compile-time row count in place of mr, instantiated for
