@@ -306,6 +306,7 @@ def launch(x, qweight_t, qhigh_t, scales_t, zeros_t, bias, y, *, bits, group_siz
     n = qweight_t.shape[1]
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
     ng = scales_t.shape[0]
+    group_per_tile = (ng == 1) or (group_size % cfg.block_k == 0)
     dequant_gemm_kernel[grid](
         x,
         qweight_t,
@@ -329,7 +330,7 @@ def launch(x, qweight_t, qhigh_t, scales_t, zeros_t, bias, y, *, bits, group_siz
         BITS=bits,
         HAS_ZEROS=zeros_t is not None,
         HAS_BIAS=bias is not None,
-        GROUP_PER_TILE=(ng == 1) or (group_size % cfg.block_k == 0),
+        GROUP_PER_TILE=group_per_tile,
         DEQ_FP16=x.dtype == torch.float16,
         DEQ_MAGIC=cfg.deq == "magic",
         SWAP_AB=cfg.operands == "wx",
@@ -340,7 +341,7 @@ def launch(x, qweight_t, qhigh_t, scales_t, zeros_t, bias, y, *, bits, group_siz
         BLOCK_K=cfg.block_k,
         GROUP_M=cfg.group_m,
         SPLIT_OUT=cfg.split_k > 1,
-        PREFETCH=bool(cfg.prefetch) and ((ng == 1) or (group_size % cfg.block_k == 0)),
+        PREFETCH=bool(cfg.prefetch) and group_per_tile,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
