@@ -8,6 +8,8 @@ Bits per weight count everything the quantized layers store (codes, scales, zero
 over their weights; the embedding and the output layer stay as in the uniform runs (float, tied). The
 mixed runs share one measurement (measured once, its time reported apart), so each budget's time is
 allocation + GPTQ; ``mixed_total_seconds`` of the first budget adds the measurement.
+``--probe-sequences``/``--probe-positions`` make that measurement up front with more (or less) KL-probe
+data than the library's default (one sequence, 128 positions); its time is then reported apart.
 """
 from __future__ import annotations
 
@@ -63,7 +65,7 @@ def run(args: argparse.Namespace) -> dict:
             r["mixed"] = summary["mixed"]
         rows.append(r)
         if args.out is not None:  # keep what is measured so far, should a later step fail
-            write(_summarize(args.model, rows, rot), args.out, quiet=True)
+            write(_summarize(args.model, rows, rot, _tag(args)), args.out, quiet=True)
         return r
 
     for bits in args.uniform_bits:
@@ -73,18 +75,38 @@ def run(args: argparse.Namespace) -> dict:
     for bits in getattr(args, "plain_gptq_bits", None) or []:  # the unrotated baselines, in the same run
         one(f"gptq int{bits} g128", llmquant.QuantConfig(bits=bits, group_size=128, method="gptq"), method="gptq-plain",
             bits=bits, rotation=None)
-    meas_path = args.measurement or (args.out / f"measurement_{args.model}{'-' + rot if rot else ''}.json" if args.out else None)
+    meas_path = args.measurement or (args.out / f"measurement_{args.model}{'-' + rot if rot else ''}{_tag(args)}.json"
+                                     if args.out else None)
     if meas_path is not None and Path(meas_path).exists() and not args.measurement:
         Path(meas_path).unlink()  # measured anew in this run, so its time is this machine's
+    probe = {k: v for k, v in (("probe_sequences", getattr(args, "probe_sequences", None)),
+                               ("probe_positions", getattr(args, "probe_positions", None))) if v is not None}
+    if probe and args.budgets and not args.measurement:  # measured here, with the probe settings asked for
+        if meas_path is None:
+            raise SystemExit("--probe-sequences/--probe-positions need --out (the measurement file is written there)")
+        from llmquant.mixed.cost import candidates
+        from llmquant.mixed.measure import measure
+
+        model, _ = load_model(args.model)
+        cfg = llmquant.QuantConfig(method="gptq", target_bpw=args.budgets[0], rotation=rot)
+        meas = measure(model, cfg, calibration, candidates(cfg.mixed_bits, cfg.mixed_group_sizes), **probe)
+        meas.save(meas_path)
+        del model
+        rows[0]["measurement"] = dict(probe, seconds=meas.seconds, calibration=meas.calibration)
     for i, budget in enumerate(args.budgets):
         cfg = llmquant.QuantConfig(method="gptq", target_bpw=budget, rotation=rot)
         r = one(f"mixed {budget} bpw{tag}", cfg, method="mixed", bits=None, target_bpw=budget, measurement=meas_path,
                 rotation=rot)
         r["mixed_total_seconds"] = r["quantize_seconds"]
-    return _summarize(args.model, rows, rot)
+    return _summarize(args.model, rows, rot, _tag(args))
 
 
-def _summarize(model: str, rows: list[dict], rotation: str | None = None) -> dict:
+def _tag(args: argparse.Namespace) -> str:
+    tag = getattr(args, "tag", None)
+    return f"-{tag}" if tag else ""
+
+
+def _summarize(model: str, rows: list[dict], rotation: str | None = None, tag: str = "") -> dict:
     from llmquant.evals.machine import machine_info
 
     base = rows[0]["ppl"]
@@ -93,6 +115,8 @@ def _summarize(model: str, rows: list[dict], rotation: str | None = None) -> dic
     out = {"model": model, "machine": machine_info(), "rows": rows}
     if rotation:
         out["rotation"] = rotation
+    if tag:
+        out["tag"] = tag
     return out
 
 
@@ -101,7 +125,7 @@ def write(result: dict, out: Path, quiet: bool = False) -> None:
     from llmquant.evals.sweep import finish_report, report_head
 
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"pareto_{result['model']}" + (f"-{result['rotation']}" if result.get("rotation") else "")
+    stem = f"pareto_{result['model']}" + (f"-{result['rotation']}" if result.get("rotation") else "") + result.get("tag", "")
     write_json(out / f"{stem}.json", result)
     rows = result["rows"]
     for r in rows:
@@ -123,9 +147,18 @@ def write(result: dict, out: Path, quiet: bool = False) -> None:
     q = next((r for r in rows if "calibration" in r), None)
     if q:
         c = q["calibration"]
+        meas = rows[0].get("measurement")
         lines.append(f"Calibration (disjoint from the evaluation text): {c['source']}, {c['nsamples']} × {c['seqlen']} "
-                     f"tokens, seed {c['seed']}. Mixed: one measurement (its time is in the first mixed row, "
-                     "the later rows reuse it), then allocation and GPTQ with the chosen schemes.")
+                     f"tokens, seed {c['seed']}. Mixed: one measurement ("
+                     + ("made before the mixed rows, which reuse it" if meas else
+                        "its time is in the first mixed row, the later rows reuse it")
+                     + "), then allocation and GPTQ with the chosen schemes.")
+    meas = rows[0].get("measurement")
+    if meas:
+        c = meas["calibration"]
+        lines.append(f"Measurement made in this run (its time is in no row): KL probes on {c['probe_positions']} positions "
+                     f"of {c['probe_sequences']} held-out calibration sequence(s), Hessians on {c['hessian_sequences']} "
+                     f"sequences; {meas['seconds']['total']:.0f} s, of which probes {meas['seconds']['probes']:.0f} s.")
     if result.get("note"):
         lines.append(f"Note: {result['note']}")
     finish_report(out, stem, lines, lambda path: _plot(result, path), quiet)
@@ -165,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rotation", choices=["hadamard"], help="rotate every run's layers (QuantConfig.rotation)")
     p.add_argument("--plain-gptq-bits", type=int, nargs="*", default=[],
                    help="with --rotation: unrotated GPTQ baselines at these widths, in the same run")
+    p.add_argument("--probe-sequences", type=int,
+                   help="measure in this run with this many held-out sequences for the KL probes (default of "
+                        "llmquant.mixed.measure.measure: 1)")
+    p.add_argument("--probe-positions", type=int, help="... and this many of their positions (default 128)")
+    p.add_argument("--tag", help="appended to the result files' names")
     return sweep_main(p, argv, run, write, DEFAULT_OUT)
 
 
