@@ -36,7 +36,8 @@ def run(args: argparse.Namespace) -> dict:
         config = RecoverConfig(
             train=TrainConfig(steps=args.steps, max_minutes=args.max_minutes, grad_accum=args.grad_accum,
                               optimizer=args.optimizer),
-            data=DataConfig(source=args.data, seqlen=args.seqlen, top_k=args.top_k, max_windows=args.max_windows),
+            data=DataConfig(source=args.data, seqlen=args.seqlen, top_k=args.top_k, max_windows=args.max_windows,
+                            alpha=args.alpha, temperature=args.temperature),
             lr=args.lr, train_norms=args.train_norms, lr_norms=args.lr_norms, train_codes=args.train_codes,
             lr_codes=args.lr_codes, blockwise_steps=args.blockwise_steps, blockwise_windows=args.blockwise_windows,
             blockwise_lr_mult=args.blockwise_lr_mult)
@@ -104,7 +105,9 @@ def write(result: dict, out: Path, quiet: bool = False) -> None:
         f"({(t['optimizer_state_bytes'] or 0) / 2**20:.2f} MiB of state), batch {train.get('batch_size')} × "
         f"{train.get('grad_accum')} windows of {data.get('seqlen')} tokens.",
         f"Teacher: {result['teacher']}; loss: {data.get('alpha')} × T² × KL on the teacher's top-{data.get('top_k')} "
-        f"at T = {data.get('temperature')}; training text: {data.get('source')!r}"
+        f"at T = {data.get('temperature')}"
+        + (f" + {1 - data['alpha']:g} × cross-entropy on the text" if data.get("alpha", 1.0) < 1 else "")
+        + f"; training text: {data.get('source')!r}"
         + (f" ({data['max_windows']} windows drawn at random, seed 0)" if data.get("max_windows") else "")
         + " (llmquant.calibration; disjoint "
         "from WikiText-2), the last held-out windows scored for the log.",
@@ -161,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--max-windows", type=int)
     p.add_argument("--top-k", type=int, default=64)
+    p.add_argument("--alpha", type=float, default=1.0, help="weight of the KL term (1 - alpha: cross-entropy on the text)")
+    p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--corpus")
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--max-tokens", type=int, default=8192)
