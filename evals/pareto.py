@@ -144,16 +144,15 @@ def write(result: dict, out: Path, quiet: bool = False) -> None:
         "embedding and output layer in float as in every row. GPTQ rows and mixed rows: act-order and clip search on."
         + (f" '+{result['rotation']}': the layers' inputs rotated (QuantConfig.rotation, llmquant.formats.rotation; "
            "every block linear here, the output layer never)." if result.get("rotation") else ""))
+    meas = rows[0].get("measurement")  # made up front (--probe-sequences/--probe-positions)
     q = next((r for r in rows if "calibration" in r), None)
     if q:
         c = q["calibration"]
-        meas = rows[0].get("measurement")
         lines.append(f"Calibration (disjoint from the evaluation text): {c['source']}, {c['nsamples']} × {c['seqlen']} "
                      f"tokens, seed {c['seed']}. Mixed: one measurement ("
                      + ("made before the mixed rows, which reuse it" if meas else
                         "its time is in the first mixed row, the later rows reuse it")
                      + "), then allocation and GPTQ with the chosen schemes.")
-    meas = rows[0].get("measurement")
     if meas:
         c = meas["calibration"]
         lines.append(f"Measurement made in this run (its time is in no row): KL probes on {c['probe_positions']} positions "
