@@ -41,6 +41,11 @@ def run(args: argparse.Namespace) -> dict:
     from llmquant.evals.perplexity import perplexity
     from llmquant.models import bos_for_raw_text, load_model
 
+    probe = {k: v for k, v in (("probe_sequences", getattr(args, "probe_sequences", None)),
+                               ("probe_positions", getattr(args, "probe_positions", None))) if v is not None}
+    if probe and args.measurement:
+        raise SystemExit(f"--probe-sequences/--probe-positions make a new measurement; --measurement {args.measurement} "
+                         "reuses one made with its own probe settings: give one or the other")
     proto = dict(corpus=args.corpus, context=args.context, max_tokens=args.max_tokens)
     model, tok = load_model(args.model)
     bos = bos_for_raw_text(args.model, tok)
@@ -79,9 +84,7 @@ def run(args: argparse.Namespace) -> dict:
                                      if args.out else None)
     if meas_path is not None and Path(meas_path).exists() and not args.measurement:
         Path(meas_path).unlink()  # measured anew in this run, so its time is this machine's
-    probe = {k: v for k, v in (("probe_sequences", getattr(args, "probe_sequences", None)),
-                               ("probe_positions", getattr(args, "probe_positions", None))) if v is not None}
-    if probe and args.budgets and not args.measurement:  # measured here, with the probe settings asked for
+    if probe and args.budgets:  # measured here, with the probe settings asked for
         if meas_path is None:
             raise SystemExit("--probe-sequences/--probe-positions need --out (the measurement file is written there)")
         from llmquant.mixed.cost import candidates
