@@ -53,6 +53,17 @@ def run(args: argparse.Namespace) -> dict:
     base, q, r = (x["ppl"] for x in rows)
     for x in rows:
         x["ppl_increase_pct"] = 100 * (x["ppl"] / base - 1)
+    if args.kl:  # did training bring the model closer to the teacher on the evaluation text, or only fit the text?
+        from llmquant.evals.compare import compare
+
+        teacher, tok = load_model(args.teacher)
+        for x in rows[1:]:
+            model, _ = load_model(x["path"])
+            c = compare(teacher, model, tok, bos=bos_for_raw_text(args.teacher, tok), label=x["run"], **proto)
+            x.update(kl_to_teacher=c["kl_mean"], top1_agreement=c["top1_agreement"])
+            del model
+        rows[0].update(kl_to_teacher=0.0, top1_agreement=1.0)
+        del teacher
     log = training.pop("log", [])
     # a resumed run's own "seconds" cover only its part: the steps' times add up to all of it
     training["train_seconds_all_steps"] = round(sum(e["seconds"] for e in log), 1)
@@ -72,7 +83,10 @@ def write(result: dict, out: Path, quiet: bool = False) -> None:
     stem = f"recover_{result['label']}"
     write_json(out / f"{stem}.json", result)
     t = result["training"]
-    table = format_table(result["rows"], [("run", "run"), ("ppl", "ppl"), ("Δ ppl %", "ppl_increase_pct")])
+    columns = [("run", "run"), ("ppl", "ppl"), ("Δ ppl %", "ppl_increase_pct")]
+    if "kl_to_teacher" in result["rows"][0]:
+        columns += [("KL to teacher", "kl_to_teacher"), ("top-1 agreement", "top1_agreement")]
+    table = format_table(result["rows"], columns)
     cfg = t.get("recover_config", {})
     data, train = cfg.get("data", {}), cfg.get("train", {})
     trained = ["scales"] + (["norms"] if cfg.get("train_norms") else [])
@@ -92,7 +106,16 @@ def write(result: dict, out: Path, quiet: bool = False) -> None:
                         result["rows"][0]["protocol"])
     lines += [
         "",
-        f"Damage removed: **{result['damage_removed_pct']:.1f}%** of the checkpoint's perplexity increase over float.",
+        f"Damage removed: **{result['damage_removed_pct']:.1f}%** of the checkpoint's perplexity increase over float."
+        if result["damage_removed_pct"] is not None else
+        "Damage removed: none to remove (the quantized checkpoint's perplexity is not above float's).",
+    ]
+    if "kl_to_teacher" in result["rows"][0]:
+        kq, kr = (x["kl_to_teacher"] for x in result["rows"][1:])
+        lines.append(f"KL(teacher ‖ model) over the whole vocabulary on the same evaluation tokens: quantized {kq:.4f} → "
+                     f"recovered {kr:.4f} ({100 * (kq - kr) / kq:.1f}% lower): how much closer to the teacher, "
+                     "apart from fitting the training text.")
+    lines += [
         f"Training: {trained_bw}end to end {t['steps']}/{t['steps_planned']} steps (stopped by {t['stopped_by']}), {t['tokens']} tokens, "
         f"{t['tokens_per_s']} tokens/s, {t['train_seconds_all_steps'] / 60:.1f} min of training steps"
         + (f" (resumed at step {t['resumed_at']}: the run was stopped and resumed from its saved state)"
@@ -169,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--corpus")
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--max-tokens", type=int, default=8192)
+    p.add_argument("--kl", action="store_true",
+                   help="also the full-vocabulary KL(teacher || model) and top-1 agreement on the evaluation text")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -425,3 +425,20 @@ def test_pruned_masks_refuse_a_sparsity_config_of_another_model(tiny_llama):
     tiny_llama.config.sparsity_config = {"layers": {"model.layers.0.input_layernorm": 0.5}}
     with pytest.raises(ValueError, match="not a float linear layer"):
         pruned_masks(tiny_llama)
+
+
+def test_recovery_report_measures_the_full_kl_to_the_teacher(int3_dir, teacher_dir, tmp_path, text_file):
+    """evals/recovery.py --kl: the whole-vocabulary KL of each model against the teacher on the evaluation
+    tokens, beside perplexity; the teacher's own row is 0, and four steps of recovery lower it."""
+    from llmquant.evals.recovery import main
+
+    out = tmp_path / "results"
+    main(["--teacher", str(teacher_dir), "--checkpoint", str(int3_dir), "--label", "tiny", "--recovered",
+          str(tmp_path / "rec"), "--steps", "4", "--lr", "1e-2", "--grad-accum", "1", "--optimizer", "adamw",
+          "--data", str(text_file), "--seqlen", "64", "--top-k", "16", "--corpus", str(text_file),
+          "--context", "64", "--max-tokens", "1024", "--kl", "--out", str(out)])
+    rows = json.loads((out / "recover_tiny.json").read_text())["rows"]
+    kl = {r["run"]: r["kl_to_teacher"] for r in rows}
+    assert kl["float"] == 0.0 and 0 < kl["recovered"] < kl["quantized"]
+    assert all(0 <= r["top1_agreement"] <= 1 for r in rows)
+    assert "KL(teacher ‖ model) over the whole vocabulary" in (out / "recover_tiny.md").read_text()
