@@ -112,9 +112,9 @@ def write(result: dict, out: Path, quiet: bool = False) -> None:
     ]
     if "kl_to_teacher" in result["rows"][0]:
         kq, kr = (x["kl_to_teacher"] for x in result["rows"][1:])
+        lower = f" ({100 * (kq - kr) / kq:.1f}% lower)" if kq > 0 else ""
         lines.append(f"KL(teacher ‖ model) over the whole vocabulary on the same evaluation tokens: quantized {kq:.4f} → "
-                     f"recovered {kr:.4f} ({100 * (kq - kr) / kq:.1f}% lower): how much closer to the teacher, "
-                     "apart from fitting the training text.")
+                     f"recovered {kr:.4f}{lower}: how much closer to the teacher, apart from fitting the training text.")
     lines += [
         f"Training: {trained_bw}end to end {t['steps']}/{t['steps_planned']} steps (stopped by {t['stopped_by']}), {t['tokens']} tokens, "
         f"{t['tokens_per_s']} tokens/s, {t['train_seconds_all_steps'] / 60:.1f} min of training steps"
