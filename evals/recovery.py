@@ -25,6 +25,7 @@ def run(args: argparse.Namespace) -> dict:
 
     from llmquant.distill import DataConfig, RecoverConfig, TrainConfig, recover
     from llmquant.distill.recipes import LOG_FILE
+    from llmquant.evals.compare import compare
     from llmquant.evals.machine import machine_info
     from llmquant.evals.perplexity import perplexity
     from llmquant.models import bos_for_raw_text, load_model
@@ -43,27 +44,25 @@ def run(args: argparse.Namespace) -> dict:
             blockwise_lr_mult=args.blockwise_lr_mult)
         training = recover(args.checkpoint, str(out_ckpt), args.teacher, config, teacher_cache=args.teacher_cache)
     proto = dict(corpus=args.corpus, context=args.context, max_tokens=args.max_tokens)
-    rows = []
+    rows, teacher = [], None
     for label, path in (("float", args.teacher), ("quantized", args.checkpoint), ("recovered", str(out_ckpt))):
         model, tok = load_model(path)
         bos = bos_for_raw_text(args.teacher, tok)
-        rows.append(dict(perplexity(model, tok, bos=bos, label=label, **proto), run=label, path=str(path)))
+        row = dict(perplexity(model, tok, bos=bos, label=label, **proto), run=label, path=str(path))
+        # --kl: did training bring the model closer to the teacher on the evaluation text, or only fit the text?
+        if args.kl and teacher is None:  # the float row's model is the teacher: kept for the rows after it
+            teacher = model
+            row.update(kl_to_teacher=0.0, top1_agreement=1.0)
+        elif args.kl:
+            c = compare(teacher, model, tok, bos=bos, label=label, **proto)
+            row.update(kl_to_teacher=c["kl_mean"], top1_agreement=c["top1_agreement"])
+        rows.append(row)
         del model
         torch.manual_seed(0)
+    del teacher
     base, q, r = (x["ppl"] for x in rows)
     for x in rows:
         x["ppl_increase_pct"] = 100 * (x["ppl"] / base - 1)
-    if args.kl:  # did training bring the model closer to the teacher on the evaluation text, or only fit the text?
-        from llmquant.evals.compare import compare
-
-        teacher, tok = load_model(args.teacher)
-        for x in rows[1:]:
-            model, _ = load_model(x["path"])
-            c = compare(teacher, model, tok, bos=bos_for_raw_text(args.teacher, tok), label=x["run"], **proto)
-            x.update(kl_to_teacher=c["kl_mean"], top1_agreement=c["top1_agreement"])
-            del model
-        rows[0].update(kl_to_teacher=0.0, top1_agreement=1.0)
-        del teacher
     log = training.pop("log", [])
     # a resumed run's own "seconds" cover only its part: the steps' times add up to all of it
     training["train_seconds_all_steps"] = round(sum(e["seconds"] for e in log), 1)
@@ -83,8 +82,9 @@ def write(result: dict, out: Path, quiet: bool = False) -> None:
     stem = f"recover_{result['label']}"
     write_json(out / f"{stem}.json", result)
     t = result["training"]
+    has_kl = "kl_to_teacher" in result["rows"][0]
     columns = [("run", "run"), ("ppl", "ppl"), ("Δ ppl %", "ppl_increase_pct")]
-    if "kl_to_teacher" in result["rows"][0]:
+    if has_kl:
         columns += [("KL to teacher", "kl_to_teacher"), ("top-1 agreement", "top1_agreement")]
     table = format_table(result["rows"], columns)
     cfg = t.get("recover_config", {})
@@ -110,7 +110,7 @@ def write(result: dict, out: Path, quiet: bool = False) -> None:
         if result["damage_removed_pct"] is not None else
         "Damage removed: none to remove (the quantized checkpoint's perplexity is not above float's).",
     ]
-    if "kl_to_teacher" in result["rows"][0]:
+    if has_kl:
         kq, kr = (x["kl_to_teacher"] for x in result["rows"][1:])
         lower = f" ({100 * (kq - kr) / kq:.1f}% lower)" if kq > 0 else ""
         lines.append(f"KL(teacher ‖ model) over the whole vocabulary on the same evaluation tokens: quantized {kq:.4f} → "
