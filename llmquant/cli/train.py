@@ -7,7 +7,8 @@ import argparse
 def _add_training_args(p: argparse.ArgumentParser, steps: int, lr: float) -> None:
     t = p.add_argument_group("training")
     t.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
-    t.add_argument("--max-minutes", type=float, help="stop after this much wall time, write what was reached")
+    t.add_argument("--max-minutes", type=float, help="stop after this much wall time, write what was reached; when --steps would not fit, the "
+                   "learning-rate schedule is shortened (after timing 3 steps) to end inside it")
     t.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr})")
     t.add_argument("--batch-size", type=int, default=1, help="windows per micro-batch")
     t.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
@@ -44,11 +45,13 @@ def _configs(args):
 
 
 def _report(summary: dict, out: str, path: str | None) -> None:
+    from llmquant.distill.trainer import describe_steps
+
     first, last = summary.get("heldout_first") or {}, summary.get("heldout_last") or {}
     held = (f"held-out loss {first.get('loss', float('nan')):.4f} -> {last.get('loss', float('nan')):.4f}; "
             if first and last else "")
     mem = summary.get("optimizer_state_bytes")
-    print(f"\n{summary['job']}: {summary['steps']}/{summary['steps_planned']} steps ({summary['stopped_by']}), "
+    print(f"\n{summary['job']}: {describe_steps(summary)}, "
           f"{summary['tokens']} tokens, {summary['tokens_per_s']} tokens/s; {held}"
           f"optimizer {summary['optimizer']} state {mem / 2**20 if mem else 0:.2f} MiB; "
           f"{summary['wall_seconds']:.0f} s in all; saved to {out}")

@@ -6,6 +6,15 @@ batches depends only on the seed and the step), the :class:`~llmquant.distill.lo
 the cached teacher targets, a gradient-norm clip, the learning rate of the step (linear warm-up,
 cosine decay to zero at ``steps``), the optimizer step.
 
+* **Time limit**: with ``max_minutes`` the run stops (saving its state) once that much wall time has
+  passed. So that the schedule still ends at zero inside the limit, the run times its steps (and the
+  held-out evaluation it makes every ``eval_every`` steps) and, where ``steps`` would not fit, shortens
+  the cosine to the steps that do (``steps_fitted`` in the summary): first after :data:`FIT_AFTER`
+  steps, then again every :data:`REFIT_EVERY` steps from the last ones' times (the first steps of a
+  run are often slower) until half the plan is done. The warm-up is then a tenth of the fitted steps,
+  if that is shorter. The plan is saved with the state; a resumed run keeps it, so a run with a time
+  limit depends on the machine's speed, but not on being resumed.
+
 * **Optimizer**: bitsandbytes' 8-bit AdamW (``AdamW8bit``, which runs on CPU tensors since
   bitsandbytes 0.50) by default, ``torch.optim.AdamW`` as the alternative; the bytes of optimizer
   state are measured after the first step and logged.
@@ -42,6 +51,11 @@ from llmquant.fsutil import atomic_write_text
 logger = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adamw8bit", "adamw")
+#: steps timed before the schedule is fitted to a time limit, and steps between later fits
+FIT_AFTER = 3
+REFIT_EVERY = 10
+#: share of the time left that the fitted steps may fill (steps vary; the limit is a hard stop)
+FIT_MARGIN = 0.97
 STATE_VERSION = 1
 
 
@@ -83,13 +97,27 @@ class TrainConfig:
         return min(20, self.steps // 10) if self.warmup_steps is None else self.warmup_steps
 
 
-def lr_factor(step: int, config: TrainConfig) -> float:
-    """Learning-rate multiplier of ``step`` (0-based): linear warm-up, then cosine to zero."""
-    w = config.warmup()
+def lr_factor(step: int, config: TrainConfig, total: int | None = None) -> float:
+    """Learning-rate multiplier of ``step`` (0-based): linear warm-up, then cosine to zero at ``total``
+    steps (default ``config.steps``; fewer when the schedule was fitted to a time limit)."""
+    total = config.steps if total is None else total
+    w = config.warmup() if total >= config.steps else min(config.warmup(), total // 10)
     if step < w:
         return (step + 1) / (w + 1)
-    span = max(1, config.steps - w)
+    span = max(1, total - w)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - w) / span)))
+
+
+def fit_steps(requested: int, done: int, elapsed_s: float, budget_s: float, step_s: float,
+              overhead_s: float = 0.0) -> int | None:
+    """Steps a time limit allows: ``done`` so far plus as many more as ``FIT_MARGIN`` of the time left
+    holds at ``step_s`` seconds a step plus ``overhead_s`` (evaluations, shared out per step); None when
+    ``requested`` fits. At least one step more than ``done``."""
+    if not step_s > 0:
+        raise ValueError(f"fit_steps: a step must take some time, got {step_s}")
+    more = int(FIT_MARGIN * (budget_s - elapsed_s) / (step_s + overhead_s))
+    fitted = max(done + 1, done + more)
+    return None if fitted >= requested else fitted
 
 
 def make_optimizer(groups: list[dict], config: TrainConfig) -> torch.optim.Optimizer:
@@ -155,6 +183,10 @@ class Trainer:
         self.base_lr = [g["lr"] for g in groups]
         self.opt = make_optimizer(groups, config)
         self.step = 0
+        #: the step count the schedule was fitted to (a time limit), None while it is ``config.steps``
+        self.fitted: int | None = None
+        #: wall clock (seconds); a test may put its own
+        self.clock: Callable[[], float] = time.perf_counter
         self.log: list[dict] = []
         self.evals: list[dict] = []
         self._perms: dict[int, torch.Tensor] = {}
@@ -187,7 +219,8 @@ class Trainer:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        torch.save({"version": STATE_VERSION, "step": self.step, "identity": self.identity,
+        torch.save({"version": STATE_VERSION, "step": self.step, "fitted": self.fitted,
+                    "identity": self.identity,
                     "params": {n: p.detach() for n, p in self.named.items()}, "buffers": self.buffers,
                     "optimizer": self.opt.state_dict(), "log": self.log, "evals": self.evals}, tmp)
         os.replace(tmp, path)
@@ -214,6 +247,7 @@ class Trainer:
                 b.copy_(state["buffers"][n])
         self.opt.load_state_dict(state["optimizer"])
         self.step, self.log, self.evals = state["step"], state["log"], state["evals"]
+        self.fitted = state.get("fitted")
         logger.info("resumed from %s at step %d", path, self.step)
         return True
 
@@ -253,19 +287,25 @@ class Trainer:
         cfg = self.config
         resumed_at = self.step if self.try_resume() else None
         self.model.eval()  # no dropout: the loss is a deterministic function of the step
-        t0 = time.perf_counter()
+        clock = self.clock
+        t0 = clock()
         stopped = "steps"
         state_bytes = None
         tokens_per_step = cfg.grad_accum * cfg.batch_size * self.windows.shape[1]
         if not self.evals:
             self.evaluate()
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=not self.progress)
+        eval_s = clock() - t0
+        step_times: list[float] = []
+        # a resumed run keeps the plan it saved
+        may_fit = cfg.max_minutes is not None and (resumed_at is None or self.fitted is None)
+        bar = tqdm(total=self.fitted or cfg.steps, initial=self.step, desc="train", unit="step",
+                   disable=not self.progress)
         try:
-            while self.step < cfg.steps:
-                if cfg.max_minutes is not None and time.perf_counter() - t0 > 60 * cfg.max_minutes:
+            while self.step < (self.fitted or cfg.steps):
+                if cfg.max_minutes is not None and clock() - t0 > 60 * cfg.max_minutes:
                     stopped = "max_minutes"
                     break
-                ts = time.perf_counter()
+                ts = clock()
                 self.opt.zero_grad(set_to_none=True)
                 sums: dict[str, float] = {}
                 for m in range(cfg.grad_accum):
@@ -283,7 +323,7 @@ class Trainer:
                 norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)) if params else 0.0
                 if not math.isfinite(norm):
                     raise self._diverged("gradient norm", norm)
-                factor = lr_factor(self.step, cfg)
+                factor = lr_factor(self.step, cfg, self.fitted)
                 for g, base in zip(self.opt.param_groups, self.base_lr):
                     g["lr"] = base * factor
                 self.opt.step()
@@ -291,13 +331,17 @@ class Trainer:
                 if state_bytes is None:
                     state_bytes = optimizer_state_bytes(self.opt)
                 self.step += 1
-                dt = time.perf_counter() - ts
+                dt = clock() - ts
+                step_times.append(dt)
                 self.log.append({"step": self.step, **{k: round(v, 6) for k, v in sums.items()},
                                  "grad_norm": round(norm, 6), "lr_factor": round(factor, 6),
                                  "seconds": round(dt, 3), "tokens_per_s": round(tokens_per_step / dt, 1)})
                 bar.update(1)
                 bar.set_postfix(loss=f"{sums['loss']:.4f}", tok_s=f"{tokens_per_step / dt:.0f}")
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                if (may_fit and len(step_times) >= FIT_AFTER and self.step < (self.fitted or cfg.steps) / 2
+                        and (len(step_times) - FIT_AFTER) % REFIT_EVERY == 0):
+                    self._fit(cfg, clock() - t0, step_times[-REFIT_EVERY:], eval_s, bar)
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < (self.fitted or cfg.steps):
                     self.evaluate()
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save_state()
@@ -307,16 +351,19 @@ class Trainer:
             bar.close()
             self.save_state()
             raise TrainingInterrupted(
-                f"interrupted at step {self.step} of {cfg.steps}; the state is saved in {self.state_dir}: run the "
+                f"interrupted at step {self.step} of {self.fitted or cfg.steps}; the state is saved in {self.state_dir}: run the "
                 "same command again to resume") from None
         bar.close()
+        if stopped == "steps" and self.fitted is not None:
+            stopped = "fitted_schedule"
         if stopped != "steps":
             self.save_state()
         final = self.evaluate()
-        wall = time.perf_counter() - t0
+        wall = clock() - t0
         done = self.step - (resumed_at or 0)
         return {
-            "steps": self.step, "steps_planned": cfg.steps, "stopped_by": stopped, "resumed_at": resumed_at,
+            "steps": self.step, "steps_planned": cfg.steps, "steps_fitted": self.fitted, "stopped_by": stopped,
+            "resumed_at": resumed_at,
             "seconds": round(wall, 1), "tokens": self.step * tokens_per_step,
             "tokens_per_s": round(done * tokens_per_step / wall, 1) if wall > 0 else None,
             "optimizer": cfg.optimizer, "optimizer_state_bytes": state_bytes,
@@ -325,12 +372,39 @@ class Trainer:
             "config": asdict(cfg), "log": self.log, "evals": self.evals,
         }
 
+    def _fit(self, cfg: TrainConfig, elapsed_s: float, step_times: list[float], eval_s: float, bar) -> None:
+        """Shorten the schedule to the steps the time limit holds (see the module docstring)."""
+        if self.step >= cfg.steps:
+            return
+        step_s = sum(step_times) / len(step_times)
+        overhead = eval_s / cfg.eval_every if cfg.eval_every else 0.0
+        fitted = fit_steps(cfg.steps, self.step, elapsed_s, 60 * cfg.max_minutes, step_s, overhead)
+        if fitted != self.fitted:
+            logger.info("%d steps of %.1f s %s in %g minutes: the schedule decays to zero at step %d",
+                        cfg.steps, step_s, "fit" if fitted is None else "do not fit", cfg.max_minutes,
+                        fitted or cfg.steps)
+            self.fitted = fitted
+            bar.total = fitted or cfg.steps
+            bar.refresh()
+
     def _diverged(self, what: str, value: float) -> TrainingDiverged:
         saved = self._state_path()
         where = (f"the last good state is kept in {saved.parent} (saved every {self.config.checkpoint_every} steps): "
                  "lower the learning rate and run again to resume from it" if saved and saved.exists()
                  else "no state was saved yet: lower the learning rate and start again")
         return TrainingDiverged(f"training stopped at step {self.step + 1}: the {what} is {value}; {where}")
+
+
+def describe_steps(summary: dict) -> str:
+    """``"170/400 steps (...)"``: the steps done, of how many, and what ended the run, in words."""
+    done, asked, fitted = summary["steps"], summary["steps_planned"], summary.get("steps_fitted")
+    why = summary["stopped_by"]
+    if fitted is not None:
+        limit = summary.get("config", {}).get("max_minutes")
+        fit = f"the schedule fitted to the {limit:.4g}-minute limit" if limit else "the schedule fitted to a time limit"
+        return (f"{done}/{asked} steps ({fit}, {fitted} steps)" if why == "fitted_schedule"
+                else f"{done}/{asked} steps ({fit}, {fitted} steps; stopped by {why})")
+    return f"{done}/{asked} steps (stopped by {why})"
 
 
 def write_log(path: str | os.PathLike, summary: dict) -> None:

@@ -16,7 +16,7 @@ from llmquant.distill import (DataConfig, DistillConfig, KDLoss, RecoverConfig, 
                               TrainConfig, TrainingDiverged, TrainingInterrupted, distill, recover)
 from llmquant.distill.recipes import LOG_FILE
 from llmquant.distill.trainable import open_for_training
-from llmquant.distill.trainer import Trainer, lr_factor
+from llmquant.distill.trainer import Trainer, describe_steps, fit_steps, lr_factor
 from llmquant.modules.quant_linear import QuantLinear
 from tests.conftest import build_tiny_llama
 
@@ -122,6 +122,97 @@ def test_nan_loss_stops_and_keeps_the_last_good_state(tokenizer, text_file, tmp_
         _trainer(student, groups, win, targets, tmp_path).run(on_step=blow_up)
     state = torch.load(tmp_path / "state.pt", weights_only=False)
     assert state["step"] == 2 and all(torch.isfinite(t).all() for t in state["params"].values())
+
+
+def test_fit_steps_fills_the_time_left():
+    # 100 s left at 10 s a step (margin 0.97): 9 more; a plan that fits is left alone; always one step more
+    assert fit_steps(500, 3, 30.0, 130.0, 10.0) == 12
+    assert fit_steps(12, 3, 30.0, 130.0, 10.0) is None
+    assert fit_steps(500, 3, 30.0, 130.0, 8.0, overhead_s=2.0) == 12
+    assert fit_steps(500, 3, 200.0, 130.0, 10.0) == 4
+    with pytest.raises(ValueError, match="some time"):
+        fit_steps(500, 3, 30.0, 130.0, 0.0)
+
+
+class _Clock:
+    """Wall time that passes only where the test says: ``tick`` seconds per micro-batch."""
+
+    def __init__(self, tick: float) -> None:
+        self.now, self.tick = 0.0, tick
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _timed_trainer(student, groups, win, targets, state, clock, **kw):
+    trainer = _trainer(student, groups, win, targets, state, **kw)
+    forward = trainer._forward_loss
+
+    def slow_forward(rows):
+        clock.now += clock.tick
+        return forward(rows)
+
+    trainer._forward_loss = slow_forward
+    trainer.clock = clock
+    return trainer
+
+
+def test_a_time_limit_shortens_the_schedule_to_end_at_zero_and_resume_keeps_it(tokenizer, text_file, tmp_path):
+    # 10 s a step (2 micro-batches of 5 s), 2 minutes, 100 steps asked: after 3 timed steps, 0.97 * 90 s
+    # hold 8 more, so the cosine ends at step 11, inside the limit, instead of being cut at 12 of 100
+    student, groups, win, targets = _setup(tokenizer, text_file)
+    straight = _timed_trainer(student, groups, win, targets, None, _Clock(5.0), steps=100, max_minutes=2).run()
+    assert straight["steps_fitted"] == 11 and straight["steps"] == 11
+    assert straight["stopped_by"] == "fitted_schedule" and straight["steps_planned"] == 100
+    assert describe_steps(straight) == "11/100 steps (the schedule fitted to the 2-minute limit, 11 steps)"
+    f = [e["lr_factor"] for e in straight["log"]]
+    assert f[-1] == min(f) < 0.05 and f[0] < f[1] < f[2]  # warm-up (a tenth of 11: one step), then the cosine
+    assert [round(lr_factor(s, TrainConfig(steps=100), 11), 6) for s in range(3, 11)] == f[3:]
+    want = {n: p.detach().clone() for n, p in student.named_parameters() if n.endswith("log_scale")}
+
+    # interrupted after the fit, resumed in a process whose steps take twice as long: the same schedule
+    student, groups, win, targets = _setup(tokenizer, text_file)
+    state = tmp_path / "state"
+
+    def stop(step):
+        if step == 6:
+            raise KeyboardInterrupt
+
+    with pytest.raises(TrainingInterrupted, match="step 6 of 11"):
+        _timed_trainer(student, groups, win, targets, state, _Clock(5.0), steps=100, max_minutes=2).run(on_step=stop)
+    student, groups, win, targets = _setup(tokenizer, text_file)
+    resumed = _timed_trainer(student, groups, win, targets, state, _Clock(10.0), steps=100, max_minutes=2).run()
+    assert resumed["resumed_at"] == 6 and resumed["steps"] == 11 and resumed["steps_fitted"] == 11
+    assert [e["lr_factor"] for e in resumed["log"]] == f
+    for n, p in student.named_parameters():
+        if n in want:
+            assert torch.equal(p.detach(), want[n]), n
+
+
+def test_the_schedule_is_fitted_again_when_steps_get_faster(tokenizer, text_file):
+    # 10 minutes; the first 3 steps take 20 s (a plan of 29), the rest 10 s: refitted from the last 10
+    # steps at step 13 (55) and 23 (55 again), then kept for the second half; the run ends inside the limit
+    student, groups, win, targets = _setup(tokenizer, text_file)
+    clock = _Clock(10.0)
+
+    def faster(step):
+        if step == 3:
+            clock.tick = 5.0
+
+    summary = _timed_trainer(student, groups, win, targets, None, clock, steps=100, max_minutes=10).run(
+        on_step=faster)
+    assert summary["steps_fitted"] == summary["steps"] == 55 and clock.now <= 600
+    f = [e["lr_factor"] for e in summary["log"]]
+    cfg = TrainConfig(steps=100)
+    assert f[3:13] == [round(lr_factor(s, cfg, 29), 6) for s in range(3, 13)]
+    assert f[13:] == [round(lr_factor(s, cfg, 55), 6) for s in range(13, 55)] and f[-1] < 0.01
+
+
+def test_without_a_time_limit_the_schedule_is_the_steps_asked(tokenizer, text_file):
+    student, groups, win, targets = _setup(tokenizer, text_file)
+    summary = _timed_trainer(student, groups, win, targets, None, _Clock(5.0), steps=6).run()
+    assert summary["steps_fitted"] is None and summary["steps"] == 6 and summary["stopped_by"] == "steps"
+    assert describe_steps(summary) == "6/6 steps (stopped by steps)"
 
 
 # --- recover and distill, end to end --------------------------------------------------------------
