@@ -7,8 +7,9 @@ import argparse
 def _add_training_args(p: argparse.ArgumentParser, steps: int, lr: float) -> None:
     t = p.add_argument_group("training")
     t.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
-    t.add_argument("--max-minutes", type=float, help="stop after this much wall time, write what was reached; when --steps would not fit, the "
-                   "learning-rate schedule is shortened (after timing 3 steps) to end inside it")
+    t.add_argument("--max-minutes", type=float,
+                   help="stop after this much wall time, write what was reached; when --steps would not fit, "
+                   "the learning-rate schedule is shortened (after timing 3 steps) to end inside it")
     t.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr})")
     t.add_argument("--batch-size", type=int, default=1, help="windows per micro-batch")
     t.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")

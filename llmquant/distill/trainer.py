@@ -351,8 +351,8 @@ class Trainer:
             bar.close()
             self.save_state()
             raise TrainingInterrupted(
-                f"interrupted at step {self.step} of {self.fitted or cfg.steps}; the state is saved in {self.state_dir}: run the "
-                "same command again to resume") from None
+                f"interrupted at step {self.step} of {self.fitted or cfg.steps}; the state is saved in "
+                f"{self.state_dir}: run the same command again to resume") from None
         bar.close()
         if stopped == "steps" and self.fitted is not None:
             stopped = "fitted_schedule"
