@@ -191,6 +191,11 @@ class Trainer:
         self.evals: list[dict] = []
         self._perms: dict[int, torch.Tensor] = {}
 
+    @property
+    def planned(self) -> int:
+        """The step at which the schedule ends: ``config.steps``, or fewer when fitted to a time limit."""
+        return self.fitted or self.config.steps
+
     # --- data order ------------------------------------------------------------------------------
     def batch_rows(self, micro: int) -> torch.Tensor:
         """Row indices of global micro-batch ``micro``: positions of the concatenated per-epoch permutations."""
@@ -298,10 +303,10 @@ class Trainer:
         step_times: list[float] = []
         # a resumed run keeps the plan it saved
         may_fit = cfg.max_minutes is not None and (resumed_at is None or self.fitted is None)
-        bar = tqdm(total=self.fitted or cfg.steps, initial=self.step, desc="train", unit="step",
+        bar = tqdm(total=self.planned, initial=self.step, desc="train", unit="step",
                    disable=not self.progress)
         try:
-            while self.step < (self.fitted or cfg.steps):
+            while self.step < self.planned:
                 if cfg.max_minutes is not None and clock() - t0 > 60 * cfg.max_minutes:
                     stopped = "max_minutes"
                     break
@@ -338,10 +343,10 @@ class Trainer:
                                  "seconds": round(dt, 3), "tokens_per_s": round(tokens_per_step / dt, 1)})
                 bar.update(1)
                 bar.set_postfix(loss=f"{sums['loss']:.4f}", tok_s=f"{tokens_per_step / dt:.0f}")
-                if (may_fit and len(step_times) >= FIT_AFTER and self.step < (self.fitted or cfg.steps) / 2
+                if (may_fit and len(step_times) >= FIT_AFTER and self.step < self.planned / 2
                         and (len(step_times) - FIT_AFTER) % REFIT_EVERY == 0):
                     self._fit(cfg, clock() - t0, step_times[-REFIT_EVERY:], eval_s, bar)
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < (self.fitted or cfg.steps):
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.planned:
                     self.evaluate()
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save_state()
@@ -351,7 +356,7 @@ class Trainer:
             bar.close()
             self.save_state()
             raise TrainingInterrupted(
-                f"interrupted at step {self.step} of {self.fitted or cfg.steps}; the state is saved in "
+                f"interrupted at step {self.step} of {self.planned}; the state is saved in "
                 f"{self.state_dir}: run the same command again to resume") from None
         bar.close()
         if stopped == "steps" and self.fitted is not None:
@@ -374,8 +379,6 @@ class Trainer:
 
     def _fit(self, cfg: TrainConfig, elapsed_s: float, step_times: list[float], eval_s: float, bar) -> None:
         """Shorten the schedule to the steps the time limit holds (see the module docstring)."""
-        if self.step >= cfg.steps:
-            return
         step_s = sum(step_times) / len(step_times)
         overhead = eval_s / cfg.eval_every if cfg.eval_every else 0.0
         fitted = fit_steps(cfg.steps, self.step, elapsed_s, 60 * cfg.max_minutes, step_s, overhead)
@@ -384,7 +387,7 @@ class Trainer:
                         cfg.steps, step_s, "fit" if fitted is None else "do not fit", cfg.max_minutes,
                         fitted or cfg.steps)
             self.fitted = fitted
-            bar.total = fitted or cfg.steps
+            bar.total = self.planned
             bar.refresh()
 
     def _diverged(self, what: str, value: float) -> TrainingDiverged:
@@ -399,12 +402,12 @@ def describe_steps(summary: dict) -> str:
     """``"170/400 steps (...)"``: the steps done, of how many, and what ended the run, in words."""
     done, asked, fitted = summary["steps"], summary["steps_planned"], summary.get("steps_fitted")
     why = summary["stopped_by"]
-    if fitted is not None:
-        limit = summary.get("config", {}).get("max_minutes")
-        fit = f"the schedule fitted to the {limit:.4g}-minute limit" if limit else "the schedule fitted to a time limit"
-        return (f"{done}/{asked} steps ({fit}, {fitted} steps)" if why == "fitted_schedule"
-                else f"{done}/{asked} steps ({fit}, {fitted} steps; stopped by {why})")
-    return f"{done}/{asked} steps (stopped by {why})"
+    if fitted is None:
+        return f"{done}/{asked} steps (stopped by {why})"
+    limit = summary.get("config", {}).get("max_minutes")
+    fit = f"the {limit:.4g}-minute limit" if limit else "a time limit"
+    stop = "" if why == "fitted_schedule" else f"; stopped by {why}"
+    return f"{done}/{asked} steps (the schedule fitted to {fit}, {fitted} steps{stop})"
 
 
 def write_log(path: str | os.PathLike, summary: dict) -> None:

@@ -82,23 +82,32 @@ def test_training_reduces_held_out_kl_and_resume_gives_the_same_tensors(tokenize
     assert straight["optimizer_state_bytes"] > 0 and straight["steps"] == 6
     want = {n: p.detach().clone() for n, p in student.named_parameters() if n.endswith("log_scale")}
 
-    student, groups, win, targets = _setup(tokenizer, text_file)
-    state = tmp_path / "state"
+    def make(resumed):
+        student, groups, win, targets = _setup(tokenizer, text_file)
+        return _trainer(student, groups, win, targets, tmp_path / "state", optimizer=optimizer), student
 
-    def stop(step):
-        if step == 3:
-            raise KeyboardInterrupt
-
-    with pytest.raises(TrainingInterrupted, match="step 3 of 6"):
-        _trainer(student, groups, win, targets, state, optimizer=optimizer).run(on_step=stop)
-    assert (state / "state.pt").exists()
-    student, groups, win, targets = _setup(tokenizer, text_file)  # a fresh process, in effect
-    resumed = _trainer(student, groups, win, targets, state, optimizer=optimizer).run()
+    resumed, student = _interrupted_then_resumed(make, 3, "step 3 of 6")
     assert resumed["resumed_at"] == 3 and resumed["steps"] == 6
     got = {n: p.detach() for n, p in student.named_parameters() if n.endswith("log_scale")}
     for n in want:
         assert torch.equal(got[n], want[n]), n
     assert [e["loss"] for e in resumed["log"]] == [e["loss"] for e in straight["log"]]
+
+
+def _interrupted_then_resumed(make, at: int, match: str):
+    """``make(resumed)`` -> (trainer, student): a fresh setup each call. The first trainer is stopped after
+    step ``at`` as Ctrl-C would stop it (the error matching ``match``), its state saved; a second one, a
+    fresh process in effect, resumes. Returns the resumed run's summary and student."""
+    def stop(step):
+        if step == at:
+            raise KeyboardInterrupt
+
+    trainer, _ = make(False)
+    with pytest.raises(TrainingInterrupted, match=match):
+        trainer.run(on_step=stop)
+    assert (trainer.state_dir / "state.pt").exists()
+    trainer, student = make(True)
+    return trainer.run(), student
 
 
 def test_resume_refuses_the_state_of_another_run(tokenizer, text_file, tmp_path):
@@ -171,17 +180,13 @@ def test_a_time_limit_shortens_the_schedule_to_end_at_zero_and_resume_keeps_it(t
     want = {n: p.detach().clone() for n, p in student.named_parameters() if n.endswith("log_scale")}
 
     # interrupted after the fit, resumed in a process whose steps take twice as long: the same schedule
-    student, groups, win, targets = _setup(tokenizer, text_file)
-    state = tmp_path / "state"
+    def make(resumed):
+        student, groups, win, targets = _setup(tokenizer, text_file)
+        clock = _Clock(10.0 if resumed else 5.0)
+        return _timed_trainer(student, groups, win, targets, tmp_path / "state", clock, steps=100,
+                              max_minutes=2), student
 
-    def stop(step):
-        if step == 6:
-            raise KeyboardInterrupt
-
-    with pytest.raises(TrainingInterrupted, match="step 6 of 11"):
-        _timed_trainer(student, groups, win, targets, state, _Clock(5.0), steps=100, max_minutes=2).run(on_step=stop)
-    student, groups, win, targets = _setup(tokenizer, text_file)
-    resumed = _timed_trainer(student, groups, win, targets, state, _Clock(10.0), steps=100, max_minutes=2).run()
+    resumed, student = _interrupted_then_resumed(make, 6, "step 6 of 11")
     assert resumed["resumed_at"] == 6 and resumed["steps"] == 11 and resumed["steps_fitted"] == 11
     assert [e["lr_factor"] for e in resumed["log"]] == f
     for n, p in student.named_parameters():
