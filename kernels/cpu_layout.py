@@ -10,11 +10,13 @@ The exact byte order, and why, is documented at the top of ``kernels/csrc/lq_cpu
 * 4-bit tail: 16 bytes per block of 32 columns; byte b holds columns 2b (low) and 2b+1 (high);
 * 8-bit: per block of 32 columns, the 16 even columns' bytes, then the 16 odd ones'.
 
-* 2- and 3-bit superblock: 32 bytes per row of the codes' low two bits, then (3-bit) 16 bytes of
-  their third bits, arranged so that the decode kernels get the 4-bit row's byte positions (low and
-  high nibbles apart) with one shift and one mask per vector: bit pair f of byte b is the low
-  (f < 2) or high nibble of 4-bit byte 32 (f % 2) + b, bit j of third-bit byte k that of byte
-  16 (j % 4) + k (low nibble for j < 4). The tail is stored as 4-bit. The integer
+* 2- and 3-bit superblock, arranged so that the decode kernels get the 4-bit row's byte positions
+  (low and high nibbles apart, "lo" and "hi") with a shift and a mask per vector. 2-bit: 32 bytes a
+  row, bit pair f of byte b is the low (f < 2) or high nibble of 4-bit byte 32 (f % 2) + b. 3-bit:
+  48 bytes a row, A = bytes 0..31 and C = 32..47: byte b of A holds lo[b] (bits 0-2), lo[32 + b]
+  (bits 3-5) and the low two bits of hi[b] (bits 6-7); byte k of C holds hi[32 + k] (bits 0-2),
+  hi[48 + k] (bits 3-5) and the third bits of hi[k] (bit 6) and hi[16 + k] (bit 7). The tail is
+  stored as 4-bit. The integer
   GEMV (decode) reads them as they are; the other paths expand a few tiles at a time into the 4-bit
   layout, in cache. Such a layer's memory and bytes read per token are its packed size.
 
@@ -118,31 +120,29 @@ def _nibbles_from_positions(v: torch.Tensor) -> torch.Tensor:
 
 
 def _planes_from_nibbles(m: torch.Tensor, bits: int) -> torch.Tensor:
-    """Codes [..., s=4, w=32] of row-superblocks -> their packed 2- or 3-bit bytes [..., 32 or 48]:
-    bit pair f of byte b is byte position 32 (f % 2) + b of nibble h = f // 2; bit j of third-bit
-    byte k is position 16 (j % 4) + k of nibble j // 4 (lq_cpu.h)."""
+    """Codes [..., s=4, w=32] of row-superblocks -> their packed 2- or 3-bit bytes [..., 32 or 48]
+    (the module docstring; lq_cpu.h)."""
     v = _positions_from_nibbles(m)
-    pairs = (v & 3).unflatten(-1, (2, 32)).flatten(-3, -2)  # [..., f = 2h + half, b]
-    plane = pairs[..., 0, :] | (pairs[..., 1, :] << 2) | (pairs[..., 2, :] << 4) | (pairs[..., 3, :] << 6)
     if bits == 2:
-        return plane
-    third = ((v >> 2) & 1).unflatten(-1, (4, 16)).flatten(-3, -2)  # [..., j = 4h + L, k]
-    t = third[..., 0, :]
-    for j in range(1, 8):
-        t = t | (third[..., j, :] << j)
-    return torch.cat((plane, t), dim=-1)
+        pairs = v.unflatten(-1, (2, 32)).flatten(-3, -2)  # [..., f = 2h + half, b]
+        return pairs[..., 0, :] | (pairs[..., 1, :] << 2) | (pairs[..., 2, :] << 4) | (pairs[..., 3, :] << 6)
+    lo, hi = v[..., 0, :], v[..., 1, :]
+    a = lo[..., :32] | (lo[..., 32:] << 3) | ((hi[..., :32] & 3) << 6)
+    third = hi[..., :32] >> 2
+    c = hi[..., 32:48] | (hi[..., 48:] << 3) | (third[..., :16] << 6) | (third[..., 16:] << 7)
+    return torch.cat((a, c), dim=-1)
 
 
 def _nibbles_from_planes(b: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of :func:`_planes_from_nibbles`: bytes [..., 32 or 48] -> codes [..., s=4, w=32]."""
-    plane = b[..., :32]
-    pairs = torch.stack([(plane >> (2 * f)) & 3 for f in range(4)], dim=-2)  # [..., f, b]
-    v = pairs.unflatten(-2, (2, 2)).flatten(-2)  # [..., h, j = 32 half + b]
-    if bits == 3:
-        tb = b[..., 32:48]
-        third = torch.stack([(tb >> j) & 1 for j in range(8)], dim=-2)  # [..., j, k]
-        v = v | (third.unflatten(-2, (2, 4)).flatten(-2) << 2)  # [..., h, 16 L + k]
-    return _nibbles_from_positions(v)
+    if bits == 2:
+        pairs = torch.stack([(b >> (2 * f)) & 3 for f in range(4)], dim=-2)  # [..., f, b]
+        return _nibbles_from_positions(pairs.unflatten(-2, (2, 2)).flatten(-2))  # [..., h, j = 32 half + b]
+    a, c = b[..., :32], b[..., 32:48]
+    lo = torch.cat((a & 7, (a >> 3) & 7), dim=-1)
+    third = torch.cat(((c >> 6) & 1, (c >> 7) & 1), dim=-1)
+    hi = torch.cat(((a >> 6) | (third << 2), c & 7, (c >> 3) & 7), dim=-1)
+    return _nibbles_from_positions(torch.stack((lo, hi), dim=-2))
 
 
 def _tiles_from_codes(c: torch.Tensor, code_bits: int) -> torch.Tensor:

@@ -462,10 +462,10 @@ INLINE void tails_8bit(const lq_layout *L, int64_t t, lq_gcur gc, const float *x
 
 /* The code bytes of one row of a superblock (p: the row's first byte) at PB bits a code, as the
  * integer dot products take them: lo = nibbles 0 and 2 of each 4-bit word (byte positions 2w, 2w + 1),
- * hi = nibbles 1 and 3; lo0/hi0 are byte positions 0..31, lo1/hi1 32..63. A 2- or 3-bit row (lq_cpu.h)
- * is laid out for this: bit pair f of byte b is position 32 (f & 1) + b of lo (f < 2) or hi, so the
- * 32 bytes need one shift and one mask a vector; third bit j of byte k is position 16 (j & 3) + k of
- * lo (j < 4) or hi, moved to bit 2 by a shift per 128-bit lane (left for bits 0 and 1). */
+ * hi = nibbles 1 and 3; lo0/hi0 are byte positions 0..31, lo1/hi1 32..63. A 2- or 3-bit row is laid
+ * out for this (lq_cpu.h): a 2-bit row's vectors are bit pairs 0..3 of its 32 bytes; a 3-bit row's
+ * bytes A hold lo0 (bits 0-2), lo1 (3-5) and hi0's low two bits (6-7), its 16 bytes C, put in both
+ * 128-bit lanes, hi1 (bits 0-2 | 3-5 in lane 0 | 1) and hi0's third bits (bit 6 | 7). */
 INLINE void row_codes(const uint8_t *p, const int PB, __m256i *lo0, __m256i *hi0, __m256i *lo1, __m256i *hi1) {
     if (PB == 4) {
         const __m256i nib = _mm256_set1_epi8(0x0F);
@@ -477,21 +477,20 @@ INLINE void row_codes(const uint8_t *p, const int PB, __m256i *lo0, __m256i *hi0
         return;
     }
     const __m256i two = _mm256_set1_epi8(3), B = _mm256_loadu_si256((const __m256i *)p);
-    __m256i l0 = _mm256_and_si256(B, two), l1 = _mm256_and_si256(_mm256_srli_epi16(B, 2), two);
-    __m256i h0 = _mm256_and_si256(_mm256_srli_epi16(B, 4), two), h1 = _mm256_and_si256(_mm256_srli_epi16(B, 6), two);
     if (PB == 3) {
-        const __m256i bit2 = _mm256_set1_epi8(4);
-        const __m256i T = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(p + 32)));
-        /* lane L of lo0, lo1, hi0, hi1 takes bit L, 2 + L, 4 + L, 6 + L of each byte */
-        l0 = _mm256_or_si256(l0, _mm256_and_si256(_mm256_sllv_epi32(T, _mm256_setr_epi32(2, 2, 2, 2, 1, 1, 1, 1)), bit2));
-        l1 = _mm256_or_si256(l1, _mm256_and_si256(_mm256_srlv_epi32(T, _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1)), bit2));
-        h0 = _mm256_or_si256(h0, _mm256_and_si256(_mm256_srlv_epi32(T, _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3)), bit2));
-        h1 = _mm256_or_si256(h1, _mm256_and_si256(_mm256_srlv_epi32(T, _mm256_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5)), bit2));
+        const __m256i three = _mm256_set1_epi8(7), bit2 = _mm256_set1_epi8(4);
+        const __m256i C = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(p + 32)));
+        *lo0 = _mm256_and_si256(B, three);
+        *lo1 = _mm256_and_si256(_mm256_srli_epi16(B, 3), three);
+        *hi1 = _mm256_and_si256(_mm256_srlv_epi32(C, _mm256_setr_epi32(0, 0, 0, 0, 3, 3, 3, 3)), three);
+        *hi0 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(B, 6), two),
+                               _mm256_and_si256(_mm256_srlv_epi32(C, _mm256_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5)), bit2));
+        return;
     }
-    *lo0 = l0;
-    *hi0 = h0;
-    *lo1 = l1;
-    *hi1 = h1;
+    *lo0 = _mm256_and_si256(B, two);
+    *lo1 = _mm256_and_si256(_mm256_srli_epi16(B, 2), two);
+    *hi0 = _mm256_and_si256(_mm256_srli_epi16(B, 4), two);
+    *hi1 = _mm256_and_si256(_mm256_srli_epi16(B, 6), two);
 }
 
 /* The exact fp32 GEMV (three limbs of x, lq_cpu.h) of one row of x against tile t. Its speed is set

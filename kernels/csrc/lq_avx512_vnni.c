@@ -152,9 +152,10 @@ int lq_prepare_xa8_avx512(const float *xr, int64_t nsb, uint8_t *xi) { return pr
 
 /* The code bytes of one row of a superblock (p: its first byte) at PB bits a code, as vpdpbusd takes
  * them: lo = nibbles 0 and 2 of each word, hi = nibbles 1 and 3 (as lq_avx2.c's row_codes: byte
- * positions 0..63). A 2- or 3-bit row's 32 bytes of bit pairs, put in both halves, need one variable
- * shift (by 0 | 2 for lo, 4 | 6 for hi) and a mask; its 16 bytes of third bits, put in all four
- * 128-bit lanes, one rotation per lane that brings bit L (lo) or 4 + L (hi) of each byte to bit 2. */
+ * positions 0..63). A 2-bit row's 32 bytes, put in both halves, need one variable shift (by 0 | 2 for
+ * lo, 4 | 6 for hi) and a mask. A 3-bit row (lq_cpu.h): its 32 bytes A in both halves, shifted by
+ * 0 | 3 and masked, are lo; hi's upper half is its 16 bytes C shifted by 0 | 3 per 128-bit lane and
+ * masked, its lower half A's bits 6-7 and the third bits in C's bits 6 | 7. */
 INLINE void row_codes(const uint8_t *p, const int PB, __m512i *lo, __m512i *hi) {
     if (PB == 4) {
         const __m512i nib = _mm512_set1_epi8(0x0F), W = _mm512_loadu_si512(p);
@@ -162,24 +163,27 @@ INLINE void row_codes(const uint8_t *p, const int PB, __m512i *lo, __m512i *hi) 
         *hi = _mm512_and_si512(_mm512_srli_epi16(W, 4), nib);
         return;
     }
-    const __m512i two = _mm512_set1_epi8(3);
     const __m512i B = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)p));
-    const __m512i l = _mm512_srlv_epi32(B, _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2));
-    const __m512i h = _mm512_srlv_epi32(B, _mm512_setr_epi32(4, 4, 4, 4, 4, 4, 4, 4, 6, 6, 6, 6, 6, 6, 6, 6));
     if (PB == 2) {
-        *lo = _mm512_and_si512(l, two);
-        *hi = _mm512_and_si512(h, two);
+        const __m512i two = _mm512_set1_epi8(3);
+        *lo = _mm512_and_si512(_mm512_srlv_epi32(B, _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2)), two);
+        *hi = _mm512_and_si512(_mm512_srlv_epi32(B, _mm512_setr_epi32(4, 4, 4, 4, 4, 4, 4, 4, 6, 6, 6, 6, 6, 6, 6, 6)), two);
         return;
     }
-    const __m512i bit2 = _mm512_set1_epi8(4);
-    const __m512i T = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(p + 32)));
-    /* rotating a dword right by L - 2 (mod 32) brings bit L of each of its bytes to bit 2 (L <= 7) */
-    const __m512i tl = _mm512_and_si512(
-        _mm512_rorv_epi32(T, _mm512_setr_epi32(30, 30, 30, 30, 31, 31, 31, 31, 0, 0, 0, 0, 1, 1, 1, 1)), bit2);
-    const __m512i th = _mm512_and_si512(
-        _mm512_rorv_epi32(T, _mm512_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5)), bit2);
-    *lo = _mm512_ternarylogic_epi32(l, two, tl, 0xEA); /* (l & two) | tl */
-    *hi = _mm512_ternarylogic_epi32(h, two, th, 0xEA);
+    const __m512i C = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(p + 32)));
+    *lo = _mm512_and_si512(_mm512_srlv_epi32(B, _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 3, 3, 3, 3, 3, 3, 3, 3)),
+                           _mm512_set1_epi8(7));
+    const __m512i AC = _mm512_mask_blend_epi64(0xF0, B, C); /* A | C C */
+    const __m512i low = _mm512_and_si512(
+        _mm512_srlv_epi32(AC, _mm512_setr_epi32(6, 6, 6, 6, 6, 6, 6, 6, 0, 0, 0, 0, 3, 3, 3, 3)),
+        _mm512_setr_epi32(0x03030303, 0x03030303, 0x03030303, 0x03030303, 0x03030303, 0x03030303, 0x03030303,
+                          0x03030303, 0x07070707, 0x07070707, 0x07070707, 0x07070707, 0x07070707, 0x07070707,
+                          0x07070707, 0x07070707));
+    const __m512i third = _mm512_srlv_epi32(C, _mm512_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5, 0, 0, 0, 0, 0, 0, 0, 0));
+    *hi = _mm512_ternarylogic_epi32(low, third,
+                                    _mm512_setr_epi32(0x04040404, 0x04040404, 0x04040404, 0x04040404, 0x04040404,
+                                                      0x04040404, 0x04040404, 0x04040404, 0, 0, 0, 0, 0, 0, 0, 0),
+                                    0xF8); /* low | (third & bit 2 in the lower half) */
 }
 
 /* MM rows of x against tile t; each W row's codes are unpacked once for all MM rows */
@@ -210,15 +214,16 @@ INLINE void gemv_i8_k(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t 
                 const __m512 ex = _mm512_load_ps(xb + 128 * NL + 64);
                 /* sum (q - z) m = sum q m - z sum m, exact in int32 */
                 __m512i T = L->z ? _mm512_mullo_epi32(zsym[i], _mm512_set1_epi32(G.nz[r])) : zsym[i];
-                if (NL == 3) { /* T + 2^8 (limb 1 + 2^8 limb 2): each limb's sums start from the next one's, shifted */
-                    __m512i a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_load_si512(xb + 128));
-                    a = _mm512_slli_epi32(_mm512_dpbusd_epi32(a, hi, _mm512_load_si512(xb + 64 * NL + 128)), 8);
-                    a = _mm512_dpbusd_epi32(a, lo, _mm512_load_si512(xb + 64));
-                    a = _mm512_dpbusd_epi32(a, hi, _mm512_load_si512(xb + 64 * NL + 64));
-                    T = _mm512_add_epi32(T, _mm512_slli_epi32(a, 8));
-                }
                 T = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(T, lo, _mm512_load_si512(xb)), hi,
                                         _mm512_load_si512(xb + 64 * NL));
+                if (NL == 3) { /* + 2^8 (limb 1 + 2^8 limb 2); the three limbs' sums are independent chains */
+                    const __m512i z = _mm512_setzero_si512();
+                    const __m512i a2 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(z, lo, _mm512_load_si512(xb + 128)), hi,
+                                                           _mm512_load_si512(xb + 64 * NL + 128));
+                    const __m512i a1 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(z, lo, _mm512_load_si512(xb + 64)), hi,
+                                                           _mm512_load_si512(xb + 64 * NL + 64));
+                    T = _mm512_add_epi32(T, _mm512_slli_epi32(_mm512_add_epi32(a1, _mm512_slli_epi32(a2, 8)), 8));
+                }
                 tot[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(T), _mm512_mul_ps(ex, _mm512_set1_ps(G.s[r])), tot[i][r]);
             }
         }

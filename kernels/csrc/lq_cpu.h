@@ -32,10 +32,15 @@
  *   superblock, 32 bytes (2-bit) or 48 bytes (3-bit) per row, laid out for the decode kernels, which
  *     unpack a 4-bit row's 64 bytes as two vectors of byte positions j = 0..63: lo[j] = byte j & 15
  *     and hi[j] = byte j >> 4 (so lo[2w], lo[2w + 1], hi[2w], hi[2w + 1] are nibbles 0, 2, 1, 3 of
- *     word w). Bit pair f (bits 2f, 2f + 1) of byte b (b < 32) holds the low two bits of lo[32 f + b]
- *     for f < 2 and of hi[32 (f - 2) + b] for f >= 2, so one shift and one mask give 32 positions;
- *     a 3-bit row's 16 more bytes hold the third bits: bit j of byte 32 + k that of lo[16 j + k] for
- *     j < 4 and of hi[16 (j - 4) + k] for j >= 4 (one shift or rotation per 128-bit lane).
+ *     word w).
+ *     2-bit: bit pair f (bits 2f, 2f + 1) of byte b (b < 32) holds lo[32 f + b] for f < 2 and
+ *     hi[32 (f - 2) + b] for f >= 2, so one shift and one mask give 32 positions.
+ *     3-bit: bytes A = 0..31 and C = 32..47. Byte b of A holds lo[b] (bits 0-2), lo[32 + b] (bits 3-5)
+ *     and the low two bits of hi[b] (bits 6-7); byte k of C holds hi[32 + k] (bits 0-2), hi[48 + k]
+ *     (bits 3-5) and the third bits of hi[k] (bit 6) and hi[16 + k] (bit 7). Three of the four vectors
+ *     of 32 positions are one shift and one mask (C broadcast to both 128-bit lanes, shifted by 0 | 3);
+ *     hi[0..31] two more (an earlier layout, the low bits as for 2-bit and the 128 third bits in C,
+ *     took three operations more per vector).
  *   tail: as the 4-bit tail (at most 96 columns a row).
  *
  * The fp32 kernels therefore read x in "xr order": inside every block of 32 columns, the 16 even

@@ -43,15 +43,21 @@ void lq_expand_tile_scalar(const lq_layout *L, int64_t t, uint8_t *out) {
     const int64_t rows = lq_nsb(L) * LQ_TILE, row_bytes = lq_prow_sb_bytes(L);
     const uint8_t *src = lq_tile(L, t);
     for (int64_t i = 0; i < rows; i++) { /* row-superblocks in stored order: [sb][r] */
-        const uint8_t *pairs = src + i * row_bytes, *third = L->pbits == 3 ? pairs + 32 : NULL;
+        const uint8_t *a = src + i * row_bytes, *c = a + 32;
         uint8_t *o = out + i * 64;
         for (int j = 0; j < 64; j++) { /* byte position j: lo (nibbles 0, 2 of the words) | hi << 4 */
-            unsigned c[2];
-            for (int h = 0; h < 2; h++) {
-                c[h] = (pairs[j % 32] >> (4 * h + 2 * (j / 32))) & 3u;
-                if (third) c[h] |= ((third[j % 16] >> (4 * h + j / 16)) & 1u) << 2;
+            unsigned lo, hi;
+            if (L->pbits == 2) {
+                lo = (a[j % 32] >> (2 * (j / 32))) & 3u;
+                hi = (a[j % 32] >> (4 + 2 * (j / 32))) & 3u;
+            } else if (j < 32) {
+                lo = a[j] & 7u;
+                hi = (a[j] >> 6) | (((c[j % 16] >> (6 + j / 16)) & 1u) << 2);
+            } else {
+                lo = (a[j - 32] >> 3) & 7u;
+                hi = (c[j % 16] >> (3 * ((j - 32) / 16))) & 7u;
             }
-            o[j] = (uint8_t)(c[0] | (c[1] << 4));
+            o[j] = (uint8_t)(lo | (hi << 4));
         }
     }
     memcpy(out + rows * 64, src + rows * row_bytes, (size_t)(LQ_TILE * lq_tail(L) / 2));

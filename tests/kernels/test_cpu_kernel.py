@@ -273,9 +273,10 @@ def test_layout_golden_bytes():
 
 def test_layout_golden_bytes_2_and_3_bit():
     """Packed 2- and 3-bit superblocks (lq_cpu.h). Byte position j of a 4-bit row splits into lo[j] (low
-    nibble) and hi[j]; lo[2w + e] is column 64e + w, hi[2w + e] column 32 + 64e + w. Bit pair f of byte b
-    holds lo[32f + b] (f < 2) or hi[32(f - 2) + b]; 3-bit rows then 16 bytes of third bits, bit j of byte
-    32 + k that of lo[16j + k] (j < 4) or hi[16(j - 4) + k]. The tail stays 4-bit."""
+    nibble) and hi[j]; lo[2w + e] is column 64e + w, hi[2w + e] column 32 + 64e + w. 2-bit: bit pair f of
+    byte b holds lo[32f + b] (f < 2) or hi[32(f - 2) + b]. 3-bit: byte b < 32 holds lo[b] (bits 0-2),
+    lo[32 + b] (bits 3-5), hi[b]'s low two bits (bits 6-7); byte 32 + k holds hi[32 + k] (bits 0-2),
+    hi[48 + k] (bits 3-5), the third bits of hi[k] (bit 6) and hi[16 + k] (bit 7). The tail stays 4-bit."""
     k = 160
     c2 = torch.zeros(4, k, dtype=torch.int64)
     c2[0, 0] = 1  # lo[0]: byte 0, bits 0-1
@@ -293,18 +294,19 @@ def test_layout_golden_bytes_2_and_3_bit():
     assert q2[128 + 16].item() == 0x30 and q2[128:].count_nonzero().item() == 1  # row 1's tail
 
     c3 = torch.zeros(4, k, dtype=torch.int64)
-    c3[0, 32] = 6  # hi[0]: low bits 2 at byte 0 bits 4-5; third bit j = 4, k = 0 -> byte 32 bit 4
-    c3[0, 32 + 17] = 5  # hi[34]: low bits 1 at byte 2 bits 6-7; third: j = 4 + 2, k = 2 -> byte 34 bit 6
-    c3[0, 64 + 5] = 7  # lo[11]: low bits 3 at byte 11 bits 0-1; third: j = 0, k = 11 -> byte 43 bit 0
-    c3[0, 64 + 16] = 4  # lo[33]: third bit only, j = 2, k = 1 -> byte 33 bit 2
+    c3[0, 32] = 6  # hi[0]: low bits 2 -> byte 0 bits 6-7; third bit -> byte 32 bit 6
+    c3[0, 32 + 17] = 5  # hi[34] = hi[32 + 2]: byte 34 bits 0-2
+    c3[0, 32 + 16 + 12] = 3  # hi[56] = hi[48 + 8]: byte 40 bits 3-5
+    c3[0, 32 + 9] = 4  # hi[18] = hi[16 + 2]: third bit only -> byte 34 bit 7
+    c3[0, 64 + 5] = 7  # lo[11]: byte 11 bits 0-2
+    c3[0, 64 + 16] = 5  # lo[33] = lo[32 + 1]: byte 1 bits 3-5
     c3[0, 128] = 5  # tail column 0: code 5 in the low nibble
     w3 = PackedWeight(pack_rows(c3, 3), torch.ones(4, 2, dtype=torch.float16), None, None, 3, 128, k, 4)
     q3 = repack(w3).qdata[0]
     assert q3.numel() == 4 * (48 + 16)
-    assert q3[0].item() == 0b10_0000 and q3[2].item() == 0b0100_0000 and q3[11].item() == 0b11
-    assert q3[32].item() == 0b1_0000 and q3[33].item() == 0b100 and q3[34].item() == 0b100_0000
-    assert q3[43].item() == 1
-    assert q3[:48].count_nonzero().item() == 7 and q3[48:192].count_nonzero().item() == 0
+    assert q3[0].item() == 0b1000_0000 and q3[1].item() == 0b10_1000 and q3[11].item() == 0b111
+    assert q3[32].item() == 0b0100_0000 and q3[34].item() == 0b1000_0101 and q3[40].item() == 0b01_1000
+    assert q3[:48].count_nonzero().item() == 6 and q3[48:192].count_nonzero().item() == 0
     assert q3[192].item() == 0x05
 
 
