@@ -112,7 +112,7 @@ def add_gradual(sub) -> None:
     p.add_argument("--calibration", default="builtin")
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--calib-seqlen", type=int, default=512)
-    _add_training_args(p, steps=300, lr=2e-4)
+    _add_training_args(p, steps=300, lr=2e-4, alpha=1.0)
     p.set_defaults(func=run_gradual)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 
-def _add_training_args(p: argparse.ArgumentParser, steps: int, lr: float) -> None:
+def _add_training_args(p: argparse.ArgumentParser, steps: int, lr: float, alpha: float) -> None:
     t = p.add_argument_group("training")
     t.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
     t.add_argument("--max-minutes", type=float,
@@ -29,7 +29,8 @@ def _add_training_args(p: argparse.ArgumentParser, steps: int, lr: float) -> Non
     d.add_argument("--heldout", type=int, default=4, help="windows kept out of training and evaluated")
     d.add_argument("--top-k", type=int, default=64, help="teacher logits kept per token")
     d.add_argument("--temperature", type=float, default=1.0)
-    d.add_argument("--alpha", type=float, default=1.0, help="weight of the KL term (1 - alpha: cross-entropy)")
+    d.add_argument("--alpha", type=float, default=alpha,
+                   help=f"weight of the KL term; 1 - alpha: cross-entropy on the text (default {alpha})")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--json", help="write the summary (with the per-step log) here too")
 
@@ -83,7 +84,7 @@ def add_recover(sub) -> None:
     p.add_argument("--blockwise-windows", type=int, default=64, help="training windows the block-wise phase uses")
     p.add_argument("--blockwise-lr-mult", type=float, default=5.0,
                    help="the block-wise phase's learning rates are the end-to-end ones times this (default 5)")
-    _add_training_args(p, steps=100, lr=1e-3)
+    _add_training_args(p, steps=100, lr=1e-3, alpha=0.5)
     p.set_defaults(func=run_recover)
 
 
@@ -109,7 +110,7 @@ def add_distill(sub) -> None:
     p.add_argument("--train-embeddings", action="store_true", help="also train the embedding and output layer")
     p.add_argument("--no-keep-sparsity", dest="keep_sparsity", action="store_false",
                    help="a pruned student's zeros train like any weight (default: they stay zero)")
-    _add_training_args(p, steps=200, lr=1e-4)
+    _add_training_args(p, steps=200, lr=1e-4, alpha=1.0)
     p.set_defaults(func=run_distill)
 
 

@@ -69,6 +69,24 @@ def test_kd_loss_mixes_kl_and_cross_entropy():
         KDLoss(1.0, 0.5)(s, None, labels)
 
 
+def test_recover_defaults_to_half_cross_entropy_and_distill_to_kl_alone():
+    """recover's loss defaults to alpha 0.5 on every road in (CLI, Python, a recipe's flat fields); a
+    recipe's job gets its own defaults under the fields it names (recover 100 steps, distill 200)."""
+    from llmquant.cli.main import build_parser
+    from llmquant.distill import DistillConfig, RecoverConfig
+    from llmquant.distill.recipes import config_from_flat
+
+    p = build_parser()
+    assert p.parse_args(["recover", "ckpt", "out", "--teacher", "t"]).alpha == 0.5
+    assert p.parse_args(["recover", "ckpt", "out", "--teacher", "t", "--alpha", "1"]).alpha == 1.0
+    assert p.parse_args(["distill", "t", "s", "out"]).alpha == 1.0
+    assert RecoverConfig().data.alpha == 0.5 and DistillConfig().data.alpha == 1.0
+    rc = config_from_flat(RecoverConfig, {"method": "recover", "lr": 3e-3, "data": "wiki"})
+    assert (rc.data.alpha, rc.data.source, rc.train.steps, rc.lr) == (0.5, "wiki", 100, 3e-3)
+    dc = config_from_flat(DistillConfig, {"alpha": 0.7, "max_minutes": 5})
+    assert (dc.data.alpha, dc.train.steps, dc.train.max_minutes) == (0.7, 200, 5)
+
+
 # --- the trainable quantized layer ----------------------------------------------------------------
 SCHEMES = [LayerQuant(4, 32, True), LayerQuant(3, 64, False), LayerQuant(2, 32, False), LayerQuant(8, -1, True)]
 
