@@ -40,7 +40,9 @@ def run(args: argparse.Namespace) -> dict:
             data=DataConfig(source=args.data, seqlen=args.seqlen, top_k=args.top_k, max_windows=args.max_windows,
                             alpha=args.alpha, temperature=args.temperature),
             lr=args.lr, train_norms=args.train_norms, lr_norms=args.lr_norms, train_codes=args.train_codes,
-            lr_codes=args.lr_codes, blockwise_steps=args.blockwise_steps, blockwise_windows=args.blockwise_windows,
+            lr_codes=args.lr_codes, end_to_end_codes=args.end_to_end_codes,
+            lr_codes_end_to_end=args.lr_codes_end_to_end, momentum_codes_end_to_end=args.momentum_codes_end_to_end,
+            blockwise_steps=args.blockwise_steps, blockwise_windows=args.blockwise_windows,
             blockwise_lr_mult=args.blockwise_lr_mult)
         training = recover(args.checkpoint, str(out_ckpt), args.teacher, config, teacher_cache=args.teacher_cache)
     proto = dict(corpus=args.corpus, context=args.context, max_tokens=args.max_tokens)
@@ -90,7 +92,8 @@ def write(result: dict, out: Path, quiet: bool = False) -> None:
     table = format_table(result["rows"], columns)
     cfg = t.get("recover_config", {})
     data, train = cfg.get("data", {}), cfg.get("train", {})
-    trained = ["scales"] + (["norms"] if cfg.get("train_norms") else [])
+    trained = (["scales"] + (["norms"] if cfg.get("train_norms") else [])
+               + (["code offsets"] if cfg.get("end_to_end_codes") else []))
     bw = t.get("blockwise")
     if bw:
         trained_bw = (f"block-wise phase first: {bw['steps_per_block']} Adam steps per block on {bw['windows']} windows, "
@@ -125,6 +128,11 @@ def write(result: dict, out: Path, quiet: bool = False) -> None:
         f"evaluations and saving included); trained {', '.join(trained)} "
         f"({t['trained_parameters']} values), lr {cfg.get('lr')}"
         + (f" (norms {cfg.get('lr_norms')})" if cfg.get("train_norms") else "")
+        + (f"; codes moved by signed gradient (step {cfg.get('lr_codes_end_to_end')}"
+           + (f", sign of the gradient's running mean, momentum {cfg['momentum_codes_end_to_end']}"
+              if cfg.get("momentum_codes_end_to_end") else "")
+           + f", one quantization step at most): {t['codes_changed_end_to_end']} of {t['codes']} moved"
+           if "codes_changed_end_to_end" in t else "")
         + f", optimizer {t['optimizer']} "
         f"({(t['optimizer_state_bytes'] or 0) / 2**20:.2f} MiB of state), batch {train.get('batch_size')} × "
         f"{train.get('grad_accum')} windows of {data.get('seqlen')} tokens.",
@@ -179,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-norms", action="store_true")
     p.add_argument("--train-codes", action="store_true")
     p.add_argument("--lr-codes", type=float, default=2e-2)
+    p.add_argument("--end-to-end-codes", action="store_true")
+    p.add_argument("--lr-codes-end-to-end", type=float, default=5e-3)
+    p.add_argument("--momentum-codes-end-to-end", type=float, default=0.0)
     p.add_argument("--teacher-cache", help="a file for the teacher's top-k targets that outlives the run")
     p.add_argument("--blockwise-steps", type=int, default=0)
     p.add_argument("--blockwise-windows", type=int, default=64)

@@ -77,6 +77,15 @@ def add_recover(sub) -> None:
     p.add_argument("--lr-codes", type=float, default=2e-2,
                    help="the code offsets' signed-gradient step, in quantization steps (default 2e-2; a code "
                         "moves once its offset passes 0.5)")
+    p.add_argument("--end-to-end-codes", action="store_true",
+                   help="in the end-to-end phase, let every code move one step up or down from the one the phase "
+                        "starts with (signed gradient on a bounded offset, on the training loss)")
+    p.add_argument("--lr-codes-end-to-end", type=float, default=5e-3,
+                   help="the end-to-end offsets' signed-gradient step at the top of the schedule (default 5e-3; "
+                        "an offset moves at most about this times steps / 2)")
+    p.add_argument("--momentum-codes-end-to-end", type=float, default=0.0,
+                   help="move the end-to-end offsets by the sign of their gradient's running mean (momentum, e.g. "
+                        "0.95) instead of each step's own gradient (default 0)")
     p.add_argument("--train-norms", action="store_true", help="also train the float norm weights")
     p.add_argument("--lr-norms", type=float, default=1e-4)
     p.add_argument("--blockwise-steps", type=int, default=0,
@@ -93,7 +102,8 @@ def run_recover(args: argparse.Namespace) -> int:
 
     train, data = _configs(args)
     config = RecoverConfig(train=train, data=data, lr=args.lr, train_codes=args.train_codes, lr_codes=args.lr_codes,
-                           train_norms=args.train_norms, lr_norms=args.lr_norms,
+                           end_to_end_codes=args.end_to_end_codes, lr_codes_end_to_end=args.lr_codes_end_to_end,
+                           momentum_codes_end_to_end=args.momentum_codes_end_to_end, train_norms=args.train_norms, lr_norms=args.lr_norms,
                            blockwise_steps=args.blockwise_steps, blockwise_windows=args.blockwise_windows,
                            blockwise_lr_mult=args.blockwise_lr_mult)
     summary = recover(args.checkpoint, args.out, args.teacher, config, state_dir=args.state_dir,

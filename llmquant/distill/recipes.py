@@ -75,6 +75,16 @@ class RecoverConfig:
     #: the offsets' signed-gradient step, in quantization steps, at the top of each block's cosine schedule
     #: (not multiplied by blockwise_lr_mult): within a block an offset moves at most about lr_codes * steps / 2
     lr_codes: float = 2e-2
+    #: in the end-to-end phase, let every code move one step up or down from the one the phase starts with
+    #: (the same signed-gradient offsets, on the training loss; after a block-wise phase with train_codes,
+    #: from the codes that phase left)
+    end_to_end_codes: bool = False
+    #: the end-to-end offsets' signed-gradient step at the top of the schedule (it follows the scales'
+    #: warm-up and cosine): an offset moves at most about lr_codes_end_to_end * steps / 2
+    lr_codes_end_to_end: float = 5e-3
+    #: the end-to-end offsets move by the sign of their gradient's running mean (momentum b; 0: of each
+    #: step's own gradient, which a batch of a few windows makes mostly noise)
+    momentum_codes_end_to_end: float = 0.0
     train_norms: bool = False  # the float norm weights too (stored as they are, format unchanged)
     lr_norms: float = 1e-4
     #: block-wise reconstruction first (llmquant.distill.blockwise): Adam steps per block, on this many windows
@@ -90,6 +100,10 @@ class RecoverConfig:
                              "(--blockwise-steps) too")
         if not self.lr_codes > 0:
             raise ValueError(f"lr_codes must be positive, got {self.lr_codes}")
+        if not self.lr_codes_end_to_end > 0:
+            raise ValueError(f"lr_codes_end_to_end must be positive, got {self.lr_codes_end_to_end}")
+        if not 0.0 <= self.momentum_codes_end_to_end < 1.0:
+            raise ValueError(f"momentum_codes_end_to_end must lie in [0, 1), got {self.momentum_codes_end_to_end}")
 
 
 @dataclass(frozen=True)
@@ -221,7 +235,7 @@ def recover(checkpoint: str, out: str, teacher: str, config: RecoverConfig = Rec
     train, train_t, held, held_t, teacher_model = _prepare_data(
         teacher, student, tok, config.data, state, progress, keep_teacher=blockwise,
         teacher_cache=Path(teacher_cache) if teacher_cache else None)
-    n_layers = open_for_training(student, train_codes=config.train_codes)
+    n_layers = open_for_training(student, train_codes=config.train_codes or config.end_to_end_codes)
     layers = [m for m in student.modules() if isinstance(m, TrainableQuantLinear)]
     groups = [{"name": "scales", "params": [m.log_scale for m in layers], "lr": config.lr}]
     if config.train_norms:
@@ -236,7 +250,7 @@ def recover(checkpoint: str, out: str, teacher: str, config: RecoverConfig = Rec
         del teacher_model
         gc.collect()
     codes = None
-    if config.train_codes:  # the end-to-end phase trains scales (and norms) on the codes the block phase left
+    if config.train_codes:  # the end-to-end phase starts from the codes the block phase left
         if block_report is not None:
             with torch.no_grad():
                 block_report["codes_changed"] = sum(int(m.current_codes().ne(m.codes).sum()) for m in layers)
@@ -244,6 +258,12 @@ def recover(checkpoint: str, out: str, teacher: str, config: RecoverConfig = Rec
         for m in layers:
             m.freeze_codes()
         codes = {f"{name}.codes": m.codes for name, m in student.named_modules() if isinstance(m, TrainableQuantLinear)}
+    if config.end_to_end_codes:  # ... and moves them again (offsets at 0), or keeps them (scales and norms only)
+        if config.train_codes:
+            for m in layers:
+                m.reopen_codes()
+        groups.append({"name": "codes", "params": [m.offset for m in layers], "lr": config.lr_codes_end_to_end,
+                       "momentum": config.momentum_codes_end_to_end, "sign": True})
     train_config = config.train
     if blockwise and train_config.max_minutes is not None:  # the time limit covers both phases
         left = train_config.max_minutes - block_report["seconds"] / 60
@@ -254,10 +274,15 @@ def recover(checkpoint: str, out: str, teacher: str, config: RecoverConfig = Rec
     trainer = Trainer(student, groups, train, train_t, config.data.loss(), train_config, state, held, held_t,
                       progress, identity=_identity(teacher, config.data, checkpoint=str(Path(checkpoint).resolve()),
                                                    train_codes=config.train_codes, train_norms=config.train_norms,
+                                                   end_to_end_codes=config.end_to_end_codes,
                                                    blockwise_steps=config.blockwise_steps,
                                                    blockwise_lr_mult=config.blockwise_lr_mult),
                       buffers=codes)
     summary = trainer.run()
+    if config.end_to_end_codes:
+        with torch.no_grad():
+            summary["codes_changed_end_to_end"] = sum(int(m.current_codes().ne(m.codes).sum()) for m in layers)
+        summary["codes"] = sum(m.codes.numel() for m in layers)
     close_after_training(student)
     for p in student.parameters():
         p.requires_grad_(False)

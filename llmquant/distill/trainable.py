@@ -12,9 +12,11 @@ straight-through gradient), starting at 0, so training starts from the stored co
 is trained by signed gradient descent (:class:`SignDescent`: every offset moves by the learning rate
 against its gradient's sign, then is clamped), with a learning rate that bounds how far an offset can
 go: a code moves only where its gradient keeps one sign for most steps (AutoRound's form, on a
-quantizer's codes instead of a float weight). ``recover`` trains offsets in the block-wise phase only,
-and keeps a block's moved codes only where they lower that block's error
-(:func:`~llmquant.distill.blockwise.blockwise_phase`). Free Adam on an unbounded latent was tried
+quantizer's codes instead of a float weight). ``recover`` trains offsets in the block-wise phase
+(``train_codes``) and keeps a block's moved codes only where they lower that block's error
+(:func:`~llmquant.distill.blockwise.blockwise_phase`); with ``end_to_end_codes`` they also move in the
+end-to-end phase, again one step at most from the codes that phase starts from, by signed descent on
+the training loss. Free Adam on an unbounded latent was tried
 first and had no good setting: at a latent learning rate of 1e-3 not one code moved in a 10-minute run
 (smollm2-135m INT3); at 5e-2 in the block-wise phase codes moved by several steps and block errors
 doubled (gemma3-270m INT4). The form is also not LSQ's ``round(w / s)``: starting on the grid, that
@@ -69,19 +71,32 @@ def fp16_ste(s: torch.Tensor) -> torch.Tensor:
 class SignDescent(torch.optim.Optimizer):
     """``p <- clamp(p - lr * sign(grad), -bound, bound)``: every value moves by exactly the learning rate
     (or not at all, where its gradient is 0), so ``lr`` times the number of steps bounds the whole move.
-    No state; weight decay and momentum are not supported."""
+    With ``momentum`` b > 0 the sign is that of the running mean ``m <- b m + (1 - b) grad`` (signSGD with
+    momentum, "Signum"): a value then moves steadily only where its gradient has kept one sign on
+    average over about 1 / (1 - b) steps, not where single noisy steps happen to agree. Without momentum
+    there is no state; weight decay is not supported."""
 
-    def __init__(self, params, lr: float, bound: float = CODE_BOUND) -> None:
+    def __init__(self, params, lr: float, bound: float = CODE_BOUND, momentum: float = 0.0) -> None:
         if not lr > 0:
             raise ValueError(f"SignDescent: the learning rate must be positive, got {lr}")
-        super().__init__(params, {"lr": lr, "bound": bound})
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"SignDescent: momentum must lie in [0, 1), got {momentum}")
+        super().__init__(params, {"lr": lr, "bound": bound, "momentum": momentum})
 
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
+            b = group.get("momentum", 0.0)
             for p in group["params"]:
-                if p.grad is not None:
-                    p.sub_(torch.sign(p.grad), alpha=group["lr"]).clamp_(-group["bound"], group["bound"])
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if b > 0:
+                    st = self.state[p]
+                    if "m" not in st:
+                        st["m"] = torch.zeros_like(p)
+                    d = st["m"].mul_(b).add_(p.grad, alpha=1 - b)
+                p.sub_(torch.sign(d), alpha=group["lr"]).clamp_(-group["bound"], group["bound"])
         return None
 
 
@@ -132,6 +147,13 @@ class TrainableQuantLinear(nn.Module):
         if self.offset is not None:
             self.codes.copy_(self.current_codes().to(torch.uint8))
             self.offset = None
+
+    def reopen_codes(self) -> nn.Parameter:
+        """Freeze the current codes (:meth:`freeze_codes`), then let them move again, one step at most from
+        these ones: a new offset at 0 (the end-to-end phase after a block-wise one that moved codes)."""
+        self.freeze_codes()
+        self.offset = nn.Parameter(torch.zeros(self.codes.shape, dtype=torch.float32))
+        return self.offset
 
     def weight(self) -> torch.Tensor:
         """The dequantized weight [N, K] in stored column order (the format's formula)."""

@@ -17,7 +17,9 @@ cosine decay to zero at ``steps``), the optimizer step.
 
 * **Optimizer**: bitsandbytes' 8-bit AdamW (``AdamW8bit``, which runs on CPU tensors since
   bitsandbytes 0.50) by default, ``torch.optim.AdamW`` as the alternative; the bytes of optimizer
-  state are measured after the first step and logged.
+  state are measured after the first step and logged. A group marked ``"sign": True`` (code offsets,
+  :mod:`llmquant.distill.trainable`) is stepped by :class:`~llmquant.distill.trainable.SignDescent`
+  instead, on the same schedule, and is left out of the gradient-norm clip (a sign does not care).
 * **State**: every ``checkpoint_every`` steps, on Ctrl-C and at a time limit, the trained tensors,
   the optimizer state, the step and the log are written atomically to ``state_dir/state.pt``.
   Running again with the same state folder resumes there, and ends with the very tensors an
@@ -180,8 +182,19 @@ class Trainer:
                 raise ValueError(f"pruned mask {n!r}: expected a bool mask of a trained parameter"
                                  f"{'' if p is None else f' of shape {tuple(p.shape)}'}, got {m.dtype} {tuple(m.shape)}")
         self._hold_zeros()
-        self.base_lr = [g["lr"] for g in groups]
-        self.opt = make_optimizer(groups, config)
+        adam = [{k: v for k, v in g.items() if k != "sign"} for g in groups if not g.get("sign")]
+        signed = [{k: v for k, v in g.items() if k != "sign"} for g in groups if g.get("sign")]
+        if not adam:
+            raise ValueError("a signed-gradient group (code offsets) trains only beside an Adam group (scales)")
+        #: ids of the parameters SignDescent steps (kept out of the gradient-norm clip)
+        self._signed = {id(p) for g in signed for p in g["params"]}
+        self.base_lr = [g["lr"] for g in adam] + [g["lr"] for g in signed]
+        self.opt = make_optimizer(adam, config)
+        self.sign_opt = None
+        if signed:
+            from llmquant.distill.trainable import SignDescent
+
+            self.sign_opt = SignDescent(signed, lr=signed[0]["lr"], momentum=signed[0].get("momentum", 0.0))
         self.step = 0
         #: the step count the schedule was fitted to (a time limit), None while it is ``config.steps``
         self.fitted: int | None = None
@@ -190,6 +203,9 @@ class Trainer:
         self.log: list[dict] = []
         self.evals: list[dict] = []
         self._perms: dict[int, torch.Tensor] = {}
+
+    def _param_groups(self) -> list[dict]:
+        return self.opt.param_groups + ([] if self.sign_opt is None else self.sign_opt.param_groups)
 
     @property
     def planned(self) -> int:
@@ -227,7 +243,9 @@ class Trainer:
         torch.save({"version": STATE_VERSION, "step": self.step, "fitted": self.fitted,
                     "identity": self.identity,
                     "params": {n: p.detach() for n, p in self.named.items()}, "buffers": self.buffers,
-                    "optimizer": self.opt.state_dict(), "log": self.log, "evals": self.evals}, tmp)
+                    "optimizer": self.opt.state_dict(),
+                    "sign_optimizer": None if self.sign_opt is None else self.sign_opt.state_dict(),
+                    "log": self.log, "evals": self.evals}, tmp)
         os.replace(tmp, path)
 
     def try_resume(self) -> bool:
@@ -251,6 +269,10 @@ class Trainer:
             for n, b in self.buffers.items():
                 b.copy_(state["buffers"][n])
         self.opt.load_state_dict(state["optimizer"])
+        if self.sign_opt is not None:
+            if state.get("sign_optimizer") is None:
+                raise ValueError(f"{path}: the state has no signed-gradient optimizer state; this run has one")
+            self.sign_opt.load_state_dict(state["sign_optimizer"])
         self.step, self.log, self.evals = state["step"], state["log"], state["evals"]
         self.fitted = state.get("fitted")
         logger.info("resumed from %s at step %d", path, self.step)
@@ -312,6 +334,8 @@ class Trainer:
                     break
                 ts = clock()
                 self.opt.zero_grad(set_to_none=True)
+                if self.sign_opt is not None:
+                    self.sign_opt.zero_grad(set_to_none=True)
                 sums: dict[str, float] = {}
                 for m in range(cfg.grad_accum):
                     loss, parts = self._forward_loss(self.batch_rows(self.step * cfg.grad_accum + m))
@@ -324,14 +348,16 @@ class Trainer:
                     g = self.named[n].grad
                     if g is not None:
                         g.masked_fill_(m, 0)
-                params = [p for p in self.named.values() if p.grad is not None]
+                params = [p for p in self.named.values() if p.grad is not None and id(p) not in self._signed]
                 norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)) if params else 0.0
                 if not math.isfinite(norm):
                     raise self._diverged("gradient norm", norm)
                 factor = lr_factor(self.step, cfg, self.fitted)
-                for g, base in zip(self.opt.param_groups, self.base_lr):
+                for g, base in zip(self._param_groups(), self.base_lr):
                     g["lr"] = base * factor
                 self.opt.step()
+                if self.sign_opt is not None:
+                    self.sign_opt.step()
                 self._hold_zeros()
                 if state_bytes is None:
                     state_bytes = optimizer_state_bytes(self.opt)

@@ -375,6 +375,24 @@ def test_recover_with_codes_moves_codes_one_step_at_most_and_keeps_the_format(in
         RecoverConfig(train_codes=True)
 
 
+def _recover_interrupted_at(stop: int, monkeypatch, int3_dir, out, teacher_dir, cfg) -> None:
+    """``recover`` stopped by Ctrl-C right after step ``stop`` (its state saved in ``out``.state)."""
+    from llmquant.distill import recipes
+
+    real_run = recipes.Trainer.run
+
+    def stopping(self, on_step=None):
+        def hook(step):
+            if step == stop:
+                raise KeyboardInterrupt
+        return real_run(self, on_step=hook)
+
+    monkeypatch.setattr(recipes.Trainer, "run", stopping)
+    with pytest.raises(TrainingInterrupted):
+        recover(str(int3_dir), str(out), str(teacher_dir), cfg, progress=False)
+    monkeypatch.setattr(recipes.Trainer, "run", real_run)
+
+
 def test_recover_with_codes_resumes_with_the_block_phase_codes(int3_dir, teacher_dir, tmp_path, text_file,
                                                               monkeypatch):
     """Interrupted in the end-to-end phase, a resumed run skips the block phase and restores its codes."""
@@ -385,18 +403,7 @@ def test_recover_with_codes_resumes_with_the_block_phase_codes(int3_dir, teacher
                         blockwise_windows=4)
     recover(str(int3_dir), str(tmp_path / "straight"), str(teacher_dir), cfg, progress=False)
 
-    real_run = recipes.Trainer.run
-
-    def stop_at_2(self, on_step=None):
-        def hook(step):
-            if step == 2:
-                raise KeyboardInterrupt
-        return real_run(self, on_step=hook)
-
-    monkeypatch.setattr(recipes.Trainer, "run", stop_at_2)
-    with pytest.raises(TrainingInterrupted):
-        recover(str(int3_dir), str(tmp_path / "resumed"), str(teacher_dir), cfg, progress=False)
-    monkeypatch.setattr(recipes.Trainer, "run", real_run)
+    _recover_interrupted_at(2, monkeypatch, int3_dir, tmp_path / "resumed", teacher_dir, cfg)
     blocks = []
     monkeypatch.setattr(recipes, "blockwise_phase", lambda *a, **kw: blocks.append(1))
     summary = recover(str(int3_dir), str(tmp_path / "resumed"), str(teacher_dir), cfg, progress=False)
@@ -405,6 +412,83 @@ def test_recover_with_codes_resumes_with_the_block_phase_codes(int3_dir, teacher
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     c0 = _codes(int3_dir)  # codes did move in the block phase, so the resumed run had to restore them
     assert any(not torch.equal(c, c0[k]) for k, c in _codes(tmp_path / "straight").items())
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.5])
+def test_end_to_end_codes_move_one_step_at_most_and_resume_exactly(int3_dir, teacher_dir, tmp_path, text_file,
+                                                                    monkeypatch, momentum):
+    """Codes moving in the end-to-end phase (no block phase): one step at most from the stored ones, the
+    count reported is what is stored, and an interrupted run resumes to the same bytes (with momentum:
+    its running means are part of the state)."""
+    data, train = _small(text_file, steps=6, checkpoint_every=1)
+    cfg = RecoverConfig(train=train, data=data, lr=1e-2, end_to_end_codes=True, lr_codes_end_to_end=0.3,
+                        momentum_codes_end_to_end=momentum)
+    out = tmp_path / "straight"
+    summary = recover(str(int3_dir), str(out), str(teacher_dir), cfg, progress=False)
+    before, after = load_file(int3_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    assert {k: (v.dtype, v.shape) for k, v in before.items()} == {k: (v.dtype, v.shape) for k, v in after.items()}
+    c0, c1 = _codes(int3_dir), _codes(out)
+    moved = sum(int((c1[k] != c0[k]).sum()) for k in c0)
+    assert moved > 0 and max(int((c1[k] - c0[k]).abs().max()) for k in c0) == 1
+    assert summary["codes_changed_end_to_end"] == moved and summary["codes"] == sum(v.numel() for v in c0.values())
+    assert summary["blockwise"] is None
+
+    _recover_interrupted_at(3, monkeypatch, int3_dir, tmp_path / "resumed", teacher_dir, cfg)
+    again = recover(str(int3_dir), str(tmp_path / "resumed"), str(teacher_dir), cfg, progress=False)
+    assert again["resumed_at"] == 3
+    b = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert after.keys() == b.keys() and all(torch.equal(after[k], b[k]) for k in after)
+    with pytest.raises(ValueError, match="lr_codes_end_to_end"):
+        RecoverConfig(end_to_end_codes=True, lr_codes_end_to_end=0)
+    with pytest.raises(ValueError, match="momentum_codes_end_to_end"):
+        RecoverConfig(end_to_end_codes=True, momentum_codes_end_to_end=1.0)
+
+
+def test_end_to_end_codes_after_block_codes_start_from_the_block_phase_codes(int3_dir, teacher_dir, tmp_path,
+                                                                            text_file):
+    """With both, the end-to-end phase starts from the block phase's codes: stored codes are at most two
+    steps from the checkpoint's, at most one from the block phase's."""
+    data, train = _small(text_file, steps=4)
+    cfg = RecoverConfig(train=train, data=data, train_codes=True, lr_codes=0.03, blockwise_steps=40,
+                        blockwise_windows=4, end_to_end_codes=True, lr_codes_end_to_end=0.3)
+    out = tmp_path / "rec"
+    summary = recover(str(int3_dir), str(out), str(teacher_dir), cfg, progress=False)
+    c0, c1 = _codes(int3_dir), _codes(out)
+    assert summary["blockwise"]["codes_changed"] > 0 and summary["codes_changed_end_to_end"] > 0
+    assert max(int((c1[k] - c0[k]).abs().max()) for k in c0) <= 2
+
+
+def test_signed_groups_stay_out_of_the_gradient_clip(tokenizer, text_file):
+    """The trainer clips the Adam groups' gradient norm only: a huge gradient on a signed group (code
+    offsets) leaves the scales' step as it is; the signed group moves by exactly its learning rate."""
+    torch.manual_seed(0)
+    model = build_tiny_llama(seed=1)
+    windows = torch.randint(5, 200, (4, 16))
+    a = model.model.layers[0].mlp.up_proj.weight
+    b = model.model.layers[0].mlp.down_proj.weight
+    a0, b0 = a.detach().clone(), b.detach().clone()
+    cfg = TrainConfig(steps=1, grad_accum=1, optimizer="adamw", eval_every=0, warmup_steps=0, max_grad_norm=1.0)
+    trainer = Trainer(model, [{"name": "a", "params": [a], "lr": 1e-3},
+                              {"name": "b", "params": [b], "lr": 0.25, "sign": True}],
+                      windows, None, KDLoss(alpha=0.0), cfg, progress=False)
+    trainer.run()
+    moved = (b.detach() - b0).abs()
+    assert torch.all((moved == 0) | torch.isclose(moved, torch.tensor(0.25)))
+    assert (moved > 0).float().mean() > 0.5
+    assert not torch.equal(a.detach(), a0)
+    # with momentum the sign is the running mean's: a first step moves like plain signed descent
+    from llmquant.distill.trainable import SignDescent
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = SignDescent([p], lr=0.1, momentum=0.9)
+    for g in ([1.0, -1.0, 0.0], [-0.5, -1.0, 0.0], [-0.5, -1.0, 0.0]):
+        p.grad = torch.tensor(g)
+        opt.step()
+    # running means: 0.1 -> 0.04 -> -0.014 (sign flips on the third step); -0.1, -0.19, -0.271; 0
+    assert torch.allclose(p.detach(), torch.tensor([-0.1, 0.3, 0.0]))
+    with pytest.raises(ValueError, match="beside an Adam group"):
+        Trainer(model, [{"name": "b", "params": [b], "lr": 0.1, "sign": True}], windows, None, KDLoss(alpha=0.0),
+                cfg, progress=False)
 
 
 def test_recover_refuses_bad_input_before_training(int3_dir, teacher_dir, tmp_path, text_file, tokenizer):
