@@ -10,8 +10,10 @@ One pass over the float model, block by block, on a slice of the calibration dat
    ``e(s) = tr(D H D^T)`` with D the weight error (GPTQ's objective). It is computed on a fixed random
    subset of rows (rows are independent given H) and scaled to all rows: round-to-nearest with the
    method's clipping search for every candidate, and GPTQ itself (the config's act-order and clip
-   settings) at 3 and 4 bits, group 128; GPTQ's error for every scheme is the round-to-nearest error
-   times the GPTQ/RTN ratio of the nearest of those bit widths (:func:`reference_bits`).
+   settings) at 3 and 4 bits, group 128 and (when per-channel schemes are candidates) per channel;
+   GPTQ's error for every scheme is the round-to-nearest error times the GPTQ/RTN ratio of the nearest
+   of those bit widths (:func:`reference_bits`) on its own kind of grid (per channel, or grouped).
+   Measurement version 2; version 1 used the group-128 ratios for per-channel schemes too.
    For ``method="rtn"`` the round-to-nearest error is the prediction.
 3. **Calibration against the real effect.** Output error in different layers costs the model very
    different amounts. For every *fused group* (the layers that read one input tensor: q/k/v, gate/up,
@@ -62,7 +64,7 @@ from llmquant.quantizers.grid import CLIP_STEP, _range_qparams, clip_search, fak
 
 logger = logging.getLogger(__name__)
 
-MEASUREMENT_VERSION = 1
+MEASUREMENT_VERSION = 2
 #: rows of each layer the per-scheme errors are computed on (all rows when the layer has fewer)
 ROWS = 128
 #: the clipping search of the per-scheme estimates tries every ESTIMATE_CLIP_STEP (the quantizers:
@@ -381,21 +383,32 @@ def layer_errors(
            * scale_rows for s in schemes}
     if not gptq:
         return rtn
-    ref_g = _reference_group(schemes)
+    # GPTQ/RTN ratios at the reference group size, and per channel where that is a candidate: GPTQ's gain
+    # differs most between grouped and per-channel grids (on gemma3-270m one ratio for both mispredicted
+    # per-channel errors by 0.16x-1.7x; grouped sizes among themselves mostly by 0.85x-1.2x)
+    grids = [_reference_group(schemes)] + ([-1] if any(s.group_size == -1 for s in schemes) else [])
+    grids = list(dict.fromkeys(grids))
     all_bits = sorted({s.bits for s in schemes})
-    ratio = {}
-    for bits in reference_bits(all_bits):
-        ref = LayerQuant(bits, ref_g, True)
-        q = _gptq_weight(ws.clone(), h, nsamples, ref, config, name)
-        e_gptq = _output_error(ws - q, h) * scale_rows
-        e_rtn = rtn.get(scheme_key(ref))
-        if e_rtn is None:
-            e_rtn = _output_error(ws - _rtn_weight(ws, ref, config.clip_search, importance, ESTIMATE_CLIP_STEP), h) * scale_rows
-        ratio[bits] = e_gptq / e_rtn if e_rtn > 0 else 1.0
-    for bits in all_bits:  # the nearest measured bit width's ratio (ties: the lower one)
-        if bits not in ratio:
-            ratio[bits] = ratio[min(ratio, key=lambda b: (abs(b - bits), b))]
-    return {scheme_key(s): rtn[scheme_key(s)] * ratio[s.bits] for s in schemes}
+    ratio: dict[tuple[int, bool], float] = {}
+    for g in grids:
+        for bits in reference_bits(all_bits):
+            ref = LayerQuant(bits, g, True)
+            q = _gptq_weight(ws.clone(), h, nsamples, ref, config, name)
+            e_gptq = _output_error(ws - q, h) * scale_rows
+            e_rtn = rtn.get(scheme_key(ref))
+            if e_rtn is None:
+                e_rtn = _output_error(ws - _rtn_weight(ws, ref, config.clip_search, importance, ESTIMATE_CLIP_STEP),
+                                      h) * scale_rows
+            ratio[(bits, g == -1)] = e_gptq / e_rtn if e_rtn > 0 else 1.0
+
+    def ratio_of(s: LayerQuant) -> float:
+        # the grid's own ratios if measured (per channel, or grouped), else the grouped ones; of those the
+        # nearest measured bit width's (ties: the lower one)
+        per_channel = s.group_size == -1 and any(pc for _, pc in ratio)
+        measured = {b: r for (b, pc), r in ratio.items() if pc == per_channel}
+        return measured[min(measured, key=lambda b: (abs(b - s.bits), b))]
+
+    return {scheme_key(s): rtn[scheme_key(s)] * ratio_of(s) for s in schemes}
 
 
 def reference_bits(bits: list[int]) -> list[int]:

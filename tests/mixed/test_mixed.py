@@ -134,6 +134,41 @@ def test_measurement_file_round_trip_and_checks(llama_measurement, tmp_path):
         Measurement.load(tmp_path / "bad.json")
 
 
+def test_gptq_error_estimates_use_each_grids_own_ratio():
+    """The reference schemes (3 and 4 bits, symmetric, group 128 and per channel) are predicted as GPTQ's
+    own error on them; the other schemes scale round-to-nearest by the ratio of their own kind of grid."""
+    from llmquant.mixed.measure import _gptq_weight, _output_error, _rtn_weight, ESTIMATE_CLIP_STEP, layer_errors
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 256, generator=g)
+    x = torch.randn(512, 256, generator=g) * torch.linspace(0.2, 3, 256)
+    h = 2 * x.t() @ x / 512
+    cfg = QuantConfig(method="gptq", bits=4, group_size=128)
+    schemes = [LayerQuant(b, gs, sym) for b in (2, 3, 4) for gs in (64, 128, -1) for sym in (True, False)]
+    est = layer_errors("l", w, h, 512, schemes, cfg)
+    imp = torch.diagonal(h).clone()
+
+    def gptq(s):
+        return _output_error(w - _gptq_weight(w.clone(), h, 512, s, cfg, "l"), h)
+
+    def rtn(s):
+        return _output_error(w - _rtn_weight(w, s, cfg.clip_search, imp, ESTIMATE_CLIP_STEP), h)
+
+    for bits in (3, 4):
+        for gs in (128, -1):
+            ref = LayerQuant(bits, gs, True)
+            assert est[scheme_key(ref)] == pytest.approx(gptq(ref), rel=1e-6)
+    ratio_ch3 = gptq(LayerQuant(3, -1, True)) / rtn(LayerQuant(3, -1, True))
+    ratio_g3 = gptq(LayerQuant(3, 128, True)) / rtn(LayerQuant(3, 128, True))
+    assert est["3gcha"] == pytest.approx(rtn(LayerQuant(3, -1, False)) * ratio_ch3, rel=1e-6)
+    assert est["2gchs"] == pytest.approx(rtn(LayerQuant(2, -1, True)) * ratio_ch3, rel=1e-6)  # 2 bits: 3's ratio
+    assert est["3g64s"] == pytest.approx(rtn(LayerQuant(3, 64, True)) * ratio_g3, rel=1e-6)
+    # without per-channel candidates no per-channel GPTQ runs, and grouped schemes keep the grouped ratio
+    grouped = [s for s in schemes if s.group_size != -1]
+    est2 = layer_errors("l", w, h, 512, grouped, cfg)
+    assert all(est2[k] == pytest.approx(est[k], rel=1e-6) for k in est2)
+
+
 def test_predicted_damage_tracks_the_real_kl():
     """The per-group calibration predicts the KL of another scheme than the probe's (within 3x on
     this model), and ranks groups as the real effect does."""
