@@ -23,7 +23,8 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 def run(args: argparse.Namespace) -> dict:
     import torch
 
-    from llmquant.distill import DataConfig, RecoverConfig, TrainConfig, recover
+    from llmquant.cli.train import recover_config
+    from llmquant.distill import DataConfig, TrainConfig, recover
     from llmquant.distill.recipes import LOG_FILE
     from llmquant.evals.compare import compare
     from llmquant.evals.machine import machine_info
@@ -34,16 +35,12 @@ def run(args: argparse.Namespace) -> dict:
     if out_ckpt.exists() and (out_ckpt / LOG_FILE).exists():
         training = json.loads((out_ckpt / LOG_FILE).read_text())
     else:
-        config = RecoverConfig(
-            train=TrainConfig(steps=args.steps, max_minutes=args.max_minutes, grad_accum=args.grad_accum,
-                              optimizer=args.optimizer),
-            data=DataConfig(source=args.data, seqlen=args.seqlen, top_k=args.top_k, max_windows=args.max_windows,
-                            alpha=args.alpha, temperature=args.temperature),
-            lr=args.lr, train_norms=args.train_norms, lr_norms=args.lr_norms, train_codes=args.train_codes,
-            lr_codes=args.lr_codes, end_to_end_codes=args.end_to_end_codes,
-            lr_codes_end_to_end=args.lr_codes_end_to_end, momentum_codes_end_to_end=args.momentum_codes_end_to_end,
-            blockwise_steps=args.blockwise_steps, blockwise_windows=args.blockwise_windows,
-            blockwise_lr_mult=args.blockwise_lr_mult)
+        config = recover_config(
+            args,
+            TrainConfig(steps=args.steps, max_minutes=args.max_minutes, grad_accum=args.grad_accum,
+                        optimizer=args.optimizer),
+            DataConfig(source=args.data, seqlen=args.seqlen, top_k=args.top_k, max_windows=args.max_windows,
+                       alpha=args.alpha, temperature=args.temperature))
         training = recover(args.checkpoint, str(out_ckpt), args.teacher, config, teacher_cache=args.teacher_cache)
     proto = dict(corpus=args.corpus, context=args.context, max_tokens=args.max_tokens)
     rows, teacher = [], None
@@ -174,6 +171,8 @@ def _plot(result: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from llmquant.cli.train import add_recover_options
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", required=True)
     p.add_argument("--checkpoint", required=True)
@@ -184,17 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--grad-accum", type=int, default=4)
     p.add_argument("--optimizer", default="adamw8bit")
-    p.add_argument("--train-norms", action="store_true")
-    p.add_argument("--train-codes", action="store_true")
-    p.add_argument("--lr-codes", type=float, default=2e-2)
-    p.add_argument("--end-to-end-codes", action="store_true")
-    p.add_argument("--lr-codes-end-to-end", type=float, default=5e-3)
-    p.add_argument("--momentum-codes-end-to-end", type=float, default=0.0)
+    add_recover_options(p)
     p.add_argument("--teacher-cache", help="a file for the teacher's top-k targets that outlives the run")
-    p.add_argument("--blockwise-steps", type=int, default=0)
-    p.add_argument("--blockwise-windows", type=int, default=64)
-    p.add_argument("--blockwise-lr-mult", type=float, default=5.0)
-    p.add_argument("--lr-norms", type=float, default=1e-4)
     p.add_argument("--data", default="builtin")
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--max-windows", type=int)

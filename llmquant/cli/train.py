@@ -66,11 +66,8 @@ def _report(summary: dict, out: str, path: str | None) -> None:
         write_log(path, summary)
 
 
-def add_recover(sub) -> None:
-    p = sub.add_parser("recover", help="train a quantized checkpoint's scales against its float teacher")
-    p.add_argument("checkpoint", help="an llmquant checkpoint (RTN, GPTQ or mixed)")
-    p.add_argument("out", help="output checkpoint folder (same format)")
-    p.add_argument("--teacher", required=True, help="the float model: built-in name or folder")
+def add_recover_options(p: argparse.ArgumentParser) -> None:
+    """What ``recover`` trains besides the scales (``llmquant recover`` and ``python -m evals.recovery``)."""
     p.add_argument("--train-codes", action="store_true",
                    help="in the block-wise phase, let every code move one step up or down (signed gradient on a "
                         "bounded offset); needs --blockwise-steps")
@@ -93,21 +90,34 @@ def add_recover(sub) -> None:
     p.add_argument("--blockwise-windows", type=int, default=64, help="training windows the block-wise phase uses")
     p.add_argument("--blockwise-lr-mult", type=float, default=5.0,
                    help="the block-wise phase's learning rates are the end-to-end ones times this (default 5)")
+
+
+def recover_config(args: argparse.Namespace, train, data):
+    """The RecoverConfig of parsed :func:`add_recover_options` (and ``--lr``) with these train/data configs."""
+    import dataclasses
+
+    from llmquant.distill import RecoverConfig
+
+    own = {f.name for f in dataclasses.fields(RecoverConfig)} - {"train", "data"}
+    return RecoverConfig(train=train, data=data, **{name: getattr(args, name) for name in own})
+
+
+def add_recover(sub) -> None:
+    p = sub.add_parser("recover", help="train a quantized checkpoint's scales against its float teacher")
+    p.add_argument("checkpoint", help="an llmquant checkpoint (RTN, GPTQ or mixed)")
+    p.add_argument("out", help="output checkpoint folder (same format)")
+    p.add_argument("--teacher", required=True, help="the float model: built-in name or folder")
+    add_recover_options(p)
     _add_training_args(p, steps=100, lr=1e-3, alpha=0.5)
     p.set_defaults(func=run_recover)
 
 
 def run_recover(args: argparse.Namespace) -> int:
-    from llmquant.distill import RecoverConfig, recover
+    from llmquant.distill import recover
 
     train, data = _configs(args)
-    config = RecoverConfig(train=train, data=data, lr=args.lr, train_codes=args.train_codes, lr_codes=args.lr_codes,
-                           end_to_end_codes=args.end_to_end_codes, lr_codes_end_to_end=args.lr_codes_end_to_end,
-                           momentum_codes_end_to_end=args.momentum_codes_end_to_end, train_norms=args.train_norms, lr_norms=args.lr_norms,
-                           blockwise_steps=args.blockwise_steps, blockwise_windows=args.blockwise_windows,
-                           blockwise_lr_mult=args.blockwise_lr_mult)
-    summary = recover(args.checkpoint, args.out, args.teacher, config, state_dir=args.state_dir,
-                      overwrite=args.overwrite, teacher_cache=args.teacher_cache)
+    summary = recover(args.checkpoint, args.out, args.teacher, recover_config(args, train, data),
+                      state_dir=args.state_dir, overwrite=args.overwrite, teacher_cache=args.teacher_cache)
     _report(summary, args.out, args.json)
     return 0
 

@@ -220,6 +220,12 @@ def _identity(teacher: str, data: DataConfig, **more) -> dict:
     return {"teacher": str(resolve(teacher)), "data": asdict(data), **more}
 
 
+@torch.no_grad()
+def _codes_moved(layers: list[TrainableQuantLinear]) -> tuple[int, int]:
+    """(codes whose current value differs from the frozen one, all codes) of ``layers``."""
+    return (sum(int(m.current_codes().ne(m.codes).sum()) for m in layers), sum(m.codes.numel() for m in layers))
+
+
 def recover(checkpoint: str, out: str, teacher: str, config: RecoverConfig = RecoverConfig(), *,
             state_dir: str | None = None, overwrite: bool = False, progress: bool = True,
             teacher_cache: str | None = None) -> dict:
@@ -252,9 +258,7 @@ def recover(checkpoint: str, out: str, teacher: str, config: RecoverConfig = Rec
     codes = None
     if config.train_codes:  # the end-to-end phase starts from the codes the block phase left
         if block_report is not None:
-            with torch.no_grad():
-                block_report["codes_changed"] = sum(int(m.current_codes().ne(m.codes).sum()) for m in layers)
-            block_report["codes"] = sum(m.codes.numel() for m in layers)
+            block_report["codes_changed"], block_report["codes"] = _codes_moved(layers)
         for m in layers:
             m.freeze_codes()
         codes = {f"{name}.codes": m.codes for name, m in student.named_modules() if isinstance(m, TrainableQuantLinear)}
@@ -280,9 +284,7 @@ def recover(checkpoint: str, out: str, teacher: str, config: RecoverConfig = Rec
                       buffers=codes)
     summary = trainer.run()
     if config.end_to_end_codes:
-        with torch.no_grad():
-            summary["codes_changed_end_to_end"] = sum(int(m.current_codes().ne(m.codes).sum()) for m in layers)
-        summary["codes"] = sum(m.codes.numel() for m in layers)
+        summary["codes_changed_end_to_end"], summary["codes"] = _codes_moved(layers)
     close_after_training(student)
     for p in student.parameters():
         p.requires_grad_(False)
