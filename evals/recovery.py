@@ -117,7 +117,8 @@ def write(result: dict, out: Path, quiet: bool = False) -> None:
         lines.append(f"KL(teacher ‖ model) over the whole vocabulary on the same evaluation tokens: quantized {kq:.4f} → "
                      f"recovered {kr:.4f}{lower}: how much closer to the teacher, apart from fitting the training text.")
     lines += [
-        f"Training: {trained_bw}end to end {describe_steps(t)}, {t['tokens']} tokens, "
+        f"Training: {trained_bw}end to end {describe_steps(t)}, {t['tokens']} tokens"
+        + (f" ({t['passes']:.2f} passes over the training windows)" if "passes" in t else "") + ", "
         f"{t['tokens_per_s']} tokens/s, {t['train_seconds_all_steps'] / 60:.1f} min of training steps"
         + (f" (resumed at step {t['resumed_at']}: the run was stopped and resumed from its saved state)"
            if t.get("resumed_at") else "")

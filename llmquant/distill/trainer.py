@@ -203,6 +203,7 @@ class Trainer:
         self.log: list[dict] = []
         self.evals: list[dict] = []
         self._perms: dict[int, torch.Tensor] = {}
+        self._warned_passes = False
 
     def _param_groups(self) -> list[dict]:
         return self.opt.param_groups + ([] if self.sign_opt is None else self.sign_opt.param_groups)
@@ -211,6 +212,21 @@ class Trainer:
     def planned(self) -> int:
         """The step at which the schedule ends: ``config.steps``, or fewer when fitted to a time limit."""
         return self.fitted or self.config.steps
+
+    def passes(self, steps: int) -> float:
+        """How many times ``steps`` steps go over the training windows (1.0: each window once)."""
+        return steps * self.config.grad_accum * self.config.batch_size / self.windows.shape[0]
+
+    def _warn_repeats(self) -> None:
+        """Say so (once a run) when the plan goes over the training text more than once."""
+        passes = self.passes(self.planned)
+        if passes > 1.0 and not self._warned_passes:
+            self._warned_passes = True
+            logger.warning(
+                "%d steps of %d windows go over the %d training windows %.1f times: once the text repeats, "
+                "the held-out loss usually stops improving while the training loss keeps falling; more "
+                "windows (max_windows / --max-windows, or a larger source) help more than repeats",
+                self.planned, self.config.grad_accum * self.config.batch_size, self.windows.shape[0], passes)
 
     # --- data order ------------------------------------------------------------------------------
     def batch_rows(self, micro: int) -> torch.Tensor:
@@ -325,6 +341,8 @@ class Trainer:
         step_times: list[float] = []
         # a resumed run keeps the plan it saved
         may_fit = cfg.max_minutes is not None and (resumed_at is None or self.fitted is None)
+        if not may_fit:
+            self._warn_repeats()
         bar = tqdm(total=self.planned, initial=self.step, desc="train", unit="step",
                    disable=not self.progress)
         try:
@@ -396,6 +414,7 @@ class Trainer:
             "steps": self.step, "steps_planned": cfg.steps, "steps_fitted": self.fitted, "stopped_by": stopped,
             "resumed_at": resumed_at,
             "seconds": round(wall, 1), "tokens": self.step * tokens_per_step,
+            "passes": round(self.passes(self.step), 3),
             "tokens_per_s": round(done * tokens_per_step / wall, 1) if wall > 0 else None,
             "optimizer": cfg.optimizer, "optimizer_state_bytes": state_bytes,
             "trained_parameters": sum(p.numel() for p in self.named.values()),
@@ -415,6 +434,7 @@ class Trainer:
             self.fitted = fitted
             bar.total = self.planned
             bar.refresh()
+        self._warn_repeats()
 
     def _diverged(self, what: str, value: float) -> TrainingDiverged:
         saved = self._state_path()

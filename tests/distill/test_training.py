@@ -220,6 +220,25 @@ def test_without_a_time_limit_the_schedule_is_the_steps_asked(tokenizer, text_fi
     assert describe_steps(summary) == "6/6 steps (stopped by steps)"
 
 
+@pytest.mark.parametrize("steps, warned", [(5, False), (6, True)])
+def test_a_plan_that_repeats_the_training_text_says_so(tokenizer, text_file, caplog, steps, warned):
+    # 20 training windows, 4 a step: 5 steps are one pass, 6 go over the text 1.2 times
+    student, groups, win, targets = _setup(tokenizer, text_file)
+    with caplog.at_level("WARNING", logger="llmquant.distill.trainer"):
+        summary = _trainer(student, groups, win, targets, None, steps=steps).run()
+    assert summary["passes"] == steps * 4 / 20
+    assert ("go over the 20 training windows 1.2 times" in caplog.text) is warned
+
+
+def test_a_time_limited_plan_warns_about_repeats_once_with_the_fitted_steps(tokenizer, text_file, caplog):
+    # 100 steps asked would be 20 passes; the 2-minute limit fits 11 (2.2 passes), refitted every 10 steps
+    student, groups, win, targets = _setup(tokenizer, text_file)
+    with caplog.at_level("WARNING", logger="llmquant.distill.trainer"):
+        _timed_trainer(student, groups, win, targets, None, _Clock(5.0), steps=100, max_minutes=2).run()
+    warnings = [r.getMessage() for r in caplog.records if "training windows" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("11 steps of 4 windows") and "2.2 times" in warnings[0]
+
+
 # --- recover and distill, end to end --------------------------------------------------------------
 def _teacher_model():
     """A tiny random Llama with confident predictions (a random one is near-uniform: nothing to learn)."""
