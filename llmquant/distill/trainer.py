@@ -213,9 +213,13 @@ class Trainer:
         """The step at which the schedule ends: ``config.steps``, or fewer when fitted to a time limit."""
         return self.fitted or self.config.steps
 
+    @property
+    def windows_per_step(self) -> int:
+        return self.config.grad_accum * self.config.batch_size
+
     def passes(self, steps: int) -> float:
         """How many times ``steps`` steps go over the training windows (1.0: each window once)."""
-        return steps * self.config.grad_accum * self.config.batch_size / self.windows.shape[0]
+        return steps * self.windows_per_step / self.windows.shape[0]
 
     def _warn_repeats(self) -> None:
         """Say so (once a run) when the plan goes over the training text more than once."""
@@ -226,7 +230,7 @@ class Trainer:
                 "%d steps of %d windows go over the %d training windows %.1f times: once the text repeats, "
                 "the held-out loss usually stops improving while the training loss keeps falling; more "
                 "windows (max_windows / --max-windows, or a larger source) help more than repeats",
-                self.planned, self.config.grad_accum * self.config.batch_size, self.windows.shape[0], passes)
+                self.planned, self.windows_per_step, self.windows.shape[0], passes)
 
     # --- data order ------------------------------------------------------------------------------
     def batch_rows(self, micro: int) -> torch.Tensor:
@@ -334,7 +338,7 @@ class Trainer:
         t0 = clock()
         stopped = "steps"
         state_bytes = None
-        tokens_per_step = cfg.grad_accum * cfg.batch_size * self.windows.shape[1]
+        tokens_per_step = self.windows_per_step * self.windows.shape[1]
         if not self.evals:
             self.evaluate()
         eval_s = clock() - t0
