@@ -27,7 +27,7 @@ from llmquant.kernels.registry import env_switch
 
 logger = logging.getLogger(__name__)
 
-ABI_VERSION = 6  # must match LQ_ABI_VERSION in kernels/csrc/lq_api.c
+ABI_VERSION = 7  # must match LQ_ABI_VERSION in kernels/csrc/lq_api.c
 #: LQ_ISA_* in lq_cpu.h, by number ("avx2_vnni", numbered last, ranks between avx2 and avx512)
 ISA_NAMES = ("scalar", "avx2", "avx512", "avx512_bf16", "neon", "neon_dotprod", "avx2_vnni")
 #: the instruction sets of each architecture, weakest first (each also has "scalar"); avx2_vnni is AVX2 with
@@ -101,6 +101,10 @@ class Native:
         lib.lq_has_avx_vnni.argtypes = []
         lib.lq_set_openmp.restype = _i32
         lib.lq_set_openmp.argtypes = [_vp, _vp, _vp]
+        lib.lq_set_prefetch.restype = _i32
+        lib.lq_set_prefetch.argtypes = [_i32, _i32]
+        lib.lq_get_prefetch.restype = _i32
+        lib.lq_get_prefetch.argtypes = [_i32]
         self.detected_isa = ISA_NAMES[lib.lq_detect_isa()]
         # fp32 decode (M = 1) of 4-bit layers runs on integer dot products (see kernels/cpu.py)
         self.has_vnni = bool(lib.lq_has_vnni())
@@ -111,6 +115,16 @@ class Native:
         self.isa = self.detected_isa if cap < 0 else min(ISA_NAMES[cap], self.detected_isa, key=isa_rank)
         if self.isa == "avx2_vnni" and not self.has_avx_vnni:
             self.isa = "avx2"
+
+    @property
+    def prefetch(self) -> tuple[int, int]:
+        """Bytes ahead the AVX2 GEMVs prefetch their codes into L1 and into L2 (0: no such prefetch): the
+        measured defaults (lq_api.c), or what was set."""
+        return self._lib.lq_get_prefetch(1), self._lib.lq_get_prefetch(2)
+
+    @prefetch.setter
+    def prefetch(self, l1_l2: tuple[int, int]) -> None:
+        self._check(self._lib.lq_set_prefetch(*l1_l2), "prefetch distances")
 
     def _check(self, rc: int, what: str) -> None:
         if rc == 0:
@@ -174,6 +188,20 @@ def requested_threads() -> str:
     if v not in ("openmp", "pool"):
         raise ValueError(f"LLMQUANT_CPU_THREADS={v!r}: expected 'openmp' or 'pool'")
     return v
+
+
+def requested_prefetch() -> tuple[int, int] | None:
+    """LLMQUANT_CPU_PREFETCH="L1,L2": bytes ahead the AVX2 GEMVs prefetch their codes into L1 and into
+    L2 (multiples of 64, 0: none), for tuning a CPU the defaults were not measured on; unset: the
+    measured defaults (2048, 16384)."""
+    v = os.environ.get("LLMQUANT_CPU_PREFETCH", "").strip()
+    if not v:
+        return None
+    try:
+        l1, l2 = (int(p) for p in v.split(","))
+    except ValueError:
+        raise ValueError(f"LLMQUANT_CPU_PREFETCH={v!r}: expected two byte counts, e.g. '2048,16384'") from None
+    return l1, l2
 
 
 def isa_family(isa: str) -> tuple[str, ...]:
@@ -244,6 +272,9 @@ def load() -> tuple[Native | None, str]:
             if version == ABI_VERSION:
                 native = Native(lib, path)
                 native.threads = native.use_threads(requested_threads())
+                pf = requested_prefetch()
+                if pf is not None:
+                    native.prefetch = pf
                 logger.info("llmquant CPU kernels: %s, %s threads (%s)", native.detected_isa, native.threads, path)
                 return native, ""
             why = f"{path} has ABI version {version}, this llmquant expects {ABI_VERSION}: rebuild it"

@@ -35,16 +35,12 @@
 #endif
 
 #include "lq_x86_inl.h"
-/* bytes ahead the integer GEMVs prefetch their codes into L1 and, further, into L2: measured cold
- * (weights from DRAM), 4096 x 4096, 2 threads, 1024-8192 into L1 alone (2048 best), then + 8192 or
- * 16384 into L2: INT8 activations 0.67 -> 0.48 ms, the exact fp32 decode (three limbs, more compute
- * per byte) 77 -> 78% of the read bandwidth */
-#ifndef LQ_PF_DIST
-#define LQ_PF_DIST 2048
-#endif
-#ifndef LQ_PF2_DIST
-#define LQ_PF2_DIST 16384
-#endif
+/* The cache line lq_pf_l1 bytes after p into L1 and, when lq_pf_l2 > 0, the one lq_pf_l2 bytes after it
+ * into L2 (lq_cpu.h); 0 means no such prefetch. The GEMVs call it for every line of codes they read. */
+INLINE void prefetch_line(const uint8_t *p) {
+    if (lq_pf_l1) _mm_prefetch((const char *)p + lq_pf_l1, _MM_HINT_T0);
+    if (lq_pf_l2) _mm_prefetch((const char *)p + lq_pf_l2, _MM_HINT_T1);
+}
 
 INLINE float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -111,8 +107,7 @@ INLINE void gemv_k(const lq_layout *L, int64_t t, const float *x, int64_t ldx, c
         if (kb % LQ_SB == 0 && kb / LQ_SB < nsb) {
             const uint8_t *q = lq_sb_row(L, t, kb / LQ_SB, 0);
             for (int64_t j = 0; j < sbb; j += 64) {
-                _mm_prefetch((const char *)q + LQ_PF_DIST + j, _MM_HINT_T0);
-                _mm_prefetch((const char *)q + LQ_PF2_DIST + j, _MM_HINT_T1);
+                prefetch_line(q + j);
             }
         }
         for (int r = 0; r < 4; r++) {
@@ -418,8 +413,7 @@ static int prepare_xi_avx2(const float *xr, int64_t nsb, int nlimbs, uint8_t *xi
 /* the 8 cache lines of an 8-bit superblock's 4 rows, ahead into L1 and further into L2 */
 INLINE void prefetch_8bit_superblock(const uint8_t *q) {
     for (int j = 0; j < 8; j++) {
-        _mm_prefetch((const char *)q + LQ_PF_DIST + 64 * j, _MM_HINT_T0);
-        _mm_prefetch((const char *)q + LQ_PF2_DIST + 64 * j, _MM_HINT_T1);
+        prefetch_line(q + 64 * j);
     }
 }
 
@@ -527,8 +521,7 @@ INLINE void gemv_x3_k(const lq_layout *L, int64_t t, const uint8_t *xi, const in
     for (int64_t sb = 0; sb < nsb; sb++, q += 4 * rowb, xi += LQ_XI_SB_BYTES(3)) {
         igroups_at(&G, L, t, sb);
         for (int r = 0; r < 4 * PB / 4; r++) {
-            _mm_prefetch((const char *)q + LQ_PF_DIST + 64 * r, _MM_HINT_T0);
-            _mm_prefetch((const char *)q + LQ_PF2_DIST + 64 * r, _MM_HINT_T1);
+            prefetch_line(q + 64 * r);
         }
         /* the zero-point term -z sum m over both halves: for a symmetric layer the same for every row */
         const __m256i msum = _mm256_add_epi32(_mm256_load_si256((const __m256i *)(xi + 384)),
@@ -720,8 +713,7 @@ INLINE void gemv_a8_k(const lq_layout *L, int64_t t, const uint8_t *xi, int64_t 
     for (int64_t sb = 0; sb < nsb; sb++, q += 4 * rowb, xi += LQ_XI_SB_BYTES(1)) {
         igroups_at(&G, L, t, sb);
         for (int r = 0; r < 4 * PB / 4; r++) {
-            _mm_prefetch((const char *)q + LQ_PF_DIST + 64 * r, _MM_HINT_T0);
-            _mm_prefetch((const char *)q + LQ_PF2_DIST + 64 * r, _MM_HINT_T1);
+            prefetch_line(q + 64 * r);
         }
         __m256i zt[2];
         for (int i = 0; i < MM; i++) { /* sum m over both halves; -z sum m once per row when symmetric */

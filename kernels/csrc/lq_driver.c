@@ -202,16 +202,22 @@ static int run_gemm(const lq_problem *p, int64_t t_begin, int64_t t_end) {
 #define LQ_NCB_OP 64
 #endif
 
-/* every row of x (fp32, columns [k0, k0 + kc)) times one packed panel P, into (acc) or over C's column
- * block ([M][LQ_NCB_OP], C points at the panel's first column); rows in near-equal blocks of <= LQ_MR */
-static void op_f32_panel(const lq_problem *p, const float *P, int64_t k0, int64_t kc, float *C, int acc) {
-    const int64_t M = p->M, nmb = (M + LQ_MR - 1) / LQ_MR;
+/* rows [mb, me) of x (fp32, columns [k0, k0 + kc)) times one packed panel P, into (acc) or over C's column
+ * block ([me - mb][LQ_NCB_OP], row mb first; C points at the panel's first column); rows in near-equal
+ * blocks of <= LQ_MR */
+static void op_f32_panel_rows(const lq_problem *p, int64_t mb, int64_t me, const float *P, int64_t k0, int64_t kc,
+                              float *C, int acc) {
+    const int64_t M = me - mb, nmb = (M + LQ_MR - 1) / LQ_MR;
     for (int64_t b = 0; b < nmb; b++) {
         const int64_t m0 = M * b / nmb;
         const int mr = (int)(M * (b + 1) / nmb - m0);
-        p->kern->micro_op_f32((const float *)p->xp + m0 * p->ldx + k0, p->ldx, P, kc, mr, C + m0 * LQ_NCB_OP, LQ_NCB_OP,
-                              acc);
+        p->kern->micro_op_f32((const float *)p->xp + (mb + m0) * p->ldx + k0, p->ldx, P, kc, mr, C + m0 * LQ_NCB_OP,
+                              LQ_NCB_OP, acc);
     }
+}
+
+static void op_f32_panel(const lq_problem *p, const float *P, int64_t k0, int64_t kc, float *C, int acc) {
+    op_f32_panel_rows(p, 0, p->M, P, k0, kc, C, acc);
 }
 
 static int run_gemm_op(const lq_problem *p, int64_t t_begin, int64_t t_end) {
@@ -255,6 +261,19 @@ static int run_gemm_op(const lq_problem *p, int64_t t_begin, int64_t t_end) {
 #ifndef LQ_I8_SBC
 #define LQ_I8_SBC 8
 #endif
+/* bytes of prepared rows of x one pass of the INT8 GEMM takes at most (they stay in L2 while every weight
+ * panel of the thread goes by; each pass packs the panels again). Measured with AVX2 on a 2-core Xeon (2 MiB
+ * L2), 4096 x 4096, M = 256 (2 MiB of prepared x): one pass 28.0 ms (each row 15% slower than at M = 128,
+ * 1 MiB), passes of 1 MiB 24.7 ms, 512 KiB 26.0, 256 KiB 29.3 (packing again costs) */
+#ifndef LQ_I8_X_BYTES
+#define LQ_I8_X_BYTES (1 << 20)
+#endif
+/* rows of x a pass of the INT8 GEMM: M in near-equal passes of at most LQ_I8_X_BYTES, a multiple of LQ_I8_MR */
+static int64_t i8_pass_rows(int64_t M, int64_t xi_row) {
+    const int64_t npass = (M * xi_row + LQ_I8_X_BYTES - 1) / LQ_I8_X_BYTES;
+    const int64_t mc = (M + npass - 1) / npass;
+    return (mc + LQ_I8_MR - 1) / LQ_I8_MR * LQ_I8_MR;
+}
 #ifndef LQ_I8_OP_MIN_M
 #define LQ_I8_OP_MIN_M 12 /* measured crossover against run_gemv_i8 (AVX2, 4096 x 4096): between 8 and 12 */
 #endif
@@ -265,7 +284,8 @@ static int run_gemm_op_i8(const lq_problem *p, int64_t t_begin, int64_t t_end) {
     const int64_t sbc = nsb < LQ_I8_SBC ? nsb : LQ_I8_SBC, tpp = LQ_NR / LQ_TILE;
     uint8_t *pk = (uint8_t *)lq_alloc((size_t)sbc * LQ_I8_PANEL_SB);
     float *pkf = tail ? (float *)lq_alloc((size_t)tail * LQ_NR * sizeof(float)) : NULL;
-    float *cblk = (float *)lq_alloc((size_t)M * LQ_NCB_OP * sizeof(float));
+    const int64_t mc = i8_pass_rows(M, xi_row);
+    float *cblk = (float *)lq_alloc((size_t)(M < mc ? M : mc) * LQ_NCB_OP * sizeof(float));
     int32_t *zs = (int32_t *)lq_alloc((size_t)M * ldzs * sizeof(int32_t));
     if (!pk || (tail && !pkf) || !cblk || !zs) {
         free(pk);
@@ -282,27 +302,33 @@ static int run_gemm_op_i8(const lq_problem *p, int64_t t_begin, int64_t t_end) {
                 zs[m * ldzs + sb * 8 + s] = (ms[s] + ms[s + 8]) * (L->z ? 1 : -L->zc);
         }
     const int asym = L->z != NULL;
-    for (int64_t tb = t_begin; tb < t_end; tb += LQ_NCB_OP / LQ_TILE) {
-        const int64_t ntl = t_end - tb < LQ_NCB_OP / LQ_TILE ? t_end - tb : LQ_NCB_OP / LQ_TILE;
-        memset(cblk, 0, (size_t)M * LQ_NCB_OP * sizeof(float));
-        for (int64_t j = 0; j * tpp < ntl; j++) {
-            const int64_t t0 = tb + j * tpp;
-            const int nt = ntl - j * tpp < tpp ? (int)(ntl - j * tpp) : (int)tpp;
-            for (int64_t sb0 = 0; sb0 < nsb; sb0 += sbc) {
-                const int64_t n = nsb - sb0 < sbc ? nsb - sb0 : sbc;
-                p->kern->pack_i8(L, t0, nt, sb0, n, pk);
-                for (int64_t m0 = 0; m0 < M; m0 += LQ_I8_MR) {
-                    const int mr = M - m0 < LQ_I8_MR ? (int)(M - m0) : LQ_I8_MR;
-                    p->kern->micro_op_i8(p->xi + m0 * xi_row + sb0 * LQ_XI_SB_BYTES(1), xi_row, zs + m0 * ldzs + sb0 * 8,
-                                         ldzs, pk, n, mr, asym, cblk + m0 * LQ_NCB_OP + j * LQ_NR, LQ_NCB_OP);
+    /* rows of x a pass: their prepared rows stay in L2 while every weight panel goes by */
+    for (int64_t mb = 0; mb < M; mb += mc) {
+        const int64_t me = M - mb < mc ? M : mb + mc;
+        for (int64_t tb = t_begin; tb < t_end; tb += LQ_NCB_OP / LQ_TILE) {
+            const int64_t ntl = t_end - tb < LQ_NCB_OP / LQ_TILE ? t_end - tb : LQ_NCB_OP / LQ_TILE;
+            memset(cblk, 0, (size_t)(me - mb) * LQ_NCB_OP * sizeof(float));
+            for (int64_t j = 0; j * tpp < ntl; j++) {
+                const int64_t t0 = tb + j * tpp;
+                const int nt = ntl - j * tpp < tpp ? (int)(ntl - j * tpp) : (int)tpp;
+                for (int64_t sb0 = 0; sb0 < nsb; sb0 += sbc) {
+                    const int64_t n = nsb - sb0 < sbc ? nsb - sb0 : sbc;
+                    p->kern->pack_i8(L, t0, nt, sb0, n, pk);
+                    for (int64_t m0 = mb; m0 < me; m0 += LQ_I8_MR) {
+                        const int mr = me - m0 < LQ_I8_MR ? (int)(me - m0) : LQ_I8_MR;
+                        p->kern->micro_op_i8(p->xi + m0 * xi_row + sb0 * LQ_XI_SB_BYTES(1), xi_row,
+                                             zs + m0 * ldzs + sb0 * 8, ldzs, pk, n, mr, asym,
+                                             cblk + (m0 - mb) * LQ_NCB_OP + j * LQ_NR, LQ_NCB_OP);
+                    }
+                }
+                if (tail) {
+                    p->kern->dequant_panel_f32(L, t0, nt, nsb * LQ_SB, tail, pkf);
+                    op_f32_panel_rows(p, mb, me, pkf, nsb * LQ_SB, tail, cblk + j * LQ_NR, 1);
                 }
             }
-            if (tail) {
-                p->kern->dequant_panel_f32(L, t0, nt, nsb * LQ_SB, tail, pkf);
-                op_f32_panel(p, pkf, nsb * LQ_SB, tail, cblk + j * LQ_NR, 1);
-            }
+            for (int64_t m = mb; m < me; m++)
+                store_rows(p, m, tb * LQ_TILE, ntl * LQ_TILE, cblk + (m - mb) * LQ_NCB_OP);
         }
-        for (int64_t m = 0; m < M; m++) store_rows(p, m, tb * LQ_TILE, ntl * LQ_TILE, cblk + m * LQ_NCB_OP);
     }
     free(pk);
     free(pkf);

@@ -553,6 +553,55 @@ def test_act_int8_is_exactly_the_emulation(layers, isa, m):
 
 
 @needs_native
+@pytest.mark.parametrize("isa", INT_ISAS)
+@pytest.mark.parametrize("sym", [True, False])
+def test_act_int8_gemm_in_several_passes_over_x(isa, sym):
+    """The INT8 GEMM takes the rows of x in passes of at most 1 MiB of prepared rows (lq_driver.c,
+    LQ_I8_X_BYTES): 301 rows of 4224 columns (8 KiB each) run in passes of 102, 102 and 97 rows. Every
+    row is the emulation's, and bit for bit what the same rows give in one pass."""
+    k = 4224  # 33 superblocks (the 33rd has 128 columns: whole) -- and a tail below
+    for kk in (k, k + 96):
+        w = make_packed(4, 128, sym, False, 21, kk, seed=11)
+        lay = repack(w)
+        x = torch.randn(301, kk) * torch.exp(2 * torch.randn(1, kk))
+        y = cpu_linear(x, lay, isa=isa, act_int8=True)
+        check_fp32(y, dequant_matmul_ref(x, w, act_int8=True))
+        for a, b in ((0, 102), (102, 204), (204, 301)):
+            assert torch.equal(y[a:b], cpu_linear(x[a:b], lay, isa=isa, act_int8=True)), (kk, a)
+
+
+@needs_native
+def test_prefetch_distances_are_settable_checked_and_change_no_result(monkeypatch):
+    """LLMQUANT_CPU_PREFETCH / Native.prefetch set how far ahead the AVX2 GEMVs prefetch their codes:
+    bad values are refused with the numbers, and no distance changes a result."""
+    default = NATIVE.prefetch
+    assert default == (cpu_native.requested_prefetch() or (2048, 16384))
+    lay = repack(make_packed(4, 128, True, False, 37, 1152, seed=2))
+    x = torch.randn(2, 1152)
+    isa = "avx2" if "avx2" in ISAS else ISAS[-1]
+    ref = [cpu_linear(x[:m], lay, isa=isa, act_int8=a) for m in (1, 2) for a in (False, True)]
+    try:
+        for pf in ((0, 0), (64, 0), (4096, 65536)):
+            NATIVE.prefetch = pf
+            assert NATIVE.prefetch == pf
+            got = [cpu_linear(x[:m], lay, isa=isa, act_int8=a) for m in (1, 2) for a in (False, True)]
+            assert all(torch.equal(g, r) for g, r in zip(got, ref)), pf
+        for bad in ((100, 0), (-64, 0), (0, 1 << 21)):
+            with pytest.raises(ValueError, match="multiples of 64"):
+                NATIVE.prefetch = bad
+        assert NATIVE.prefetch == (4096, 65536)  # a refused setting changes nothing
+    finally:
+        NATIVE.prefetch = default
+    monkeypatch.setenv("LLMQUANT_CPU_PREFETCH", "1024,0")
+    assert cpu_native.requested_prefetch() == (1024, 0)
+    monkeypatch.setenv("LLMQUANT_CPU_PREFETCH", "1024")
+    with pytest.raises(ValueError, match="LLMQUANT_CPU_PREFETCH='1024'"):
+        cpu_native.requested_prefetch()
+    monkeypatch.delenv("LLMQUANT_CPU_PREFETCH")
+    assert cpu_native.requested_prefetch() is None
+
+
+@needs_native
 def test_act_int8_emulation_matches_the_definition():
     """quantize_x by hand: lane l of superblock s holds columns 128 s + 32 c + 2 l + j; one power of two
     per lane; 7 bits."""
