@@ -24,15 +24,18 @@ per row of x +5.3%, one per 128 columns +0.86%.
 
 The kernel's fp32 path at M = 1 of 2- to 4-bit codes uses the same groups with 22 bits instead of 7
 (three int8 limbs): :func:`quantize_x` with ``bits=22`` is that representation, within fp32 rounding
-of x itself.
+of x itself. Where the CPU kernels have it (AVX2 and the scalar code), bf16 x at M = 1 (and fp32 x
+under torch's "medium" matmul precision) takes two limbs, 15 bits (``bits=15``): exact for a bf16
+value at least 2^-6 of the largest of its 16 columns, and within 2^-14 of that largest otherwise.
 """
 from __future__ import annotations
 
 import torch
 
 SB = 128  # columns per superblock
-#: fractional bits per lane: 6 for INT8 (|m| <= 127), 21 for the fp32 path's 22-bit integers
-SHIFT = {8: 6, 22: 21}
+#: fractional bits per lane: 6 for INT8 (|m| <= 127), 13 for the two-limb (bf16-class) decode's 15-bit
+#: integers, 21 for the fp32 path's 22-bit integers
+SHIFT = {8: 6, 15: 13, 22: 21}
 
 
 def applies(bits: int, group_size: int, in_features: int) -> bool:
@@ -46,7 +49,7 @@ def quantize_x(x: torch.Tensor, bits: int = 8, code_bits: int = 4) -> torch.Tens
     whole superblocks replaced by their quantized values m * 2^(e - S), in float32, grouped as the
     kernel groups them for a layer of ``code_bits``-bit codes."""
     if bits not in SHIFT:
-        raise ValueError(f"bits must be 8 or 22, got {bits}")
+        raise ValueError(f"bits must be one of {sorted(SHIFT)}, got {bits}")
     if code_bits not in (2, 3, 4, 8):
         raise ValueError(f"code_bits must be 2, 3, 4 or 8, got {code_bits}")
     shift = SHIFT[bits]

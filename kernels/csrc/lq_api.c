@@ -335,8 +335,9 @@ LQ_API int lq_linear(const lq_weights *w, const void *x, int x_dtype, int64_t M,
     /* x on integer dot products (lq_cpu.h) where the layout allows: 2- to 4-bit codes (read as 4-bit) and
      * 8-bit codes whose groups change at superblock boundaries. Dynamic INT8 activations (LQ_FLAG_A8) at
      * every M; else
-     * decode (M = 1) in 24-bit block floating point, fp32 and bf16 x alike (bf16 x is widened: exact,
-     * and at M = 1 faster than the bf16 GEMV where measured), unless LQ_FLAG_F32_NO_INT. */
+     * decode (M = 1) in 24-bit block floating point (fp32 x), or 16-bit (bf16 x, and fp32 x under
+     * LQ_FLAG_F32_VIA_BF16, where the kernels take two limbs: lq_cpu.h; at M = 1 faster than the bf16
+     * GEMV where measured), unless LQ_FLAG_F32_NO_INT. */
     const int i8_groups = (p.L.NG == 1 || p.L.G % LQ_SB == 0) && lq_nsb(&p.L) > 0 &&
                           (!p.kern->i8_needs_vnni || lq_has_vnni());
     const int a8 = (flags & LQ_FLAG_A8) != 0;
@@ -363,7 +364,9 @@ LQ_API int lq_linear(const lq_weights *w, const void *x, int x_dtype, int64_t M,
     /* NaN or infinite x keep the fp32 paths */
     uint8_t *xi = NULL;
     if (int_path || x8_path || a8x8_path) {
-        p.nlimbs = (a8 && int_path) || a8x8_path ? 1 : 3;
+        /* bf16 x, or fp32 x whose user allowed bf16 math, needs two limbs, not three (lq_cpu.h) */
+        const int bf16_class = x_dtype == LQ_BF16 || (flags & LQ_FLAG_F32_VIA_BF16);
+        p.nlimbs = (a8 && int_path) || a8x8_path ? 1 : (int_path && bf16_class && p.kern->i8_limbs2 ? 2 : 3);
         const size_t row = (size_t)lq_xi_row_bytes(&p.L, p.nlimbs);
         if (posix_memalign((void **)&xi, 64, row * (size_t)M) != 0) {
             free(xp);

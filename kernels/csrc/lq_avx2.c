@@ -359,7 +359,7 @@ INLINE __m256 pow2(__m256i k) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm
 static int prepare_xi_avx2(const float *xr, int64_t nsb, int nlimbs, uint8_t *xi) {
     const __m256i c128 = _mm256_set1_epi32(128), expmask = _mm256_set1_epi32(0x7F800000);
     const __m256i absmask = _mm256_set1_epi32(0x7FFFFFFF);
-    const int S = nlimbs == 3 ? 21 : 6;
+    const int S = LQ_XI_SHIFT(nlimbs);
     for (int64_t sb = 0; sb < nsb; sb++, xr += LQ_SB, xi += LQ_XI_SB_BYTES(nlimbs)) {
         /* amax per lane; lanes l and l + 8 share it (lq_cpu.h) */
         __m256i amax_h[2], bad = _mm256_setzero_si256();
@@ -487,28 +487,28 @@ INLINE void row_codes(const uint8_t *p, const int PB, __m256i *lo0, __m256i *hi0
     *hi1 = _mm256_and_si256(_mm256_srli_epi16(B, 6), two);
 }
 
-/* The exact fp32 GEMV (three limbs of x, lq_cpu.h) of one row of x against tile t. Its speed is set
- * by vpmaddubsw (six per 64 codes: 3 limbs x lo/hi nibbles); everything else is kept below it. Lanes
- * l and l + 8 share their scale, so per limb the four products of a row and superblock (both halves,
- * lo and hi) are summed in int16 (|sum| <= 4 x 2 x 15 x 128 < 2^15) and widened once, by vpmaddwd
- * against 1 (limbs 0 and 2, the latter then shifted by 16) or 256 (limb 1: the shift for free). The
- * lane sums, |m| <= 2^22 times 16 codes <= 15, and the zero-point term stay exact in int32. Measured
- * in a loop-only test with the codes in L1 (Zen 5, AVX2 code): 4.1 against 5.5-8 TSC ticks per 64
- * codes for the per-half form it replaced; vpmaddubsw alone: 3.9. */
+/* The GEMV of one row of x in NL = 3 limbs (the exact fp32 decode, lq_cpu.h) or 2 (bf16-class x) against
+ * tile t. Its speed is set by vpmaddubsw (2 NL per 64 codes: NL limbs x lo/hi nibbles); everything else is
+ * kept below it. Lanes l and l + 8 share their scale, so per limb the four products of a row and
+ * superblock (both halves, lo and hi) are summed in int16 (|sum| <= 4 x 2 x 15 x 128 < 2^15) and widened
+ * once, by vpmaddwd against 1 (limbs 0 and 2, the latter then shifted by 16) or 256 (limb 1: the shift
+ * for free). The lane sums, |m| <= 2^22 times 16 codes <= 15, and the zero-point term stay exact in int32.
+ * Measured in a loop-only test with the codes in L1 (Zen 5, AVX2 code, three limbs): 4.1 against 5.5-8
+ * TSC ticks per 64 codes for the per-half form it replaced; vpmaddubsw alone: 3.9. */
 #define X3_LIMB(p)                                                                                  \
     _mm256_add_epi16(                                                                              \
         _mm256_add_epi16(_mm256_maddubs_epi16(lo0, _mm256_load_si256((const __m256i *)(xi + 64 * (p)))), \
-                         _mm256_maddubs_epi16(hi0, _mm256_load_si256((const __m256i *)(xi + 192 + 64 * (p))))), \
+                         _mm256_maddubs_epi16(hi0, _mm256_load_si256((const __m256i *)(xi + 64 * NL + 64 * (p))))), \
         _mm256_add_epi16(_mm256_maddubs_epi16(lo1, _mm256_load_si256((const __m256i *)(xi + 32 + 64 * (p)))), \
-                         _mm256_maddubs_epi16(hi1, _mm256_load_si256((const __m256i *)(xi + 224 + 64 * (p))))))
+                         _mm256_maddubs_epi16(hi1, _mm256_load_si256((const __m256i *)(xi + 64 * NL + 32 + 64 * (p))))))
 
 #define X3_DOT(acc, p)                                                                                        \
     acc = _mm256_dpbusd_avx_epi32(acc, lo0, _mm256_load_si256((const __m256i *)(xi + 64 * (p))));               \
-    acc = _mm256_dpbusd_avx_epi32(acc, hi0, _mm256_load_si256((const __m256i *)(xi + 192 + 64 * (p))));         \
+    acc = _mm256_dpbusd_avx_epi32(acc, hi0, _mm256_load_si256((const __m256i *)(xi + 64 * NL + 64 * (p))));     \
     acc = _mm256_dpbusd_avx_epi32(acc, lo1, _mm256_load_si256((const __m256i *)(xi + 32 + 64 * (p))));          \
-    acc = _mm256_dpbusd_avx_epi32(acc, hi1, _mm256_load_si256((const __m256i *)(xi + 224 + 64 * (p))));
+    acc = _mm256_dpbusd_avx_epi32(acc, hi1, _mm256_load_si256((const __m256i *)(xi + 64 * NL + 32 + 64 * (p))));
 
-INLINE void gemv_x3_k(const lq_layout *L, int64_t t, const uint8_t *xi, const int PB, const int ASYM,
+INLINE void gemv_x3_k(const lq_layout *L, int64_t t, const uint8_t *xi, const int PB, const int ASYM, const int NL,
                       const float *xr, float out[4][4]) {
     const int64_t rowb = 16 * PB; /* bytes of a row of a superblock */
     const __m256i ones = _mm256_set1_epi16(1), c256 = _mm256_set1_epi16(256);
@@ -518,16 +518,14 @@ INLINE void gemv_x3_k(const lq_layout *L, int64_t t, const uint8_t *xi, const in
     igroups_start(&G, L, t);
     const int64_t nsb = lq_nsb(L);
     const uint8_t *q = lq_tile(L, t);
-    for (int64_t sb = 0; sb < nsb; sb++, q += 4 * rowb, xi += LQ_XI_SB_BYTES(3)) {
+    for (int64_t sb = 0; sb < nsb; sb++, q += 4 * rowb, xi += LQ_XI_SB_BYTES(NL)) {
         igroups_at(&G, L, t, sb);
-        for (int r = 0; r < 4 * PB / 4; r++) {
-            prefetch_line(q + 64 * r);
-        }
+        for (int r = 0; r < 4 * PB / 4; r++) prefetch_line(q + 64 * r);
         /* the zero-point term -z sum m over both halves: for a symmetric layer the same for every row */
-        const __m256i msum = _mm256_add_epi32(_mm256_load_si256((const __m256i *)(xi + 384)),
-                                              _mm256_load_si256((const __m256i *)(xi + 416)));
+        const __m256i msum = _mm256_add_epi32(_mm256_load_si256((const __m256i *)(xi + 128 * NL)),
+                                              _mm256_load_si256((const __m256i *)(xi + 128 * NL + 32)));
         const __m256i zsym = ASYM ? msum : _mm256_mullo_epi32(msum, _mm256_set1_epi32(G.nz[0]));
-        const __m256 ex = _mm256_load_ps((const float *)(xi + 448)); /* = the other half's */
+        const __m256 ex = _mm256_load_ps((const float *)(xi + 128 * NL + 64)); /* = the other half's */
         for (int r = 0; r < 4; r++) {
             __m256i lo0, hi0, lo1, hi1;
             row_codes(q + rowb * r, PB, &lo0, &hi0, &lo1, &hi1);
@@ -535,13 +533,15 @@ INLINE void gemv_x3_k(const lq_layout *L, int64_t t, const uint8_t *xi, const in
             (void)ones;
             (void)c256;
             __m256i a2 = _mm256_setzero_si256(), a1 = a2, T = a2;
-            X3_DOT(a2, 2)
+            if (NL == 3) {
+                X3_DOT(a2, 2)
+            }
             X3_DOT(a1, 1)
             X3_DOT(T, 0)
             T = _mm256_add_epi32(T, _mm256_slli_epi32(_mm256_add_epi32(a1, _mm256_slli_epi32(a2, 8)), 8));
 #else
-            __m256i T = _mm256_slli_epi32(_mm256_madd_epi16(X3_LIMB(2), ones), 16);
-            T = _mm256_add_epi32(T, _mm256_madd_epi16(X3_LIMB(1), c256));
+            __m256i T = _mm256_madd_epi16(X3_LIMB(1), c256);
+            if (NL == 3) T = _mm256_add_epi32(T, _mm256_slli_epi32(_mm256_madd_epi16(X3_LIMB(2), ones), 16));
             T = _mm256_add_epi32(T, _mm256_madd_epi16(X3_LIMB(0), ones));
 #endif
             /* sum (q - z) m = sum q m - z sum m */
@@ -868,8 +868,11 @@ static void micro_op_i8_avx2(const uint8_t *xi, int64_t ldxi, const int32_t *zs,
 #define GEMV_I8_PB(PB)                                                \
     do {                                                              \
         if (nlimbs == 3)                                              \
-            L->z ? gemv_x3_k(L, t, xi, PB, 1, xr, out)                \
-                 : gemv_x3_k(L, t, xi, PB, 0, xr, out);               \
+            L->z ? gemv_x3_k(L, t, xi, PB, 1, 3, xr, out)             \
+                 : gemv_x3_k(L, t, xi, PB, 0, 3, xr, out);            \
+        else if (nlimbs == 2)                                         \
+            L->z ? gemv_x3_k(L, t, xi, PB, 1, 2, xr, out)             \
+                 : gemv_x3_k(L, t, xi, PB, 0, 2, xr, out);            \
         else if (mm == 2)                                             \
             gemv_a8_k(L, t, xi, ldxi, 2, PB, xr, ldx, out);           \
         else                                                          \
@@ -921,7 +924,7 @@ const lq_kernels lq_kernels_avx2 = {
 #endif
     gemv_tile_avx2, dequant_f32_avx2, NULL, micro_f32_avx2, NULL, NULL, prepare_xi_avx2, gemv_i8_avx2, 2, 0,
     lq_expand_tile_avx2, 1, lq_dequant_panel_f32_avx2, micro_op_f32_avx2, pack_i8_avx2, micro_op_i8_avx2, 1,
-    gemv_x8_avx2, PREPARE_X8, gemv_a8x8_avx2, lq_prepare_xa8, 2,
+    gemv_x8_avx2, PREPARE_X8, gemv_a8x8_avx2, lq_prepare_xa8, 2, 1,
 };
 
 #endif /* LQ_X86 */

@@ -52,7 +52,7 @@ INLINE __m512i pack_bytes(__m512i a, __m512i b, __m512i c, __m512i d) {
 
 int lq_prepare_xi_avx512(const float *xr, int64_t nsb, int nlimbs, uint8_t *xi) {
     const __m512i c128 = _mm512_set1_epi32(128);
-    const float S = nlimbs == 3 ? 21.f : 6.f;
+    const float S = (float)LQ_XI_SHIFT(nlimbs);
     for (int64_t sb = 0; sb < nsb; sb++, xr += LQ_SB, xi += LQ_XI_SB_BYTES(nlimbs)) {
         __m512 v[8]; /* E0 O0 E1 O1 E2 O2 E3 O3 */
         __mmask16 bad = 0;

@@ -241,6 +241,8 @@ typedef struct {
                       int64_t ldx, float out[4][4]);
     int (*prepare_xa8)(const float *xr, int64_t nsb, uint8_t *xi);
     int a8x8_rows;
+    /* 1 when gemv_i8 and prepare_xi take nlimbs = 2 (bf16-class x at M = 1; tables without it run 3) */
+    int i8_limbs2;
 } lq_kernels;
 
 /* A row of x prepared for the integer GEMV, one block of LQ_XI_SB_BYTES(n) bytes per superblock.
@@ -250,11 +252,15 @@ typedef struct {
  * layout above (nibble s of word w is column 32 s + w: the low nibbles of byte pair (2l, 2l+1) ... of
  * a 64-byte row are columns 2l, 64+2l, 2l+1, 65+2l; the high nibbles 32+2l, 96+2l, 33+2l, 97+2l).
  * Lanes l and l + 8 share one power-of-two scale 2^(e - S): e = floor(log2 max|x|) over their 16
- * columns (at least -100; 0 when all are zero), S = 21 for n = 3 limbs and 6 for n = 1, and each x
- * becomes the integer m = round(x * 2^(S - e)) (to nearest even; with n = 1 clamped to [-127, 127]),
- * stored as n signed bytes m = l0 + 2^8 l1 + 2^16 l2 (l0 and l1 "balanced", in [-128, 127]).
+ * columns (at least -100; 0 when all are zero), S = LQ_XI_SHIFT(n) (21 for n = 3 limbs, 13 for n = 2,
+ * 6 for n = 1), and each x becomes the integer m = round(x * 2^(S - e)) (to nearest even; with n = 1
+ * clamped to [-127, 127]), stored as n signed bytes m = l0 + 2^8 l1 + 2^16 l2 (l0 and l1 "balanced",
+ * in [-128, 127]).
  *   n = 3: |m| <= 2^22, so x is kept to within 2^(e - 22) <= 2^-22 of the largest of its 16
  *          columns: the fp32 path, as accurate as fp32 FMA (tests).
+ *   n = 2: |m| <= 2^14: within 2^-14 of the largest of its 16 columns, and exact for a bf16 x at least
+ *          2^-6 of that largest (bf16 keeps 8 significant bits): decode of bf16 x, and of fp32 x whose
+ *          user allowed bf16 math (torch's "medium" matmul precision), where the table has i8_limbs2.
  *   n = 1: dynamic INT8 activations: 7 bits per value relative to the largest of its 16 columns.
  * The shared scale lets AVX2 add a row's two halves in int16 before widening them to int32 (a third
  * fewer instructions with one limb; with three, the limbs' products stay under vpmaddubsw's count).
@@ -265,6 +271,7 @@ typedef struct {
  * (at 128 n + 64). The dot product of a row with codes q and zero point z over a superblock is
  * sum_l scale_l * (sum_{k in l} q_k m_k - z * msum_l), the inner sums exact in int32. */
 #define LQ_XI_SB_BYTES(nlimbs) (128 * (nlimbs) + 128)
+#define LQ_XI_SHIFT(nlimbs) ((nlimbs) == 3 ? 21 : (nlimbs) == 2 ? 13 : 6)
 /* A row of x prepared for gemv_x8 (8-bit layouts), one block of LQ_XI8_SB_BYTES bytes per superblock.
  * An 8-bit superblock row is in xr order, so code byte b multiplies xr[b], and int32 lane L of the dot
  * products over a 64-byte half h takes xr positions 64 h + 4 L + j (j = 0..3). Lanes L and L + 8 share

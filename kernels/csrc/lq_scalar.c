@@ -194,7 +194,7 @@ static int xi_exponent(float amax) {
 }
 
 int lq_prepare_xi_scalar(const float *xr, int64_t nsb, int nlimbs, uint8_t *xi) {
-    const int S = nlimbs == 3 ? 21 : 6;
+    const int S = LQ_XI_SHIFT(nlimbs);
     for (int64_t sb = 0; sb < nsb; sb++, xr += LQ_SB, xi += LQ_XI_SB_BYTES(nlimbs)) {
         float x[LQ_SB], amax[16] = {0};
         for (int i = 0; i < LQ_SB; i++) {
@@ -415,5 +415,5 @@ static void gemv_i8_scalar(const lq_layout *L, int64_t t, const uint8_t *xi, int
 const lq_kernels lq_kernels_scalar = {
     "scalar", gemv_tile_scalar, dequant_f32_scalar, dequant_bf16_scalar, micro_f32_scalar, NULL, NULL,
     lq_prepare_xi_scalar, gemv_i8_scalar, 4, 0, lq_expand_tile_scalar, 0, NULL, NULL, NULL, NULL, 0,
-    gemv_x8_scalar, lq_prepare_xi8, gemv_a8x8_scalar, lq_prepare_xa8, 4,
+    gemv_x8_scalar, lq_prepare_xi8, gemv_a8x8_scalar, lq_prepare_xa8, 4, 1,
 };

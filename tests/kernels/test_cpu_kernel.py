@@ -147,6 +147,48 @@ def test_bf16_math_uses_bf16_rounded_weights(layers, m):
         torch.testing.assert_close(y.float(), ref, rtol=2**-8, atol=1e-5 * ref.abs().max().item())
 
 
+LIMBS2_ISAS = tuple(i for i in ("scalar", "avx2", "avx2_vnni") if i in ISAS)  # tables with i8_limbs2
+
+
+@needs_native
+@pytest.mark.parametrize("isa", LIMBS2_ISAS)
+def test_bf16_decode_takes_two_limbs_of_x(layers, isa):
+    """bf16 x at M = 1 (and fp32 x under "medium" precision) on the integer GEMV: x in two limbs, 15 bits
+    a lane (act_int8.quantize_x(bits=15)), times the exact weights, to fp32 rounding; a bf16 x that spans
+    less than 2^6 within each lane is exact, so equal to the three-limb fp32 decode's result."""
+    g = torch.Generator().manual_seed(3)
+    saved = torch.get_float32_matmul_precision()
+    for spec, w, lay, bias in layers:
+        if not act_int8.applies(w.bits, w.group_size, w.in_features) or w.bits == 8:
+            continue
+        k = w.in_features
+        x = (torch.randn(1, k, generator=g) * torch.exp(2 * torch.randn(1, k, generator=g))).to(torch.bfloat16)
+        xg = x.float() if w.perm is None else x.float()[:, w.perm.long()]
+        emu = act_int8.quantize_x(xg, bits=15)
+        assert not torch.equal(emu, xg)  # the wide range loses bits in some lanes
+        b16 = bias.to(torch.bfloat16)
+        ref16 = torch.nn.functional.linear(emu, cpu_dequantize(lay)) + b16.float()
+        y = cpu_linear(x, lay, b16, isa=isa)
+        torch.testing.assert_close(y.float(), ref16, rtol=2**-8, atol=1e-5 * ref16.abs().max().item())
+        ref = torch.nn.functional.linear(emu, cpu_dequantize(lay)) + bias
+        try:  # the same integers from fp32 x under "medium", unrounded: to fp32 rounding
+            torch.set_float32_matmul_precision("medium")
+            y32 = cpu_linear(x.float(), lay, bias, isa=isa)
+        finally:
+            torch.set_float32_matmul_precision(saved)
+        check_fp32(y32, ref)
+        assert not torch.equal(y32, cpu_linear(x.float(), lay, bias, isa=isa)), spec  # not the 3-limb path
+        narrow = (torch.rand(1, k, generator=g) + 1).to(torch.bfloat16)  # [1, 2): every value exact in 15 bits
+        assert torch.equal(act_int8.quantize_x(narrow.float(), bits=15), narrow.float())
+        with torch.no_grad():
+            torch.set_float32_matmul_precision("medium")
+            try:
+                y2 = cpu_linear(narrow.float(), lay, isa=isa)
+            finally:
+                torch.set_float32_matmul_precision(saved)
+        check_fp32(y2, cpu_linear(narrow.float(), lay, isa=isa))
+
+
 @needs_native
 def test_fp32_medium_precision_uses_bf16_and_highest_stays_exact(layers):
     """torch.set_float32_matmul_precision("medium") lets fp32 prefill run in bf16 (AVX512-BF16) up to
