@@ -17,7 +17,9 @@ ratios, so that a slow spell of a shared machine does not bias a comparison):
 * naive: dequantize the whole weight, then ``F.linear`` (the reference kernel).
 
 It also measures the machine's memory bandwidth (a large tensor sum, and a copy) with the same
-thread counts, so that decode results can be read as a fraction of the roofline. Decode sizes
+thread counts (the header), and in every round of a cold case the read bandwidth of the weight copies
+themselves (:func:`copies_read_GBps`), so that decode results can be read as a fraction of the
+roofline of the memory they come from. Decode sizes
 (M <= 4) are timed "cold" (every call uses the next of several copies of the weights, together
 larger than the last-level cache, so weights come from DRAM as in a real decode step) and "hot"
 (the same weights every call). Larger M is timed hot only (compute-bound).
@@ -110,12 +112,26 @@ def _bandwidth_buffers() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def bandwidth(threads: int, min_time: float) -> dict:
-    """Read (sum) and copy bandwidth of a 512 MiB fp32 tensor, GB/s."""
+    """Read (sum) and copy bandwidth of a 512 MiB fp32 tensor, GB/s (the machine's, for the header)."""
     torch.set_num_threads(threads)
     a, b = _bandwidth_buffers()
     t_sum = timeit(lambda i: a.sum(), 1, min_time, min_reps=5, max_reps=20)
     t_copy = timeit(lambda i: b.copy_(a), 1, min_time, min_reps=5, max_reps=20)
     return {"read_GBps": a.numel() * 4 / t_sum / 1e9, "copy_GBps": 2 * a.numel() * 4 / t_copy / 1e9}
+
+
+def copies_read_GBps(copies: list[torch.Tensor], threads: int, min_time: float = 0.05) -> float:
+    """Read bandwidth of the very bytes a cold case reads, GB/s: a max over each copy in turn (as 32-bit
+    integers: hot, it runs at 2-3x a DRAM's speed), cycling as the timed calls do. A separate buffer's
+    bandwidth is not the weights' where memory is not uniform: on the 2-core Xeon VM of bench/results the
+    512 MiB buffer read at 24 GB/s and, in another process, at 30 GB/s, with the kernel's speed on the
+    weight copies moving alike; a run whose buffer and copies landed apart reported 88% of the buffer's
+    bandwidth where the copies' own gave 66%."""
+    torch.set_num_threads(threads)
+    views = [c.view(torch.uint8).reshape(-1) for c in copies]
+    views = [v[: v.numel() // 4 * 4].view(torch.int32) for v in views]
+    t = timeit(lambda i: views[i].max(), len(views), min_time, min_reps=len(views), max_reps=4 * len(views))
+    return statistics.median(v.numel() * 4 for v in views) / t / 1e9
 
 
 class Layer:
@@ -227,7 +243,7 @@ def run_rounds(layer: Layer, m: int, cold: bool, min_time: float, naive: bool, r
     per = []
     for i in range(rounds):
         t = run_case(layer, m, cold, min_time, naive=naive and i == 0)
-        read = bandwidth(threads, 0.05)["read_GBps"] if cold else bw_start
+        read = copies_read_GBps([lay.qdata for lay in layer.lays], threads) if cold else bw_start
         gbps = {dt: layer.weight_bytes() / t[f"ours_{dt}"] / 1e9 for dt in ("fp32", "bf16")}
         per.append((t, ratios(t), read, {dt: g / read for dt, g in gbps.items()}))
     med = statistics.median
@@ -283,7 +299,8 @@ def main(argv=None) -> int:
         bw[th] = bandwidth(th, min_time)
         print(f"# memory bandwidth, {th} thread(s): read {bw[th]['read_GBps']:.1f} GB/s, copy {bw[th]['copy_GBps']:.1f} GB/s")
     print("# INT4 g128 sym RTN; times: median ms; a8: dynamic INT8 activations (fp32 x); GB/s: our weight bytes "
-          "(codes + scales) / time, fp32|bf16 activations; %BW: the better of the two, of the read bandwidth; "
+          "(codes + scales) / time, fp32|bf16 activations; %BW: the better of the two, of the read bandwidth of the "
+          "same weight copies (cold rows; measured in every round); "
           "ratios: their time / ours (> 1: ours faster)")
     head = (f"{'model/layer':26s} {'N x K':>12s} {'M':>4s} {'thr':>3s} {'mode':4s} {'ours f32':>9s} {'ours bf16':>9s} "
             f"{'f32 med':>8s} {'f32 fma':>8s} {'ours a8':>8s} {'GB/s f32|bf16':>13s} {'%BW':>4s} {'f32lin/':>7s} "

@@ -9,7 +9,8 @@ For each shape, M, thread count and activation dtype it times RTN g128 symmetric
 width as the median of repeated calls, "cold" at M <= 4 (each call uses the next of several weight
 copies, together larger than the last-level cache) and hot otherwise, in ``--rounds`` interleaved
 rounds (every width once per round; reported: medians over rounds of the times and of the per-round
-ratios to the 4-bit time). The read bandwidth (a 512 MiB sum) is measured in the same run.
+ratios to the 4-bit time). Cold rows give their speed as a share of the read bandwidth of their own weight
+copies (``kernels.copies_read_GBps``), measured in every round.
 
     python bench/lowbit.py                        # a few minutes
     python bench/lowbit.py --isa avx2 --json bench/results/lowbit-<machine>-avx2.json
@@ -22,7 +23,7 @@ import os
 import statistics
 
 import torch
-from kernels import bandwidth, llc_bytes, timeit
+from kernels import copies_read_GBps, llc_bytes, timeit
 from machine import SIMULATE, header, machine_info, simulate_isa
 
 from llmquant.config import LayerQuant
@@ -59,27 +60,30 @@ def run_shape(name: str, n: int, k: int, ms: list[int], threads: list[int], roun
     rows = []
     for th in threads:
         torch.set_num_threads(th)
-        read = bandwidth(th, 0.2)["read_GBps"]
         for m in ms:
             cold = m <= COLD_MAX_M
             for dt, a8 in MODES:
                 x = torch.randn(m, k).to(dt)
                 per = []
                 for _ in range(rounds):
-                    t = {}
+                    t, read = {}, {}
                     for b in BITS:
                         ls = lays[b] if cold else lays[b][:1]
                         t[b] = timeit(lambda i: cpu_linear(x, ls[i], act_int8=a8), len(ls), min_time)
-                    per.append(t)
+                        if cold:
+                            read[b] = copies_read_GBps([lay.qdata for lay in ls], th)
+                    per.append((t, read))
                 med = statistics.median
                 for b in BITS:
-                    tb = med(p[b] for p in per)
+                    tb = med(p[b] for p, _ in per)
                     nbytes = lays[b][0].nbytes()
+                    read = med(r[b] for _, r in per) if cold else None
                     rows.append({
                         "shape": name, "N": n, "K": k, "M": m, "threads": th, "dtype": str(dt).replace("torch.", ""), "act_int8": a8,
                         "cold": cold, "bits": b, "time_s": tb, "weight_bytes": nbytes,
-                        "GBps": nbytes / tb / 1e9, "frac_read_bw": nbytes / tb / 1e9 / read if cold else None,
-                        "read_GBps": read, "ratio_to_4bit": med(p[b] / p[4] for p in per), "rounds": rounds,
+                        "GBps": nbytes / tb / 1e9,
+                        "frac_read_bw": med(nbytes / p[b] / 1e9 / r[b] for p, r in per) if cold else None,
+                        "read_GBps": read, "ratio_to_4bit": med(p[b] / p[4] for p, _ in per), "rounds": rounds,
                     })  # fmt: skip
     return rows
 

@@ -5,8 +5,8 @@ L2 (kernels/csrc/lq_api.c). This times one INT4 g128 layer at M = 1, cold (each 
 several weight copies, together larger than the last-level cache), for every given pair of distances,
 with fp32, bf16 and dynamic INT8 activations, in ``--rounds`` interleaved rounds (every setting once per
 round; reported: medians over rounds of the times, and of the per-round ratios to the first setting).
-The read bandwidth (a 512 MiB sum) is measured in every round. Use it to tune a CPU the defaults were
-not measured on; on an AVX-512 CPU the kernels ignore the setting unless ``--isa avx2`` caps them.
+The read bandwidth of the same weight copies (``kernels.copies_read_GBps``) is measured in every round.
+Use it to tune a CPU the defaults were not measured on; on an AVX-512 CPU the kernels ignore the setting unless ``--isa avx2`` caps them.
 
     python bench/prefetch.py --isa avx2
     python bench/prefetch.py --isa avx2 --settings "2048,16384;2048,0;0,0" --json out.json
@@ -19,7 +19,7 @@ import os
 import statistics
 
 import torch
-from kernels import bandwidth, llc_bytes, timeit
+from kernels import copies_read_GBps, llc_bytes, timeit
 from machine import SIMULATE, header, machine_info, simulate_isa
 
 from llmquant.config import LayerQuant
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     per, reads = [], []
     try:
         for _ in range(args.rounds):
-            reads.append(bandwidth(args.threads, 0.05)["read_GBps"])
+            reads.append(copies_read_GBps([lay.qdata for lay in lays], args.threads))
             t = {}
             for name, dt, a8 in MODES:
                 x = x32.to(dt)
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     finally:
         native.prefetch = default
     read = statistics.median(reads)
-    print(f"INT4 g{G} {n}x{k}, M = 1, cold, {args.threads} threads; read bandwidth {read:.1f} GB/s "
+    print(f"INT4 g{G} {n}x{k}, M = 1, cold, {args.threads} threads; read bandwidth of the copies {read:.1f} GB/s "
           f"(median of {args.rounds} rounds: {min(reads):.1f}-{max(reads):.1f}); median of {args.rounds} rounds")
     print(f"{'acts':>5} {'L1':>6} {'L2':>7} {'time us':>9} {'GB/s':>6} {'of read bw':>10} {'vs first':>8}")
     rows = []
