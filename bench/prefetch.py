@@ -1,12 +1,13 @@
-"""Benchmark of the AVX2 decode's software prefetch distances (``LLMQUANT_CPU_PREFETCH``), in one run.
+"""Benchmark of the CPU decode's software prefetch distances (``LLMQUANT_CPU_PREFETCH``), in one run.
 
-The AVX2 GEMVs prefetch the codes they will read some bytes ahead into L1 and, further ahead, into
+The GEMVs (AVX2 and AVX-512) prefetch the codes they will read some bytes ahead into L1 and, further ahead, into
 L2 (kernels/csrc/lq_api.c). This times one INT4 g128 layer at M = 1, cold (each call uses the next of
 several weight copies, together larger than the last-level cache), for every given pair of distances,
 with fp32, bf16 and dynamic INT8 activations, in ``--rounds`` interleaved rounds (every setting once per
 round; reported: medians over rounds of the times, and of the per-round ratios to the first setting).
 The read bandwidth of the same weight copies (``kernels.copies_read_GBps``) is measured in every round.
-Use it to tune a CPU the defaults were not measured on; on an AVX-512 CPU the kernels ignore the setting unless ``--isa avx2`` caps them.
+Use it to tune a CPU the defaults were not measured on (``--isa avx2`` times the AVX2 kernels on an
+AVX-512 CPU).
 
     python bench/prefetch.py --isa avx2
     python bench/prefetch.py --isa avx2 --settings "2048,16384;2048,0;0,0" --json out.json

@@ -118,7 +118,7 @@ class Native:
 
     @property
     def prefetch(self) -> tuple[int, int]:
-        """Bytes ahead the AVX2 GEMVs prefetch their codes into L1 and into L2 (0: no such prefetch): the
+        """Bytes ahead the x86 GEMVs (AVX2, AVX-512) prefetch their codes into L1 and into L2 (0: no such prefetch): the
         measured defaults (lq_api.c), or what was set."""
         return self._lib.lq_get_prefetch(1), self._lib.lq_get_prefetch(2)
 
@@ -191,7 +191,7 @@ def requested_threads() -> str:
 
 
 def requested_prefetch() -> tuple[int, int] | None:
-    """LLMQUANT_CPU_PREFETCH="L1,L2": bytes ahead the AVX2 GEMVs prefetch their codes into L1 and into
+    """LLMQUANT_CPU_PREFETCH="L1,L2": bytes ahead the x86 GEMVs prefetch their codes into L1 and into
     L2 (multiples of 64, 0: none), for tuning a CPU the defaults were not measured on; unset: the
     measured defaults (2048, 16384)."""
     v = os.environ.get("LLMQUANT_CPU_PREFETCH", "").strip()

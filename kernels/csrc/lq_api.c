@@ -6,7 +6,7 @@
  *   lq_has_vnni()               1 when fp32 decode (M = 1) can use the VNNI GEMV (lq_avx512_vnni.c)
  *   lq_has_avx_vnni()           1 when the CPU has AVX-VNNI (the avx2_vnni table, lq_avx2_vnni.c)
  *   lq_set_openmp(...)          run parallel parts on torch's OpenMP threads (lq_pool.c)
- *   lq_set_prefetch(l1, l2)     the AVX2 GEMVs' software prefetch distances (lq_get_prefetch reads them)
+ *   lq_set_prefetch(l1, l2)     the x86 GEMVs' software prefetch distances (lq_get_prefetch reads them)
  *   lq_linear(w, x, ...)        y = x @ W.T + bias, see below
  *   lq_dequantize(w, ...)       W in natural column order (tests and debugging)
  *   lq_hadamard128(x, d, ...)   a rotated layer's input rotation, in place (llmquant/formats/rotation.py)
@@ -41,14 +41,16 @@
 #define LQ_MIN_WORK (1 << 21)
 #endif
 
-/* Software prefetch distances of the AVX2 GEMVs (lq_cpu.h), bytes. A decode step reads each weight once,
+/* Software prefetch distances of the x86 GEMVs (AVX2 and AVX-512; lq_cpu.h), bytes. A decode step reads each weight once,
  * from DRAM, so a GEMV that computes at about the speed memory delivers (the exact fp32 decode on AVX2)
  * only reaches the bandwidth when the loads of the next lines are under way while it computes. Measured
  * cold (4096 x 4096 INT4, 2 threads): on AMD Zen 4, 1024-8192 into L1 alone (2048 best), then + 8192 or
  * 16384 into L2: INT8 activations 0.67 -> 0.48 ms, the exact fp32 decode 77 -> 78% of the read bandwidth.
  * On a 2-core Intel Xeon (Granite Rapids VM, --isa avx2): no prefetch 737 us (fp32) / 561 (INT8 acts),
  * 2048 into L1 alone 533 / 495, + 16384 into L2 500 / 455, and L1 1024-3072 with L2 8192-24576 all
- * within 2% of that. LLMQUANT_CPU_PREFETCH (lq_set_prefetch) tunes a CPU they were not measured on. */
+ * within 2% of that. The AVX-512 GEMVs prefetched 2048 ahead into L1 alone until they took these too: on
+ * that Xeon 532 -> 426 us (fp32), 482 -> 407 (INT8 activations); not measured on AMD's AVX-512 (bench/
+ * prefetch.py). LLMQUANT_CPU_PREFETCH (lq_set_prefetch) tunes a CPU they were not measured on. */
 #ifndef LQ_PF_DIST
 #define LQ_PF_DIST 2048
 #endif
@@ -138,7 +140,7 @@ LQ_API int lq_has_vnni(void) { return (cpu_features() & LQ_FEAT_VNNI) != 0; }
 
 LQ_API int lq_has_avx_vnni(void) { return (cpu_features() & LQ_FEAT_AVX_VNNI) != 0; }
 
-/* The AVX2 GEMVs' prefetch distances (lq_cpu.h); LQ_EINVAL unless both are multiples of 64 bytes in
+/* The x86 GEMVs' prefetch distances (lq_cpu.h); LQ_EINVAL unless both are multiples of 64 bytes in
  * [0, 2^20]. Not while a call runs. */
 LQ_API int lq_set_prefetch(int l1, int l2) {
     if (l1 < 0 || l1 > LQ_PF_MAX || l1 % 64 || l2 < 0 || l2 > LQ_PF_MAX || l2 % 64) {

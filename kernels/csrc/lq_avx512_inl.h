@@ -76,15 +76,16 @@ INLINE void gemv4_tail_f32(const lq_layout *L, int64_t t, const float *x, int64_
     }
 }
 
-/* GEMV: prefetch the weight bytes LQ_PREFETCH ahead of the 4 rows of a superblock being read (a
- * tile is contiguous, so this runs into the thread's next tile; prefetches past the end of the
- * buffer are harmless). The hardware prefetchers alone left decode from DRAM at 50-60% of the
- * bandwidth when the machine's memory was busy; 1-2 KiB ahead gave 70-85% (bench/kernels.py). */
-#ifndef LQ_PREFETCH
-#define LQ_PREFETCH 2048
-#endif
+/* GEMV: prefetch the weight bytes of the 4 rows of a superblock being read lq_pf_l1 bytes ahead into L1
+ * and, when lq_pf_l2 > 0, lq_pf_l2 bytes ahead into L2 (lq_api.c; a tile is contiguous, so this runs into
+ * the thread's next tile; prefetches past the end of the buffer are harmless). The hardware prefetchers
+ * alone left decode from DRAM at 50-60% of the bandwidth when the machine's memory was busy; 1-2 KiB
+ * ahead into L1 gave 70-85% (bench/kernels.py, Zen 4). */
 INLINE void prefetch_superblock(const uint8_t *q) {
-    for (int r = 0; r < 4; r++) _mm_prefetch((const char *)q + LQ_PREFETCH + 64 * r, _MM_HINT_T0);
+    for (int r = 0; r < 4; r++) {
+        if (lq_pf_l1) _mm_prefetch((const char *)q + lq_pf_l1 + 64 * r, _MM_HINT_T0);
+        if (lq_pf_l2) _mm_prefetch((const char *)q + lq_pf_l2 + 64 * r, _MM_HINT_T1);
+    }
 }
 
 #endif

@@ -353,7 +353,7 @@ void lq_tails_8bit_avx2(const lq_layout *L, int64_t t, lq_gcur gc, const float *
     default: KERNEL(A, lda, P, kc, 6, C, ldc, acc); break;        \
     }
 
-/* lq_api.c: how many bytes ahead of the codes they read the AVX2 GEMVs prefetch into L1 (lq_pf_l1) and,
+/* lq_api.c: how many bytes ahead of the codes they read the x86 GEMVs (AVX2, AVX-512) prefetch into L1 (lq_pf_l1) and,
  * further, into L2 (lq_pf_l2); 0: no such prefetch. Measured defaults, or lq_set_prefetch's
  * (LLMQUANT_CPU_PREFETCH). */
 extern int lq_pf_l1, lq_pf_l2;

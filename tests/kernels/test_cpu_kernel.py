@@ -614,20 +614,23 @@ def test_act_int8_gemm_in_several_passes_over_x(isa, sym):
 
 @needs_native
 def test_prefetch_distances_are_settable_checked_and_change_no_result(monkeypatch):
-    """LLMQUANT_CPU_PREFETCH / Native.prefetch set how far ahead the AVX2 GEMVs prefetch their codes:
-    bad values are refused with the numbers, and no distance changes a result."""
+    """LLMQUANT_CPU_PREFETCH / Native.prefetch set how far ahead the GEMVs (AVX2, AVX-512) prefetch their
+    codes: bad values are refused with the numbers, and no distance changes a result."""
     default = NATIVE.prefetch
     assert default == (cpu_native.requested_prefetch() or (2048, 16384))
-    lay = repack(make_packed(4, 128, True, False, 37, 1152, seed=2))
+    lays = [repack(make_packed(b, 128, True, False, 37, 1152, seed=2)) for b in (3, 4, 8)]
     x = torch.randn(2, 1152)
-    isa = "avx2" if "avx2" in ISAS else ISAS[-1]
-    ref = [cpu_linear(x[:m], lay, isa=isa, act_int8=a) for m in (1, 2) for a in (False, True)]
+
+    def results():  # every GEMV that prefetches: each ISA, 3/4/8-bit, fp32 / bf16 / INT8 activations
+        return [cpu_linear(x[:m].to(dt), lay, isa=isa, act_int8=a) for isa in ISAS for lay in lays for m in (1, 2)
+                for dt, a in ((torch.float32, False), (torch.bfloat16, False), (torch.float32, True))]
+
+    ref = results()
     try:
         for pf in ((0, 0), (64, 0), (4096, 65536)):
             NATIVE.prefetch = pf
             assert NATIVE.prefetch == pf
-            got = [cpu_linear(x[:m], lay, isa=isa, act_int8=a) for m in (1, 2) for a in (False, True)]
-            assert all(torch.equal(g, r) for g, r in zip(got, ref)), pf
+            assert all(torch.equal(g, r) for g, r in zip(results(), ref)), pf
         for bad in ((100, 0), (-64, 0), (0, 1 << 21)):
             with pytest.raises(ValueError, match="multiples of 64"):
                 NATIVE.prefetch = bad
