@@ -41,16 +41,16 @@
 #define LQ_MIN_WORK (1 << 21)
 #endif
 
-/* Software prefetch distances of the x86 GEMVs (AVX2 and AVX-512; lq_cpu.h), bytes. A decode step reads each weight once,
- * from DRAM, so a GEMV that computes at about the speed memory delivers (the exact fp32 decode on AVX2)
+/* Software prefetch distances of the x86 GEMVs (AVX2 and AVX-512; lq_cpu.h), bytes. A decode step reads
+ * each weight once, from DRAM, so a GEMV that computes at about the speed memory delivers (the exact fp32 decode on AVX2)
  * only reaches the bandwidth when the loads of the next lines are under way while it computes. Measured
  * cold (4096 x 4096 INT4, 2 threads): on AMD Zen 4, 1024-8192 into L1 alone (2048 best), then + 8192 or
  * 16384 into L2: INT8 activations 0.67 -> 0.48 ms, the exact fp32 decode 77 -> 78% of the read bandwidth.
- * On a 2-core Intel Xeon (Granite Rapids VM, --isa avx2): no prefetch 737 us (fp32) / 561 (INT8 acts),
- * 2048 into L1 alone 533 / 495, + 16384 into L2 500 / 455, and L1 1024-3072 with L2 8192-24576 all
- * within 2% of that. The AVX-512 GEMVs prefetched 2048 ahead into L1 alone until they took these too: on
- * that Xeon 532 -> 426 us (fp32), 482 -> 407 (INT8 activations); not measured on AMD's AVX-512 (bench/
- * prefetch.py). LLMQUANT_CPU_PREFETCH (lq_set_prefetch) tunes a CPU they were not measured on. */
+ * On a 2-core Intel Xeon VM (bench/results/prefetch-xeon-2core-{avx2,avx512_bf16}.txt, fp32 / INT8
+ * activations), capped at AVX2: no prefetch 798 / 564 us, 2048 into L1 alone 557 / 514, + 16384 into L2
+ * 481 / 419, other distances within 3%; AVX-512, which prefetched 2048 into L1 alone until it took these
+ * too: 618 / 469, 552 / 499, 396 / 393 us. Not measured on AMD's AVX-512 (bench/prefetch.py).
+ * LLMQUANT_CPU_PREFETCH (lq_set_prefetch) tunes a CPU they were not measured on. */
 #ifndef LQ_PF_DIST
 #define LQ_PF_DIST 2048
 #endif
