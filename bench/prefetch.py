@@ -16,21 +16,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 
 import torch
-from kernels import copies_read_GBps, llc_bytes, timeit
+from kernels import copies_read_GBps, timeit
+from lowbit import G, layouts
 from machine import SIMULATE, header, machine_info, simulate_isa
 
-from llmquant.config import LayerQuant
 from llmquant.fsutil import atomic_write_text
 from llmquant.kernels import cpu_native
 from llmquant.kernels.cpu import cpu_linear
-from llmquant.kernels.cpu_layout import CpuLayout, repack
-from llmquant.quantizers.rtn import quantize_weight_rtn
 
-G = 128
 DEFAULT_SETTINGS = "2048,16384;0,0;2048,0;0,16384;1024,16384;4096,16384;2048,8192;2048,32768"
 # activation modes: fp32 and bf16 (the exact three-limb decode), fp32 with dynamic INT8 activations
 MODES = (("fp32", torch.float32, False), ("bf16", torch.bfloat16, False), ("int8", torch.float32, True))
@@ -76,10 +72,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     info = machine_info()
     print(header(info) + f"; prefetch default {default[0]},{default[1]}")
-    torch.manual_seed(0)
-    lay = repack(quantize_weight_rtn(torch.randn(n, k) * 0.02, LayerQuant(4, G, True)))
-    ncopies = max(2, -(-3 * llc_bytes() // lay.nbytes()))
-    lays = [lay] + [CpuLayout(lay.qdata.clone(), lay.scales.clone(), None, None, 4, k, n, G) for _ in range(ncopies - 1)]
+    lays = layouts(n, k, 4, copies=True)
+    lay = lays[0]
     x32 = torch.randn(1, k)
     per, reads = [], []
     try:

@@ -35,13 +35,6 @@
 #endif
 
 #include "lq_x86_inl.h"
-/* The cache line lq_pf_l1 bytes after p into L1 and, when lq_pf_l2 > 0, the one lq_pf_l2 bytes after it
- * into L2 (lq_cpu.h); 0 means no such prefetch. The GEMVs call it for every line of codes they read. */
-INLINE void prefetch_line(const uint8_t *p) {
-    if (lq_pf_l1) _mm_prefetch((const char *)p + lq_pf_l1, _MM_HINT_T0);
-    if (lq_pf_l2) _mm_prefetch((const char *)p + lq_pf_l2, _MM_HINT_T1);
-}
-
 INLINE float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));

@@ -82,10 +82,7 @@ INLINE void gemv4_tail_f32(const lq_layout *L, int64_t t, const float *x, int64_
  * alone left decode from DRAM at 50-60% of the bandwidth when the machine's memory was busy; 1-2 KiB
  * ahead into L1 gave 70-85% (bench/kernels.py, Zen 4). */
 INLINE void prefetch_superblock(const uint8_t *q) {
-    for (int r = 0; r < 4; r++) {
-        if (lq_pf_l1) _mm_prefetch((const char *)q + lq_pf_l1 + 64 * r, _MM_HINT_T0);
-        if (lq_pf_l2) _mm_prefetch((const char *)q + lq_pf_l2 + 64 * r, _MM_HINT_T1);
-    }
+    for (int r = 0; r < 4; r++) prefetch_line(q + 64 * r);
 }
 
 #endif

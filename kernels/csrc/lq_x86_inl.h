@@ -10,6 +10,14 @@
 
 #define INLINE static inline __attribute__((always_inline))
 
+/* The cache line lq_pf_l1 bytes after p into L1 and, when lq_pf_l2 > 0, the one lq_pf_l2 bytes after it
+ * into L2 (lq_cpu.h, lq_api.c); 0 means no such prefetch. The GEMVs (AVX2 and AVX-512) call it for every
+ * line of codes they read. */
+INLINE void prefetch_line(const uint8_t *p) {
+    if (lq_pf_l1) _mm_prefetch((const char *)p + lq_pf_l1, _MM_HINT_T0);
+    if (lq_pf_l2) _mm_prefetch((const char *)p + lq_pf_l2, _MM_HINT_T1);
+}
+
 /* The integer GEMVs' group parameters of rows 4t..4t+3 in group g: the scales as fp32 into s, and
  * (asymmetric layers) the zero points negated into nz; a symmetric layer's -zc is set once by the
  * caller. Vector loads: with groups of 128 columns this runs once per superblock, where converting
