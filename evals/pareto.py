@@ -55,7 +55,9 @@ def run(args: argparse.Namespace) -> dict:
                                       seed=args.seed, bos=bos)
     calib = dict(source=args.calibration, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
     rot = getattr(args, "rotation", None)  # callers that build args by hand may leave it out
-    tag = f" +{rot}" if rot else ""
+    ft = bool(getattr(args, "float_targets", False))
+    gptq_opts = {"float_targets": True} if ft else {}  # RTN has no float targets
+    tag = (f" +{rot}" if rot else "") + (" +float-targets" if ft else "")
 
     def one(label: str, cfg, **extra) -> dict:
         model, _ = load_model(args.model)
@@ -70,15 +72,18 @@ def run(args: argparse.Namespace) -> dict:
             r["mixed"] = summary["mixed"]
         rows.append(r)
         if args.out is not None:  # keep what is measured so far, should a later step fail
-            write(_summarize(args.model, rows, rot, _tag(args)), args.out, quiet=True)
+            write(_summarize(args.model, rows, rot, _tag(args), ft), args.out, quiet=True)
         return r
 
     for bits in args.uniform_bits:
         for method in args.methods:
-            cfg = llmquant.QuantConfig(bits=bits, group_size=128, method=method, rotation=rot)
+            cfg = llmquant.QuantConfig(bits=bits, group_size=128, method=method, rotation=rot,
+                                       **(gptq_opts if method == "gptq" else {}))
             one(f"{method} int{bits} g128{tag}", cfg, method=method, bits=bits, rotation=rot)
     for bits in getattr(args, "plain_gptq_bits", None) or []:  # the unrotated baselines, in the same run
-        one(f"gptq int{bits} g128", llmquant.QuantConfig(bits=bits, group_size=128, method="gptq"), method="gptq-plain",
+        one(f"gptq int{bits} g128" + (" +float-targets" if ft else ""),
+            llmquant.QuantConfig(bits=bits, group_size=128, method="gptq", **gptq_opts),
+            method="gptq-plain",
             bits=bits, rotation=None)
     meas_path = args.measurement or (args.out / f"measurement_{args.model}{'-' + rot if rot else ''}{_tag(args)}.json"
                                      if args.out else None)
@@ -97,11 +102,11 @@ def run(args: argparse.Namespace) -> dict:
         del model
         rows[0]["measurement"] = dict(probe, seconds=meas.seconds, calibration=meas.calibration)
     for i, budget in enumerate(args.budgets):
-        cfg = llmquant.QuantConfig(method="gptq", target_bpw=budget, rotation=rot)
+        cfg = llmquant.QuantConfig(method="gptq", target_bpw=budget, rotation=rot, **gptq_opts)
         r = one(f"mixed {budget} bpw{tag}", cfg, method="mixed", bits=None, target_bpw=budget, measurement=meas_path,
                 rotation=rot)
         r["mixed_total_seconds"] = r["quantize_seconds"]
-    return _summarize(args.model, rows, rot, _tag(args))
+    return _summarize(args.model, rows, rot, _tag(args), ft)
 
 
 def _tag(args: argparse.Namespace) -> str:
@@ -109,7 +114,8 @@ def _tag(args: argparse.Namespace) -> str:
     return f"-{tag}" if tag else ""
 
 
-def _summarize(model: str, rows: list[dict], rotation: str | None = None, tag: str = "") -> dict:
+def _summarize(model: str, rows: list[dict], rotation: str | None = None, tag: str = "",
+               float_targets: bool = False) -> dict:
     from llmquant.evals.machine import machine_info
 
     base = rows[0]["ppl"]
@@ -120,6 +126,8 @@ def _summarize(model: str, rows: list[dict], rotation: str | None = None, tag: s
         out["rotation"] = rotation
     if tag:
         out["tag"] = tag
+    if float_targets:
+        out["float_targets"] = True
     return out
 
 
@@ -144,7 +152,9 @@ def write(result: dict, out: Path, quiet: bool = False) -> None:
     lines = report_head(
         f"Perplexity vs bits per weight: {result['model']}", m, table, p,
         " bpw: bytes of the quantized layers (codes, scales, zeros, act-order perm, rotation signs) × 8 / their weights; "
-        "embedding and output layer in float as in every row. GPTQ rows and mixed rows: act-order and clip search on."
+        "embedding and output layer in float as in every row. GPTQ rows and mixed rows: act-order and clip search on"
+        + (", and float targets ('+float-targets': QuantConfig.float_targets, each layer aims at the float model's "
+           "outputs)." if result.get("float_targets") else ".")
         + (f" '+{result['rotation']}': the layers' inputs rotated (QuantConfig.rotation, llmquant.formats.rotation; "
            "every block linear here, the output layer never)." if result.get("rotation") else ""))
     meas = rows[0].get("measurement")  # made up front (--probe-sequences/--probe-positions)
@@ -204,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="measure in this run with this many held-out sequences for the KL probes (default of "
                         "llmquant.mixed.measure.measure: 1)")
     p.add_argument("--probe-positions", type=int, help="... and this many of their positions (default 128)")
+    p.add_argument("--float-targets", action="store_true",
+                   help="GPTQ and mixed rows with QuantConfig.float_targets (each layer aims at the float model's outputs)")
     p.add_argument("--tag", help="appended to the result files' names")
     return sweep_main(p, argv, run, write, DEFAULT_OUT)
 

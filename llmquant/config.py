@@ -95,6 +95,11 @@ class QuantConfig:
     #: ``None``: the method's default (GPTQ: on; RTN: off)
     clip_search: bool | None = None
     true_sequential: bool = True
+    #: GPTQ: each layer aims at what the *float* model computes on the calibration tokens,
+    #: ``||W X_float - Q X||``, rather than at its own float weight on the inputs the layers already
+    #: quantized give it (:mod:`llmquant.quantizers.gptq`), so a layer also makes up for the error that
+    #: reaches it. ``None``: the method's default
+    float_targets: bool | None = None
     #: quantize the output layer too (it is skipped by default)
     quantize_lm_head: bool = False
     #: quantize the input embedding table too (its scheme: the defaults, or an override matching its module
@@ -277,7 +282,7 @@ class QuantConfig:
         # the mixed-precision fields and quantize_embedding are written only when they say something, so
         # that a checkpoint that uses neither has the config it had before they existed
         for f in _OPTIONAL_FIELDS:
-            if getattr(self, f) == _DEFAULTS[f]:
+            if getattr(self, f) == _DEFAULTS[f] or (f == "float_targets" and not self.float_targets):
                 del d[f]
             elif isinstance(d[f], tuple):
                 d[f] = list(d[f])
@@ -307,6 +312,6 @@ class QuantConfig:
 
 
 _OPTIONAL_FIELDS = ("target_bpw", "max_size", "max_latency", "mixed_bits", "mixed_group_sizes", "mixed",
-                 "quantize_embedding", "rotation")  # written only when set (older configs stay as they were)
+                 "quantize_embedding", "rotation", "float_targets")  # written only when set (older configs stay as they were)
 _DEFAULTS = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
              for f in dataclasses.fields(QuantConfig)}

@@ -67,6 +67,9 @@ def add_scheme_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=None,
                    help="search each group's clipping range (GPTQ: Hessian-weighted error) instead of min/max "
                         "(default: on for gptq, off for rtn)")
+    g.add_argument("--float-targets", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ: each layer aims at the float model's outputs on the calibration text, making up for "
+                        "the error of the layers quantized before it (default: the method's)")
     g.add_argument("--rotate", choices=("hadamard",), default=None, dest="rotation",
                    help="rotate each layer's input by a randomized 128-column Hadamard transform before quantizing "
                         "(gptq, rtn): fewer outliers per group, much lower error at 3 and 2 bits; stored with the "
@@ -117,6 +120,7 @@ def config_from_args(args: argparse.Namespace):
         act_order=args.act_order,
         static_groups=args.static_groups,
         clip_search=args.clip_search,
+        float_targets=getattr(args, "float_targets", None),
         skip=tuple(args.skip) if args.skip is not None else ("lm_head",),
         overrides=dict(args.override),
         quantize_lm_head=args.quantize_lm_head,

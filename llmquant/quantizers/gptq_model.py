@@ -15,15 +15,21 @@ Gemma3, GPT-2, OPT, ...), without a per-architecture copy of the loop (the block
 3. **Output layer** (``quantize_lm_head``): the final norm is applied to the last block's outputs and
    the head is quantized like any other layer.
 
+With ``float_targets`` a float copy of each block runs beside it on the float model's hidden states,
+and every layer's GPTQ gets both inputs of the same tokens, so that it aims at the float model's
+outputs (:mod:`llmquant.quantizers.gptq`); the output layer too, from the float final hidden states.
+
 What keeps it fast: a Hessian pass stops the block's forward as soon as the last input it needs has
 been seen; the layers already quantized are float stand-ins holding the dequantized weight
 (:class:`_FakeQuantLinear`), so codes are not unpacked on every call; and a sub-module that can no
 longer change (the attention once q/k/v/o are quantized) is replayed from its recorded outputs in the
 later passes over the block instead of being recomputed. Only one block's activations (inputs and
-outputs of all calibration sequences) and Hessians are alive at a time.
+outputs of all calibration sequences; with float targets its float copy's too) and Hessians are alive
+at a time.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Iterable
@@ -64,6 +70,10 @@ logger = logging.getLogger(__name__)
 FINAL_NORM_NAMES = ("norm", "final_layer_norm", "ln_f", "final_norm", "norm_f")
 #: optional projection after the final norm (OPT-350m style)
 FINAL_PROJ_NAMES = ("project_out",)
+
+#: alpha of GPTQ's float targets (``QuantConfig.float_targets``, :mod:`llmquant.quantizers.gptq`): the
+#: best of 0.125, 0.25, 0.5 and 1 on gemma3-270m rotated INT3 (WikiText-2; numbers in that module)
+FLOAT_TARGET_WEIGHT = 0.25
 
 #: default calibration tokens per forward chunk (whole sequences are kept together)
 CHUNK_TOKENS = 4096
@@ -121,27 +131,46 @@ def _hessian_pass(
     probe: Probe,
     prefix: str,
     inputs: list[torch.Tensor],
+    floats: _FloatBlock | None = None,
 ) -> dict[str, GPTQ]:
-    """Accumulate the Hessians of ``members``; layers that read the same tensor share one Hessian."""
+    """Accumulate the Hessians of ``members``; layers that read the same tensor share one Hessian.
+    ``floats``: the block in float and its inputs in the float model; each layer then also gets what
+    the float model gives it on the same tokens (GPTQ's float targets)."""
     gptq = {rel: GPTQ(linears[rel], name=f"{prefix}.{rel}") for rel in members}
     owner: dict[int, str] = {}
     for rel in sorted(members, key=probe.order.__getitem__):
         owner.setdefault(probe.source[rel], rel)
     need = set(owner.values())
     seen: set[str] = set()
+    float_in: dict[str, torch.Tensor] = {}
 
     def hook(rel):
         def pre(mod, args):
-            gptq[rel].add_batch(args[0])
+            gptq[rel].add_batch(args[0], float_inp=float_in.get(rel) if floats is not None else None)
             seen.add(rel)
             if seen == need:
                 raise StopForward  # the rest of the block's forward is not needed
 
         return pre
 
+    def float_hook(rel):
+        def pre(mod, args):
+            float_in[rel] = args[0]
+            seen.add(rel)
+            if seen == need:
+                raise StopForward
+
+        return pre
+
     handles = [linears[rel].register_forward_pre_hook(hook(rel)) for rel in need]
+    if floats is not None:
+        handles += [floats.linears[rel].register_forward_pre_hook(float_hook(rel)) for rel in need]
     try:
         for j, x in enumerate(inputs):
+            if floats is not None:
+                seen.clear()
+                float_in.clear()
+                floats.runner.run_until_stopped(floats.inputs[j], j)
             seen.clear()
             runner.run_until_stopped(x, j)
     finally:
@@ -152,6 +181,16 @@ def _hessian_pass(
         if src != rel:
             gptq[rel].adopt_hessian(gptq[src])
     return gptq
+
+
+@dataclass
+class _FloatBlock:
+    """A float copy of the block being quantized, run on the float model's hidden states (GPTQ's float
+    targets): ``runner`` runs the copy, ``linears`` are its linear layers, ``inputs`` what enters it."""
+
+    runner: BlockRunner
+    linears: dict[str, nn.Module]
+    inputs: list[torch.Tensor]
 
 
 class _FakeQuantLinear(nn.Module):
@@ -183,7 +222,8 @@ def gptq_solver(config: QuantConfig) -> LayerSolver:
     def solve(name: str, g: GPTQ, scheme: LayerQuant):
         packed, st = g.quantize(scheme, block_size=config.block_size, damp_percent=config.damp_percent,
                                 act_order=config.act_order, static_groups=config.static_groups,
-                                clip_search=config.clip_search, rot_signs=rotation_signs(config, name, g.columns))
+                                clip_search=config.clip_search, rot_signs=rotation_signs(config, name, g.columns),
+                                float_target=FLOAT_TARGET_WEIGHT if config.float_targets else 0.0)
         st = {"bits": scheme.bits, "group_size": scheme.group_size, "sym": scheme.sym, **st}
         return g.quantized_weight, packed, st
 
@@ -198,6 +238,7 @@ def _quantize_block(
     probes: dict,
     timer: _Timer,
     solver: LayerSolver,
+    floats: _FloatBlock | None = None,
 ) -> tuple[dict[str, dict], dict]:
     """Solve (GPTQ) every planned linear layer of one block, stage by stage. The solved layers are left
     in the block as float stand-ins; returns (stats, {rel: (float module, PackedWeight or None, weight)})."""
@@ -224,7 +265,7 @@ def _quantize_block(
         if not members:
             continue
         t0 = time.perf_counter()
-        gptq = _hessian_pass(runner, members, linears, probe, prefix, inputs)
+        gptq = _hessian_pass(runner, members, linears, probe, prefix, inputs, floats)
         t0 = timer.add("hessian", t0)
         for rel in members:
             weight, packed, st = solver(f"{prefix}.{rel}", gptq[rel], schemes[rel])
@@ -238,6 +279,8 @@ def _quantize_block(
         if pending:  # more passes over this block follow: replay what can no longer change
             for name in settled_children(layer, linears, probe, pending):
                 runner.freeze(name)
+                if floats is not None:
+                    floats.runner.freeze(name)
         timer.add("gptq", t0)
     return stats, done
 
@@ -305,6 +348,7 @@ def quantize_gptq(
         )
 
         inputs = cap.inputs
+        float_inputs = list(inputs) if config.float_targets else None  # the float model's hidden states
         modules: dict[str, dict] = {}
         blocks: list[dict] = []
         probes: dict = {}
@@ -313,13 +357,23 @@ def quantize_gptq(
             t_block = time.perf_counter()
             layer = layers[i]
             runner = BlockRunner(layer, cap.calls_of(i), chunks)
+            floats = None
+            if float_inputs is not None:
+                twin = copy.deepcopy(layer)
+                floats = _FloatBlock(BlockRunner(twin, cap.calls_of(i), chunks), dict(find_linear_layers(twin)),
+                                     float_inputs)
             try:
                 stats, done = _quantize_block(runner, f"{stack_name}.{i}", config, inputs, probes, timer,
-                                              solver or gptq_solver(config))
+                                              solver or gptq_solver(config), floats)
                 t0 = time.perf_counter()
                 inputs = [runner.run(x, j) for j, x in enumerate(inputs)]
+                if floats is not None:
+                    float_inputs = [floats.runner.run(x, j) for j, x in enumerate(float_inputs)]
             finally:
                 runner.close()
+                if floats is not None:
+                    floats.runner.close()
+            del floats
             for rel, (mod, packed, weight) in done.items():
                 if packed is None:  # a float layer with its new weight (pruned)
                     _set_weight(mod, weight)
@@ -345,12 +399,14 @@ def quantize_gptq(
             t0 = time.perf_counter()
             name, mod = head
             g = GPTQ(mod, name=name)
-            for x in inputs:
+
+            def final(x):
                 h = x if norm is None else norm(x)
-                if proj is not None:
-                    h = proj(h)
-                g.add_batch(h)
-            del inputs
+                return h if proj is None else proj(h)
+
+            for j, x in enumerate(inputs):
+                g.add_batch(final(x), float_inp=None if float_inputs is None else final(float_inputs[j]))
+            del inputs, float_inputs
             packed, st = g.quantize(
                 head_scheme,
                 block_size=config.block_size,
@@ -358,6 +414,7 @@ def quantize_gptq(
                 act_order=config.act_order,
                 static_groups=config.static_groups or (shares_table and config.act_order),
                 clip_search=config.clip_search,
+                float_target=FLOAT_TARGET_WEIGHT if config.float_targets else 0.0,
             )
             del g
             if shares_table:
@@ -414,7 +471,7 @@ class GPTQMethod(Method):
     needs_calibration = True
     supports_mixed = True
     supports_rotation = True
-    options = frozenset({"act_order", "static_groups", "clip_search"})
+    options = frozenset({"act_order", "static_groups", "clip_search", "float_targets"})
     #: the best settings measured on gemma3-270m (evals/results): act-order and clip search each
     #: lower INT4 and INT3 perplexity
     defaults = {"act_order": True, "clip_search": True}

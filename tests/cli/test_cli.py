@@ -70,3 +70,16 @@ def test_quantize_embedding_from_the_cli(float_ckpt, tmp_path, capsys):
     assert main(["info", str(q), "--kernels", "--json", str(tmp_path / "k.json")]) == 0
     kern = {lay["name"]: lay["kernel"] for lay in json.loads((tmp_path / "k.json").read_text())["layers"]}
     assert kern["model.embed_tokens"].startswith(("cpu", "reference"))  # it serves the tied head too
+
+
+def test_float_targets_flag_reaches_the_config(capsys):
+    from llmquant.cli.commands import config_from_args
+    from llmquant.cli.main import build_parser
+
+    def config(*flags):
+        return config_from_args(build_parser().parse_args(["quantize", "m", "out", *flags]))
+
+    assert config("--method", "gptq", "--float-targets").float_targets is True
+    assert config("--method", "gptq").float_targets is False
+    assert main(["quantize", "m", "out", "--float-targets"]) == 2  # rtn has none: one-line error, nothing loaded
+    assert "does not use float_targets" in capsys.readouterr().err

@@ -224,3 +224,69 @@ def test_clip_search_lowers_the_error_and_packs_exactly(bits, sym, group_size, a
     stored = dequantize_packed(packed.qweight, packed.scales, packed.zeros, bits=bits, group_size=group_size, in_features=K)
     expected = g.quantized_weight if packed.perm is None else g.quantized_weight[:, packed.perm.long()]
     assert torch.equal(stored, expected)
+
+
+# --- float targets: aim at what the float model computes ------------------------------------------
+def float_and_quantized_inputs(seed: int = 7) -> tuple[nn.Linear, torch.Tensor, torch.Tensor]:
+    """A layer, its inputs in the float model, and the perturbed inputs earlier quantized layers give it."""
+    lin, xf = layer_and_inputs(seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    drift = torch.randn(K, K, generator=g) * 0.05 / K**0.5  # an error correlated with the inputs
+    x = xf + xf @ drift + 0.02 * torch.randn(xf.shape, generator=g) * xf.std(0)
+    return lin, xf, x
+
+
+def test_float_target_cross_term_is_a_running_average():
+    lin, xf, x = float_and_quantized_inputs()
+    g = GPTQ(lin)
+    for a, b in zip(x.split(300), xf.split(300)):
+        g.add_batch(a, float_inp=b)
+    torch.testing.assert_close(g._c, 2 * (xf - x).T @ x / M, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="every batch or with none"):
+        g.add_batch(x[:3])
+    with pytest.raises(ValueError, match="float_inp has shape"):
+        g.add_batch(x[:3], float_inp=x[:4])
+    plain = GPTQ(lin)
+    plain.add_batch(x[:10])
+    with pytest.raises(ValueError, match="every batch or with none"):
+        plain.add_batch(x[:10], float_inp=x[:10])
+    with pytest.raises(GPTQError, match="float model's inputs"):
+        plain.quantize(LayerQuant(4, 32, True), float_target=1.0)
+
+
+@pytest.mark.parametrize("bits,sym,group_size", [(8, True, 128), (4, True, 32), (3, False, 128), (2, True, -1)])
+def test_float_target_lowers_the_error_against_the_float_outputs(bits, sym, group_size):
+    lin, xf, x = float_and_quantized_inputs()
+    w = lin.weight.detach()
+    scheme = LayerQuant(bits, group_size, sym)
+
+    def float_error(wq):  # ||X_f W^T - X Q^T||^2 / ||X_f W^T||^2: what the model sees
+        ref = xf @ w.T
+        return float(((ref - x @ wq.T) ** 2).sum() / (ref**2).sum())
+
+    plain = run_gptq(lin, x, scheme, act_order=True)[0].quantized_weight
+    g = GPTQ(lin)
+    for a, b in zip(x.split(300), xf.split(300)):
+        g.add_batch(a, float_inp=b)
+    packed, stats = g.quantize(scheme, act_order=True, float_target=1.0)
+    assert stats["target_shift"] > 0
+    # plain GPTQ keeps all of the error that reached the layer (W itself has it); the float target removes
+    # most of it, at every width
+    reached, e_plain, e_target = float_error(w), float_error(plain), float_error(g.quantized_weight)
+    assert e_plain > reached
+    assert e_plain - e_target > 0.5 * reached, (reached, e_plain, e_target)
+    # the packed codes are the weight it computed
+    stored = dequantize_packed(packed.qweight, packed.scales, packed.zeros, bits=bits, group_size=group_size, in_features=K)
+    assert torch.equal(stored, g.quantized_weight[:, packed.perm.long()])
+
+
+def test_float_target_with_the_same_inputs_is_plain_gptq():
+    lin, x = layer_and_inputs(seed=8)
+    scheme = LayerQuant(3, 32, True)
+    plain = run_gptq(lin, x, scheme, act_order=True)[0].quantized_weight
+    g = GPTQ(lin)
+    for part in x.split(300):
+        g.add_batch(part, float_inp=part)
+    _, stats = g.quantize(scheme, act_order=True, float_target=1.0)
+    assert stats["target_shift"] == 0
+    assert torch.equal(g.quantized_weight, plain)

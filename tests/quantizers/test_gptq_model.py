@@ -285,3 +285,42 @@ def test_bad_calibration_is_rejected():
         quantize_gptq(model, CONFIG, [torch.randn(1, 8)], progress=False)
     with pytest.raises(ValueError, match="empty"):
         quantize_gptq(model, CONFIG, [], progress=False)
+
+
+def test_float_targets_see_the_float_model_and_lower_the_error(monkeypatch):
+    model = tiny_model("llama")
+    calib = tiny_calibration()
+    ids = torch.cat(calib)
+    float_model = copy.deepcopy(model)
+    # what the float model gives block 1's q_proj and the output layer's norm input, chunk by chunk
+    want = {}
+    layer1 = float_model.model.layers[1]
+    hook = layer1.self_attn.q_proj.register_forward_pre_hook(lambda m, a: want.setdefault("q", a[0].clone()))
+    with torch.no_grad():
+        ref = float_model(ids).logits
+    hook.remove()
+
+    seen = {}
+    add = gptq_model.GPTQ.add_batch
+
+    def spy(self, inp, out=None, *, float_inp=None):
+        if self.name.endswith("layers.1.self_attn.q_proj"):
+            seen.setdefault("plain" if float_inp is None else "q", (inp.clone(), float_inp))
+        return add(self, inp, out, float_inp=float_inp)
+
+    monkeypatch.setattr(gptq_model.GPTQ, "add_batch", spy)
+    cfg = QuantConfig(bits=3, group_size=32, method="gptq", quantize_lm_head=True)
+    with torch.no_grad():
+        plain = copy.deepcopy(model)
+        quantize(plain, cfg, calib, progress=False)
+        assert "q" not in seen and "plain" in seen  # plain GPTQ gives no float inputs
+        summary = quantize(model, cfg.replace(float_targets=True), calib, progress=False)
+        inp, float_inp = seen["q"]
+        # the float stream is the float model's, token for token (one chunk holds all 16 sequences)
+        torch.testing.assert_close(float_inp, want["q"], rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(inp, float_inp)  # block 0 is quantized by then
+        e_plain, e_target = logits_error(plain, ref, ids), logits_error(model, ref, ids)
+    assert all("target_shift" in m for m in summary["modules"].values())
+    assert e_target < 0.9 * e_plain, (e_target, e_plain)
+    assert summary["quantization_config"]["float_targets"] is True
+    assert "float_targets" not in QuantConfig(method="gptq").to_dict()  # older configs stay as they were
