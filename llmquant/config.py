@@ -282,7 +282,7 @@ class QuantConfig:
         # the mixed-precision fields and quantize_embedding are written only when they say something, so
         # that a checkpoint that uses neither has the config it had before they existed
         for f in _OPTIONAL_FIELDS:
-            if getattr(self, f) == _DEFAULTS[f] or (f == "float_targets" and not self.float_targets):
+            if getattr(self, f) == _DEFAULTS[f]:
                 del d[f]
             elif isinstance(d[f], tuple):
                 d[f] = list(d[f])
@@ -315,3 +315,4 @@ _OPTIONAL_FIELDS = ("target_bpw", "max_size", "max_latency", "mixed_bits", "mixe
                  "quantize_embedding", "rotation", "float_targets")  # written only when set (older configs stay as they were)
 _DEFAULTS = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
              for f in dataclasses.fields(QuantConfig)}
+_DEFAULTS["float_targets"] = False  # what None resolves to for every method: written only when on

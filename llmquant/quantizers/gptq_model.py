@@ -75,6 +75,12 @@ FINAL_PROJ_NAMES = ("project_out",)
 #: best of 0.125, 0.25, 0.5 and 1 on gemma3-270m rotated INT3 (WikiText-2; numbers in that module)
 FLOAT_TARGET_WEIGHT = 0.25
 
+
+def float_target_weight(config: QuantConfig) -> float:
+    """The ``float_target`` alpha GPTQ takes under ``config`` (0: plain GPTQ)."""
+    return FLOAT_TARGET_WEIGHT if config.float_targets else 0.0
+
+
 #: default calibration tokens per forward chunk (whole sequences are kept together)
 CHUNK_TOKENS = 4096
 
@@ -223,7 +229,7 @@ def gptq_solver(config: QuantConfig) -> LayerSolver:
         packed, st = g.quantize(scheme, block_size=config.block_size, damp_percent=config.damp_percent,
                                 act_order=config.act_order, static_groups=config.static_groups,
                                 clip_search=config.clip_search, rot_signs=rotation_signs(config, name, g.columns),
-                                float_target=FLOAT_TARGET_WEIGHT if config.float_targets else 0.0)
+                                float_target=float_target_weight(config))
         st = {"bits": scheme.bits, "group_size": scheme.group_size, "sym": scheme.sym, **st}
         return g.quantized_weight, packed, st
 
@@ -414,7 +420,7 @@ def quantize_gptq(
                 act_order=config.act_order,
                 static_groups=config.static_groups or (shares_table and config.act_order),
                 clip_search=config.clip_search,
-                float_target=FLOAT_TARGET_WEIGHT if config.float_targets else 0.0,
+                float_target=float_target_weight(config),
             )
             del g
             if shares_table:
