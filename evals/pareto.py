@@ -57,7 +57,8 @@ def run(args: argparse.Namespace) -> dict:
     rot = getattr(args, "rotation", None)  # callers that build args by hand may leave it out
     ft = bool(getattr(args, "float_targets", False))
     gptq_opts = {"float_targets": True} if ft else {}  # RTN has no float targets
-    tag = (f" +{rot}" if rot else "") + (" +float-targets" if ft else "")
+    ft_tag = " +float-targets" if ft else ""
+    tag = (f" +{rot}" if rot else "") + ft_tag
 
     def one(label: str, cfg, **extra) -> dict:
         model, _ = load_model(args.model)
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> dict:
                                        **(gptq_opts if method == "gptq" else {}))
             one(f"{method} int{bits} g128{tag}", cfg, method=method, bits=bits, rotation=rot)
     for bits in getattr(args, "plain_gptq_bits", None) or []:  # the unrotated baselines, in the same run
-        one(f"gptq int{bits} g128" + (" +float-targets" if ft else ""),
+        one(f"gptq int{bits} g128{ft_tag}",
             llmquant.QuantConfig(bits=bits, group_size=128, method="gptq", **gptq_opts),
             method="gptq-plain",
             bits=bits, rotation=None)

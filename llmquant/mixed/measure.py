@@ -56,7 +56,7 @@ from llmquant.modules.walk import _is_conv1d, find_linear_layers, linear_weight
 from llmquant.quantizers.blocks import BlockRunner, capture, find_layer_stack, make_chunks, probe_block
 from llmquant.formats.rotation import rotate, rotate_hessian, unpack_signs, unrotate
 from llmquant.quantizers.gptq import GPTQ
-from llmquant.quantizers.gptq_model import _final_modules, _output_layer
+from llmquant.quantizers.gptq_model import _final_hidden, _final_modules, _output_layer
 from llmquant.quantizers.plan import (
     check_plan, dense_weight_check, embedding_scheme, head_shares_embedding, input_embedding, rotation_signs,
 )
@@ -684,11 +684,6 @@ def _head_hessian(head: tuple[str, nn.Module], inputs: list[torch.Tensor], norm,
     for x in inputs:
         g.add_batch(_final_hidden(x, norm, proj))
     return g
-
-
-def _final_hidden(x: torch.Tensor, norm, proj) -> torch.Tensor:
-    h = x if norm is None else norm(x)
-    return h if proj is None else proj(h)
 
 
 def _measure_layer(name, mod, g: GPTQ, schemes, config, errors, energy, probe_weight, probe_error) -> None:

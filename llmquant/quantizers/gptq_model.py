@@ -101,6 +101,12 @@ def _final_modules(model: nn.Module, stack_name: str) -> tuple[nn.Module | None,
     return norm, proj
 
 
+def _final_hidden(x: torch.Tensor, norm: nn.Module | None, proj: nn.Module | None) -> torch.Tensor:
+    """What the output layer reads from the last block's output ``x``: the final norm, then the projection."""
+    h = x if norm is None else norm(x)
+    return h if proj is None else proj(h)
+
+
 def _output_layer(model: nn.Module) -> tuple[str, nn.Module] | None:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None:
@@ -150,27 +156,21 @@ def _hessian_pass(
     seen: set[str] = set()
     float_in: dict[str, torch.Tensor] = {}
 
-    def hook(rel):
+    def hook(rel, take):
         def pre(mod, args):
-            gptq[rel].add_batch(args[0], float_inp=float_in.get(rel) if floats is not None else None)
+            take(rel, args[0])
             seen.add(rel)
             if seen == need:
                 raise StopForward  # the rest of the block's forward is not needed
 
         return pre
 
-    def float_hook(rel):
-        def pre(mod, args):
-            float_in[rel] = args[0]
-            seen.add(rel)
-            if seen == need:
-                raise StopForward
+    def add(rel, x):  # float_in holds the float copy's input of the same tokens (empty without floats)
+        gptq[rel].add_batch(x, float_inp=float_in.get(rel))
 
-        return pre
-
-    handles = [linears[rel].register_forward_pre_hook(hook(rel)) for rel in need]
+    handles = [linears[rel].register_forward_pre_hook(hook(rel, add)) for rel in need]
     if floats is not None:
-        handles += [floats.linears[rel].register_forward_pre_hook(float_hook(rel)) for rel in need]
+        handles += [floats.linears[rel].register_forward_pre_hook(hook(rel, float_in.__setitem__)) for rel in need]
     try:
         for j, x in enumerate(inputs):
             if floats is not None:
@@ -405,13 +405,9 @@ def quantize_gptq(
             t0 = time.perf_counter()
             name, mod = head
             g = GPTQ(mod, name=name)
-
-            def final(x):
-                h = x if norm is None else norm(x)
-                return h if proj is None else proj(h)
-
             for j, x in enumerate(inputs):
-                g.add_batch(final(x), float_inp=None if float_inputs is None else final(float_inputs[j]))
+                g.add_batch(_final_hidden(x, norm, proj),
+                            float_inp=None if float_inputs is None else _final_hidden(float_inputs[j], norm, proj))
             del inputs, float_inputs
             packed, st = g.quantize(
                 head_scheme,
