@@ -58,6 +58,9 @@ def run(args: argparse.Namespace) -> dict:
     ft = bool(getattr(args, "float_targets", False))
     gptq_opts = {"float_targets": True} if ft else {}  # RTN has no float targets
     ft_tag = " +float-targets" if ft else ""
+    compact = bool(getattr(args, "compact_qparams", False))
+    store = {"compact_qparams": True} if compact else {}  # every quantized row's storage
+    ft_tag += " +compact" if compact else ""
     tag = (f" +{rot}" if rot else "") + ft_tag
 
     def one(label: str, cfg, **extra) -> dict:
@@ -73,17 +76,17 @@ def run(args: argparse.Namespace) -> dict:
             r["mixed"] = summary["mixed"]
         rows.append(r)
         if args.out is not None:  # keep what is measured so far, should a later step fail
-            write(_summarize(args.model, rows, rot, _tag(args), ft), args.out, quiet=True)
+            write(_summarize(args.model, rows, rot, _tag(args), ft, compact), args.out, quiet=True)
         return r
 
     for bits in args.uniform_bits:
         for method in args.methods:
-            cfg = llmquant.QuantConfig(bits=bits, group_size=128, method=method, rotation=rot,
+            cfg = llmquant.QuantConfig(bits=bits, group_size=128, method=method, rotation=rot, **store,
                                        **(gptq_opts if method == "gptq" else {}))
             one(f"{method} int{bits} g128{tag}", cfg, method=method, bits=bits, rotation=rot)
     for bits in getattr(args, "plain_gptq_bits", None) or []:  # the unrotated baselines, in the same run
         one(f"gptq int{bits} g128{ft_tag}",
-            llmquant.QuantConfig(bits=bits, group_size=128, method="gptq", **gptq_opts),
+            llmquant.QuantConfig(bits=bits, group_size=128, method="gptq", **gptq_opts, **store),
             method="gptq-plain",
             bits=bits, rotation=None)
     meas_path = args.measurement or (args.out / f"measurement_{args.model}{'-' + rot if rot else ''}{_tag(args)}.json"
@@ -97,17 +100,17 @@ def run(args: argparse.Namespace) -> dict:
         from llmquant.mixed.measure import measure
 
         model, _ = load_model(args.model)
-        cfg = llmquant.QuantConfig(method="gptq", target_bpw=args.budgets[0], rotation=rot)
+        cfg = llmquant.QuantConfig(method="gptq", target_bpw=args.budgets[0], rotation=rot, **store)
         meas = measure(model, cfg, calibration, candidates(cfg.mixed_bits, cfg.mixed_group_sizes), **probe)
         meas.save(meas_path)
         del model
         rows[0]["measurement"] = dict(probe, seconds=meas.seconds, calibration=meas.calibration)
     for i, budget in enumerate(args.budgets):
-        cfg = llmquant.QuantConfig(method="gptq", target_bpw=budget, rotation=rot, **gptq_opts)
+        cfg = llmquant.QuantConfig(method="gptq", target_bpw=budget, rotation=rot, **gptq_opts, **store)
         r = one(f"mixed {budget} bpw{tag}", cfg, method="mixed", bits=None, target_bpw=budget, measurement=meas_path,
                 rotation=rot)
         r["mixed_total_seconds"] = r["quantize_seconds"]
-    return _summarize(args.model, rows, rot, _tag(args), ft)
+    return _summarize(args.model, rows, rot, _tag(args), ft, compact)
 
 
 def _tag(args: argparse.Namespace) -> str:
@@ -116,7 +119,7 @@ def _tag(args: argparse.Namespace) -> str:
 
 
 def _summarize(model: str, rows: list[dict], rotation: str | None = None, tag: str = "",
-               float_targets: bool = False) -> dict:
+               float_targets: bool = False, compact: bool = False) -> dict:
     from llmquant.evals.machine import machine_info
 
     base = rows[0]["ppl"]
@@ -129,6 +132,8 @@ def _summarize(model: str, rows: list[dict], rotation: str | None = None, tag: s
         out["tag"] = tag
     if float_targets:
         out["float_targets"] = True
+    if compact:
+        out["compact_qparams"] = True
     return out
 
 
@@ -157,7 +162,9 @@ def write(result: dict, out: Path, quiet: bool = False) -> None:
         + (", and float targets ('+float-targets': QuantConfig.float_targets, each layer aims at the float model's "
            "outputs)." if result.get("float_targets") else ".")
         + (f" '+{result['rotation']}': the layers' inputs rotated (QuantConfig.rotation, llmquant.formats.rotation; "
-           "every block linear here, the output layer never)." if result.get("rotation") else ""))
+           "every block linear here, the output layer never)." if result.get("rotation") else "")
+        + (" '+compact': scales and zero points stored compact (QuantConfig.compact_qparams: 8-bit log-grid scales, "
+           "zero points in the codes' width; llmquant.formats.packing)." if result.get("compact_qparams") else ""))
     meas = rows[0].get("measurement")  # made up front (--probe-sequences/--probe-positions)
     q = next((r for r in rows if "calibration" in r), None)
     if q:
@@ -217,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--probe-positions", type=int, help="... and this many of their positions (default 128)")
     p.add_argument("--float-targets", action="store_true",
                    help="GPTQ and mixed rows with QuantConfig.float_targets (each layer aims at the float model's outputs)")
+    p.add_argument("--compact-qparams", action="store_true",
+                   help="every quantized row stores compact scales and zero points (QuantConfig.compact_qparams)")
     p.add_argument("--tag", help="appended to the result files' names")
     return sweep_main(p, argv, run, write, DEFAULT_OUT)
 

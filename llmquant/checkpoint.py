@@ -88,7 +88,13 @@ def verify_quantized_tensors(model: nn.Module, files: Iterable[str | os.PathLike
             if tuple(info["shape"]) != shape:
                 raise CheckpointError(f"{key}: shape {tuple(info['shape'])} in the checkpoint, expected {shape}")
             if got_dtype != dtype:
-                raise CheckpointError(f"{key}: dtype {info['dtype']} in the checkpoint, expected {dtype}")
+                hint = ""
+                if name == "scales":  # uint8 scales are compact_qparams' codes
+                    hint = (" (the checkpoint stores compact scales, but its quantization_config does not say "
+                            "compact_qparams: true)" if got_dtype == torch.uint8 else
+                            " (the quantization_config says compact_qparams: true, but the checkpoint stores "
+                            "float scales)" if mod.compact else "")
+                raise CheckpointError(f"{key}: dtype {info['dtype']} in the checkpoint, expected {dtype}{hint}")
         stray = f"{prefix}.weight"
         if stray in header:
             raise CheckpointError(f"{stray}: a float weight is stored for a layer the config quantizes")

@@ -100,6 +100,10 @@ class QuantConfig:
     #: quantized give it (:mod:`llmquant.quantizers.gptq`), so a layer also makes up for the error that
     #: reaches it. ``None``: the method's default
     float_targets: bool | None = None
+    #: store each quantized linear layer's scales as 8-bit codes of a logarithmic grid and its zero points in
+    #: as many bits as its codes (:mod:`llmquant.formats.packing`, "Compact group parameters"): about
+    #: 0.1 bit a weight less at group size 128. GPTQ and RTN choose the scales on that grid. ``None``: off
+    compact_qparams: bool | None = None
     #: quantize the output layer too (it is skipped by default)
     quantize_lm_head: bool = False
     #: quantize the input embedding table too (its scheme: the defaults, or an override matching its module
@@ -312,7 +316,8 @@ class QuantConfig:
 
 
 _OPTIONAL_FIELDS = ("target_bpw", "max_size", "max_latency", "mixed_bits", "mixed_group_sizes", "mixed",
-                 "quantize_embedding", "rotation", "float_targets")  # written only when set (older configs stay as they were)
+                 "quantize_embedding", "rotation", "float_targets", "compact_qparams")  # written only when set (older configs stay as they were)
 _DEFAULTS = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
              for f in dataclasses.fields(QuantConfig)}
 _DEFAULTS["float_targets"] = False  # what None resolves to for every method: written only when on
+_DEFAULTS["compact_qparams"] = False

@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # annotations only: the registry must not import the layers a
 
 
 #: the options of QuantConfig that some methods use and others must leave at their neutral value
-METHOD_OPTIONS = ("act_order", "static_groups", "clip_search", "float_targets")
+METHOD_OPTIONS = ("act_order", "static_groups", "clip_search", "float_targets", "compact_qparams")
 
 
 class Method:

@@ -105,6 +105,9 @@ class TrainableQuantLinear(nn.Module):
 
     def __init__(self, layer: QuantLinear, train_codes: bool = False) -> None:
         super().__init__()
+        if layer.compact:
+            raise ValueError("the layers' scales are stored compact (compact_qparams), on a fixed 8-bit grid that "
+                             "trained scales leave; quantize with compact_qparams off to train the model's scales")
         w = layer.packed()
         # codes: uint8 [N, K] (stored column order); scale0, zero: float32 [N, NG]
         self.bits, self.group_size = w.bits, w.group_size

@@ -54,6 +54,29 @@ layer; the only extra work at run time is one gather of the activations.
 
 How scales and zero points are chosen is up to the quantizer (round-to-nearest, GPTQ, ...); the
 format only fixes how they are read back.
+
+Compact group parameters (``quantization_config.compact_qparams: true``)
+-----------------------------------------------------------------------
+A checkpoint quantized with ``compact_qparams`` stores every quantized linear layer's scales and zero
+points in fewer bits; codes, perm, rotation signs and the dequantization above are unchanged:
+
+==================  ======  ========================  ================================================
+name                dtype   shape                     meaning
+==================  ======  ========================  ================================================
+<prefix>.scales     uint8   [N, NG]                   scale codes c: s = T[c % 12] * 2**(c // 12 - 14)
+<prefix>.zeros      uint8   [N, ceil(NG * b / 8)]     asymmetric only: each row's NG zero points, b bits
+                                                      each, as one little-endian bit stream per row
+==================  ======  ========================  ================================================
+
+Scales lie on a logarithmic grid of 12 steps per octave (5.9% apart), from
+2**-14 (c = 0, float16's smallest normal number) to 2**7 * T[3] = 152.25 (c = 255). ``T[j]`` is
+``2**(j / 12)`` rounded to float16 (:data:`LOG_SCALE_TABLE`, whose float16 bit patterns are pinned by
+the golden tests), so every decoded scale is a float16 number, the same on every machine; the
+dequantization then reads it like a stored float16 scale. Zero points: zero point g of a row occupies bits
+``[g*b, (g+1)*b)`` of the row's bytes, bit t being bit ``t % 8`` of byte ``t // 8``; the last byte is
+padded with 0 bits. Worked example, b = 3, zero points [1, 2, 3, 4, 5] (NG = 5): bytes 0xD1 0x58.
+At group size 128 this stores 1 byte of scale and b bits of zero point per 128 weights instead of 3
+bytes: a 3-bit asymmetric layer takes 3.086 bits a weight instead of 3.188.
 """
 from __future__ import annotations
 
@@ -61,6 +84,14 @@ import torch
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 BLOCK = 32  # codes per packing block; a block of b-bit codes fills exactly b int32 words
+
+
+#: steps per octave of the compact scale grid and its float16 table: T[j] = 2**(j / 12) in float16
+LOG_SCALE_STEPS = 12
+LOG_SCALE_TABLE = torch.tensor([2.0 ** (j / LOG_SCALE_STEPS) for j in range(LOG_SCALE_STEPS)], dtype=torch.float16)
+#: the exponent of code 0 (float16's smallest normal number, 2**-14)
+LOG_SCALE_MIN_EXP = -14
+LOG_SCALE_MAX = float(LOG_SCALE_TABLE[255 % LOG_SCALE_STEPS]) * 2.0 ** (255 // LOG_SCALE_STEPS + LOG_SCALE_MIN_EXP)
 
 
 def _check_bits(bits: int) -> None:
@@ -160,3 +191,79 @@ def dequantize_packed(
     else:
         z = zeros.to(torch.float32)[:, gidx]
     return (codes - z) * s
+
+
+# --- compact group parameters ------------------------------------------------------------------
+def decode_scales(codes: torch.Tensor) -> torch.Tensor:
+    """Compact scale codes (uint8, any shape) -> their float16 scales (exact, see the module docstring)."""
+    if codes.dtype != torch.uint8:
+        raise ValueError(f"compact scale codes must be uint8, got {codes.dtype}")
+    c = codes.to(torch.int64)
+    table = LOG_SCALE_TABLE.to(device=codes.device, dtype=torch.float32)
+    return torch.ldexp(table[c % LOG_SCALE_STEPS], (c // LOG_SCALE_STEPS + LOG_SCALE_MIN_EXP).to(torch.float32)).to(torch.float16)
+
+
+def nearest_scale_codes(scales: torch.Tensor) -> torch.Tensor:
+    """The code of the grid point nearest to each positive scale (in log terms; clamped to the grid's
+    range): int64, the shape of ``scales``."""
+    s = scales.to(torch.float32).clamp(min=2.0 ** LOG_SCALE_MIN_EXP, max=LOG_SCALE_MAX)
+    c = torch.round((torch.log2(s) - LOG_SCALE_MIN_EXP) * LOG_SCALE_STEPS).clamp(0, 255).to(torch.int64)
+    # the table's float16 rounding can put a value that lies almost halfway on the other side
+    lo, hi = (c - 1).clamp(min=0), (c + 1).clamp(max=255)
+    cand = torch.stack((lo, c, hi))
+    dist = (torch.log2(decode_scales(cand.to(torch.uint8)).to(torch.float32)) - torch.log2(s)).abs()
+    return cand.gather(0, dist.argmin(dim=0, keepdim=True)).squeeze(0)
+
+
+def snap_scales(scales: torch.Tensor) -> torch.Tensor:
+    """Each scale moved up to the next point of the compact grid (the nearest one at or above it, to within
+    float16 precision; clamped to the grid's range), as float32. Up, so that the range the scale was made
+    for is not clipped: at 8 bits a 3% smaller step would cut off the largest weights by several steps."""
+    c = nearest_scale_codes(scales)
+    s = scales.to(torch.float32).clamp(max=LOG_SCALE_MAX)
+    short = decode_scales(c.to(torch.uint8)).to(torch.float32) < s * (1 - 2.0 ** -11)
+    return decode_scales((c + short.to(torch.int64)).clamp(max=255).to(torch.uint8)).to(torch.float32)
+
+
+def encode_scales(scales: torch.Tensor) -> torch.Tensor:
+    """float16 scales that lie on the compact grid -> their uint8 codes; raises ValueError otherwise
+    (storing them would change the weights)."""
+    codes = nearest_scale_codes(scales).to(torch.uint8)
+    off = decode_scales(codes) != scales.to(torch.float16)
+    if bool(off.any()):
+        bad = scales.flatten()[off.flatten()][0]
+        raise ValueError(f"{int(off.sum())} scales are not on the compact grid (e.g. {float(bad)!r}); "
+                         "they were not quantized with compact_qparams")
+    return codes
+
+
+def packed_zero_bytes(ng: int, bits: int) -> int:
+    """Bytes one row of ``ng`` compact zero points takes."""
+    _check_bits(bits)
+    return -(-ng * bits // 8)
+
+
+def pack_zeros(zeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """Zero points uint8 [N, NG] (values below 2**bits) -> compact uint8 [N, ceil(NG * bits / 8)]."""
+    n, ng = zeros.shape
+    z = zeros.to(torch.int64)
+    if z.numel() and int(z.max()) > (1 << bits) - 1:
+        raise ValueError(f"zero points out of range for {bits}-bit codes: max {int(z.max())}")
+    bitpos = torch.arange(bits, device=zeros.device)
+    stream = ((z.unsqueeze(-1) >> bitpos) & 1).reshape(n, ng * bits)
+    nb = packed_zero_bytes(ng, bits)
+    padded = torch.zeros(n, nb * 8, dtype=torch.int64, device=zeros.device)
+    padded[:, : ng * bits] = stream
+    weights = 1 << torch.arange(8, device=zeros.device)
+    return (padded.view(n, nb, 8) * weights).sum(-1).to(torch.uint8)
+
+
+def unpack_zeros(packed: torch.Tensor, bits: int, ng: int) -> torch.Tensor:
+    """Inverse of :func:`pack_zeros`: uint8 [N, ceil(NG * bits / 8)] -> uint8 [N, NG]."""
+    n, nb = packed.shape
+    if packed.dtype != torch.uint8 or nb != packed_zero_bytes(ng, bits):
+        raise ValueError(f"compact zero points: expected uint8 [N, {packed_zero_bytes(ng, bits)}], "
+                         f"got {packed.dtype} {tuple(packed.shape)}")
+    stream = ((packed.to(torch.int64).unsqueeze(-1) >> torch.arange(8, device=packed.device)) & 1).reshape(n, nb * 8)
+    bitval = 1 << torch.arange(bits, device=packed.device)
+    return (stream[:, : ng * bits].view(n, ng, bits) * bitval).sum(-1).to(torch.uint8)

@@ -110,6 +110,7 @@ def swap_in_quant_linears(model: torch.nn.Module, config: QuantConfig, bias_dtyp
                 bias_dtype=bias_dtype,
                 act_int8=config.activations == "dynamic_int8",
                 rotated=config.rotates(name, k),
+                compact=config.compact_qparams,
             )
         set_submodule(model, name, q)
     return len(todo) + swap_in_quant_embedding(model, config, bias_dtype)

@@ -87,7 +87,7 @@ def _check_budget_early(model: nn.Module, config: QuantConfig, schemes, table: d
         check_budget(config.max_latency * 1000, sum(map(min, costs)), sum(map(max, costs)), describe_us,
                      f"max_latency of {config.max_latency} ms")
         return
-    costs = [[layer_bytes(n, k, s, config.stores_perm, config.rotates(name, k)) for s in schemes]
+    costs = [[layer_bytes(n, k, s, config.stores_perm, config.rotates(name, k), config.compact_qparams) for s in schemes]
              for (name, _, _), (n, k) in zip(todo, shapes)]
     weights = sum(n * k for n, k in shapes)
     target = table_target(model, config)

@@ -190,6 +190,8 @@ def method_settings(config: QuantConfig) -> dict[str, Any]:
         settings["quantize_lm_head"] = config.quantize_lm_head
     if config.rotation is not None:  # a measurement of unrotated layers does not price rotated ones
         settings["rotation"] = config.rotation
+    if config.compact_qparams:  # nor does one of float16 scales price compact ones
+        settings["compact_qparams"] = True
     return settings
 
 
@@ -322,11 +324,12 @@ def _output_error(d: torch.Tensor, h: torch.Tensor) -> float:
 
 
 def _rtn_weight(
-    w: torch.Tensor, scheme: LayerQuant, clip: bool, importance: torch.Tensor | None, step: float = CLIP_STEP
+    w: torch.Tensor, scheme: LayerQuant, clip: bool, importance: torch.Tensor | None, step: float = CLIP_STEP,
+    compact: bool = False,
 ) -> torch.Tensor:
     """Round-to-nearest of ``w`` [R, K] as the quantizers do it (the grid and clipping search of
     :func:`llmquant.quantizers.rtn.group_qparams`), every group searched at once; ``step``: of the
-    clipping factors (the quantizers' by default)."""
+    clipping factors (the quantizers' by default); ``compact``: scales on the compact grid."""
     r, k = w.shape
     g = k if scheme.group_size == -1 else scheme.group_size
     ng = -(-k // g)
@@ -346,9 +349,9 @@ def _rtn_weight(
             d = fake_quantize(wg, s.unsqueeze(2), z.unsqueeze(2), scheme.bits).sub_(wg)
             return (d * d * imp).sum(2)
 
-        scale, zero = clip_search(xmin, xmax, scheme.bits, scheme.sym, err, step)
+        scale, zero = clip_search(xmin, xmax, scheme.bits, scheme.sym, err, step, compact)
     else:
-        scale, zero = _range_qparams(xmin, xmax, scheme.bits, scheme.sym)
+        scale, zero = _range_qparams(xmin, xmax, scheme.bits, scheme.sym, compact)
     return fake_quantize(wg, scale.unsqueeze(2), zero.unsqueeze(2), scheme.bits).reshape(r, ng * g)[:, :k]
 
 
@@ -359,7 +362,7 @@ def _gptq_weight(w: torch.Tensor, h: torch.Tensor, nsamples: int, scheme: LayerQ
     g.H = h
     g.nsamples = nsamples
     g.quantize(scheme, block_size=config.block_size, damp_percent=config.damp_percent, act_order=config.act_order,
-               static_groups=config.static_groups, clip_search=config.clip_search)
+               static_groups=config.static_groups, clip_search=config.clip_search, compact=config.compact_qparams)
     return g.quantized_weight
 
 
@@ -379,7 +382,8 @@ def layer_errors(
     scale_rows = n / ws.shape[0]
     gptq = config.method == "gptq"
     importance = torch.diagonal(h).clone() if gptq else None
-    rtn = {scheme_key(s): _output_error(ws - _rtn_weight(ws, s, config.clip_search, importance, ESTIMATE_CLIP_STEP), h)
+    rtn = {scheme_key(s): _output_error(ws - _rtn_weight(ws, s, config.clip_search, importance, ESTIMATE_CLIP_STEP,
+                                                             config.compact_qparams), h)
            * scale_rows for s in schemes}
     if not gptq:
         return rtn
@@ -397,7 +401,8 @@ def layer_errors(
             e_gptq = _output_error(ws - q, h) * scale_rows
             e_rtn = rtn.get(scheme_key(ref))
             if e_rtn is None:
-                e_rtn = _output_error(ws - _rtn_weight(ws, ref, config.clip_search, importance, ESTIMATE_CLIP_STEP),
+                e_rtn = _output_error(ws - _rtn_weight(ws, ref, config.clip_search, importance, ESTIMATE_CLIP_STEP,
+                                                     config.compact_qparams),
                                       h) * scale_rows
             ratio[(bits, g == -1)] = e_gptq / e_rtn if e_rtn > 0 else 1.0
 
@@ -653,7 +658,8 @@ def measure(
         n, k = linear_weight(mod).shape
         layer_list.append(LayerMeasure(
             name, n, k, errors[name],
-            {key: layer_bytes(n, k, s, config.stores_perm, config.rotates(name, k)) for key, s in zip(keys, schemes)},
+            {key: layer_bytes(n, k, s, config.stores_perm, config.rotates(name, k), config.compact_qparams)
+             for key, s in zip(keys, schemes)},
             energy[name]))
     if table is not None:  # stored once, even when the output layer shares it; never an act-order perm
         n, k = temb.weight.shape

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from llmquant.config import LayerQuant
-from llmquant.formats.packing import num_groups, packed_words
+from llmquant.formats.packing import (decode_scales, encode_scales, num_groups, pack_zeros, packed_words,
+                                      packed_zero_bytes, unpack_zeros)
 from llmquant.formats.rotation import rotatable, unpack_signs
 from llmquant.kernels.cpu import rotate_input
 from llmquant.kernels.registry import PackedWeight, env_switch, select_kernel
@@ -56,8 +57,12 @@ class QuantLinear(nn.Module):
         device: torch.device | str | None = None,
         act_int8: bool = False,
         rotated: bool = False,
+        compact: bool = False,
     ) -> None:
         super().__init__()
+        #: the scales and zero points are stored compact (QuantConfig.compact_qparams): the buffers hold
+        #: the checkpoint's uint8 scale codes and bit-packed zero points, decoded in :meth:`packed`
+        self.compact = compact
         #: dynamic INT8 activations (QuantConfig.activations == "dynamic_int8"); LLMQUANT_ACTIVATIONS
         #: overrides it when the kernel is chosen
         self.act_int8 = act_int8
@@ -69,9 +74,10 @@ class QuantLinear(nn.Module):
         n, k = out_features, in_features
         ng = num_groups(k, scheme.group_size)
         self.register_buffer("qweight", torch.zeros(n, packed_words(k, self.bits), dtype=torch.int32, device=device))
-        self.register_buffer("scales", torch.zeros(n, ng, dtype=torch.float16, device=device))
+        self.register_buffer("scales", torch.zeros(n, ng, dtype=torch.uint8 if compact else torch.float16, device=device))
         if not scheme.sym:
-            self.register_buffer("zeros", torch.zeros(n, ng, dtype=torch.uint8, device=device))
+            zcols = packed_zero_bytes(ng, self.bits) if compact else ng
+            self.register_buffer("zeros", torch.zeros(n, zcols, dtype=torch.uint8, device=device))
         else:
             self.zeros = None
         if has_perm:
@@ -97,8 +103,11 @@ class QuantLinear(nn.Module):
     # --- construction ---------------------------------------------------------------------------
     @classmethod
     def from_packed(cls, w: PackedWeight, bias: torch.Tensor | None, sym: bool | None = None,
-                    act_int8: bool = False, rot_signs: torch.Tensor | None = None) -> "QuantLinear":
-        """``rot_signs``: the layer's codes are those of the rotated weight (see the module docstring)."""
+                    act_int8: bool = False, rot_signs: torch.Tensor | None = None,
+                    compact: bool = False) -> "QuantLinear":
+        """``rot_signs``: the layer's codes are those of the rotated weight (see the module docstring).
+        ``compact``: store the scales and zero points compact; the scales must lie on the compact grid
+        (quantized with ``compact_qparams``), else ValueError."""
         scheme = LayerQuant(w.bits, w.group_size, w.zeros is None if sym is None else sym)
         mod = cls(
             w.in_features,
@@ -110,11 +119,12 @@ class QuantLinear(nn.Module):
             device=w.qweight.device,
             act_int8=act_int8,
             rotated=rot_signs is not None,
+            compact=compact,
         )
         mod.qweight.copy_(w.qweight)
-        mod.scales.copy_(w.scales)
+        mod.scales.copy_(encode_scales(w.scales) if compact else w.scales)
         if w.zeros is not None:
-            mod.zeros.copy_(w.zeros)
+            mod.zeros.copy_(pack_zeros(w.zeros, w.bits) if compact else w.zeros)
         if w.perm is not None:
             mod.perm.copy_(w.perm)
         if rot_signs is not None:
@@ -128,10 +138,16 @@ class QuantLinear(nn.Module):
         return LayerQuant(self.bits, self.group_size, self.sym)
 
     def packed(self) -> PackedWeight:
+        """The layer's tensors in the plain form every kernel takes (compact ones decoded)."""
+        scales, zeros = self.scales, self.zeros
+        if self.compact:
+            scales = decode_scales(scales)
+            if zeros is not None:
+                zeros = unpack_zeros(zeros, self.bits, scales.shape[1])
         return PackedWeight(
             qweight=self.packed_qweight(),
-            scales=self.scales,
-            zeros=self.zeros,
+            scales=scales,
+            zeros=zeros,
             perm=self.perm,
             bits=self.bits,
             group_size=self.group_size,
@@ -188,10 +204,10 @@ class QuantLinear(nn.Module):
         ng = num_groups(k, self.group_size)
         exp = {
             "qweight": ((n, packed_words(k, self.bits)), torch.int32),
-            "scales": ((n, ng), torch.float16),
+            "scales": ((n, ng), torch.uint8 if self.compact else torch.float16),
         }
         if not self.sym:
-            exp["zeros"] = ((n, ng), torch.uint8)
+            exp["zeros"] = ((n, packed_zero_bytes(ng, self.bits) if self.compact else ng), torch.uint8)
         if self.perm is not None:
             exp["perm"] = ((k,), torch.int32)
         if self.rot_signs is not None:
@@ -212,10 +228,12 @@ class QuantLinear(nn.Module):
             if t.dtype != dtype:
                 raise CheckpointError(f"{where}{name}: dtype {t.dtype}, expected {dtype}")
         s = self.scales
-        if not torch.isfinite(s).all():
+        # compact scale codes and zero points have no invalid values: every code decodes to a finite
+        # scale, every bit field holds a zero point below 2**bits
+        if not self.compact and not torch.isfinite(s).all():
             bad = int((~torch.isfinite(s)).sum())
             raise CheckpointError(f"{where}scales: {bad} non-finite values (NaN or inf)")
-        if self.zeros is not None and int(self.zeros.max()) > (1 << self.bits) - 1:
+        if not self.compact and self.zeros is not None and int(self.zeros.max()) > (1 << self.bits) - 1:
             raise CheckpointError(
                 f"{where}zeros: value {int(self.zeros.max())} out of range for {self.bits}-bit codes"
             )
@@ -341,6 +359,7 @@ class QuantLinear(nn.Module):
             f"group_size={g}, sym={self.sym}, act_order={self.perm is not None}, bias={self.bias is not None}"
             + (", rotation=hadamard" if self.rot_signs is not None else "")
             + (", activations=dynamic_int8" if self.act_int8 else "")
+            + (", compact_qparams" if self.compact else "")
         )
 
 

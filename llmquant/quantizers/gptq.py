@@ -242,6 +242,7 @@ class GPTQ:
         clip_search: bool = False,
         rot_signs: torch.Tensor | None = None,
         float_target: float = 0.0,
+        compact: bool = False,
     ) -> tuple[PackedWeight, dict]:
         """Quantize the layer's weight; returns the packed weight and a stats dict:
 
@@ -252,6 +253,7 @@ class GPTQ:
         rotated inputs; the packed codes are the rotated weight's, ``quantized_weight`` the weight
         they stand for (``Q R^T``). ``float_target`` (alpha > 0; needs ``float_inp`` in
         :meth:`add_batch`): quantize the target ``W + alpha W C H^-1`` instead of W (module docstring).
+        ``compact``: every scale on the compact 8-bit grid (``QuantConfig.compact_qparams``).
         """
         t0 = time.perf_counter()
         if self.nsamples == 0:
@@ -286,10 +288,10 @@ class GPTQ:
         importance = torch.diagonal(h).clone() if clip_search else None  # input energy per column
         if static_groups:
             # every group's grid fixed up front, on the input column order
-            scale, zero = group_qparams(w, scheme, clip=clip_search, importance=importance)
+            scale, zero = group_qparams(w, scheme, clip=clip_search, importance=importance, compact=compact)
         elif scheme.group_size == -1:
             # the one group of each row starts at column 0, where W is still the input weight
-            scale, zero = (t.unsqueeze(1) for t in qparams(w, bits, scheme.sym, clip_search, importance))
+            scale, zero = (t.unsqueeze(1) for t in qparams(w, bits, scheme.sym, clip_search, importance, compact))
         else:
             scale = torch.empty(n, ng, dtype=torch.float32, device=w.device)
             zero = torch.empty(n, ng, dtype=torch.float32, device=w.device)
@@ -322,7 +324,7 @@ class GPTQ:
                 qt = self._solve_rows(
                     wt, u, scale[r0:r1], zero[r0:r1],
                     bits=bits, sym=scheme.sym, G=G, step=step, static=static, col_group=col_group_list,
-                    importance=importance,
+                    importance=importance, compact=compact,
                 )
             q[r0:r1] = qt.t()
             # the codes are recovered exactly from Q = (c - z) * s: |c - z| <= 255 and s >= 2**-14,
@@ -368,6 +370,7 @@ class GPTQ:
         static: bool,
         col_group: list[int],
         importance: torch.Tensor | None = None,
+        compact: bool = False,
     ) -> torch.Tensor:
         """The GPTQ column loop on a slab of R rows, transposed: ``wt`` = W^T float32 [K, R] in visiting
         order (modified in place); u: upper Cholesky factor of H^-1 [K, K]. Fills ``scale``/``zero``
@@ -386,7 +389,7 @@ class GPTQ:
                 if not static and col % G == 0:
                     # a new group starts here; its columns all lie in this block (step % G == 0)
                     imp = None if importance is None else importance[col:col + G]
-                    s_g, z_g = qparams(w1[i:i + G].t(), bits, sym, imp is not None, imp)
+                    s_g, z_g = qparams(w1[i:i + G].t(), bits, sym, imp is not None, imp, compact)
                     scale[:, g] = s_g
                     zero[:, g] = z_g
                 s, z = scale[:, g], zero[:, g]

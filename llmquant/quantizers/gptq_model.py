@@ -229,7 +229,7 @@ def gptq_solver(config: QuantConfig) -> LayerSolver:
         packed, st = g.quantize(scheme, block_size=config.block_size, damp_percent=config.damp_percent,
                                 act_order=config.act_order, static_groups=config.static_groups,
                                 clip_search=config.clip_search, rot_signs=rotation_signs(config, name, g.columns),
-                                float_target=float_target_weight(config))
+                                float_target=float_target_weight(config), compact=config.compact_qparams)
         st = {"bits": scheme.bits, "group_size": scheme.group_size, "sym": scheme.sym, **st}
         return g.quantized_weight, packed, st
 
@@ -417,6 +417,7 @@ def quantize_gptq(
                 static_groups=config.static_groups or (shares_table and config.act_order),
                 clip_search=config.clip_search,
                 float_target=float_target_weight(config),
+                compact=config.compact_qparams and not shares_table,  # a shared table keeps float16 scales
             )
             del g
             if shares_table:
@@ -473,7 +474,7 @@ class GPTQMethod(Method):
     needs_calibration = True
     supports_mixed = True
     supports_rotation = True
-    options = frozenset({"act_order", "static_groups", "clip_search", "float_targets"})
+    options = frozenset({"act_order", "static_groups", "clip_search", "float_targets", "compact_qparams"})
     #: the best settings measured on gemma3-270m (evals/results): act-order and clip search each
     #: lower INT4 and INT3 perplexity
     defaults = {"act_order": True, "clip_search": True}

@@ -216,7 +216,8 @@ def to_quant_linear(mod: nn.Module, packed: PackedWeight, config: QuantConfig, n
     codes were quantized with :func:`rotation_signs`)."""
     bias = mod.bias.detach() if getattr(mod, "bias", None) is not None else None
     return QuantLinear.from_packed(packed, bias, act_int8=config.activations == "dynamic_int8",
-                                   rot_signs=rotation_signs(config, name, packed.in_features))
+                                   rot_signs=rotation_signs(config, name, packed.in_features),
+                                   compact=config.compact_qparams)
 
 
 def untie_if_quantizing_head(model: nn.Module, config: QuantConfig) -> None:

@@ -21,12 +21,14 @@ from llmquant.registry import Method, register_method
 
 
 def group_qparams(
-    w: torch.Tensor, scheme: LayerQuant, clip: bool = False, importance: torch.Tensor | None = None
+    w: torch.Tensor, scheme: LayerQuant, clip: bool = False, importance: torch.Tensor | None = None,
+    compact: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scales and zero points of ``w`` [N, K] per (row, group): float32 [N, NG] each.
 
     A ragged last group is padded with zeros, which leaves its range unchanged because every grid
-    includes 0. ``clip``/``importance`` [K]: search the clipping range (see :func:`qparams`).
+    includes 0. ``clip``/``importance`` [K]: search the clipping range (see :func:`qparams`);
+    ``compact``: scales on the compact grid.
     """
     n, k = w.shape
     g = k if scheme.group_size == -1 else scheme.group_size
@@ -34,7 +36,7 @@ def group_qparams(
     padded = torch.zeros(n, ng * g, dtype=torch.float32, device=w.device)
     padded[:, :k] = w.to(torch.float32)
     if not clip:
-        scale, zero = qparams(padded.view(n * ng, g), scheme.bits, scheme.sym)
+        scale, zero = qparams(padded.view(n * ng, g), scheme.bits, scheme.sym, compact=compact)
         return scale.view(n, ng), zero.view(n, ng)
     imp = torch.ones(ng * g, dtype=torch.float32, device=w.device)
     if importance is not None:
@@ -44,7 +46,7 @@ def group_qparams(
     zero = torch.empty_like(scale)
     for j in range(ng):  # one importance vector per group
         cols = slice(j * g, (j + 1) * g)
-        scale[:, j], zero[:, j] = qparams(padded[:, cols], scheme.bits, scheme.sym, True, imp[cols])
+        scale[:, j], zero[:, j] = qparams(padded[:, cols], scheme.bits, scheme.sym, True, imp[cols], compact)
     return scale, zero
 
 
@@ -75,15 +77,16 @@ def make_packed(
     )
 
 
-def quantize_weight_rtn(w: torch.Tensor, scheme: LayerQuant, clip: bool = False) -> PackedWeight:
+def quantize_weight_rtn(w: torch.Tensor, scheme: LayerQuant, clip: bool = False, compact: bool = False) -> PackedWeight:
     """Round every weight of ``w`` [N, K] to the nearest point of its group's grid (with ``clip``:
-    each group's range from the clipping search, unweighted, instead of [min, max])."""
+    each group's range from the clipping search, unweighted, instead of [min, max]; ``compact``: scales
+    on the compact grid)."""
     if w.dim() != 2:
         raise ValueError(f"expected a weight of shape [N, K], got {tuple(w.shape)}")
     if not torch.isfinite(w).all():
         raise ValueError("weight has non-finite values (NaN or inf); refusing to quantize")
     n, k = w.shape
-    scale, zero = group_qparams(w, scheme, clip=clip)
+    scale, zero = group_qparams(w, scheme, clip=clip, compact=compact)
     codes = quantize_codes(w, expand_groups(scale, k, scheme.group_size), expand_groups(zero, k, scheme.group_size), scheme.bits)
     return make_packed(codes, scale, zero, scheme)
 
@@ -96,7 +99,7 @@ class RTN(Method):
     description = "round-to-nearest, no calibration data"
     supports_mixed = True
     supports_rotation = True
-    options = frozenset({"clip_search"})
+    options = frozenset({"clip_search", "compact_qparams"})
 
     def check_model(self, model: nn.Module, config: QuantConfig) -> None:
         for name, mod, _ in check_plan(model, config):
@@ -114,7 +117,7 @@ class RTN(Method):
             if signs is not None:  # the codes of W R (llmquant.formats.rotation)
                 w = rotate(w.float(), unpack_signs(signs, w.shape[1]).to(w.device))
             try:
-                packed.append(quantize_weight_rtn(w, scheme, clip=config.clip_search))
+                packed.append(quantize_weight_rtn(w, scheme, clip=config.clip_search, compact=config.compact_qparams))
             except ValueError as e:
                 raise ValueError(f"{name}: {e}") from None
         untie_if_quantizing_head(model, config)

@@ -40,7 +40,8 @@ from vllm.model_executor.parameter import (
 )
 
 from llmquant.config import LayerQuant
-from llmquant.formats.packing import BLOCK, dequantize_packed, num_groups, packed_words
+from llmquant.formats.packing import (BLOCK, decode_scales, dequantize_packed, num_groups, packed_words,
+                                      packed_zero_bytes, unpack_zeros)
 from llmquant.formats.rotation import BLOCK as ROT_BLOCK
 from llmquant.formats.rotation import unpack_signs, unrotate
 from llmquant.kernels.cpu import rotate_input
@@ -113,7 +114,8 @@ class RotSignsParameter(PermParameter):
 
 
 def check_partition(
-    prefix: str, scheme: LayerQuant, *, k_part: int, k_full: int, has_perm: bool, rotated: bool = False
+    prefix: str, scheme: LayerQuant, *, k_part: int, k_full: int, has_perm: bool, rotated: bool = False,
+    compact: bool = False,
 ) -> None:
     """Refuse a row-parallel cut of K that does not fall on packing blocks and whole groups."""
     if k_part == k_full:
@@ -128,6 +130,8 @@ def check_partition(
         problems.append("act-order layers (perm) need the whole input on every rank")
     if rotated and k_part % ROT_BLOCK:
         problems.append(f"K per rank ({k_part}) is not a multiple of {ROT_BLOCK}, the rotation block")
+    if compact and not scheme.sym:
+        problems.append("compact zero points (compact_qparams) pack a row's groups into shared bytes")
     if problems:
         raise ValueError(
             f"llmquant: cannot split {prefix or 'a layer'} (K={k_full}) by input across {ranks} "
@@ -143,6 +147,8 @@ class LlmQuantLinearMethod(LinearMethodBase):
         self.has_perm = quant_config.has_perm
         #: whether the checkpoint's layers are rotated where they can be (an embedding table never is)
         self.may_rotate = quant_config.quant.rotation is not None
+        #: compact scales and zero points (compact_qparams), decoded after loading
+        self.compact = bool(quant_config.quant.compact_qparams)
 
     # --- declare -----------------------------------------------------------------------------------
     def create_weights(
@@ -160,7 +166,8 @@ class LlmQuantLinearMethod(LinearMethodBase):
         has_perm = self.has_perm
         prefix = getattr(layer, "prefix", "")
         rotated = self.may_rotate and self.quant_config.quant.rotates(prefix, input_size)
-        check_partition(prefix, s, k_part=k, k_full=input_size, has_perm=has_perm, rotated=rotated)
+        check_partition(prefix, s, k_part=k, k_full=input_size, has_perm=has_perm, rotated=rotated,
+                        compact=self.compact)
         loader = extra_weight_attrs["weight_loader"]
 
         # qweight: int32 [N, ceil(K/32)*b], packed along K
@@ -189,8 +196,14 @@ class LlmQuantLinearMethod(LinearMethodBase):
                 weight_loader=loader,
             )
 
-        layer.register_parameter("scales", group_param(torch.float16))
-        layer.register_parameter("zeros", None if s.sym else group_param(torch.uint8))
+        if not self.compact:
+            layer.register_parameter("scales", group_param(torch.float16))
+            layer.register_parameter("zeros", None if s.sym else group_param(torch.uint8))
+        else:  # uint8 scale codes [N, NG], cut like float16 scales; zero points as bytes [N, ZB], cut by rows only
+            layer.register_parameter("scales", group_param(torch.uint8))
+            zb = packed_zero_bytes(num_groups(input_size, s.group_size), s.bits)
+            layer.register_parameter("zeros", None if s.sym else ChannelQuantScaleParameter(
+                data=torch.empty(n, zb, dtype=torch.uint8), output_dim=0, weight_loader=loader))
         if has_perm:
             shape = (k,) if len(output_partition_sizes) == 1 else (len(output_partition_sizes), k)
             perm = PermParameter(data=torch.full(shape, -1, dtype=torch.int32), weight_loader=loader)
@@ -283,6 +296,10 @@ class LlmQuantLinearMethod(LinearMethodBase):
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         if getattr(layer, "llmquant_tied_to", None) is not None:
             return  # the embedding's tensors: checked and prepared with it
+        if self.compact:  # the plain tensors the kernels take (llmquant.formats.packing)
+            layer.scales.data = decode_scales(layer.scales.data)
+            if layer.zeros is not None:
+                layer.zeros.data = unpack_zeros(layer.zeros.data, self.scheme.bits, layer.scales.data.shape[1])
         self._check_values(layer)
         dtype = layer.llmquant_params_dtype
         act_int8 = self.quant_config.act_int8
@@ -357,6 +374,7 @@ class LlmQuantEmbeddingMethod(LlmQuantLinearMethod):
         super().__init__(quant_config, scheme)
         self.has_perm = False
         self.may_rotate = False  # the table is stored as it is (rotation is of linear layers' inputs)
+        self.compact = False  # and with float16 scales (compact_qparams is of linear layers)
 
     def create_weights(self, layer: torch.nn.Module, *args: Any, **kwargs: Any) -> None:
         super().create_weights(layer, *args, **kwargs)

@@ -83,3 +83,19 @@ def test_float_targets_flag_reaches_the_config(capsys):
     assert config("--method", "gptq").float_targets is False
     assert main(["quantize", "m", "out", "--float-targets"]) == 2  # rtn has none: one-line error, nothing loaded
     assert "does not use float_targets" in capsys.readouterr().err
+
+
+def test_compact_qparams_from_the_command_line(float_ckpt, tmp_path, capsys):
+    """--compact-qparams stores fewer bytes for the same codes, and info says so."""
+    bpw = {}
+    for flag in ("--no-compact-qparams", "--compact-qparams"):
+        out = tmp_path / flag
+        assert main(["quantize", str(float_ckpt), str(out), "--bits", "3", "--group-size", "32", "--asym", flag]) == 0
+        capsys.readouterr()
+        assert main(["info", str(out), "--json", str(tmp_path / "i.json")]) == 0
+        bpw[flag] = json.loads((tmp_path / "i.json").read_text())["bpw"]
+        said = capsys.readouterr().out
+        assert ("scales and zero points: compact" in said) == (flag == "--compact-qparams")
+    # per 32 weights: 16 + 8 bits of scale and zero point, or 8 + 3 (less the padding of each row's zero points
+    # to whole bytes; the codes' bits are the same)
+    assert 0.3 < bpw["--no-compact-qparams"] - bpw["--compact-qparams"] <= 13 / 32

@@ -33,8 +33,11 @@ def _quantized_ckpt(tmp_path, tokenizer, config, **build):
         QuantConfig(bits=3, group_size=32, sym=False),
         QuantConfig(bits=8, group_size=-1, quantize_lm_head=True),  # tied head is untied and quantized
         QuantConfig(bits=2, group_size=128, overrides={"down_proj": {"bits": 8}, "q_proj": "skip"}),
+        # compact scales and zero points; 3-bit zero points of 3 groups (96 / 32) fill 9 bits of 2 bytes
+        QuantConfig(bits=3, group_size=32, sym=False, compact_qparams=True),
+        QuantConfig(bits=4, group_size=64, compact_qparams=True, overrides={"down_proj": {"bits": 8, "sym": False}}),
     ],
-    ids=["int4-g64-ragged", "int3-asym", "int8-head", "mixed"],
+    ids=["int4-g64-ragged", "int3-asym", "int8-head", "mixed", "compact-int3-asym", "compact-mixed"],
 )
 def test_save_reload_identical_logits(tmp_path, tokenizer, config):
     path, logits = _quantized_ckpt(tmp_path, tokenizer, config, hidden=96, inter=160, bias=True)

@@ -26,6 +26,9 @@ def test_layer_bytes_are_the_stored_bytes(n, k):
         assert layer_bytes(n, k, s, perm=False) == q.weight_bytes(), scheme_key(s)
     # act-order adds one int32 per input column
     assert layer_bytes(n, k, LayerQuant(4, 32, True), perm=True) == layer_bytes(n, k, LayerQuant(4, 32, True), perm=False) + 4 * k
+    for s in candidates():  # and so are compact ones
+        q = QuantLinear.from_packed(quantize_weight_rtn(w, s, compact=True), None, compact=True)
+        assert layer_bytes(n, k, s, perm=False, compact=True) == q.weight_bytes(), scheme_key(s)
 
 
 def test_scheme_keys_round_trip():
@@ -127,6 +130,8 @@ def test_measurement_file_round_trip_and_checks(llama_measurement, tmp_path):
         back.check(tiny_model("gpt2"), cfg, keys)
     with pytest.raises(MeasurementError, match="made with"):
         back.check(model, cfg.replace(act_order=False), keys)
+    with pytest.raises(MeasurementError, match="made with.*compact_qparams"):  # it priced float16 scales
+        back.check(model, cfg.replace(compact_qparams=True), keys)
     with pytest.raises(MeasurementError, match="also asks for"):
         back.check(model, cfg, keys + ["4g128s"])
     (tmp_path / "bad.json").write_text("{not json")
@@ -237,6 +242,29 @@ def test_target_bpw_end_to_end(family, tmp_path):
     s2 = llmquant.quantize(model2, cfg.replace(target_bpw=4.5), calibration=tiny_calibration(), progress=False,
                            measurement=tmp_path / "m.json")
     assert s2["mixed"]["seconds"]["measure"] < 1.0 and 4.3 < _bpw(model2) <= 4.5
+
+
+def test_target_bpw_with_compact_qparams_spends_the_saved_bytes(tmp_path):
+    """Compact scales and zero points are priced as stored: the budget holds on the checkpoint's real
+    bytes, and the bytes they save buy wider schemes than the same budget with float16 scales."""
+    budget = 3.25
+    out = {}
+    for compact in (False, True):
+        model = tiny_model("llama")
+        cfg = QuantConfig(method="gptq", target_bpw=budget, compact_qparams=compact)
+        summary = llmquant.quantize(model, cfg, calibration=tiny_calibration(), progress=False)
+        assert _bpw(model) <= budget and _bpw(model) == pytest.approx(summary["mixed"]["allocation"]["bpw"])
+        out[compact] = summary["mixed"]["allocation"]["predicted_kl"]
+        if compact:
+            assert all(m.compact for m in model.modules() if isinstance(m, QuantLinear))
+            llmquant.save_quantized(model, tmp_path / "ckpt")
+            from transformers import AutoModelForCausalLM
+
+            x = tiny_calibration(1)[0]
+            back = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+            with torch.no_grad():
+                torch.testing.assert_close(back(x).logits, model(x).logits)
+    assert out[True] < out[False]
 
 
 def test_max_size_bounds_the_checkpoint(tmp_path):

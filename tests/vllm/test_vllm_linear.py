@@ -44,7 +44,7 @@ except ImportError as e:  # the base environment has no vLLM; .ci/vllm-setup.sh 
     pytest.skip(f"vLLM is not importable ({e}); run in the venv made by .ci/vllm-setup.sh", allow_module_level=True)
 
 from llmquant.config import LayerQuant, QuantConfig, QuantConfigError
-from llmquant.formats.packing import dequantize_packed
+from llmquant.formats.packing import dequantize_packed, encode_scales, pack_zeros
 from llmquant.formats.rotation import layer_signs, rotate, unpack_signs
 from llmquant.kernels import dequant_matmul_ref
 from llmquant.kernels.registry import PackedWeight
@@ -84,29 +84,33 @@ def make_config(**kw) -> object:
     return cfg
 
 
-def make_part(n: int, k: int, scheme: LayerQuant, *, seed: int, perm: bool) -> PackedWeight:
-    """A quantized part [n, k] as the checkpoint stores it (perm: a random act-order permutation)."""
+def make_part(n: int, k: int, scheme: LayerQuant, *, seed: int, perm: bool, compact: bool = False) -> PackedWeight:
+    """A quantized part [n, k] as the checkpoint stores it (perm: a random act-order permutation;
+    compact: scales on the compact grid, see :func:`checkpoint_tensors`)."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g) / k**0.5  # a trained layer's scale: unit inputs give unit outputs
-    pw = quantize_weight_rtn(w, scheme)
+    pw = quantize_weight_rtn(w, scheme, compact=compact)
     if perm:
         pw.perm = torch.randperm(k, generator=g).to(torch.int32)
     return pw
 
 
-def checkpoint_tensors(pw: PackedWeight) -> dict[str, torch.Tensor]:
-    out = {"qweight": pw.qweight, "scales": pw.scales}
+def checkpoint_tensors(pw: PackedWeight, compact: bool = False) -> dict[str, torch.Tensor]:
+    """The part's tensors as a checkpoint stores them (``compact``: compact_qparams' scale codes and
+    bit-packed zero points)."""
+    out = {"qweight": pw.qweight, "scales": encode_scales(pw.scales) if compact else pw.scales}
     if pw.zeros is not None:
-        out["zeros"] = pw.zeros
+        out["zeros"] = pack_zeros(pw.zeros, pw.bits) if compact else pw.zeros
     if pw.perm is not None:
         out["perm"] = pw.perm
     return out
 
 
-def load(layer: torch.nn.Module, pw: PackedWeight, shard_id=None, rot_signs: torch.Tensor | None = None) -> None:
+def load(layer: torch.nn.Module, pw: PackedWeight, shard_id=None, rot_signs: torch.Tensor | None = None,
+         compact: bool = False) -> None:
     """Feed one part's checkpoint tensors through the layer's weight loaders (as vLLM's loader does)."""
     params = dict(layer.named_parameters())
-    tensors = checkpoint_tensors(pw) | ({} if rot_signs is None else {"rot_signs": rot_signs})
+    tensors = checkpoint_tensors(pw, compact) | ({} if rot_signs is None else {"rot_signs": rot_signs})
     for name, t in tensors.items():
         p = params[name]
         if shard_id is None:
@@ -281,6 +285,32 @@ def test_merged_gate_up_and_row_parallel_down_with_bias():
     act = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]  # what the MLP feeds down_proj
     y, _ = down(act)
     torch.testing.assert_close(y, dequant_matmul_ref(act, dw, bias), **TOL)
+
+
+@pytest.mark.parametrize("scheme", [LayerQuant(3, 32, False), LayerQuant(4, 64, True), LayerQuant(2, -1, False)], ids=str)
+def test_compact_qparams_fused_and_row_parallel_layers_match_the_reference(scheme):
+    """compact_qparams checkpoints: uint8 scale codes and bit-packed zero points load through vLLM's loaders
+    (fused parts in any order) and run like the plain tensors they decode to."""
+    k, head, nh, nkv, inter = 96, 32, 4, 2, 160
+    cfg = make_config(bits=scheme.bits, group_size=scheme.group_size, sym=scheme.sym, compact_qparams=True)
+    qkv = QKVParallelLinear(k, head, nh, nkv, bias=False, params_dtype=torch.float32, quant_config=cfg,
+                            prefix="model.layers.0.self_attn.qkv_proj")
+    assert qkv.scales.dtype == torch.uint8
+    sizes = {"q": nh * head, "k": nkv * head, "v": nkv * head}
+    parts = {sid: make_part(n, k, scheme, seed=i, perm=False, compact=True) for i, (sid, n) in enumerate(sizes.items())}
+    for sid in ("k", "v", "q"):
+        load(qkv, parts[sid], sid, compact=True)
+    finish(qkv)
+    assert qkv.scales.dtype == torch.float16
+    x = torch.randn(5, k)
+    torch.testing.assert_close(qkv(x)[0], ref(x, [parts["q"], parts["k"], parts["v"]]), **TOL)
+    down = RowParallelLinear(inter, k, bias=False, params_dtype=torch.float32, quant_config=cfg,
+                             prefix="model.layers.0.mlp.down_proj")
+    dw = make_part(k, inter, scheme, seed=7, perm=False, compact=True)
+    load(down, dw, compact=True)
+    finish(down)
+    h = torch.randn(3, inter)
+    torch.testing.assert_close(down(h)[0], dequant_matmul_ref(h, dw), **TOL)
 
 
 def make_rotated_part(n: int, k: int, scheme: LayerQuant, signs: torch.Tensor, *, seed: int, perm: bool):
@@ -475,6 +505,7 @@ def test_tensor_parallel_rotated_row_shards_reassemble_to_the_reference(monkeypa
         (256, 4, dict(group_size=32, rotation="hadamard"), "not a multiple of 128, the rotation block"),
         (128, 2, dict(group_size=128), "not a multiple of the group size 128"),
         (128, 2, dict(group_size=32, method="gptq", act_order=True), "act-order"),
+        (128, 2, dict(group_size=32, sym=False, compact_qparams=True), "compact zero points"),
     ],
 )
 def test_row_parallel_cuts_that_do_not_divide_are_refused(monkeypatch, k, tp, kw, why):
