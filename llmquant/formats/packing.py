@@ -215,14 +215,27 @@ def nearest_scale_codes(scales: torch.Tensor) -> torch.Tensor:
     return cand.gather(0, dist.argmin(dim=0, keepdim=True)).squeeze(0)
 
 
+_GRID_F32: dict[torch.device, torch.Tensor] = {}
+
+
+def _grid(device: torch.device) -> torch.Tensor:
+    """The 256 decoded scales as float32, one copy per device."""
+    g = _GRID_F32.get(device)
+    if g is None:
+        g = _GRID_F32[device] = decode_scales(torch.arange(256, dtype=torch.uint8)).to(device=device, dtype=torch.float32)
+    return g
+
+
 def snap_scales(scales: torch.Tensor) -> torch.Tensor:
     """Each scale moved up to the next point of the compact grid (the nearest one at or above it, to within
     float16 precision; clamped to the grid's range), as float32. Up, so that the range the scale was made
     for is not clipped: at 8 bits a 3% smaller step would cut off the largest weights by several steps."""
-    c = nearest_scale_codes(scales)
-    s = scales.to(torch.float32).clamp(max=LOG_SCALE_MAX)
-    short = decode_scales(c.to(torch.uint8)).to(torch.float32) < s * (1 - 2.0 ** -11)
-    return decode_scales((c + short.to(torch.int64)).clamp(max=255).to(torch.uint8)).to(torch.float32)
+    grid = _grid(scales.device)
+    s = scales.to(torch.float32).clamp(min=2.0 ** LOG_SCALE_MIN_EXP, max=LOG_SCALE_MAX)
+    # the code just below the nominal point, then one up if the table's float16 value falls short
+    c = torch.ceil((torch.log2(s) - LOG_SCALE_MIN_EXP) * LOG_SCALE_STEPS - 0.02).clamp_(0, 255).to(torch.int64)
+    c += grid[c] < s * (1 - 2.0 ** -11)
+    return grid[c.clamp_(max=255)]
 
 
 def encode_scales(scales: torch.Tensor) -> torch.Tensor:

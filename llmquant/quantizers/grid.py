@@ -7,8 +7,9 @@ Conventions (they match the GPTQ reference implementation, so results are compar
   ``z = round(-min / s)``, stored as uint8.
 * symmetric: ``s = 2 * max|w| / maxq`` and the zero point is the fixed ``2**(bits-1)`` (not stored).
 * scales are rounded to float16 *before* codes are computed, so that what is stored dequantizes to
-  exactly what the quantizer assumed; with ``compact`` (``QuantConfig.compact_qparams``) to the nearest
-  point of the compact 8-bit scale grid instead (:mod:`llmquant.formats.packing`).
+  exactly what the quantizer assumed; with ``compact`` (``QuantConfig.compact_qparams``) up to the next
+  point of the compact 8-bit scale grid instead (:func:`llmquant.formats.packing.snap_scales`), so that
+  the range the scale was made for is not clipped.
 """
 from __future__ import annotations
 
