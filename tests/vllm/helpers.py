@@ -33,7 +33,8 @@ def dequantized_float_copy(float_model, quant_model, config: QuantConfig):
     for name, mod in quant_model.named_modules():
         if not isinstance(mod, QuantLinear):
             continue
-        w = dequantize_packed(mod.packed_qweight(), mod.scales, mod.zeros, bits=mod.bits, group_size=mod.group_size,
+        p = mod.packed()  # compact scales and zero points decoded
+        w = dequantize_packed(p.qweight, p.scales, p.zeros, bits=mod.bits, group_size=mod.group_size,
                               in_features=mod.in_features)
         if mod.perm is not None:  # stored column j holds input column perm[j]
             w = torch.empty_like(w).index_copy_(1, mod.perm.long(), w)

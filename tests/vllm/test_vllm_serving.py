@@ -72,6 +72,8 @@ CONFIGS = {
     "actorder": QuantConfig(method="gptq", bits=4, group_size=32, sym=False, act_order=True,
                             overrides={"*.down_proj": {"bits": 2}}),
     "budget": QuantConfig(method="gptq", target_bpw=3.25, mixed_group_sizes=(32, 64, 128)),
+    # the same budget with compact scales and zero points (uint8 scale codes, bit-packed zero points)
+    "compact": QuantConfig(method="gptq", target_bpw=3.25, mixed_group_sizes=(32, 64, 128), compact_qparams=True),
     "gptq4": QuantConfig(bits=4, group_size=32, sym=True),
     # 4-bit (what vLLM's CPU kernel runs), asymmetric, three group sizes: per-layer config groups
     "ct4": QuantConfig(bits=4, group_size=32, sym=False,
@@ -127,7 +129,8 @@ def greedy(checkpoints, tmp_path_factory) -> dict[str, dict]:
     """Greedy generations of every checkpoint, keyed like ``checkpoints`` (``@bf16``: in bfloat16).
     Read them with :func:`result`: a model whose run failed fails only the tests that use it."""
     runs = {n: {"path": str(checkpoints[n]), "dtype": "float32"}
-            for n in ("mixed", "mixed-float", "actorder", "actorder-float", "budget", "budget-float")}
+            for n in ("mixed", "mixed-float", "actorder", "actorder-float", "budget", "budget-float",
+                      "compact", "compact-float")}
     runs["gptq4@bf16"] = {"path": str(checkpoints["gptq4"]), "dtype": "bfloat16"}
     runs["gptq4-float@bf16"] = {"path": str(checkpoints["gptq4-float"]), "dtype": "bfloat16"}
     runs["ct4@bf16"] = {"path": str(checkpoints["ct4"]), "dtype": "bfloat16"}
@@ -139,7 +142,7 @@ def greedy(checkpoints, tmp_path_factory) -> dict[str, dict]:
     return run_greedy(runs, PROMPTS, MAX_TOKENS, tmp_path_factory.mktemp("vllm_greedy"), score_texts=[SCORE_TEXT])
 
 
-@pytest.mark.parametrize("name", ["mixed", "actorder", "budget"])
+@pytest.mark.parametrize("name", ["mixed", "actorder", "budget", "compact"])
 def test_plugin_generates_the_greedy_tokens_of_the_dequantized_float_model(greedy, name):
     q, f = result(greedy, name), result(greedy, f"{name}-float")
     assert q["token_ids"] == f["token_ids"]
