@@ -57,11 +57,10 @@ def run(args: argparse.Namespace) -> dict:
     rot = getattr(args, "rotation", None)  # callers that build args by hand may leave it out
     ft = bool(getattr(args, "float_targets", False))
     gptq_opts = {"float_targets": True} if ft else {}  # RTN has no float targets
-    ft_tag = " +float-targets" if ft else ""
     compact = bool(getattr(args, "compact_qparams", False))
     store = {"compact_qparams": True} if compact else {}  # every quantized row's storage
-    ft_tag += " +compact" if compact else ""
-    tag = (f" +{rot}" if rot else "") + ft_tag
+    opt_tag = (" +float-targets" if ft else "") + (" +compact" if compact else "")  # the unrotated rows' too
+    tag = (f" +{rot}" if rot else "") + opt_tag
 
     def one(label: str, cfg, **extra) -> dict:
         model, _ = load_model(args.model)
@@ -85,7 +84,7 @@ def run(args: argparse.Namespace) -> dict:
                                        **(gptq_opts if method == "gptq" else {}))
             one(f"{method} int{bits} g128{tag}", cfg, method=method, bits=bits, rotation=rot)
     for bits in getattr(args, "plain_gptq_bits", None) or []:  # the unrotated baselines, in the same run
-        one(f"gptq int{bits} g128{ft_tag}",
+        one(f"gptq int{bits} g128{opt_tag}",
             llmquant.QuantConfig(bits=bits, group_size=128, method="gptq", **gptq_opts, **store),
             method="gptq-plain",
             bits=bits, rotation=None)

@@ -11,8 +11,7 @@ from pathlib import Path
 import torch
 
 from llmquant.config import LayerQuant, QuantConfig
-from llmquant.formats.packing import decode_scales, unpack_zeros
-from llmquant.formats.packing import BLOCK
+from llmquant.formats.packing import BLOCK, decode_qparams
 from llmquant.fsutil import atomic_directory
 
 
@@ -76,9 +75,10 @@ def read_checkpoint(src: str | os.PathLike) -> SourceCheckpoint:
                 raise ExportError(f"{prefix} is stored quantized but the config keeps it in float")
             layers[prefix] = scheme
             if tensors[f"{prefix}.scales"].dtype == torch.uint8:  # compact_qparams: the plain tensors
-                scales = tensors[f"{prefix}.scales"] = decode_scales(tensors[f"{prefix}.scales"])
-                if f"{prefix}.zeros" in tensors:
-                    tensors[f"{prefix}.zeros"] = unpack_zeros(tensors[f"{prefix}.zeros"], scheme.bits, scales.shape[1])
+                scales, zeros = decode_qparams(tensors[f"{prefix}.scales"], tensors.get(f"{prefix}.zeros"), scheme.bits)
+                tensors[f"{prefix}.scales"] = scales
+                if zeros is not None:
+                    tensors[f"{prefix}.zeros"] = zeros
     return SourceCheckpoint(src, cfg, quant, tensors, layers, _linear_shapes(src, layers))
 
 

@@ -203,23 +203,11 @@ def decode_scales(codes: torch.Tensor) -> torch.Tensor:
     return torch.ldexp(table[c % LOG_SCALE_STEPS], (c // LOG_SCALE_STEPS + LOG_SCALE_MIN_EXP).to(torch.float32)).to(torch.float16)
 
 
-def nearest_scale_codes(scales: torch.Tensor) -> torch.Tensor:
-    """The code of the grid point nearest to each positive scale (in log terms; clamped to the grid's
-    range): int64, the shape of ``scales``."""
-    s = scales.to(torch.float32).clamp(min=2.0 ** LOG_SCALE_MIN_EXP, max=LOG_SCALE_MAX)
-    c = torch.round((torch.log2(s) - LOG_SCALE_MIN_EXP) * LOG_SCALE_STEPS).clamp(0, 255).to(torch.int64)
-    # the table's float16 rounding can put a value that lies almost halfway on the other side
-    lo, hi = (c - 1).clamp(min=0), (c + 1).clamp(max=255)
-    cand = torch.stack((lo, c, hi))
-    dist = (torch.log2(decode_scales(cand.to(torch.uint8)).to(torch.float32)) - torch.log2(s)).abs()
-    return cand.gather(0, dist.argmin(dim=0, keepdim=True)).squeeze(0)
-
-
 _GRID_F32: dict[torch.device, torch.Tensor] = {}
 
 
 def _grid(device: torch.device) -> torch.Tensor:
-    """The 256 decoded scales as float32, one copy per device."""
+    """The 256 decoded scales as float32 (strictly increasing: code c is position c), one copy per device."""
     g = _GRID_F32.get(device)
     if g is None:
         g = _GRID_F32[device] = decode_scales(torch.arange(256, dtype=torch.uint8)).to(device=device, dtype=torch.float32)
@@ -232,22 +220,21 @@ def snap_scales(scales: torch.Tensor) -> torch.Tensor:
     for is not clipped: at 8 bits a 3% smaller step would cut off the largest weights by several steps."""
     grid = _grid(scales.device)
     s = scales.to(torch.float32).clamp(min=2.0 ** LOG_SCALE_MIN_EXP, max=LOG_SCALE_MAX)
-    # the code just below the nominal point, then one up if the table's float16 value falls short
-    c = torch.ceil((torch.log2(s) - LOG_SCALE_MIN_EXP) * LOG_SCALE_STEPS - 0.02).clamp_(0, 255).to(torch.int64)
-    c += grid[c] < s * (1 - 2.0 ** -11)
-    return grid[c.clamp_(max=255)]
+    return grid[torch.searchsorted(grid, s * (1 - 2.0 ** -11)).clamp_(max=255)]
 
 
 def encode_scales(scales: torch.Tensor) -> torch.Tensor:
     """float16 scales that lie on the compact grid -> their uint8 codes; raises ValueError otherwise
     (storing them would change the weights)."""
-    codes = nearest_scale_codes(scales).to(torch.uint8)
-    off = decode_scales(codes) != scales.to(torch.float16)
+    grid = _grid(scales.device)
+    s = scales.to(torch.float16).to(torch.float32)
+    codes = torch.searchsorted(grid, s).clamp_(max=255)
+    off = grid[codes] != s
     if bool(off.any()):
-        bad = scales.flatten()[off.flatten()][0]
+        bad = s[off][0]
         raise ValueError(f"{int(off.sum())} scales are not on the compact grid (e.g. {float(bad)!r}); "
                          "they were not quantized with compact_qparams")
-    return codes
+    return codes.to(torch.uint8)
 
 
 def packed_zero_bytes(ng: int, bits: int) -> int:
@@ -280,3 +267,10 @@ def unpack_zeros(packed: torch.Tensor, bits: int, ng: int) -> torch.Tensor:
     stream = ((packed.to(torch.int64).unsqueeze(-1) >> torch.arange(8, device=packed.device)) & 1).reshape(n, nb * 8)
     bitval = 1 << torch.arange(bits, device=packed.device)
     return (stream[:, : ng * bits].view(n, ng, bits) * bitval).sum(-1).to(torch.uint8)
+
+
+def decode_qparams(scales: torch.Tensor, zeros: torch.Tensor | None, bits: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A compact layer's stored scales and zero points -> the float16 scales [N, NG] and uint8 zero points
+    [N, NG] (or None, symmetric) of the plain format, which every kernel and export takes."""
+    scales = decode_scales(scales)
+    return scales, None if zeros is None else unpack_zeros(zeros, bits, scales.shape[1])

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from llmquant.config import LayerQuant
-from llmquant.formats.packing import (decode_scales, encode_scales, num_groups, pack_zeros, packed_words,
-                                      packed_zero_bytes, unpack_zeros)
+from llmquant.formats.packing import (decode_qparams, encode_scales, num_groups, pack_zeros, packed_words,
+                                      packed_zero_bytes)
 from llmquant.formats.rotation import rotatable, unpack_signs
 from llmquant.kernels.cpu import rotate_input
 from llmquant.kernels.registry import PackedWeight, env_switch, select_kernel
@@ -139,11 +139,7 @@ class QuantLinear(nn.Module):
 
     def packed(self) -> PackedWeight:
         """The layer's tensors in the plain form every kernel takes (compact ones decoded)."""
-        scales, zeros = self.scales, self.zeros
-        if self.compact:
-            scales = decode_scales(scales)
-            if zeros is not None:
-                zeros = unpack_zeros(zeros, self.bits, scales.shape[1])
+        scales, zeros = decode_qparams(self.scales, self.zeros, self.bits) if self.compact else (self.scales, self.zeros)
         return PackedWeight(
             qweight=self.packed_qweight(),
             scales=scales,
@@ -227,16 +223,17 @@ class QuantLinear(nn.Module):
                 raise CheckpointError(f"{where}{name}: shape {tuple(t.shape)}, expected {shape}")
             if t.dtype != dtype:
                 raise CheckpointError(f"{where}{name}: dtype {t.dtype}, expected {dtype}")
-        s = self.scales
         # compact scale codes and zero points have no invalid values: every code decodes to a finite
         # scale, every bit field holds a zero point below 2**bits
-        if not self.compact and not torch.isfinite(s).all():
-            bad = int((~torch.isfinite(s)).sum())
-            raise CheckpointError(f"{where}scales: {bad} non-finite values (NaN or inf)")
-        if not self.compact and self.zeros is not None and int(self.zeros.max()) > (1 << self.bits) - 1:
-            raise CheckpointError(
-                f"{where}zeros: value {int(self.zeros.max())} out of range for {self.bits}-bit codes"
-            )
+        if not self.compact:
+            s = self.scales
+            if not torch.isfinite(s).all():
+                bad = int((~torch.isfinite(s)).sum())
+                raise CheckpointError(f"{where}scales: {bad} non-finite values (NaN or inf)")
+            if self.zeros is not None and int(self.zeros.max()) > (1 << self.bits) - 1:
+                raise CheckpointError(
+                    f"{where}zeros: value {int(self.zeros.max())} out of range for {self.bits}-bit codes"
+                )
         if self.perm is not None:
             p = self.perm.to(torch.long)
             if not torch.equal(torch.sort(p).values, torch.arange(self.in_features, device=p.device)):

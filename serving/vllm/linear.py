@@ -40,8 +40,8 @@ from vllm.model_executor.parameter import (
 )
 
 from llmquant.config import LayerQuant
-from llmquant.formats.packing import (BLOCK, decode_scales, dequantize_packed, num_groups, packed_words,
-                                      packed_zero_bytes, unpack_zeros)
+from llmquant.formats.packing import (BLOCK, decode_qparams, dequantize_packed, num_groups, packed_words,
+                                      packed_zero_bytes)
 from llmquant.formats.rotation import BLOCK as ROT_BLOCK
 from llmquant.formats.rotation import unpack_signs, unrotate
 from llmquant.kernels.cpu import rotate_input
@@ -297,9 +297,11 @@ class LlmQuantLinearMethod(LinearMethodBase):
         if getattr(layer, "llmquant_tied_to", None) is not None:
             return  # the embedding's tensors: checked and prepared with it
         if self.compact:  # the plain tensors the kernels take (llmquant.formats.packing)
-            layer.scales.data = decode_scales(layer.scales.data)
-            if layer.zeros is not None:
-                layer.zeros.data = unpack_zeros(layer.zeros.data, self.scheme.bits, layer.scales.data.shape[1])
+            scales, zeros = decode_qparams(layer.scales.data, None if layer.zeros is None else layer.zeros.data,
+                                           self.scheme.bits)
+            layer.scales.data = scales
+            if zeros is not None:
+                layer.zeros.data = zeros
         self._check_values(layer)
         dtype = layer.llmquant_params_dtype
         act_int8 = self.quant_config.act_int8
