@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 _ST_DTYPES = {
     "I32": torch.int32,
+    "I16": torch.int16,
     "U8": torch.uint8,
     "F16": torch.float16,
     "BF16": torch.bfloat16,
@@ -87,7 +88,7 @@ def verify_quantized_tensors(model: nn.Module, files: Iterable[str | os.PathLike
             got_dtype = _ST_DTYPES.get(info["dtype"], info["dtype"])
             if tuple(info["shape"]) != shape:
                 raise CheckpointError(f"{key}: shape {tuple(info['shape'])} in the checkpoint, expected {shape}")
-            if got_dtype != dtype:
+            if not mod.stored_dtype_ok(name, got_dtype):
                 hint = ""
                 if name == "scales":  # uint8 scales are compact_qparams' codes
                     hint = (" (the checkpoint stores compact scales, but its quantization_config does not say "

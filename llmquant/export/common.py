@@ -79,6 +79,8 @@ def read_checkpoint(src: str | os.PathLike) -> SourceCheckpoint:
                 tensors[f"{prefix}.scales"] = scales
                 if zeros is not None:
                     tensors[f"{prefix}.zeros"] = zeros
+                if f"{prefix}.perm" in tensors:  # int16 in compact checkpoints
+                    tensors[f"{prefix}.perm"] = tensors[f"{prefix}.perm"].to(torch.int32)
     return SourceCheckpoint(src, cfg, quant, tensors, layers, _linear_shapes(src, layers))
 
 

@@ -140,6 +140,10 @@ def plan_mixed(
         if measurement is not None:
             meas.save(measurement)
             logger.info("mixed precision: measurement written to %s", measurement)
+    if path is not None or isinstance(measurement, Measurement):
+        changed = meas.reprice(model, config)
+        if changed:
+            logger.info("mixed precision: %d layers of the measurement repriced at the bytes this llmquant stores", changed)
     t_measure = time.perf_counter() - t0
     t0 = time.perf_counter()
     if table is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from itertools import product
 
 from llmquant.config import LayerQuant
-from llmquant.formats.packing import num_groups, packed_words, packed_zero_bytes
+from llmquant.formats.packing import num_groups, packed_words, packed_zero_bytes, perm_dtype
 
 #: the schemes a layer may get by default: every bit width of the format, every group size, both
 #: symmetric and asymmetric
@@ -37,10 +37,11 @@ def parse_scheme_key(key: str) -> LayerQuant:
 def layer_bytes(n: int, k: int, scheme: LayerQuant, perm: bool, rotated: bool = False, compact: bool = False) -> int:
     """Bytes of the tensors a quantized [N, K] layer stores (format v1): qweight, scales, zeros
     (asymmetric), perm (act-order without static groups), rot_signs (rotated); ``compact``: the compact
-    scales and zero points (``QuantConfig.compact_qparams``). A bias is the float layer's, not counted."""
+    scales, zero points and perm (``QuantConfig.compact_qparams``). A bias is the float layer's, not counted."""
     ng = num_groups(k, scheme.group_size)
     if compact:
         group_params = n * ng + (0 if scheme.sym else n * packed_zero_bytes(ng, scheme.bits))
     else:
         group_params = n * ng * 2 + (0 if scheme.sym else n * ng)
-    return n * packed_words(k, scheme.bits) * 4 + group_params + (4 * k if perm else 0) + (-(-k // 8) if rotated else 0)
+    perm_bytes = perm_dtype(k, compact).itemsize * k if perm else 0
+    return n * packed_words(k, scheme.bits) * 4 + group_params + perm_bytes + (-(-k // 8) if rotated else 0)

@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 
 from llmquant.config import LayerQuant, QuantConfig
 from llmquant.fsutil import atomic_write_text
-from llmquant.mixed.cost import layer_bytes, scheme_key
+from llmquant.mixed.cost import layer_bytes, parse_scheme_key, scheme_key
 from llmquant.modules.quant_embedding import embed_scale_of
 from llmquant.modules.walk import _is_conv1d, find_linear_layers, linear_weight
 from llmquant.quantizers.blocks import BlockRunner, capture, find_layer_stack, make_chunks, probe_block
@@ -156,6 +156,20 @@ class Measurement:
         except (TypeError, KeyError) as e:
             raise MeasurementError(f"{path} is not a llmquant measurement file ({e})") from None
 
+    def reprice(self, model: nn.Module, config: QuantConfig) -> int:
+        """Price every layer's schemes at the bytes this llmquant stores for ``config`` (the predicted errors
+        do not depend on them, the bytes do on the format: a file written before the compact int16 perm
+        prices an int32 one); returns how many layers' prices changed."""
+        table = table_target(model, config)
+        schemes = {key: parse_scheme_key(key) for key in self.candidates}
+        changed = 0
+        for lay in self.layers:
+            now = stored_bytes(config, lay.name, lay.n, lay.k, schemes, table is not None and lay.name == table[0])
+            if now != lay.bytes:
+                lay.bytes = now
+                changed += 1
+        return changed
+
     def check(self, model: nn.Module, config: QuantConfig, keys: Iterable[str]) -> None:
         """Raise :class:`MeasurementError` unless this measurement was made for ``model`` (same planned
         layers, shapes and weights), the settings of ``config`` and covers the scheme ``keys``."""
@@ -179,6 +193,16 @@ class Measurement:
             raise MeasurementError(
                 f"the measurement covers the schemes {self.candidates}; the config also asks for {missing}"
             )
+
+
+def stored_bytes(config: QuantConfig, name: str, n: int, k: int, schemes: dict[str, LayerQuant],
+                 table: bool = False) -> dict[str, int]:
+    """The bytes layer ``name`` [n, k] stores under ``config`` at each of ``schemes`` (by key); an embedding
+    table (``table``) is stored once, never with an act-order perm or rotated."""
+    if table:
+        return {key: layer_bytes(n, k, s, False) for key, s in schemes.items()}
+    return {key: layer_bytes(n, k, s, config.stores_perm, config.rotates(name, k), config.compact_qparams)
+            for key, s in schemes.items()}
 
 
 def method_settings(config: QuantConfig) -> dict[str, Any]:
@@ -653,18 +677,15 @@ def measure(
 
     fp, desc = model_fingerprint(model, config)
     keys = [scheme_key(s) for s in schemes]
+    by_key = dict(zip(keys, schemes))
     layer_list = []
     for name, mod, _ in todo:
         n, k = linear_weight(mod).shape
-        layer_list.append(LayerMeasure(
-            name, n, k, errors[name],
-            {key: layer_bytes(n, k, s, config.stores_perm, config.rotates(name, k), config.compact_qparams)
-             for key, s in zip(keys, schemes)},
-            energy[name]))
-    if table is not None:  # stored once, even when the output layer shares it; never an act-order perm
+        layer_list.append(LayerMeasure(name, n, k, errors[name], stored_bytes(config, name, n, k, by_key), energy[name]))
+    if table is not None:  # stored once, even when the output layer shares it
         n, k = temb.weight.shape
-        layer_list.append(LayerMeasure(tname, n, k, errors[tname],
-                                       {key: layer_bytes(n, k, s, False) for key, s in zip(keys, schemes)}, energy[tname]))
+        layer_list.append(LayerMeasure(tname, n, k, errors[tname], stored_bytes(config, tname, n, k, by_key, table=True),
+                                       energy[tname]))
     seconds["total"] = time.perf_counter() - t_start
     tokens = sum(int(s.numel()) for s in hess_seqs)
     ids = hashlib.sha256(b"".join(s.to(torch.int64).numpy().tobytes() for s in seqs[:probe_sequences + measure_sequences]))

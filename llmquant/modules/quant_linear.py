@@ -23,7 +23,7 @@ from torch import nn
 
 from llmquant.config import LayerQuant
 from llmquant.formats.packing import (decode_qparams, encode_scales, num_groups, pack_zeros, packed_words,
-                                      packed_zero_bytes)
+                                      packed_zero_bytes, perm_dtype)
 from llmquant.formats.rotation import rotatable, unpack_signs
 from llmquant.kernels.cpu import rotate_input
 from llmquant.kernels.registry import PackedWeight, env_switch, select_kernel
@@ -81,7 +81,7 @@ class QuantLinear(nn.Module):
         else:
             self.zeros = None
         if has_perm:
-            self.register_buffer("perm", torch.arange(k, dtype=torch.int32, device=device))
+            self.register_buffer("perm", torch.arange(k, dtype=perm_dtype(k, compact), device=device))
         else:
             self.perm = None
         if rotated:
@@ -144,7 +144,7 @@ class QuantLinear(nn.Module):
             qweight=self.packed_qweight(),
             scales=scales,
             zeros=zeros,
-            perm=self.perm,
+            perm=None if self.perm is None else self.perm.to(torch.int32),
             bits=self.bits,
             group_size=self.group_size,
             in_features=self.in_features,
@@ -205,10 +205,15 @@ class QuantLinear(nn.Module):
         if not self.sym:
             exp["zeros"] = ((n, packed_zero_bytes(ng, self.bits) if self.compact else ng), torch.uint8)
         if self.perm is not None:
-            exp["perm"] = ((k,), torch.int32)
+            exp["perm"] = ((k,), perm_dtype(k, self.compact))
         if self.rot_signs is not None:
             exp["rot_signs"] = ((-(-k // 8),), torch.uint8)
         return exp
+
+    def stored_dtype_ok(self, name: str, dtype: torch.dtype) -> bool:
+        """Whether the stored tensor ``name`` may have ``dtype``: the expected one, or for a compact layer's
+        perm also int32 (compact checkpoints written before the int16 perm)."""
+        return dtype == self.expected_tensors()[name][1] or (name == "perm" and dtype == torch.int32)
 
     def validate(self, prefix: str = "") -> None:
         """Check the loaded tensors; raise :class:`CheckpointError` naming the tensor and problem."""
@@ -221,7 +226,7 @@ class QuantLinear(nn.Module):
                 raise CheckpointError(f"{where}{name}: missing from the checkpoint (never loaded)")
             if tuple(t.shape) != shape:
                 raise CheckpointError(f"{where}{name}: shape {tuple(t.shape)}, expected {shape}")
-            if t.dtype != dtype:
+            if not self.stored_dtype_ok(name, t.dtype):
                 raise CheckpointError(f"{where}{name}: dtype {t.dtype}, expected {dtype}")
         # compact scale codes and zero points have no invalid values: every code decodes to a finite
         # scale, every bit field holds a zero point below 2**bits

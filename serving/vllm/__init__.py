@@ -22,7 +22,8 @@ qweight     int32 [N, ceil(K/32)*b]     ``PackedvLLMParameter(output_dim=0, inpu
 scales      fp16 [N, NG]                ``GroupQuantScaleParameter(output_dim=0, input_dim=1)``;
                                         ``ChannelQuantScaleParameter`` [N, 1] when group_size == -1
 zeros       uint8 [N, NG]               same as scales (asymmetric layers only)
-perm        int32 [K] or [S, K]         one row per fused part (S parts); see :mod:`.linear`
+perm        int32 [K] or [S, K]         one row per fused part (S parts); see :mod:`.linear`; a compact
+                                        checkpoint's int16 perm is copied in as int32
 ==========  ==========================  ==================================================================
 
 The codes are packed along K (the *input* dimension), ``32`` codes in ``b`` words, so the packed

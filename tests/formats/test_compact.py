@@ -21,6 +21,7 @@ from llmquant.formats.packing import (
     num_groups,
     pack_zeros,
     packed_zero_bytes,
+    perm_dtype,
     snap_scales,
     unpack_zeros,
 )
@@ -145,6 +146,7 @@ def test_gptq_compact_checkpoint_stores_codes_and_reloads(compact_ckpt):
     name = "model.layers.0.mlp.down_proj"
     assert t[f"{name}.scales"].dtype == torch.uint8 and t[f"{name}.scales"].shape == (96, 5)
     assert t[f"{name}.zeros"].dtype == torch.uint8 and t[f"{name}.zeros"].shape == (96, 2)  # 5 x 3 bits
+    assert t[f"{name}.perm"].dtype == torch.int16 and t[f"{name}.perm"].shape == (160,)
     back = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     assert "compact_qparams" in repr(back.get_submodule(name))
     with torch.no_grad():
@@ -164,6 +166,29 @@ def test_compact_checkpoint_mismatches_are_named(compact_ckpt, tmp_path):
     del cfg["quantization_config"]["compact_qparams"]
     f.write_text(json.dumps(cfg))
     with pytest.raises((CheckpointError, ValueError), match=r"scales: dtype U8.*does not say compact_qparams"):
+        AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def test_compact_perm_is_int16_up_to_32768_columns():
+    assert perm_dtype(32768, True) == torch.int16 and perm_dtype(32769, True) == torch.int32
+    assert perm_dtype(640, False) == torch.int32
+    with torch.device("meta"):
+        wide = QuantLinear(32769, 1, LayerQuant(4, 128, True), bias=False, has_perm=True, compact=True)
+    assert wide.expected_tensors()["perm"] == ((32769,), torch.int32)
+
+
+def test_compact_checkpoint_with_an_int32_perm_loads(compact_ckpt):
+    """Compact checkpoints written before the int16 perm store it as int32: they load and compute alike;
+    a perm of another dtype is refused by name."""
+    path, logits, _ = compact_ckpt
+    name = "model.layers.0.mlp.down_proj"
+    _edit_tensors(path, lambda t: t.update({k: v.to(torch.int32) for k, v in t.items() if k.endswith(".perm")}))
+    back = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    assert back.get_submodule(name).perm.dtype == torch.int32
+    with torch.no_grad():
+        torch.testing.assert_close(back(IDS).logits, logits, rtol=1e-5, atol=1e-5)
+    _edit_tensors(path, lambda t: t.update({f"{name}.perm": t[f"{name}.perm"].to(torch.int64)}))
+    with pytest.raises((CheckpointError, ValueError), match=rf"{name}\.perm: dtype"):
         AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 

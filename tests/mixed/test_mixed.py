@@ -29,6 +29,14 @@ def test_layer_bytes_are_the_stored_bytes(n, k):
     for s in candidates():  # and so are compact ones
         q = QuantLinear.from_packed(quantize_weight_rtn(w, s, compact=True), None, compact=True)
         assert layer_bytes(n, k, s, perm=False, compact=True) == q.weight_bytes(), scheme_key(s)
+    # whose perm is int16: act-order adds two bytes per input column
+    s = LayerQuant(3, 32, False)
+    pw = quantize_weight_rtn(w, s, compact=True)
+    pw.perm = torch.randperm(k, generator=torch.Generator().manual_seed(0)).to(torch.int32)
+    q = QuantLinear.from_packed(pw, None, compact=True)
+    assert q.perm.dtype == torch.int16 and torch.equal(q.packed().perm, pw.perm)
+    assert layer_bytes(n, k, s, perm=True, compact=True) == q.weight_bytes()
+    assert layer_bytes(n, k, s, perm=True, compact=True) == layer_bytes(n, k, s, perm=False, compact=True) + 2 * k
 
 
 def test_scheme_keys_round_trip():
@@ -265,6 +273,23 @@ def test_target_bpw_with_compact_qparams_spends_the_saved_bytes(tmp_path):
             with torch.no_grad():
                 torch.testing.assert_close(back(x).logits, model(x).logits)
     assert out[True] < out[False]
+
+
+def test_a_measurement_file_is_repriced_at_the_stored_bytes(tmp_path):
+    """A measurement file priced with another format's bytes (a compact one written before the int16 perm
+    priced an int32 perm) is repriced when reused: the budget and the reported bpw hold on the bytes stored."""
+    cfg = QuantConfig(method="gptq", target_bpw=3.25, compact_qparams=True)
+    path = tmp_path / "m.json"
+    llmquant.quantize(tiny_model("llama"), cfg, calibration=tiny_calibration(), progress=False, measurement=path)
+    d = json.loads(path.read_text())
+    for lay in d["layers"]:
+        lay["bytes"] = {key: b + 2 * lay["k"] for key, b in lay["bytes"].items()}
+    path.write_text(json.dumps(d))
+    meas = Measurement.load(path)
+    assert meas.reprice(tiny_model("llama"), cfg) == len(meas.layers) and meas.reprice(tiny_model("llama"), cfg) == 0
+    model = tiny_model("llama")
+    summary = llmquant.quantize(model, cfg, calibration=tiny_calibration(), progress=False, measurement=path)
+    assert _bpw(model) <= 3.25 and _bpw(model) == pytest.approx(summary["mixed"]["allocation"]["bpw"])
 
 
 def test_max_size_bounds_the_checkpoint(tmp_path):

@@ -1,6 +1,8 @@
 """The real ``openai`` client against the real server (uvicorn on 127.0.0.1) over a tiny random Llama
 with SmolLM2's tokenizer. Expected texts come from running the same prompts through EngineCore alone."""
 import concurrent.futures
+import threading
+import time
 
 import openai
 import pytest
@@ -126,8 +128,25 @@ def test_concurrent_requests_share_steps_and_match_alone(server, client, model, 
             return "".join(c.choices[0].text for c in chunks)
         return client.completions.create(model="tiny", prompt=PROMPTS[i], max_tokens=16, temperature=0).choices[0].text
 
-    with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
-        got = list(pool.map(one, range(len(PROMPTS))))
+    # the engine steps only once every request is queued (or after 60 s), so that they share steps on a
+    # loaded machine too, where the first ones could finish before the last ones arrive
+    core, step = engine.core, engine.core.step
+    gate, deadline = threading.Event(), time.monotonic() + 60
+
+    def gated_step():
+        queued = engine.num_waiting() + engine.num_running()
+        if not gate.is_set() and queued < len(PROMPTS) and time.monotonic() < deadline:
+            gate.wait(0.01)
+            return
+        gate.set()
+        step()
+
+    core.step = gated_step
+    try:
+        with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
+            got = list(pool.map(one, range(len(PROMPTS))))
+    finally:
+        del core.step
     assert got == want
     st = engine.stats()
     assert st["peak_running"] >= 2  # requests really shared decode steps
