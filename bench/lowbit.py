@@ -10,7 +10,9 @@ width as the median of repeated calls, "cold" at M <= 4 (each call uses the next
 copies, together larger than the last-level cache) and hot otherwise, in ``--rounds`` interleaved
 rounds (every width once per round; reported: medians over rounds of the times and of the per-round
 ratios to the 4-bit time). Cold rows give their speed as a share of the read bandwidth of their own weight
-copies (``kernels.copies_read_GBps``), measured in every round.
+copies (``kernels.copies_read_GBps``), measured in every round. ``--hot`` times M <= 4 hot as well (one
+copy, in cache): the compute-bound time, the floor of the cold one, where a low-bit layer pays for its
+unpacking on top of the 4-bit work.
 
     python bench/lowbit.py                        # a few minutes
     python bench/lowbit.py --isa avx2 --json bench/results/lowbit-<machine>-avx2.json
@@ -54,14 +56,14 @@ def layouts(n: int, k: int, bits: int, copies: bool) -> list[CpuLayout]:
     ]
 
 
-def run_shape(name: str, n: int, k: int, ms: list[int], threads: list[int], rounds: int, min_time: float) -> list[dict]:
+def run_shape(name: str, n: int, k: int, ms: list[int], threads: list[int], rounds: int, min_time: float,
+              hot: bool = False) -> list[dict]:
     cold_needed = any(m <= COLD_MAX_M for m in ms)
     lays = {b: layouts(n, k, b, cold_needed) for b in BITS}
     rows = []
     for th in threads:
         torch.set_num_threads(th)
-        for m in ms:
-            cold = m <= COLD_MAX_M
+        for m, cold in [(m, c) for m in ms for c in ((True, False) if hot and m <= COLD_MAX_M else (m <= COLD_MAX_M,))]:
             for dt, a8 in MODES:
                 x = torch.randn(m, k).to(dt)
                 per = []
@@ -97,6 +99,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5, help="interleaved repetitions (median)")
     ap.add_argument("--min-time", type=float, default=0.3, help="seconds of calls per measurement")
     ap.add_argument("--isa", choices=sorted(SIMULATE), help="run as on a CPU with only this instruction set")
+    ap.add_argument("--hot", action="store_true", help="also time M <= 4 hot (one copy, in cache)")
     ap.add_argument("--json", metavar="FILE", help="write every number here")
     args = ap.parse_args(argv)
     if args.isa:
@@ -109,13 +112,14 @@ def main(argv=None) -> int:
     threads = [int(v) for v in args.threads.split(",")]
     info = machine_info()
     print(header(info))
-    print(f"RTN g{G} symmetric layers; cold (weights from DRAM) at M <= {COLD_MAX_M}; median of {args.rounds} rounds")
+    print(f"RTN g{G} symmetric layers; cold (weights from DRAM) at M <= {COLD_MAX_M}"
+          f"{' and hot (one copy, in cache)' if args.hot else ''}; median of {args.rounds} rounds")
     print(f"{'shape':<22} {'M':>4} {'thr':>3} {'acts':>8} {'bits':>4} {'time us':>9} {'GB/s':>6} "
           f"{'of read bw':>10} {'vs 4-bit':>8}")
     rows = []
     for name in names:
         n, k = SHAPES[name]
-        for r in run_shape(name, n, k, ms, threads, args.rounds, args.min_time):
+        for r in run_shape(name, n, k, ms, threads, args.rounds, args.min_time, args.hot):
             rows.append(r)
             frac = f"{r['frac_read_bw']:10.0%}" if r["frac_read_bw"] is not None else f"{'(hot)':>10}"
             print(f"{name:<22} {r['M']:>4} {r['threads']:>3} {('int8' if r['act_int8'] else r['dtype']):>8} {r['bits']:>4} {r['time_s'] * 1e6:9.1f} "
