@@ -88,7 +88,7 @@ def verify_quantized_tensors(model: nn.Module, files: Iterable[str | os.PathLike
             got_dtype = _ST_DTYPES.get(info["dtype"], info["dtype"])
             if tuple(info["shape"]) != shape:
                 raise CheckpointError(f"{key}: shape {tuple(info['shape'])} in the checkpoint, expected {shape}")
-            if not mod.stored_dtype_ok(name, got_dtype):
+            if not mod.stored_dtype_ok(name, got_dtype, dtype):
                 hint = ""
                 if name == "scales":  # uint8 scales are compact_qparams' codes
                     hint = (" (the checkpoint stores compact scales, but its quantization_config does not say "

@@ -22,7 +22,7 @@ from torch import nn
 from llmquant.config import QuantConfig, match_pattern
 from llmquant.mixed.allocate import Allocation, BudgetError, allocate, total_weights
 from llmquant.mixed.cost import candidates, layer_bytes, scheme_key
-from llmquant.mixed.measure import Measurement, MeasurementError, measure, table_target
+from llmquant.mixed.measure import Measurement, MeasurementError, measure, stored_bytes, table_target
 from llmquant.quantizers import quantize_model as quantize_planned
 from llmquant.quantizers.plan import check_tied_head
 from llmquant.registry import get_method
@@ -87,13 +87,13 @@ def _check_budget_early(model: nn.Module, config: QuantConfig, schemes, table: d
         check_budget(config.max_latency * 1000, sum(map(min, costs)), sum(map(max, costs)), describe_us,
                      f"max_latency of {config.max_latency} ms")
         return
-    costs = [[layer_bytes(n, k, s, config.stores_perm, config.rotates(name, k), config.compact_qparams) for s in schemes]
-             for (name, _, _), (n, k) in zip(todo, shapes)]
+    by_key = dict(zip(keys, schemes))
+    costs = [list(stored_bytes(config, name, n, k, by_key).values()) for (name, _, _), (n, k) in zip(todo, shapes)]
     weights = sum(n * k for n, k in shapes)
     target = table_target(model, config)
     if target is not None:  # the embedding table is allocated too (stored once, no perm)
         v, d = target[1].weight.shape
-        costs.append([layer_bytes(v, d, s, False) for s in schemes])
+        costs.append(list(stored_bytes(config, target[0], v, d, by_key, table=True).values()))
         weights += v * d
     lo, hi = sum(map(min, costs)), sum(map(max, costs))
     other = 0 if config.max_size is None else other_bytes(model, config, {name for name, _, _ in todo}, storage_dtype(model))

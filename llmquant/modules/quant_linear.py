@@ -210,10 +210,12 @@ class QuantLinear(nn.Module):
             exp["rot_signs"] = ((-(-k // 8),), torch.uint8)
         return exp
 
-    def stored_dtype_ok(self, name: str, dtype: torch.dtype) -> bool:
-        """Whether the stored tensor ``name`` may have ``dtype``: the expected one, or for a compact layer's
-        perm also int32 (compact checkpoints written before the int16 perm)."""
-        return dtype == self.expected_tensors()[name][1] or (name == "perm" and dtype == torch.int32)
+    @staticmethod
+    def stored_dtype_ok(name: str, dtype: torch.dtype, expected: torch.dtype) -> bool:
+        """Whether the stored tensor ``name`` (expected: :meth:`expected_tensors`' ``expected``) may have
+        ``dtype``: the expected one, or for a compact layer's perm also int32 (compact checkpoints written
+        before the int16 perm)."""
+        return dtype == expected or (name == "perm" and dtype == torch.int32)
 
     def validate(self, prefix: str = "") -> None:
         """Check the loaded tensors; raise :class:`CheckpointError` naming the tensor and problem."""
@@ -226,7 +228,7 @@ class QuantLinear(nn.Module):
                 raise CheckpointError(f"{where}{name}: missing from the checkpoint (never loaded)")
             if tuple(t.shape) != shape:
                 raise CheckpointError(f"{where}{name}: shape {tuple(t.shape)}, expected {shape}")
-            if not self.stored_dtype_ok(name, t.dtype):
+            if not self.stored_dtype_ok(name, t.dtype, dtype):
                 raise CheckpointError(f"{where}{name}: dtype {t.dtype}, expected {dtype}")
         # compact scale codes and zero points have no invalid values: every code decodes to a finite
         # scale, every bit field holds a zero point below 2**bits
