@@ -179,7 +179,8 @@ LAYERS = [
     ("llmquant.hf",),
     ("llmquant.api", "llmquant.evals", "llmquant.distill", "llmquant.prune.jobs", "llmquant.prune.gradual"),
     ("llmquant.serving", "llmquant.cli", "llmquant.evals.sweep", "llmquant.evals.pareto", "llmquant.evals.recovery",
-     "llmquant.evals.pruning", "llmquant.evals.embedding", "llmquant.recipe", "llmquant"),
+     "llmquant.evals.pruning", "llmquant.evals.embedding", "llmquant.evals.calibration_text", "llmquant.recipe",
+     "llmquant"),
 ]
 FOLDERS = {"kernels": "llmquant.kernels", "serving": "llmquant.serving", "evals": "llmquant.evals",
            "llmquant": "llmquant"}
