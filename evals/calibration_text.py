@@ -37,15 +37,20 @@ def _pydoc_file(tmp: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> dict:
+    if args.calibration != "builtin":
+        raise SystemExit(f"--calibration {args.calibration}: this sweep compares sources; name them with --calibrations")
+    with tempfile.TemporaryDirectory(prefix="llmquant-caltext-") as tmp:  # the pydoc text, removed after
+        return _run(args, _pydoc_file(Path(tmp)))
+
+
+def _run(args: argparse.Namespace, pydoc_path: Path) -> dict:
     import llmquant
     from llmquant.calibration import calibration_batches
     from llmquant.evals.pareto import quantized_layer_stats
     from llmquant.evals.perplexity import perplexity
     from llmquant.models import bos_for_raw_text, load_model
 
-    if args.calibration != "builtin":
-        raise SystemExit(f"--calibration {args.calibration}: this sweep compares sources; name them with --calibrations")
-    texts = {"wikitext2": args.corpus, "pydoc": _pydoc_file(Path(tempfile.mkdtemp(prefix="llmquant-caltext-")))}
+    texts = {"wikitext2": args.corpus, "pydoc": pydoc_path}
     proto = dict(context=args.context, max_tokens=args.max_tokens)
     model, tok = load_model(args.model)
     bos = bos_for_raw_text(args.model, tok)
@@ -174,8 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibrations", nargs="+", default=["builtin", "wiki"],
                    help="calibration sources to compare (llmquant.calibration)")
     p.add_argument("--tag", help="appended to the result files' names")
-    rc = sweep_main(p, argv, run, write, DEFAULT_OUT)
-    return rc
+    return sweep_main(p, argv, run, write, DEFAULT_OUT)
 
 
 if __name__ == "__main__":
